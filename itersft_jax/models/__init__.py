@@ -1,0 +1,45 @@
+"""Flax NNX causal-LM families, keyed by Hugging Face ``config.model_type``.
+
+Every family module (``llama.py``, ``gpt2.py``, ``opt.py``) defines:
+
+* ``MODEL_TYPES``: the HF ``model_type`` strings it serves.
+* ``CausalLM(config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=False, rngs=nnx.Rngs(0))``:
+  an ``nnx.Module`` built from the HF ``PretrainedConfig``; layers are a plain list (one module per
+  layer, so parameter paths mirror HF's). ``__call__(input_ids_BT, positions_BT, attention_mask_BS,
+  cache=None) -> (logits_BTV, cache)`` — see ``common.py`` for the mask and cache conventions; logits
+  come back in the compute ``dtype``. ``init_cache(batch, length, dtype)`` returns an empty ``KVCache``.
+* ``params_from_hf(tensors: dict[str, np.ndarray], config) -> dict``: HF state-dict names to the nested
+  pure dict of ``nnx.state(model, nnx.Param)`` (asserting every shape), and ``params_to_hf(params, config)
+  -> dict[str, np.ndarray]``, its inverse (tied weights written once, as HF saves them).
+
+Parameter naming: biases are called ``bias``; every normalization module's attribute name contains
+``norm`` or starts with ``ln`` — the optimizer's weight-decay mask relies on it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_FAMILY_OF_TYPE = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gpt2": "gpt2",
+    "opt": "opt",
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_FAMILY_OF_TYPE)
+
+
+def get_family(model_type: str):
+    """The family module serving ``model_type``; a clear error for anything else."""
+    name = _FAMILY_OF_TYPE.get(model_type)
+    if name is None:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported by the JAX backend; supported: "
+            f"{', '.join(supported_model_types())}. Use backend='torch' for any transformers model."
+        )
+    return importlib.import_module(f"{__name__}.{name}")
