@@ -1,0 +1,41 @@
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+from helpers import make_tokenizer, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer("standard")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_pad_eq_eos():
+    return make_tokenizer("pad_eq_eos")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_no_pad():
+    return make_tokenizer("no_pad")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """Factory: ``tiny_model_dir("llama", **config_overrides)`` -> a saved HF directory (cached)."""
+    made = {}
+
+    def build(model_type: str, seed: int = 0, **overrides):
+        key = (model_type, seed, tuple(sorted(overrides.items())))
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            made[key] = save_tiny_model(path, model_type, tokenizer, seed=seed, **overrides)
+        return made[key]
+
+    return build

@@ -1,0 +1,111 @@
+"""Offline builders for tests and benchmarks: a tiny tokenizer trained in-process, tiny random HF models.
+
+Nothing here touches the network: the tokenizer is trained with ``tokenizers`` on an embedded corpus and
+the models are random ``transformers`` models built from small configs.
+"""
+
+from __future__ import annotations
+
+import os
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Iterative supervised fine-tuning lets the user's loop own the data.",
+    "Generate with the model, filter the samples, then step on what survived.",
+    "def add(a, b):\n    return a + b\n",
+    "12 + 30 = 42. 7 * 6 = 42. 100 - 58 = 42.",
+    "Question: what is two plus two? Answer: four.",
+    "JAX and PyTorch compute the same loss on the same micro-batches.",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789",
+    "Rejection sampling keeps only the verified completions.",
+] * 8
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def make_tokenizer(variant: str = "standard", vocab_size: int = 320):
+    """A byte-level BPE tokenizer wrapped as ``PreTrainedTokenizerFast``.
+
+    variants: ``standard`` (bos/eos/pad, BOS prepended like Llama's), ``pad_eq_eos`` (pad token is the
+    EOS token, as in GPT-2/Llama-3 setups), ``no_pad`` (no pad token at all).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    if variant == "standard":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    kwargs = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if variant == "standard":
+        kwargs["pad_token"] = "<pad>"
+    elif variant == "pad_eq_eos":
+        kwargs["pad_token"] = "</s>"
+    elif variant != "no_pad":
+        raise ValueError(f"unknown tokenizer variant {variant!r}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
+def tiny_config(model_type: str, vocab_size: int, **overrides):
+    """A tiny random-model config of a transformers family (fp32, eager attention)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if model_type in ("llama", "mistral", "qwen2", "qwen3"):
+        kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, **common)
+        if model_type == "qwen3":
+            kw["head_dim"] = 16
+        if model_type == "mistral":
+            kw["sliding_window"] = 256
+        kw.update(overrides)
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "qwen3": tf.Qwen3Config}[model_type]
+        return cls(**kw)
+    if model_type == "gpt2":
+        kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
+                  attn_pdrop=0.0, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)
+        kw.update(overrides)
+        return tf.GPT2Config(**kw)
+    if model_type == "opt":
+        kw = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256, word_embed_proj_dim=64, do_layer_norm_before=True,
+                  dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, **common)
+        kw.update(overrides)
+        return tf.OPTConfig(**kw)
+    if model_type == "bart":
+        kw = dict(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96,
+                  max_position_embeddings=256, dropout=0.0, attention_dropout=0.0,
+                  decoder_start_token_id=2, forced_eos_token_id=2, **common)
+        kw.update(overrides)
+        return tf.BartConfig(**kw)
+    raise ValueError(f"no tiny config for {model_type!r}")
+
+
+def tiny_model(model_type: str, vocab_size: int, seed: int = 0, **overrides):
+    """A random ``transformers`` model of the family, fp32, in eval mode."""
+    import torch
+    import transformers as tf
+
+    config = tiny_config(model_type, vocab_size, **overrides)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    auto = tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder else tf.AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation="eager")
+    return model.float().eval()
+
+
+def save_tiny_model(path: str | os.PathLike, model_type: str, tokenizer=None, seed: int = 0, **overrides):
+    """Save a tiny random model (and the tokenizer) to ``path``, as ``save_pretrained`` does."""
+    tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
+    model = tiny_model(model_type, len(tokenizer), seed=seed, **overrides)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
