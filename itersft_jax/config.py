@@ -1,0 +1,144 @@
+"""``IterativeSFTConfig``: TRL's configuration, fixed, shared by both backends.
+
+It is a ``transformers.TrainingArguments`` (so ``HfArgumentParser`` and every Trainer field work) with
+TRL's extra fields and defaults, plus ``backend``. Differences from TRL 0.23.1 are deliberate:
+
+* ``bf16`` left unset means "bf16 where an accelerator supports it": on a CPU-only machine it resolves
+  to False instead of crashing (TRL's own quick start raised there). An explicit ``bf16=True`` on a
+  machine without a bf16 GPU is honoured on the CPU (``use_cpu=True`` for the torch backend; the JAX
+  engine computes in bf16 with fp32 master weights).
+* ``logging_steps``/``save_steps``/``eval_steps`` given as ratios in (0, 1) are resolved against
+  ``max_steps`` here, and refused when ``max_steps`` is not set (TRL never logged at all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .data import resolve_ratio, validate_truncation
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("jax", "torch")
+_SECRET_KWARGS = ("token", "use_auth_token", "hub_token")
+
+
+def _torch_bf16_gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def _jax_accelerator_installed() -> bool:
+    # Checked without importing jax (the config layer must stay jax-free at import time).
+    return any(importlib.util.find_spec(name) is not None
+               for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
+
+
+def bf16_available() -> bool:
+    return _torch_bf16_gpu() or _jax_accelerator_installed()
+
+
+@dataclass
+class IterativeSFTConfig(TrainingArguments):
+    """Configuration of ``IterativeSFTTrainer`` (both backends).
+
+    Extra fields beside ``TrainingArguments``: ``model_init_kwargs`` (passed when the model is given as
+    an id or directory), ``max_length`` and ``truncation_mode`` (sequence-axis truncation),
+    ``optimize_device_cache`` (torch: empty the accelerator cache after each call) and ``backend``.
+    """
+
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for loading the model from an id or directory "
+                          "(revision, torch_dtype/dtype, token, ...)."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Maximum tokens per sequence; longer ones are truncated."})
+    truncation_mode: str = field(
+        default="keep_end",
+        metadata={"help": "keep_end keeps the last max_length tokens, keep_start the first.",
+                  "choices": ["keep_end", "keep_start"]})
+    optimize_device_cache: bool = field(
+        default=False, metadata={"help": "Torch backend: empty the accelerator cache after each step() call."})
+    backend: str = field(
+        default="jax", metadata={"help": "Engine of IterativeSFTTrainer: 'jax' or 'torch'.",
+                                 "choices": list(BACKENDS)})
+
+    # TRL's defaults.
+    logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer updates (or a ratio "
+                                                               "of max_steps when in (0, 1))."})
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations in the backward pass to save memory."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 compute. Unset: True where an accelerator supports bf16 and fp16 is off; "
+                          "False on CPU-only machines."})
+
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
+
+    def __post_init__(self):
+        validate_truncation(self.max_length, self.truncation_mode)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
+        if self.bf16 is None:
+            self.bf16 = (not self.fp16) and bf16_available()
+        elif self.bf16 and not self.use_cpu and not _torch_bf16_gpu():
+            logger.info("bf16=True without a bf16-capable torch GPU: the torch backend runs on the CPU")
+            self.use_cpu = True
+        for name in ("logging_steps", "save_steps", "eval_steps"):
+            value = getattr(self, name)
+            if value is not None and 0 < value < 1:
+                setattr(self, name, resolve_ratio(value, self.max_steps, name))
+        super().__post_init__()
+        if isinstance(self.model_init_kwargs, str):  # parsed from JSON by TrainingArguments when "{...}"
+            raise ValueError("`model_init_kwargs` must be a dict (or a JSON object string)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        kwargs = d.get("model_init_kwargs")
+        if isinstance(kwargs, dict):
+            d["model_init_kwargs"] = {k: (f"<{k.upper()}>" if k in _SECRET_KWARGS else v)
+                                      for k, v in kwargs.items()}
+        return d
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        kwargs = self.model_init_kwargs
+        if isinstance(kwargs, dict):
+            for k in _SECRET_KWARGS:
+                if kwargs.get(k):
+                    text = text.replace(repr(kwargs[k]), f"'<{k.upper()}>'").replace(str(kwargs[k]),
+                                                                                    f"<{k.upper()}>")
+        return text
+
+    __repr__ = __str__
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments, **overrides) -> "IterativeSFTConfig":
+        """Convert a plain ``TrainingArguments`` (TRL accepted one as ``args``)."""
+        if isinstance(args, cls) and not overrides:
+            return args
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        own = {f.name for f in dataclasses.fields(cls) if f.init}
+        values = {k: v for k, v in values.items() if k in own}
+        values.update(overrides)
+        return cls(**values)
+
+
+def resolve_config(args: TrainingArguments | None) -> IterativeSFTConfig:
+    """``None`` -> default config; ``TrainingArguments`` -> converted; anything else -> TypeError."""
+    if args is None:
+        return IterativeSFTConfig(output_dir="trainer_output")
+    if isinstance(args, IterativeSFTConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        return IterativeSFTConfig.from_training_arguments(args)
+    raise TypeError(f"`args` must be an IterativeSFTConfig or TrainingArguments, got {type(args).__name__}")
