@@ -75,8 +75,9 @@ class IterativeSFTConfig(TrainingArguments):
     # TRL's defaults.
     logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer updates (or a ratio "
                                                                "of max_steps when in (0, 1))."})
-    gradient_checkpointing: bool = field(
-        default=True, metadata={"help": "Recompute activations in the backward pass to save memory."})
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations in the backward pass to save memory (TRL's "
+                                         "default: on; alias of activation_checkpointing in transformers 5)."})
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 compute. Unset: True where an accelerator supports bf16 and fp16 is off; "
@@ -93,6 +94,12 @@ class IterativeSFTConfig(TrainingArguments):
         elif self.bf16 and not self.use_cpu and not _torch_bf16_gpu():
             logger.info("bf16=True without a bf16-capable torch GPU: the torch backend runs on the CPU")
             self.use_cpu = True
+        # TRL's default gradient_checkpointing=True, without tripping transformers 5's deprecation warning.
+        if "activation_checkpointing" in {f.name for f in dataclasses.fields(self)}:
+            if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+                self.activation_checkpointing = True
+        elif self.gradient_checkpointing is None:
+            self.gradient_checkpointing = True
         for name in ("logging_steps", "save_steps", "eval_steps"):
             value = getattr(self, name)
             if value is not None and 0 < value < 1:

@@ -1,0 +1,71 @@
+"""IterativeSFTConfig: TRL's fields and defaults, CPU-safe bf16, ratios, secrets, parsing."""
+
+import json
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from itersft_jax.config import IterativeSFTConfig, resolve_config
+
+
+def test_trl_quick_start_config_constructs_on_cpu(tmp_path):
+    # TRL 0.23.1: bf16 defaulted to True and TrainingArguments refused it on a CPU-only machine.
+    cfg = IterativeSFTConfig(max_length=512, output_dir=str(tmp_path))
+    assert cfg.max_length == 512
+    assert cfg.bf16 is False  # no bf16 accelerator here
+    assert cfg.logging_steps == 10 and cfg.gradient_checkpointing is True
+    assert cfg.truncation_mode == "keep_end" and cfg.backend == "jax"
+
+
+def test_explicit_bf16_on_cpu_does_not_crash(tmp_path):
+    cfg = IterativeSFTConfig(output_dir=str(tmp_path), bf16=True)
+    assert cfg.bf16 is True and cfg.use_cpu is True
+
+
+def test_fp16_turns_unset_bf16_off(tmp_path):
+    assert IterativeSFTConfig(output_dir=str(tmp_path), fp16=False).bf16 is False
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(truncation_mode="keep_middle"), "truncation_mode"),
+    (dict(max_length=-5), "max_length"),
+    (dict(backend="tf"), "backend"),
+    (dict(logging_steps=0.25), "logging_steps"),
+    (dict(save_steps=0.5, save_strategy="steps"), "save_steps"),
+])
+def test_bad_config_names_the_field(tmp_path, kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        IterativeSFTConfig(output_dir=str(tmp_path), **kwargs)
+
+
+def test_fractional_steps_resolve_against_max_steps(tmp_path):
+    cfg = IterativeSFTConfig(output_dir=str(tmp_path), logging_steps=0.1, save_steps=0.5, max_steps=40)
+    assert cfg.logging_steps == 4 and cfg.save_steps == 20
+
+
+def test_secrets_are_never_printed_or_serialized(tmp_path):
+    cfg = IterativeSFTConfig(output_dir=str(tmp_path), hub_token="hf_topsecret1",
+                             model_init_kwargs={"token": "hf_topsecret2", "revision": "main"})
+    for text in (str(cfg), repr(cfg), cfg.to_json_string(), json.dumps(cfg.to_sanitized_dict())):
+        assert "topsecret" not in text
+    assert cfg.model_init_kwargs["token"] == "hf_topsecret2"  # still usable
+
+
+def test_hf_argument_parser(tmp_path):
+    parser = HfArgumentParser(IterativeSFTConfig)
+    (cfg,) = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--max_length", "64", "--truncation_mode", "keep_start",
+        "--backend", "torch", "--model_init_kwargs", '{"revision": "v1"}', "--gradient_accumulation_steps", "4"])
+    assert (cfg.max_length, cfg.truncation_mode, cfg.backend) == (64, "keep_start", "torch")
+    assert cfg.model_init_kwargs == {"revision": "v1"} and cfg.gradient_accumulation_steps == 4
+
+
+def test_plain_training_arguments_are_converted(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, gradient_accumulation_steps=3, seed=7)
+    cfg = resolve_config(args)
+    assert isinstance(cfg, IterativeSFTConfig)
+    assert (cfg.learning_rate, cfg.gradient_accumulation_steps, cfg.seed) == (3e-4, 3, 7)
+    assert resolve_config(cfg) is cfg
+    assert isinstance(resolve_config(None), IterativeSFTConfig)
+    with pytest.raises(TypeError, match="args"):
+        resolve_config({"learning_rate": 1.0})
