@@ -1,0 +1,175 @@
+"""The JAX IterativeSFTTrainer shell: contract, compile counts, logging, saving, TRL's defects."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
+from itersft_jax.data import prepare_examples
+from itersft_jax.train_step import count_compilations
+
+TEXTS = ["hello world", "The quick brown fox jumps", "a b c", "Iterative supervised fine-tuning",
+         "Rejection sampling keeps only", "12 + 30 = 42."]
+
+
+def make_trainer(model_dir, tmp_path, tokenizer=None, **kwargs):
+    kwargs = {"per_device_train_batch_size": 2, "learning_rate": 1e-3, "gradient_checkpointing": False,
+              "logging_steps": 1, "report_to": "none", **kwargs}
+    return IterativeSFTTrainer(model_dir, args=IterativeSFTConfig(output_dir=str(tmp_path), **kwargs),
+                               processing_class=tokenizer)
+
+
+def params_np(trainer):
+    return jax.tree.map(np.asarray, jax.device_get(trainer.params.to_pure_dict()))
+
+
+def max_abs_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+def test_step_returns_statistics_and_counts_updates(llama_dir, tmp_path):
+    trainer = make_trainer(llama_dir, tmp_path, gradient_accumulation_steps=2)
+    out = trainer.step(texts=TEXTS[:5])  # 5 samples, micro-batch 2, accumulation 2 -> 2 updates
+    assert out["updates"] == 2 and trainer.state.global_step == 2 and out["global_step"] == 2
+    assert out["num_tokens"] > 0 and np.isfinite(out["loss"]) and out["loss"] > 0
+    assert out["learning_rate"] > 0 and out["grad_norm"] > 0
+    assert out["tokens_per_second"] > 0 and out["seconds"] > 0
+    assert [e["step"] for e in trainer.state.log_history] == [1, 2]
+
+
+def test_every_input_form(llama_dir, tmp_path, tokenizer):
+    trainer = make_trainer(llama_dir, tmp_path)
+    ids = tokenizer(TEXTS[:2]).input_ids
+    for kwargs in (dict(texts=TEXTS[:3]), dict(input_ids=ids), dict(input_ids=ids, labels=ids),
+                   dict(input_ids=[np.array(ids[0])], attention_mask=[np.ones(len(ids[0]), int)]),
+                   dict(prompts=["2 + 2 ="], completions=[" 4"])):
+        out = trainer.step(**kwargs)
+        assert out["updates"] >= 1
+    assert trainer.state.global_step == 2 + 1 + 1 + 1 + 1
+
+
+def test_default_config_trains(llama_dir, tmp_path):
+    # TRL 0.23.1: max_steps=-1 with the linear schedule gave LR 0 from the first update.
+    args = IterativeSFTConfig(output_dir=str(tmp_path), report_to="none")
+    assert args.max_steps == -1 and str(args.lr_scheduler_type.value) == "linear"
+    trainer = IterativeSFTTrainer(llama_dir, args=args)
+    before = params_np(trainer)
+    out = trainer.step(texts=TEXTS)
+    assert out["learning_rate"] == pytest.approx(args.learning_rate)
+    assert max_abs_diff(before, params_np(trainer)) > 0
+
+
+def test_bad_input_changes_nothing(llama_dir, tmp_path):
+    trainer = make_trainer(llama_dir, tmp_path)
+    before = params_np(trainer)
+    for kwargs in (dict(), dict(texts=["a"], input_ids=[[1]]), dict(input_ids=[[1, 10**6]]),
+                   dict(texts=["a"], texts_labels=["b"]), dict(prompts=["a"])):
+        with pytest.raises((ValueError, TypeError)):
+            trainer.step(**kwargs)
+    assert trainer.state.global_step == 0 and trainer._calls == 0
+    assert max_abs_diff(before, params_np(trainer)) == 0
+
+
+def test_same_bucket_compiles_once(llama_dir, tmp_path, tokenizer):
+    trainer = make_trainer(llama_dir, tmp_path, per_device_train_batch_size=4)
+    rng = np.random.default_rng(0)
+    with count_compilations() as compiles:
+        for _ in range(20):  # lengths 33..48 all fall in the 48 bucket
+            ids = [rng.integers(3, 300, size=int(n)).tolist() for n in rng.integers(33, 49, size=4)]
+            trainer.step(input_ids=ids)
+    assert compiles.count == 1
+    with count_compilations() as compiles:
+        trainer.step(input_ids=[list(range(3, 100))] * 4)  # a new bucket (128)
+    assert compiles.count == 1
+
+
+def test_logging_steps_and_unrounded_mean_loss(llama_dir, tmp_path):
+    trainer = make_trainer(llama_dir, tmp_path, per_device_train_batch_size=1, logging_steps=2)
+    out = trainer.step(texts=TEXTS[:4])
+    assert [e["step"] for e in trainer.state.log_history] == [2, 4]
+    losses = [e["loss"] for e in trainer.state.log_history]
+    assert all(round(x, 4) != x for x in losses)  # TRL rounded to 4 decimals
+    total = sum(e["loss"] * e["num_tokens"] for e in trainer.state.log_history)
+    assert total / out["num_tokens"] == pytest.approx(out["loss"], rel=1e-6)
+
+
+def test_fractional_logging_steps_log(llama_dir, tmp_path):
+    trainer = make_trainer(llama_dir, tmp_path, per_device_train_batch_size=1, logging_steps=0.5, max_steps=4)
+    assert trainer.args.logging_steps == 2
+    trainer.step(texts=TEXTS[:4])
+    assert len(trainer.state.log_history) == 2
+
+
+def test_gradient_accumulation_is_one_update(llama_dir, tmp_path):
+    trainer = make_trainer(llama_dir, tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=4)
+    assert trainer.step(texts=TEXTS[:4])["updates"] == 1
+
+
+def test_split_invariance_through_the_trainer(llama_dir, tmp_path):
+    results = []
+    for batch, accum in ((4, 1), (2, 2), (1, 4)):
+        trainer = make_trainer(llama_dir, tmp_path, per_device_train_batch_size=batch,
+                               gradient_accumulation_steps=accum, max_grad_norm=1.0, weight_decay=0.1)
+        out = trainer.step(texts=TEXTS[:4])
+        results.append((out["loss"], params_np(trainer)))
+    for loss, params in results[1:]:
+        assert loss == pytest.approx(results[0][0], abs=1e-5)
+        assert max_abs_diff(params, results[0][1]) <= 1e-5
+
+
+def test_save_model_round_trip_and_checkpoints(llama_dir, tmp_path, tokenizer):
+    trainer = make_trainer(llama_dir, tmp_path, save_strategy="steps", save_steps=2, per_device_train_batch_size=1)
+    trainer.step(texts=TEXTS[:4])
+    assert (tmp_path / "checkpoint-2" / "config.json").exists() and (tmp_path / "checkpoint-4").exists()
+    out_dir = trainer.save_model(str(tmp_path / "final"))
+    hf = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    batch = tokenizer(["The quick brown fox"], return_tensors="pt")
+    with torch.no_grad():
+        expected = hf(**batch).logits.numpy()
+    ids = batch["input_ids"].numpy()
+    mask = batch["attention_mask"].numpy()
+    from itersft_jax.models.common import positions_from_mask
+
+    logits, _ = trainer.model(ids, positions_from_mask(mask), mask)
+    assert np.abs(np.asarray(logits) - expected).max() <= 1e-4  # fp32 tolerance
+
+
+def test_pretrained_model_object_and_plain_training_arguments(llama_dir, tmp_path, tokenizer):
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to="none")
+    trainer = IterativeSFTTrainer(hf, args=args, processing_class=tokenizer)
+    assert isinstance(trainer.args, IterativeSFTConfig)
+    from_dir = make_trainer(llama_dir, tmp_path)
+    assert max_abs_diff(params_np(trainer), params_np(from_dir)) == 0
+    assert trainer.step(texts=TEXTS[:2])["updates"] == 1
+
+
+def test_unknown_model_type_suggests_torch(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="backend='torch'"):
+        make_trainer(tiny_model_dir("bart"), tmp_path)
+
+
+def test_causal_lm_labels_are_honoured(llama_dir, tmp_path, tokenizer):
+    # TRL rebuilt causal-LM labels from input_ids: prompt masking was impossible.
+    ids = tokenizer(["Question: what is two plus two? Answer: four."]).input_ids
+    masked = [[-100] * 10 + ids[0][10:]]
+    a = make_trainer(llama_dir, tmp_path)
+    b = make_trainer(llama_dir, tmp_path)
+    out_a = a.step(input_ids=ids, labels=masked)
+    out_b = b.step(input_ids=ids)
+    assert out_a["num_tokens"] == len(ids[0]) - 10 and out_b["num_tokens"] == len(ids[0]) - 1
+    assert max_abs_diff(params_np(a), params_np(b)) > 0
+
+
+def test_truncation_is_on_the_sequence_axis(llama_dir, tmp_path):
+    trainer = make_trainer(llama_dir, tmp_path, max_length=4, per_device_train_batch_size=8)
+    out = trainer.step(input_ids=[list(range(3, 20)), list(range(5, 30))])
+    assert out["num_tokens"] == 2 * 3  # both samples kept, each cut to 4 tokens
+    assert prepare_examples(input_ids=[list(range(3, 20))], max_length=4)[0].input_ids.tolist() == [16, 17, 18, 19]
