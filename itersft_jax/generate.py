@@ -1,0 +1,326 @@
+"""Sampling for the generate -> filter -> step loop: jitted prefill and decode loop over a KV cache.
+
+Shapes are bucketed so an iterative run compiles a handful of times, not once per call: prompts are
+left-padded to ``data.bucket_length`` (16, 24, 32, 48, ...), the batch to a ladder (1, 2, 3, 4, 6, 8, 12,
+...), and ``max_new_tokens`` to ``bucket_length`` too (the loop stops at the requested count). The cache
+holds ``prompt bucket + new-token bucket`` slots; positions come from the attention mask, so left padding
+does not shift them. The decode loop is a ``lax.while_loop`` that exits early once every row has emitted
+an end-of-sequence token.
+
+Sampling follows Hugging Face ``generate``: logits in fp32, then temperature, then top-k (ties with the
+k-th logit kept), then top-p (the smallest set whose probability reaches ``top_p``, at least one token;
+tokens tied at the boundary are all kept).
+Each row stops independently at its first EOS; after it the row emits padding, which is not counted.
+
+Randomness: a fixed ``seed`` reproduces samples exactly. Without one, every call draws fresh samples — a
+per-trainer (per-model) call counter is folded into ``args.seed`` — so a loop that never passes a seed
+does not see the same samples twice (Tunix's sampler did), while a whole run stays reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .data import bucket_length
+
+MAX_EOS_IDS = 8  # EOS ids are padded to this many (-1 never matches), so their number never recompiles
+_UNSEEDED_STREAM = 0x5EED  # folded into the base key for calls without a seed; explicit seeds never collide
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """What ``generate`` returns. Rows are prompt-major: prompt ``i``'s ``num_return_sequences`` samples
+    are rows ``i * n ... i * n + n - 1``.
+
+    ``sequences``: the completion token ids of each row (prompt not included), cut after the first EOS;
+    the EOS itself **is included** when the row finished (``finished[row]``), so ``prompt_ids[row] +
+    sequences[row]`` is a complete training sequence. ``texts``: the completions decoded with
+    ``skip_special_tokens=True`` (``None`` with ``return_text=False`` or without a tokenizer).
+    ``prompt_ids``: the prompt tokens of each row, without padding.
+    """
+
+    sequences: list[list[int]]
+    texts: list[str] | None
+    prompt_ids: list[list[int]]
+    finished: list[bool]
+    num_return_sequences: int = 1
+
+    def __getitem__(self, key: str) -> Any:  # dict-style access, like HF's ModelOutput
+        return getattr(self, key)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logits -> next token
+
+
+def _filter_logits(logits_BV: jax.Array, knobs: dict) -> jax.Array:
+    """HF's warpers in HF's order: temperature, top-k, top-p. fp32 in, fp32 out (-inf = removed).
+
+    ``top_k`` 0 and ``top_p`` 1 switch a filter off; the values are traced, so no setting recompiles.
+    """
+    logits_BV = logits_BV / knobs["temperature"]
+    neg_inf = jnp.float32(-jnp.inf)
+    vocab = logits_BV.shape[-1]
+    sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
+    k = jnp.where(knobs["top_k"] > 0, jnp.minimum(knobs["top_k"], vocab), vocab)
+    kth_B1 = jax.lax.dynamic_slice_in_dim(sorted_BV, k - 1, 1, axis=-1)
+    logits_BV = jnp.where(logits_BV < kth_B1, neg_inf, logits_BV)  # ties with the k-th are kept, as in HF
+    # Values >= the k-th form a prefix of the descending sort, so the sort stays valid after top-k.
+    sorted_BV = jnp.where(sorted_BV < kth_B1, neg_inf, sorted_BV)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the strictly more likely tokens
+    keep_BV = (before_BV < knobs["top_p"]) | (knobs["top_p"] >= 1.0)
+    keep_BV = keep_BV.at[:, 0].set(True)
+    last_B1 = jnp.sum(keep_BV, axis=-1, keepdims=True) - 1
+    threshold_B1 = jnp.take_along_axis(sorted_BV, last_B1, -1)
+    return jnp.where(logits_BV < threshold_B1, neg_inf, logits_BV)
+
+
+def _next_token(logits_BV: jax.Array, key: jax.Array, knobs: dict) -> jax.Array:
+    """Greedy or sampled, chosen at run time (``lax.cond``): one compiled program serves every setting."""
+    def greedy(logits_BV):
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    def sample(logits_BV):
+        logits_BV = jax.lax.cond(knobs["filter"], _filter_logits, lambda x, kn: x / kn["temperature"],
+                                 logits_BV, knobs)
+        return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(knobs["do_sample"], sample, greedy, logits_BV.astype(jnp.float32))
+
+
+def _record(state: dict, token_B: jax.Array, step, knobs: dict) -> dict:
+    """Write this step's tokens; rows already finished emit padding and stop counting."""
+    done_B = state["done"]
+    token_B = jnp.where(done_B, knobs["pad_id"], token_B)
+    tokens_BN = jax.lax.dynamic_update_slice(state["tokens"], token_B[:, None], (0, step))
+    is_eos_B = jnp.any(token_B[:, None] == knobs["eos_ids"][None, :], axis=-1)
+    return dict(state, tokens=tokens_BN, last=token_B, lengths=state["lengths"] + (~done_B).astype(jnp.int32),
+                done=done_B | is_eos_B)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two jitted functions
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_new"))
+def generate_prefill(params, input_ids_BP, mask_BP, key, knobs, *, graphdef, num_new: int):
+    """Run the prompts through the model, filling the cache, and choose the first new token.
+
+    Returns the decode state: the cache (``P + num_new`` slots), ``tokens`` ``[B, num_new]``, the last
+    token, per-row ``lengths`` (tokens produced, EOS included) and ``done``.
+    """
+    model = nnx.merge(graphdef, params)
+    batch, prompt_len = input_ids_BP.shape
+    cache = model.init_cache(batch, prompt_len + num_new)
+    mask_BS = _cache_mask(mask_BP, num_new)
+    positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0).astype(jnp.int32)
+    logits_BPV, cache = model(input_ids_BP, positions_BP, mask_BS, cache=cache)
+    state = {"cache": cache, "tokens": jnp.full((batch, num_new), knobs["pad_id"], jnp.int32),
+             "last": jnp.zeros((batch,), jnp.int32), "lengths": jnp.zeros((batch,), jnp.int32),
+             "done": jnp.zeros((batch,), bool)}
+    token_B = _next_token(logits_BPV[:, -1], jax.random.fold_in(key, 0), knobs)
+    return _record(state, token_B, 0, knobs)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def generate_decode(params, state, mask_BP, key, knobs, max_new_tokens, *, graphdef):
+    """Feed the last token, choose the next, until ``max_new_tokens`` or every row is done."""
+    num_new = state["tokens"].shape[1]
+    mask_BS = _cache_mask(mask_BP, num_new)
+    prompt_positions_B = jnp.sum(mask_BP, axis=-1).astype(jnp.int32)  # position of the first new token
+
+    def cond(carry):
+        step, _, state = carry
+        return (step < max_new_tokens) & ~jnp.all(state["done"])
+
+    def body(carry):
+        step, params, state = carry
+        positions_B1 = (prompt_positions_B + step - 1)[:, None]
+        # The params ride in the carry and the model is merged inside the body: NNX variables must belong
+        # to the trace that uses them (a remat-wrapped layer refuses outer-trace variables).
+        model = nnx.merge(graphdef, params)
+        logits_B1V, cache = model(state["last"][:, None], positions_B1, mask_BS, cache=state["cache"])
+        token_B = _next_token(logits_B1V[:, 0], jax.random.fold_in(key, step), knobs)
+        return step + 1, params, _record(dict(state, cache=cache), token_B, step, knobs)
+
+    _, _, state = jax.lax.while_loop(cond, body, (jnp.int32(1), params, state))
+    return state["tokens"], state["lengths"], state["done"]
+
+
+def _cache_mask(mask_BP: jax.Array, num_new: int) -> jax.Array:
+    """Key-slot mask of the cache: the prompt's padding is off, every new slot on (causality hides the
+    slots not written yet)."""
+    return jnp.concatenate([mask_BP.astype(jnp.int32), jnp.ones((mask_BP.shape[0], num_new), jnp.int32)], -1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side
+
+
+def _batch_bucket(rows: int) -> int:
+    return 1 if rows <= 1 else bucket_length(rows, minimum=2)
+
+
+def _as_id_list(ids: Any, name: str) -> list[int]:
+    if hasattr(ids, "detach"):  # torch
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"`{name}` must be 1-D integer token ids, got {arr.dtype} of shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"`{name}` is an empty prompt")
+    return [int(x) for x in arr]
+
+
+def _eos_list(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
+    ids = sorted({int(i) for i in ids})
+    if len(ids) > MAX_EOS_IDS:
+        raise ValueError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(ids)}")
+    return ids
+
+
+def generate_ids(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
+                 key: jax.Array | None = None, vocab_size: int | None = None
+                 ) -> tuple[list[list[int]], list[bool]]:
+    """The engine for a bare model: ``graphdef``/``params`` from ``nnx.split(model, nnx.Param)``.
+
+    ``prompt_ids``: one list of token ids per row (no padding; rows are not repeated here).
+    ``eos_token_id``: int, list, or ``None`` (never stop early). Returns ``(sequences, finished)`` as in
+    ``GenerationOutput``. The compute dtype is the one the module was built with; logits are fp32.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"`temperature` must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"`top_k` must be >= 0, got {top_k}")
+    rows = [_as_id_list(p, f"input_ids[{i}]") for i, p in enumerate(prompt_ids)]
+    if not rows:
+        raise ValueError("no prompts given")
+    if vocab_size is not None:
+        for i, row in enumerate(rows):
+            if min(row) < 0 or max(row) >= vocab_size:
+                raise ValueError(f"`input_ids[{i}]` holds ids outside the vocabulary [0, {vocab_size})")
+
+    batch = _batch_bucket(len(rows))
+    prompt_len = bucket_length(max(len(r) for r in rows))
+    num_new = bucket_length(max_new_tokens)
+    input_ids_BP = np.full((batch, prompt_len), pad_token_id, np.int32)
+    mask_BP = np.zeros((batch, prompt_len), np.int32)
+    for i, row in enumerate(rows):
+        input_ids_BP[i, prompt_len - len(row):] = row
+        mask_BP[i, prompt_len - len(row):] = 1
+    mask_BP[len(rows):, -1] = 1  # filler rows: one real (pad) token, so no row attends to nothing
+
+    eos = _eos_list(eos_token_id)
+    knobs = {"do_sample": np.bool_(do_sample), "filter": np.bool_(top_k > 0 or top_p < 1.0),
+             "temperature": np.float32(temperature), "top_k": np.int32(top_k), "top_p": np.float32(top_p),
+             "pad_id": np.int32(pad_token_id),
+             "eos_ids": np.asarray(eos + [-1] * (MAX_EOS_IDS - len(eos)), np.int32)}
+    key = jax.random.key(0) if key is None else key
+
+    state = generate_prefill(params, input_ids_BP, mask_BP, key, knobs, graphdef=graphdef, num_new=num_new)
+    tokens_BN, lengths_B, done_B = generate_decode(params, state, mask_BP, key, knobs,
+                                                   np.int32(max_new_tokens), graphdef=graphdef)
+    tokens_BN, lengths_B, done_B = jax.device_get((tokens_BN, lengths_B, done_B))
+    sequences = [tokens_BN[i, :lengths_B[i]].tolist() for i in range(len(rows))]
+    return sequences, [bool(d) for d in done_B[:len(rows)]]
+
+
+# Call counters for unseeded calls, per trainer or module (weak: they die with it).
+_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _next_unseeded_key(owner, base_seed: int) -> jax.Array:
+    calls = _CALLS.get(owner, 0)
+    _CALLS[owner] = calls + 1
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(base_seed), _UNSEEDED_STREAM), calls)
+
+
+def _default_eos(tokenizer, hf_config) -> list[int]:
+    """EOS ids to stop on: the model config's (HF's generation default) and the tokenizer's."""
+    ids = set(_eos_list(getattr(hf_config, "eos_token_id", None)))
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=None, *,
+             max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, num_return_sequences: int = 1,
+             eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
+             return_text: bool = True, tokenizer=None, hf_config=None) -> GenerationOutput:
+    """Generate completions with a JAX ``IterativeSFTTrainer``'s current parameters (or an NNX model).
+
+    Give ``prompts`` (texts, tokenized with the tokenizer's own special tokens) or ``input_ids`` (a list of
+    token-id sequences, no padding). ``eos_token_id``: int or list; default the model config's EOS plus the
+    tokenizer's; ``[]`` never stops early. ``seed``: fixed -> reproducible; ``None`` -> a fresh stream per
+    call (see the module docstring). For a bare ``nnx.Module`` pass ``tokenizer=`` (for texts) and
+    ``hf_config=`` (for the default EOS) yourself.
+    """
+    if hasattr(trainer_or_model, "train_state") and hasattr(trainer_or_model, "graphdef"):
+        trainer = trainer_or_model
+        graphdef, params = trainer.graphdef, trainer.train_state.params  # the live params: no copy
+        tokenizer = tokenizer if tokenizer is not None else trainer.processing_class
+        hf_config = hf_config if hf_config is not None else trainer.config
+        base_seed = int(getattr(trainer.args, "seed", 0))
+    elif isinstance(trainer_or_model, nnx.Module):
+        graphdef, params = nnx.split(trainer_or_model, nnx.Param)
+        base_seed = 0
+    else:
+        raise TypeError("generate() takes a JAX IterativeSFTTrainer or a Flax NNX causal LM, got "
+                        f"{type(trainer_or_model).__name__}")
+    if (prompts is None) == (input_ids is None):
+        raise ValueError("pass exactly one of `prompts` (texts) and `input_ids` (token ids)")
+    if num_return_sequences < 1:
+        raise ValueError(f"`num_return_sequences` must be >= 1, got {num_return_sequences}")
+
+    if prompts is not None:
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("`prompts` must be a list of str")
+        if tokenizer is None:
+            raise ValueError("`prompts` need a tokenizer; pass `tokenizer=` or `input_ids=`")
+        prompt_rows = [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    else:
+        if getattr(input_ids, "ndim", None) == 2 or (isinstance(input_ids, Sequence) and input_ids
+                                                     and not isinstance(input_ids[0], (int, np.integer))):
+            prompt_rows = [_as_id_list(row, f"input_ids[{i}]") for i, row in enumerate(input_ids)]
+        else:
+            raise TypeError("`input_ids` must be a list of token-id sequences (or an unpadded 2-D array)")
+    rows = [row for row in prompt_rows for _ in range(num_return_sequences)]
+
+    if eos_token_id is None:
+        eos_token_id = _default_eos(tokenizer, hf_config)
+    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    if pad_id is None:
+        pad_id = getattr(hf_config, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = _eos_list(eos_token_id)[0] if _eos_list(eos_token_id) else 0
+    key = jax.random.key(seed) if seed is not None else _next_unseeded_key(trainer_or_model, base_seed)
+
+    sequences, finished = generate_ids(
+        graphdef, params, rows, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=int(pad_id), key=key,
+        vocab_size=getattr(hf_config, "vocab_size", None))
+    texts = None
+    if return_text and tokenizer is not None:
+        texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
+    return GenerationOutput(sequences=sequences, texts=texts, prompt_ids=rows, finished=finished,
+                            num_return_sequences=num_return_sequences)
