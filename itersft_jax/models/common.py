@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 @jax.tree_util.register_dataclass
@@ -30,7 +31,7 @@ class KVCache:
 
     @classmethod
     def zeros(cls, num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int,
-              dtype=jnp.float32) -> "KVCache":
+              dtype=jnp.float32) -> KVCache:
         shape = (batch, length, num_kv_heads, head_dim)
         return cls(k=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
                    v=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
@@ -75,3 +76,23 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float) -> 
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
     return out_BTKGH.reshape(b, t, n, h)
+
+
+def run_layers(layers, h_BTD: jax.Array, caches: list | None, *args, remat: bool = False, policy=None):
+    """Apply ``layers`` in order, each as ``layer(h_BTD, cache_i, *args) -> (h_BTD, cache_i)``.
+
+    ``caches`` is ``None`` (no KV cache) or one entry per layer (e.g. a ``(k, v)`` pair); ``args`` are
+    shared by every layer and must be arrays or ``None``. With ``remat`` each layer call is wrapped in
+    ``nnx.remat`` (gradient checkpointing: activations inside a layer are recomputed in the backward
+    pass; only the layer inputs are kept). Returns ``(h_BTD, new_caches)``.
+    """
+    def apply(layer, h, cache, *rest):
+        return layer(h, cache, *rest)
+
+    if remat:
+        apply = nnx.remat(apply, policy=policy)
+    new_caches = []
+    for i, layer in enumerate(layers):
+        h_BTD, cache = apply(layer, h_BTD, None if caches is None else caches[i], *args)
+        new_caches.append(cache)
+    return h_BTD, (None if caches is None else new_caches)

@@ -1,0 +1,353 @@
+"""Hugging Face checkpoints <-> Flax NNX models, for every family in ``itersft_jax.models``.
+
+Sources: a local directory, a hub id (through ``huggingface_hub.snapshot_download``, which honours
+``HF_HUB_OFFLINE`` and the HF cache), or a ``transformers.PreTrainedModel`` already in memory (through its
+``state_dict``). Safetensors are read with numpy only — no torch on that path — including bf16 tensors
+(as ``ml_dtypes.bfloat16``). The family modules own the name mapping (``params_from_hf`` /
+``params_to_hf``); this module owns files, dtypes and building the module without random init.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+ALLOW_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+    "chat_template*",
+]
+
+# model_init_kwargs that only mean something to a torch model; accepted and ignored here.
+_TORCH_ONLY_KWARGS = ("device_map", "low_cpu_mem_usage", "attn_implementation", "use_cache",
+                      "max_memory", "offload_folder", "use_safetensors")
+
+_DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _split_kwargs(model_init_kwargs: dict | None) -> tuple[dict, Any, dict]:
+    """-> (hub kwargs, requested dtype or None, remaining config overrides); refuses remote code."""
+    kwargs = dict(model_init_kwargs or {})
+    if kwargs.pop("trust_remote_code", False):
+        raise ValueError(
+            "trust_remote_code=True: the JAX backend runs only its own Flax implementations and cannot "
+            "execute a checkpoint's remote modeling code. Use backend='torch' for remote-code models.")
+    if kwargs.get("quantization_config") is not None:
+        raise ValueError("quantization_config is not supported by the JAX backend; use backend='torch'.")
+    kwargs.pop("quantization_config", None)
+    hub = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only", "force_download")
+           if k in kwargs}
+    dtype = kwargs.pop("dtype", None)
+    torch_dtype = kwargs.pop("torch_dtype", None)
+    dtype = dtype if dtype is not None else torch_dtype
+    for key in _TORCH_ONLY_KWARGS:
+        kwargs.pop(key, None)
+    return hub, dtype, kwargs
+
+
+def _dtype_name(dtype) -> str:
+    """A dtype given as a string, torch/numpy/jax dtype -> ``float32`` / ``bfloat16`` / ``float16``."""
+    name = str(getattr(dtype, "name", None) or dtype).removeprefix("torch.").lower()
+    if name.startswith("<class"):  # jnp.float32 and friends are classes
+        name = np.dtype(dtype).name
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use 'float32', 'bfloat16', 'float16' or 'auto'")
+    return _DTYPE_NAMES[name]
+
+
+def _jnp_dtype(dtype):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[_dtype_name(dtype)]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None, token=None,
+                      cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                      force_download: bool = False) -> str:
+    """A local directory as is; anything else is a hub id fetched (or found in the cache) by
+    ``huggingface_hub.snapshot_download`` — config, safetensors, index, tokenizer and generation config."""
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, revision=revision, token=token, cache_dir=cache_dir,
+                             local_files_only=local_files_only, force_download=force_download,
+                             allow_patterns=ALLOW_PATTERNS)
+
+
+def load_hf_config(model_name_or_path: str | os.PathLike, **model_init_kwargs):
+    """The ``transformers`` config of a directory or hub id. Keys of ``model_init_kwargs`` that are not hub
+    or dtype options override config attributes, as in ``from_pretrained``."""
+    from transformers import AutoConfig
+
+    hub, _, overrides = _split_kwargs(model_init_kwargs)
+    model_dir = resolve_model_dir(model_name_or_path, **hub)
+    return AutoConfig.from_pretrained(model_dir, **overrides)
+
+
+def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
+    """One safetensors file as numpy arrays (memory-mapped; BF16 as ``ml_dtypes.bfloat16``).
+
+    Parsed directly — 8-byte header length, JSON header, raw little-endian data — because
+    ``safetensors.numpy`` cannot represent bf16 in every version.
+    """
+    import ml_dtypes
+
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        kind = info["dtype"]
+        dtype = ml_dtypes.bfloat16 if kind == "BF16" else _SAFETENSORS_DTYPES.get(kind)
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {kind}")
+        start, end = info["data_offsets"]
+        out[name] = np.frombuffer(data[start:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(
+            info["shape"])
+    return out
+
+
+def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+    model_dir = os.fspath(model_dir)
+    index_path = os.path.join(model_dir, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(_read_safetensors_file(os.path.join(model_dir, shard)))
+        missing = set(weight_map) - set(tensors)
+        if missing:
+            raise ValueError(f"{index_path} lists tensors no shard holds, e.g. {sorted(missing)[:5]}")
+        return tensors
+    single = os.path.join(model_dir, SAFE_WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return _read_safetensors_file(single)
+    found = sorted(os.listdir(model_dir))
+    raise FileNotFoundError(
+        f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {model_dir} (found: {found[:10]}). The JAX "
+        "backend reads safetensors only: re-save the model with transformers' save_pretrained, or pass the "
+        "loaded transformers model object instead of its path.")
+
+
+def state_dict_to_numpy(torch_model) -> dict[str, np.ndarray]:
+    """The ``state_dict`` of an in-memory torch model as numpy arrays (bf16 as ``ml_dtypes.bfloat16``)."""
+    import ml_dtypes
+    import torch
+
+    out = {}
+    for name, tensor in torch_model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            out[name] = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            out[name] = tensor.numpy()
+    return out
+
+
+def _is_torch_model(source) -> bool:
+    return hasattr(source, "state_dict") and hasattr(source, "config") and not isinstance(source, (str, os.PathLike))
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_abstract(family, hf_config, *, dtype, param_dtype, remat: bool):
+    """The family's module with abstract (shape-only) parameters: nothing random is computed."""
+    from flax import nnx
+
+    return nnx.eval_shape(lambda: family.CausalLM(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                                  rngs=nnx.Rngs(0)))
+
+
+def _checkpoint_dtype(tensors: dict[str, np.ndarray]) -> str:
+    for array in tensors.values():
+        if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
+            return _dtype_name(array.dtype.name)
+    return "float32"
+
+
+def load_model(source, *, dtype=None, param_dtype=None, remat: bool = False,
+               model_init_kwargs: dict | None = None):
+    """Load an HF causal LM as a Flax NNX module. Returns ``(model, hf_config)``.
+
+    ``source``: a directory, a hub id, or a ``transformers.PreTrainedModel``. ``dtype`` is the compute
+    dtype (default float32). Parameters are stored in ``param_dtype``; when that is ``None``,
+    ``model_init_kwargs['dtype' or 'torch_dtype']`` decides ("auto": the checkpoint's own dtype), else
+    float32. ``model_init_kwargs`` may also hold ``revision``, ``token``, ``cache_dir`` (passed to
+    ``snapshot_download``) and config overrides; ``trust_remote_code=True`` is refused.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from itersft_jax.models import get_family
+
+    hub, requested, overrides = _split_kwargs(model_init_kwargs)
+    if _is_torch_model(source):
+        hf_config = source.config
+        family = get_family(hf_config.model_type)
+        tensors = state_dict_to_numpy(source)
+    else:
+        from transformers import AutoConfig
+
+        model_dir = resolve_model_dir(source, **hub)
+        hf_config = AutoConfig.from_pretrained(model_dir, **overrides)
+        family = get_family(hf_config.model_type)
+        tensors = read_safetensors(model_dir)
+
+    if param_dtype is None:
+        if requested is None:
+            param_dtype = jnp.float32
+        elif str(requested) == "auto":
+            param_dtype = _jnp_dtype(_checkpoint_dtype(tensors))
+        else:
+            param_dtype = _jnp_dtype(requested)
+    dtype = jnp.float32 if dtype is None else dtype
+
+    params = family.params_from_hf(tensors, hf_config)
+    model = build_abstract(family, hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    graphdef, state = nnx.split(model)
+    expected = nnx.to_pure_dict(state)
+    _check_same_tree(expected, params)
+    params = _tree_map2(lambda abstract, array: jnp.asarray(array, dtype=abstract.dtype), expected, params)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state), hf_config
+
+
+def _tree_map2(fn, a: dict, b: dict) -> dict:
+    return {k: _tree_map2(fn, a[k], b[k]) if isinstance(a[k], dict) else fn(a[k], b[k]) for k in a}
+
+
+def _check_same_tree(expected: dict, got: dict, prefix: str = "") -> None:
+    if set(expected) != set(got):
+        raise ValueError(f"params at {prefix or '<root>'}: keys {sorted(map(str, got))} != model's "
+                         f"{sorted(map(str, expected))}")
+    for key, value in expected.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            _check_same_tree(value, got[key], path)
+        elif tuple(value.shape) != tuple(got[key].shape):
+            raise ValueError(f"param {path}: shape {tuple(got[key].shape)} != model's {tuple(value.shape)}")
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+    if not match:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or a string such as '5GB', '500MB'")
+    number, unit = float(match.group(1)), match.group(2)
+    base = 1024 if "I" in unit else 1000
+    return int(number * base ** "BKMGT".index(unit[0]))
+
+
+def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    """Greedy split in the given order; a tensor larger than ``max_bytes`` gets a shard of its own."""
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    return shards
+
+
+def _to_params_dict(params_or_model) -> dict:
+    from flax import nnx
+
+    if isinstance(params_or_model, nnx.Module):
+        return nnx.to_pure_dict(nnx.state(params_or_model, nnx.Param))
+    if isinstance(params_or_model, nnx.State):
+        return nnx.to_pure_dict(params_or_model)
+    return params_or_model
+
+
+def save_pretrained(params_or_model, hf_config, output_dir: str | os.PathLike, tokenizer=None,
+                    generation_config=None, max_shard_size: int | str = "5GB") -> str:
+    """Write an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads: ``config.json``,
+    safetensors (sharded with an index above ``max_shard_size``), tokenizer files, ``generation_config.json``.
+
+    ``params_or_model``: an NNX module, its ``nnx.Param`` state, or that state's pure dict. Tensors are
+    written in the parameters' own dtype. Returns ``output_dir``.
+    """
+    import jax
+    import safetensors.numpy
+    from transformers import GenerationConfig
+
+    from itersft_jax.models import get_family
+
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    family = get_family(hf_config.model_type)
+    params = jax.device_get(_to_params_dict(params_or_model))
+    tensors = {name: np.ascontiguousarray(array)
+               for name, array in family.params_to_hf(params, hf_config).items()}
+
+    config = copy.deepcopy(hf_config)
+    config.dtype = _checkpoint_dtype(tensors)
+    if not getattr(config, "architectures", None):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+        config.architectures = [arch] if arch else None
+    config.save_pretrained(output_dir)
+
+    for name in os.listdir(output_dir):  # stale weights of an earlier save would shadow or mix in
+        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", name):
+            os.remove(os.path.join(output_dir, name))
+    shards = _shard(tensors, _parse_size(max_shard_size))
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        safetensors.numpy.save_file(shards[0], os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata=metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            safetensors.numpy.save_file(shard, os.path.join(output_dir, shard_name), metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, shard_name))
+        index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
+        with open(os.path.join(output_dir, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    if generation_config is None:
+        generation_config = GenerationConfig.from_model_config(config)
+    elif isinstance(generation_config, dict):
+        generation_config = GenerationConfig(**generation_config)
+    generation_config.save_pretrained(output_dir)
+    return output_dir
