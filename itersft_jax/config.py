@@ -96,8 +96,10 @@ class IterativeSFTConfig(TrainingArguments):
             self.use_cpu = True
         # TRL's default gradient_checkpointing=True, without tripping transformers 5's deprecation warning.
         if "activation_checkpointing" in {f.name for f in dataclasses.fields(self)}:
-            if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-                self.activation_checkpointing = True
+            if self.activation_checkpointing is None:  # TRL's name is ours: no deprecation warning for it
+                gc = self.gradient_checkpointing
+                self.activation_checkpointing = True if gc is None else gc
+                self.gradient_checkpointing = None
         elif self.gradient_checkpointing is None:
             self.gradient_checkpointing = True
         for name in ("logging_steps", "save_steps", "eval_steps"):
