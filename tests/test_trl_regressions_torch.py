@@ -1,0 +1,271 @@
+"""One test per TRL 0.23.1 IterativeSFTTrainer defect (DESIGN.md (a)-(l)), against the torch backend.
+
+Each docstring says what TRL did; each test asserts the fixed behaviour in a way TRL's behaviour fails.
+Tolerances: fp32 on CPU, reference computed in one padded batch with torch's AdamW: 1e-6 on losses and
+parameters (only reduction order differs).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_model
+
+from itersft_torch import IterativeSFTConfig, IterativeSFTTrainer
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: what is two plus two? Answer: four.",
+    "Rejection sampling keeps only the verified completions.",
+    "12 + 30 = 42.",
+]
+
+
+def make_trainer(model, tokenizer, tmp_path, **config):
+    args = IterativeSFTConfig(output_dir=str(tmp_path / "out"), **config)
+    return IterativeSFTTrainer(model, args=args, processing_class=tokenizer)
+
+
+def random_samples(n: int, vocab: int, seed: int = 0, lo: int = 6, hi: int = 16) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g)
+    return [torch.randint(3, vocab, (int(t),), generator=g) for t in lengths]
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def reference_update(model, samples, labels=None, *, lr=5e-5, max_grad_norm=1.0):
+    """Token-weighted mean shifted CE over all samples in one right-padded batch, clip, one AdamW step."""
+    ref = copy.deepcopy(model).train()
+    labels = labels if labels is not None else samples
+    length = max(len(x) for x in samples)
+    ids = torch.zeros(len(samples), length, dtype=torch.long)
+    mask, lab = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, (x, y) in enumerate(zip(samples, labels)):
+        ids[i, :len(x)], mask[i, :len(x)], lab[i, :len(y)] = x, 1, torch.as_tensor(y)
+    logits = ref(input_ids=ids, attention_mask=mask).logits
+    targets = lab[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum") / (targets != -100).sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), max_grad_norm)
+    torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=0.0).step()
+    return ref, loss.item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_texts_labels_are_the_seq2seq_targets(tokenizer, tmp_path):
+    """TRL tokenized `texts` again for the labels, so `texts_labels` was ignored: the model learnt to copy
+    its input. The call's loss must be the CE against `texts_labels` (1e-5), not against `texts`."""
+    model = tiny_model("bart", len(tokenizer))
+    sources, targets = TEXTS, [t[::-1] for t in TEXTS]
+    enc = tokenizer(sources, padding=True, return_tensors="pt")
+
+    def hf_loss(texts):
+        dec = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            labels = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)
+            return copy.deepcopy(model).train()(**enc, labels=labels).loss.item()
+
+    on_targets, on_sources = hf_loss(targets), hf_loss(sources)
+    assert abs(on_targets - on_sources) > 1e-3
+    stats = make_trainer(model, tokenizer, tmp_path).step(texts=sources, texts_labels=targets)
+    assert stats["loss"] == pytest.approx(on_targets, abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_b_max_length_truncates_sequences_not_the_batch(mode, tokenizer, tmp_path):
+    """TRL sliced `[batch, seq]` tensors with `v[-max_length:]`: 6 samples and max_length=4 trained on the
+    last 4 samples, untruncated. Every sample must be kept, each cut to its last (keep_end) or first
+    (keep_start) 4 tokens; the loss equals the reference on those truncated sequences (1e-6)."""
+    model = tiny_model("llama", len(tokenizer))
+    samples = random_samples(6, len(tokenizer), lo=10, hi=14)
+    cut = [x[-4:] if mode == "keep_end" else x[:4] for x in samples]
+    ref, ref_loss = reference_update(model, cut)
+    stats = make_trainer(model, tokenizer, tmp_path, max_length=4, truncation_mode=mode).step(input_ids=samples)
+    assert (stats["samples"], stats["num_tokens"]) == (6, 6 * 3)
+    assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6)
+    assert max_diff(snapshot(ref), snapshot(model)) <= 1e-6
+
+
+def test_c_causal_lm_labels_are_honoured(tokenizer, tmp_path):
+    """TRL dropped user `labels` for causal LMs and rebuilt them from `input_ids`, so prompt masking was
+    impossible. Prompt-masked labels must give the reference update computed with those labels (1e-6),
+    and a different update from all-token labels."""
+    base = tiny_model("llama", len(tokenizer))
+    samples = random_samples(4, len(tokenizer), seed=1)
+    masked = [torch.cat([torch.full((len(x) // 2,), -100), x[len(x) // 2:]]) for x in samples]
+    ref, ref_loss = reference_update(base, samples, masked, lr=1e-3)
+
+    model = copy.deepcopy(base)
+    stats = make_trainer(model, tokenizer, tmp_path, learning_rate=1e-3).step(input_ids=samples, labels=masked)
+    assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6)
+    assert stats["num_tokens"] == sum(len(x) - len(x) // 2 for x in samples)
+    assert max_diff(snapshot(ref), snapshot(model)) <= 1e-6
+
+    unmasked = copy.deepcopy(base)
+    make_trainer(unmasked, tokenizer, tmp_path, learning_rate=1e-3).step(input_ids=samples, labels=samples)
+    assert max_diff(snapshot(unmasked), snapshot(model)) > 1e-4
+
+
+def test_d_eos_is_a_label_when_pad_equals_eos(tokenizer_pad_eq_eos, tmp_path):
+    """TRL's DataCollatorForLanguageModeling set every label equal to pad_token_id to -100; with pad == eos
+    the EOS was never a target and the model never learnt to stop. EOS must stay a label token, for
+    `input_ids` and for `prompts`/`completions` (which append it)."""
+    tok = tokenizer_pad_eq_eos
+    assert tok.pad_token_id == tok.eos_token_id
+    model = tiny_model("llama", len(tok))
+    ids = [torch.tensor(tok(t)["input_ids"] + [tok.eos_token_id]) for t in TEXTS[:2]]
+    ref, ref_loss = reference_update(model, ids)
+    trainer = make_trainer(model, tok, tmp_path)
+    stats = trainer.step(input_ids=ids, attention_mask=[torch.ones_like(x) for x in ids])
+    assert stats["num_tokens"] == sum(len(x) - 1 for x in ids)  # EOS included
+    assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6)
+    assert max_diff(snapshot(ref), snapshot(model)) <= 1e-6
+    completion = tok(" four.", add_special_tokens=False)["input_ids"]
+    stats = trainer.step(prompts=["Question: what is two plus two? Answer:"], completions=[" four."])
+    assert stats["num_tokens"] == len(completion) + 1
+
+
+def test_e_default_schedule_trains_from_the_first_update(tokenizer, tmp_path):
+    """TRL's default (max_steps=-1, linear) built a schedule of -1 steps: LR 0 from the first update, the
+    default configuration never trained. The first update must use the configured LR and move weights."""
+    model = tiny_model("llama", len(tokenizer))
+    trainer = make_trainer(model, tokenizer, tmp_path)
+    assert trainer.args.max_steps == -1 and trainer.args.lr_scheduler_type == "linear"
+    before = snapshot(model)
+    for _ in range(3):
+        stats = trainer.step(texts=TEXTS)
+        assert stats["learning_rate"] == pytest.approx(trainer.args.learning_rate)
+    assert max_diff(before, snapshot(model)) > 0
+
+
+def test_f_gradient_accumulation_is_honoured(tokenizer, tmp_path):
+    """TRL stepped the optimizer after every micro-batch, ignoring gradient_accumulation_steps. 4 samples,
+    batch 1, accumulation 4 must be exactly one optimizer update."""
+    model = tiny_model("llama", len(tokenizer))
+    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=1,
+                           gradient_accumulation_steps=4)
+    stats = trainer.step(texts=TEXTS)
+    assert stats["updates"] == 1 and trainer.state.global_step == 1
+    steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    assert steps == {1}
+
+
+def test_g_input_ids_with_attention_mask_and_no_labels(tokenizer, tmp_path):
+    """TRL raised on `step(input_ids=..., attention_mask=...)` without labels, despite documenting that
+    labels default to input_ids. It must train, with labels = input_ids where attended."""
+    model = tiny_model("llama", len(tokenizer))
+    ids = [torch.tensor(tokenizer(t)["input_ids"]) for t in TEXTS]
+    before = snapshot(model)
+    stats = make_trainer(model, tokenizer, tmp_path).step(
+        input_ids=ids, attention_mask=[torch.ones_like(x) for x in ids])
+    assert stats["num_tokens"] == sum(len(x) - 1 for x in ids)
+    assert max_diff(before, snapshot(model)) > 0
+
+
+def _checkpointing_on(model) -> bool:
+    prop = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    return bool(getattr(model, prop))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_h_gradient_checkpointing_is_enabled_and_bf16_is_off_on_cpu(enabled, tokenizer, tmp_path):
+    """TRL never enabled gradient checkpointing (default True: no memory saved) and turned bf16 on by
+    default, even on CPU. Checkpointing must really recompute (each decoder layer runs twice per
+    micro-batch: forward + recompute), and the CPU default must compute in fp32."""
+    model = tiny_model("llama", len(tokenizer))
+    trainer = make_trainer(model, tokenizer, tmp_path, **({} if enabled else {"gradient_checkpointing": False}))
+    assert _checkpointing_on(model) is enabled
+    assert trainer.args.bf16 is False
+    layer_calls, head_dtypes = [], []
+    # transformers checkpoints the layer's `forward` (its own hooks stay outside) and torch stops the
+    # recompute early once the saved tensors are rebuilt: count pre-hooks of the layer's first module.
+    model.model.layers[0].input_layernorm.register_forward_pre_hook(lambda *_: layer_calls.append(1))
+    model.lm_head.register_forward_hook(lambda m, i, out: head_dtypes.append(out.dtype))
+    trainer.step(texts=TEXTS[:1])
+    assert len(layer_calls) == (2 if enabled else 1)
+    assert head_dtypes == [torch.float32]
+
+
+def test_h_explicit_bf16_autocasts_on_cpu(tokenizer, tmp_path):
+    """The other half of (h): bf16 autocast happens only when asked for, and then works on a CPU."""
+    model = tiny_model("llama", len(tokenizer))
+    trainer = make_trainer(model, tokenizer, tmp_path, bf16=True)
+    head_dtypes = []
+    model.lm_head.register_forward_hook(lambda m, i, out: head_dtypes.append(out.dtype))
+    stats = trainer.step(texts=TEXTS)
+    assert head_dtypes == [torch.bfloat16] and 0 < stats["loss"] < 10
+    assert next(model.parameters()).dtype == torch.float32  # fp32 master weights
+
+
+def test_i_fractional_logging_steps_log(tokenizer, tmp_path):
+    """TRL passed logging_steps=0.5 through unconverted and logged nothing. With max_steps=4 it is every
+    2 updates."""
+    model = tiny_model("llama", len(tokenizer))
+    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=1, logging_steps=0.5,
+                           max_steps=4, lr_scheduler_type="constant")
+    trainer.step(texts=TEXTS)
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [2, 4]
+
+
+def _tokenizer_state(tok) -> dict:
+    state = {k: repr(v) for k, v in vars(tok).items()}
+    state.update(truncation_side=tok.truncation_side, padding_side=tok.padding_side,
+                 backend_truncation=repr(tok.backend_tokenizer.truncation),
+                 backend_padding=repr(tok.backend_tokenizer.padding))
+    return state
+
+
+def test_j_callers_tokenizer_is_not_mutated(tokenizer, tmp_path):
+    """TRL set `tokenizer.truncation_side = "left"` on the caller's tokenizer (keep_end) and tokenized with
+    truncation/padding on. Construction and every input form must leave its settings untouched."""
+    before = _tokenizer_state(tokenizer)
+    assert before["truncation_side"] == "right"
+    trainer = make_trainer(tiny_model("llama", len(tokenizer)), tokenizer, tmp_path, max_length=8,
+                           truncation_mode="keep_end")
+    trainer.step(texts=TEXTS)
+    trainer.step(prompts=["Question: what is two plus two? Answer:"], completions=[" four."])
+    assert _tokenizer_state(tokenizer) == before
+
+
+def test_k_logged_loss_is_per_update_and_unrounded(tokenizer, tmp_path):
+    """TRL logged one loss per micro-batch, rounded to 4 decimals. With batch 2 x accumulation 2 and
+    logging_steps=1 there must be one log entry per update, holding the update's token-weighted loss to
+    1e-6 (a 4-decimal rounding of this reference is off by more)."""
+    model = tiny_model("llama", len(tokenizer))
+    samples = random_samples(4, len(tokenizer), seed=5)
+    _, ref_loss = reference_update(model, samples)
+    assert abs(round(ref_loss, 4) - ref_loss) > 1e-6, "pick a seed whose loss is not 4-decimal round"
+    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2, logging_steps=1)
+    trainer.step(input_ids=samples)
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 1
+    assert logs[0]["loss"] == pytest.approx(ref_loss, abs=1e-6)
+    trainer.step(input_ids=samples + samples)  # 8 samples = 2 updates -> 2 more entries, not 4
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3]
+
+
+def test_l_quick_start_config_on_cpu_and_step_returns_stats(tokenizer, tmp_path, caplog):
+    """TRL's own quick-start config raised on a CPU-only machine (bf16 defaulted to True), and its step()
+    returned nothing useful. The config must construct with bf16 off, and step() return a dict."""
+    caplog.set_level(logging.WARNING)
+    args = IterativeSFTConfig(max_length=512, output_dir=str(tmp_path / "output"))
+    assert args.bf16 is False and not args.use_cpu
+    stats = IterativeSFTTrainer(tiny_model("llama", len(tokenizer)), args=args,
+                                processing_class=tokenizer).step(texts=TEXTS)
+    assert isinstance(stats, dict) and stats["updates"] == 1 and stats["loss"] > 0
