@@ -198,7 +198,7 @@ def is_decayed(names: list[str], ndim: int) -> bool:
 def decay_mask(params) -> Any:
     """Pytree of bools over ``params`` (an ``nnx.State`` or a pure dict): True where weight decay applies."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: is_decayed(_path_names(path), jnp.ndim(leaf)), params)
+        lambda path, leaf: is_decayed(_path_names(path), len(getattr(leaf, "shape", ()))), params)
 
 
 def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
