@@ -72,6 +72,17 @@ def _greedy_next(trainer_or_model, tokenizer, jax_side):
     return out
 
 
+def _split_key_bias(name, value, ref):
+    """Separate attention key-bias entries (zero gradient in exact arithmetic) from the rest."""
+    if name.endswith("k_proj.bias"):
+        return value[:0], ref[:0], (value, ref)
+    if name.endswith("c_attn.bias"):  # GPT-2's fused q|k|v bias
+        d = value.shape[0] // 3
+        keep = np.r_[0:d, 2 * d:3 * d]
+        return value[keep], ref[keep], (value[d:2 * d], ref[d:2 * d])
+    return value, ref, None
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "opt"])
 def test_jax_and_torch_backends_agree(model_type, tiny_model_dir, tokenizer, tmp_path):
     model_dir = tiny_model_dir(model_type)
@@ -87,8 +98,16 @@ def test_jax_and_torch_backends_agree(model_type, tiny_model_dir, tokenizer, tmp
     assert jax_params, "no parameters mapped"
     for name, value in jax_params.items():
         ref = torch_params[name]
-        rel = np.linalg.norm(value - ref) / max(np.linalg.norm(ref), 1e-12)
-        assert rel <= 1e-4, f"{name}: relative difference {rel:.2e}"
+        value, ref, key_bias = _split_key_bias(name, value, ref)
+        if value.size:
+            rel = np.linalg.norm(value - ref) / max(np.linalg.norm(ref), 1e-12)
+            assert rel <= 1e-4, f"{name}: relative difference {rel:.2e}"
+        if key_bias is not None:
+            # The loss's gradient w.r.t. a key bias is exactly 0 (it adds the same q.b_k to every logit of a
+            # softmax row); both engines see float noise (~1e-11) that Adam scales to ~lr * g / eps per
+            # update. Those entries are held to an absolute bound instead: <= 1e-4 after all updates.
+            diff = np.abs(key_bias[0] - key_bias[1]).max()
+            assert diff <= 1e-4, f"{name} (key bias): absolute difference {diff:.2e}"
 
     torch_trainer.model.eval()
     assert _greedy_next(jax_trainer, tokenizer, True) == _greedy_next(torch_trainer, tokenizer, False)
