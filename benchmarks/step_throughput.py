@@ -129,12 +129,12 @@ def make_workload(calls, samples, vocab, seed=0, lo=32, hi=512):
             for _ in range(calls)]
 
 
-def run_backend(backend, path, workload, workdir, batch):
+def run_backend(backend, path, workload, workdir, batch, bf16=False):
     from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 
     cfg = IterativeSFTConfig(output_dir=os.path.join(workdir, f"out-{backend}"), per_device_train_batch_size=batch,
                              gradient_checkpointing=False, learning_rate=1e-4, report_to="none",
-                             logging_steps=10**6, bf16=False, disable_tqdm=True)
+                             logging_steps=10**6, bf16=bf16, disable_tqdm=True)
     t0 = time.perf_counter()
     trainer = IterativeSFTTrainer(path, args=cfg, backend=backend)
     load = time.perf_counter() - t0
