@@ -77,9 +77,8 @@ def llama_config(hidden, layers, vocab, heads, seq):
 
 def save(config, path, dtype="float32"):
     import torch
-    from transformers import AutoModelForCausalLM
-
     from helpers import make_tokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float()
@@ -106,11 +105,10 @@ def _param_counts(config):
 def parity(workdir):
     import jax
     import torch
+    from helpers import make_tokenizer, tiny_model
 
     from itersft_jax.models.common import positions_from_mask
     from itersft_jax.weights import load_model
-
-    from helpers import make_tokenizer, tiny_model
 
     tok = make_tokenizer()
     hf = tiny_model("llama", len(tok)).to(DEV)
@@ -193,20 +191,19 @@ def fixed(args, workdir):
     _sync()
     dt = time.perf_counter() - t0
     tps = args.steps * args.batch * args.seq / dt
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEV != "cpu" else 0.0
     rows.append(("PyTorch loop (autocast bf16, fused AdamW, SDPA)", first, tps,
-                 tps * fpt / (args.peak_tflops * 1e12), (torch.cuda.max_memory_allocated() / 2**30 if DEV != "cpu" else 0.0), float(loss)))
+                 tps * fpt / (args.peak_tflops * 1e12), peak, float(loss.detach())))
     base = rows[-1][2]
     print("| engine | first call s | tokens/s | MFU | peak GiB | last loss | vs PyTorch |")
     print("|---|---|---|---|---|---|---|")
     for name, first, tps, mfu, peak, loss in rows:
         print(f"| {name} | {first:.1f} | {tps:,.0f} | {mfu:.1%} | {peak:.1f} | {loss:.3f} | {tps / base:.2f}x |")
-    del torch_model, opt
     _sync()
 
 
 @section("3. iterative workload through both trainers, bf16")
 def iterative(args, workdir):
-    import torch
 
     sys.path.insert(0, HERE)
     from step_throughput import make_workload, run_backend
@@ -229,7 +226,6 @@ def iterative(args, workdir):
 
 @section("4. generation, bf16 greedy")
 def generation(args, workdir):
-    import jax
     import jax.numpy as jnp
     import torch
     from flax import nnx

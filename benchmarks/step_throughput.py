@@ -41,9 +41,8 @@ def llama_config(hidden, layers, vocab, heads=8, intermediate=None):
 
 def save_model(config, path):
     import torch
-    from transformers import AutoModelForCausalLM
-
     from helpers import make_tokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float()
@@ -114,7 +113,8 @@ def fixed_shapes(args, workdir):
           f"seq {args.seq}, fp32, {args.steps} timed updates after 2 warm-up\n")
     print("| engine | first call (s) | tokens/s | ratio vs PyTorch |")
     print("|---|---|---|---|")
-    print(f"| itersft JAX train_step | {jax_compile:.1f} (compile incl.) | {jax_tps:,.0f} | {jax_tps / torch_tps:.2f}x |")
+    ratio = jax_tps / torch_tps
+    print(f"| itersft JAX train_step | {jax_compile:.1f} (compile incl.) | {jax_tps:,.0f} | {ratio:.2f}x |")
     print(f"| PyTorch loop (transformers + AdamW) | {torch_first:.1f} | {torch_tps:,.0f} | 1.00x |")
     return {"jax_tokens_per_s": jax_tps, "torch_tokens_per_s": torch_tps, "jax_compile_s": jax_compile}
 

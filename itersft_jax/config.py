@@ -17,7 +17,7 @@ import dataclasses
 import importlib.util
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
@@ -83,7 +83,7 @@ class IterativeSFTConfig(TrainingArguments):
         metadata={"help": "bf16 compute. Unset: True where an accelerator supports bf16 and fp16 is off; "
                           "False on CPU-only machines."})
 
-    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
+    _VALID_DICT_FIELDS: ClassVar[list[str]] = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
 
     def __post_init__(self):
         validate_truncation(self.max_length, self.truncation_mode)
@@ -108,7 +108,7 @@ class IterativeSFTConfig(TrainingArguments):
                 setattr(self, name, resolve_ratio(value, self.max_steps, name))
         super().__post_init__()
         if isinstance(self.model_init_kwargs, str):  # parsed from JSON by TrainingArguments when "{...}"
-            raise ValueError("`model_init_kwargs` must be a dict (or a JSON object string)")
+            raise TypeError("`model_init_kwargs` must be a dict (or a JSON object string)")
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -131,7 +131,7 @@ class IterativeSFTConfig(TrainingArguments):
     __repr__ = __str__
 
     @classmethod
-    def from_training_arguments(cls, args: TrainingArguments, **overrides) -> "IterativeSFTConfig":
+    def from_training_arguments(cls, args: TrainingArguments, **overrides) -> IterativeSFTConfig:
         """Convert a plain ``TrainingArguments`` (TRL accepted one as ``args``)."""
         if isinstance(args, cls) and not overrides:
             return args

@@ -7,10 +7,10 @@ Tolerances: per-update loss |jax - torch| <= 1e-4; per-tensor relative parameter
 """
 
 import jax
-from flax import nnx
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 

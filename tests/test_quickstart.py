@@ -40,10 +40,10 @@ def test_quick_start_model_identifier(opt350m_like, tokenizer):
 
 
 def test_quick_start_pre_instantiated_model(opt350m_like):
-    from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
-
     # Or using a pre-instantiated model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 
     model = AutoModelForCausalLM.from_pretrained(opt350m_like)
     tokenizer = AutoTokenizer.from_pretrained(opt350m_like)
