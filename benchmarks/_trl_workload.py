@@ -5,11 +5,13 @@ Called by step_throughput.py with --trl-python; TRL needs transformers 4.57, so 
 """
 
 import json
+import os
 import sys
 import tempfile
 import time
 
 import torch
+from transformers import PreTrainedTokenizerFast
 from trl import IterativeSFTConfig, IterativeSFTTrainer
 
 
@@ -22,13 +24,16 @@ def main():
     args = IterativeSFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, bf16=False,
                               use_cpu=True, max_steps=10_000, gradient_checkpointing=False, learning_rate=1e-4,
                               report_to="none", logging_steps=10**6)
-    trainer = IterativeSFTTrainer(model_dir, args=args)
+    # The directory's tokenizer_config.json is transformers 5's; 4.57 reads the tokenizer.json file directly.
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=os.path.join(model_dir, "tokenizer.json"), bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    trainer = IterativeSFTTrainer(model_dir, args=args, processing_class=tokenizer)
     real, seconds = 0, 0.0
     for ids in workload:
         tensors = [torch.tensor(x) for x in ids]
         masks = [torch.ones(len(x), dtype=torch.long) for x in ids]
         t0 = time.perf_counter()
-        trainer.step(input_ids=tensors, attention_mask=masks)
+        trainer.step(input_ids=tensors, attention_mask=masks, labels=tensors)  # TRL raises without labels (g)
         seconds += time.perf_counter() - t0
         real += sum(len(x) for x in ids)
     print(json.dumps({"seconds": seconds, "tokens_per_s": real / seconds, "real_tokens": real,
