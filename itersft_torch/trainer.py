@@ -258,6 +258,13 @@ class IterativeSFTTrainer(Trainer):
             "constant learning rate", name, int(warmup))
         return get_scheduler("constant_with_warmup", optimizer=self.optimizer, num_warmup_steps=int(warmup))
 
+    def generate(self, prompts=None, input_ids=None, **kwargs):
+        """Sample completions with the current model; the JAX engine's signature and ``GenerationOutput``
+        (see ``itersft_torch.generation.generate``)."""
+        from .generation import generate
+
+        return generate(self, prompts, input_ids, **kwargs)
+
     def train(self, *args, **kwargs):
         raise NotImplementedError(
             "IterativeSFTTrainer trains through `step(...)`, one call per batch your loop produces "

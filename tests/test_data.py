@@ -315,6 +315,8 @@ def test_encoder_decoder_needs_targets():
     ("itersft_jax", ("jax", "torch")),
     ("itersft_torch", ("jax",)),
     ("itersft_jax.config", ("jax",)),
+    ("itersft_torch.generation", ("jax",)),
+    ("itersft_jax.outputs", ("jax", "torch")),
 ])
 def test_import_hygiene(module, forbidden):
     code = (f"import sys, {module}; bad = [m for m in {forbidden!r} if m in sys.modules]; "

@@ -1,0 +1,105 @@
+"""``generate`` for the PyTorch backend: ``transformers`` ``model.generate`` behind the JAX engine's signature.
+
+Same arguments and the same ``GenerationOutput`` as ``itersft_jax.generate.generate``, so a
+generate -> filter -> step loop runs unchanged on either backend. Greedy decoding is token-identical to the
+JAX engine for the same weights (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import GenerationConfig
+
+from itersft_jax.outputs import GenerationOutput
+
+
+def _eos_ids(eos_token_id, tokenizer, config) -> list[int]:
+    if eos_token_id is not None:
+        return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+    ids = []
+    for source in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if source is not None:
+            ids += [source] if isinstance(source, int) else list(source)
+    return sorted(set(ids))
+
+
+def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, max_new_tokens: int = 64,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             num_return_sequences: int = 1, eos_token_id: int | Sequence[int] | None = None,
+             seed: int | None = None, return_text: bool = True) -> GenerationOutput:
+    """Generate completions with the trainer's current model (see ``itersft_jax.generate.generate``).
+
+    ``seed=None`` draws fresh samples on every call (a per-trainer counter folded into ``args.seed``);
+    a fixed seed reproduces them.
+    """
+    if (prompts is None) == (input_ids is None):
+        raise ValueError("generate() takes exactly one of `prompts` (texts) or `input_ids`")
+    if max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
+    if num_return_sequences < 1:
+        raise ValueError(f"`num_return_sequences` must be >= 1, got {num_return_sequences}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"`temperature` must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
+    tokenizer = trainer._tokenizer
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if prompts is not None:
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("`prompts` must be a list of str")
+        if tokenizer is None:
+            raise ValueError("`prompts` need a tokenizer: pass `processing_class` to the trainer")
+        rows = [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    else:
+        rows = [[int(t) for t in (ids.tolist() if hasattr(ids, "tolist") else ids)] for ids in input_ids]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("generate() needs non-empty prompts")
+
+    eos = _eos_ids(eos_token_id, tokenizer, model.config)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(model.config, "pad_token_id", None)
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    longest = max(len(r) for r in rows)
+    device = next(model.parameters()).device
+    ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)
+
+    if seed is None:
+        trainer._generate_calls = getattr(trainer, "_generate_calls", 0) + 1
+        seed = (int(trainer.args.seed) * 1_000_003 + trainer._generate_calls) & 0x7FFFFFFF
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    # Only the knobs of this signature: a checkpoint's own generation_config (repetition penalty, n-gram
+    # bans, sampling defaults) would make the two backends decode differently.
+    base = model.generation_config
+    config = GenerationConfig(bos_token_id=base.bos_token_id, decoder_start_token_id=base.decoder_start_token_id)
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, max_new_tokens=max_new_tokens,
+                min_new_tokens=0, do_sample=do_sample, temperature=temperature if do_sample else None,
+                top_k=(top_k or None) if do_sample else None, top_p=top_p if do_sample else None,
+                num_return_sequences=num_return_sequences, eos_token_id=eos or None, pad_token_id=pad,
+                use_cache=True)
+    finally:
+        model.train(was_training)
+        torch.random.set_rng_state(generator_state)
+
+    new = out if model.config.is_encoder_decoder else out[:, longest:]
+    sequences, finished = [], []
+    for row in new.tolist():
+        if model.config.is_encoder_decoder and row and row[0] == model.config.decoder_start_token_id:
+            row = row[1:]
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        sequences.append(row if cut is None else row[:cut + 1])
+        finished.append(cut is not None)
+    texts = None
+    if return_text and tokenizer is not None:
+        texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
+    prompt_ids = [r for r in rows for _ in range(num_return_sequences)]
+    return GenerationOutput(sequences=sequences, texts=texts, prompt_ids=prompt_ids, finished=finished,
+                            num_return_sequences=num_return_sequences)
