@@ -108,7 +108,12 @@ def build_schedule(args, num_training_steps: int | None = None) -> optax.Schedul
     lam = _lr_lambda(kind, warmup, total, lr, kw)
 
     def schedule(count):
-        return lr * lam(jnp.asarray(count, jnp.float32))
+        count = jnp.asarray(count, jnp.float32)
+        if total is not None:
+            # Past max_steps the LR holds at the schedule's final value (the torch backend stops stepping
+            # its scheduler there): cosine must not climb back, nothing runs past the end.
+            count = jnp.minimum(count, float(total))
+        return lr * lam(count)
 
     return schedule
 
