@@ -293,7 +293,8 @@ class IterativeSFTTrainer(Trainer):
 
         Returns ``loss`` (mean token CE over the call, before each update), ``learning_rate`` and
         ``grad_norm`` (pre-clip) of the last update, ``num_tokens`` (label tokens), ``samples``, ``updates``,
-        ``seconds``, ``tokens_per_second`` (non-padding tokens) and ``global_step``.
+        ``seconds``, ``tokens_per_second`` (non-padding tokens), ``padded_tokens`` (input positions computed,
+        padding included) and ``global_step``.
         """
         start = time.perf_counter()
         args = self.args
@@ -316,6 +317,7 @@ class IterativeSFTTrainer(Trainer):
         model.train()
         self.is_in_train = True
         loss_sum, tokens, seen = 0.0, 0, 0
+        self._call_padded_tokens = 0
         lr = grad_norm = float("nan")
         try:
             for k, update in enumerate(updates):
@@ -345,6 +347,7 @@ class IterativeSFTTrainer(Trainer):
             "updates": len(updates),
             "seconds": seconds,
             "tokens_per_second": seen / seconds if seconds > 0 else float("inf"),
+            "padded_tokens": self._call_padded_tokens,
             "global_step": int(self.state.global_step),
         }
 
@@ -395,6 +398,7 @@ class IterativeSFTTrainer(Trainer):
         device = self.accelerator.device
         label_length = max(len(ex.labels) for ex in shard) if self.is_encoder_decoder else None
         arrays = collate([shard], pad_id=pad_id, label_length=label_length)
+        self._call_padded_tokens += arrays["input_ids"].size  # input positions computed, padding included
         input_ids, attention_mask, labels = (torch.from_numpy(arrays[k][0]).to(device, torch.long)
                                              for k in ("input_ids", "attention_mask", "labels"))
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -29,7 +29,7 @@ TEXTS = [
     "12 + 30 = 42.",
 ]
 STAT_KEYS = {"loss", "learning_rate", "grad_norm", "num_tokens", "samples", "updates", "seconds",
-             "tokens_per_second", "global_step"}
+             "tokens_per_second", "padded_tokens", "global_step"}
 
 
 def make_trainer(model, tokenizer, tmp_path, optimizers=(None, None), **config):
