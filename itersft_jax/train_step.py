@@ -42,16 +42,45 @@ class TrainState:
 def causal_lm_loss(logits_BTV: jax.Array, labels_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy and the number of label tokens (HF labels: aligned, -100 ignored).
 
-    The shift happens here: ``logits[:, t]`` predicts ``labels[:, t + 1]``. Log-softmax in float32.
+    The shift happens here: ``logits[:, t]`` predicts ``labels[:, t + 1]``. It is applied to the labels
+    (the last position gets -100), never to the ``[B, T, V]`` logits, so no slice or pad of the largest
+    tensor of the step is materialized. Log-softmax in float32.
     """
-    logits_BTV = logits_BTV[:, :-1].astype(jnp.float32)
-    targets_BT = labels_BT[:, 1:]
+    ignore_B1 = jnp.full((labels_BT.shape[0], 1), IGNORE_INDEX, labels_BT.dtype)
+    targets_BT = jnp.concatenate([labels_BT[:, 1:], ignore_B1], axis=1)
     weights_BT = (targets_BT != IGNORE_INDEX).astype(jnp.float32)
     safe_targets_BT = jnp.where(targets_BT == IGNORE_INDEX, 0, targets_BT)
-    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, safe_targets_BT[..., None], axis=-1)[..., 0]
+    return _weighted_xent_sum(logits_BTV, safe_targets_BT, weights_BT), jnp.sum(weights_BT)
+
+
+@jax.custom_vjp
+def _weighted_xent_sum(logits_BTV, targets_BT, weights_BT):
+    """``sum(weights * (logsumexp(logits) - logits[target]))`` in fp32, with a hand-written gradient.
+
+    The gradient is ``(softmax - one_hot(target)) * weight`` in one elementwise pass over the logits;
+    autodiff of ``take_along_axis`` would scatter into a zero ``[B, T, V]`` buffer and add it.
+    """
+    return _weighted_xent_fwd(logits_BTV, targets_BT, weights_BT)[0]
+
+
+def _weighted_xent_fwd(logits_BTV, targets_BT, weights_BT):
+    logits32_BTV = logits_BTV.astype(jnp.float32)
+    log_z_BT = jax.nn.logsumexp(logits32_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits32_BTV, targets_BT[..., None], axis=-1)[..., 0]
     loss_sum = jnp.sum((log_z_BT - target_logit_BT) * weights_BT)
-    return loss_sum, jnp.sum(weights_BT)
+    return loss_sum, (logits_BTV, log_z_BT, targets_BT, weights_BT)
+
+
+def _weighted_xent_bwd(residuals, g):
+    logits_BTV, log_z_BT, targets_BT, weights_BT = residuals
+    probs_BTV = jnp.exp(logits_BTV.astype(jnp.float32) - log_z_BT[..., None])
+    vocab_V = jax.lax.broadcasted_iota(targets_BT.dtype, (1, 1, logits_BTV.shape[-1]), 2)
+    one_hot_BTV = (vocab_V == targets_BT[..., None]).astype(jnp.float32)
+    grad_BTV = (probs_BTV - one_hot_BTV) * (weights_BT * g)[..., None]
+    return grad_BTV.astype(logits_BTV.dtype), None, None
+
+
+_weighted_xent_sum.defvjp(_weighted_xent_fwd, _weighted_xent_bwd)
 
 
 def _summed_loss(params, graphdef, input_ids_BT, attention_mask_BT, labels_BT):

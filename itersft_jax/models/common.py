@@ -38,6 +38,18 @@ class KVCache:
                    index=jnp.zeros((), jnp.int32))
 
 
+def dense(layer, x_NI: jax.Array) -> jax.Array:
+    """``layer(x)`` (an ``nnx.Linear`` or ``Embed.attend``) as one 2-D matmul over the flattened leading axes.
+
+    Why: XLA:CPU lowers the weight gradient of a 3-D ``[B, T, D]`` input (two contracting axes) to
+    transposed copies of the activations plus a slow generic dot; on ``[B*T, D]`` it is one fast GEMM
+    (an MLP's forward+backward measured 258 ms -> 151 ms on this 2-core CPU). The reshapes are free.
+    """
+    lead = x_NI.shape[:-1]
+    y = layer(x_NI.reshape(-1, x_NI.shape[-1]))
+    return y.reshape(*lead, y.shape[-1])
+
+
 def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
     """Position of each token among the real tokens of its row (0 for leading padding)."""
     mask = attention_mask_BT.astype(jnp.int32)

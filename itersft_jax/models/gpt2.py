@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .common import KVCache, dot_product_attention, make_attention_mask, update_layer_cache
+from .common import KVCache, dense, dot_product_attention, make_attention_mask, update_layer_cache
 
 MODEL_TYPES = ("gpt2",)
 
@@ -166,11 +166,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, mask_BTS, kv, index):
         b, t, _ = x_BTD.shape
-        q_BTD, k_BTD, v_BTD = jnp.split(self.c_attn(x_BTD), 3, axis=-1)
+        q_BTD, k_BTD, v_BTD = jnp.split(dense(self.c_attn, x_BTD), 3, axis=-1)
         shape = (b, t, self.num_heads, self.head_dim)
         out_BTNH, kv = attend(q_BTD.reshape(shape), k_BTD.reshape(shape), v_BTD.reshape(shape),
                               mask_BTS, kv, index, scale=self.scale)
-        return self.c_proj(out_BTNH.reshape(b, t, -1)), kv
+        return dense(self.c_proj, out_BTNH.reshape(b, t, -1)), kv
 
 
 class MLP(nnx.Module):
@@ -186,7 +186,7 @@ class MLP(nnx.Module):
         activation(self.act)  # fail at construction on an unknown name
 
     def __call__(self, x_BTD):
-        return self.c_proj(activation(self.act)(self.c_fc(x_BTD)))
+        return dense(self.c_proj, activation(self.act)(dense(self.c_fc, x_BTD)))
 
 
 class Block(nnx.Module):
@@ -234,7 +234,7 @@ class CausalLM(nnx.Module):
         mask_BTS = make_attention_mask(attention_mask_BS, input_ids_BT.shape[1], offset)
         x_BTD, cache = run_layers(self.h, x_BTD, mask_BTS, cache, remat=self.remat)
         x_BTD = self.ln_f(x_BTD)
-        logits_BTV = self.wte.attend(x_BTD) if self.tied else self.lm_head(x_BTD)
+        logits_BTV = dense(self.wte.attend, x_BTD) if self.tied else dense(self.lm_head, x_BTD)
         return logits_BTV.astype(self.dtype), cache
 
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:

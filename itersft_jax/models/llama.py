@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from itersft_jax.models.common import KVCache, dot_product_attention, make_attention_mask, run_layers
+from itersft_jax.models.common import KVCache, dense, dot_product_attention, make_attention_mask, run_layers
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -229,9 +229,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, kv, cos_BTH, sin_BTH, attention_mask_BS, cache_index):
         b, t, _ = x_BTD.shape
-        q_BTNH = self.q_proj(x_BTD).reshape(b, t, self.num_heads, self.head_dim)
-        k_BTKH = self.k_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v_BTKH = self.v_proj(x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q_BTNH = dense(self.q_proj, x_BTD).reshape(b, t, self.num_heads, self.head_dim)
+        k_BTKH = dense(self.k_proj, x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v_BTKH = dense(self.v_proj, x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
         q_BTNH = _apply_rope(q_BTNH, cos_BTH, sin_BTH)
@@ -247,7 +247,7 @@ class Attention(nnx.Module):
         out_BTNH = dot_product_attention(q_BTNH, keys_BSKH.astype(q_BTNH.dtype),
                                          values_BSKH.astype(q_BTNH.dtype), mask_BTS,
                                          scale=self.head_dim ** -0.5)
-        return self.o_proj(out_BTNH.reshape(b, t, -1)), kv
+        return dense(self.o_proj, out_BTNH.reshape(b, t, -1)), kv
 
 
 class MLP(nnx.Module):
@@ -259,7 +259,9 @@ class MLP(nnx.Module):
         self.act = spec.act
 
     def __call__(self, x_BTD):
-        return self.down_proj(_ACTIVATIONS[self.act](self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        out_ND = self.down_proj(_ACTIVATIONS[self.act](self.gate_proj(x_ND)) * self.up_proj(x_ND))
+        return out_ND.reshape(x_BTD.shape)
 
 
 class DecoderLayer(nnx.Module):
@@ -319,9 +321,9 @@ class CausalLM(nnx.Module):
                                 remat=self.remat)
         h_BTD = self.model.norm(h_BTD)
         if self.spec.tie_word_embeddings:
-            logits_BTV = self.model.embed_tokens.attend(h_BTD)
+            logits_BTV = dense(self.model.embed_tokens.attend, h_BTD)
         else:
-            logits_BTV = self.lm_head(h_BTD)
+            logits_BTV = dense(self.lm_head, h_BTD)
         if cache is not None:
             cache = KVCache(k=[k for k, _ in kvs], v=[v for _, v in kvs],
                             index=cache.index + input_ids_BT.shape[1])

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .common import KVCache, make_attention_mask
+from .common import KVCache, dense, make_attention_mask
 from .gpt2 import HFTensor, activation, attend, convert_from_hf, convert_to_hf, run_layers
 
 MODEL_TYPES = ("opt",)
@@ -50,10 +50,10 @@ class Attention(nnx.Module):
         b, t, _ = x_BTD.shape
         shape = (b, t, self.num_heads, self.head_dim)
         # HF scales q (bias included) before q.k and then attends with scale 1; do the same.
-        q_BTNH = (self.q_proj(x_BTD) * self.scaling).reshape(shape)
-        out_BTNH, kv = attend(q_BTNH, self.k_proj(x_BTD).reshape(shape), self.v_proj(x_BTD).reshape(shape),
-                              mask_BTS, kv, index, scale=1.0)
-        return self.out_proj(out_BTNH.reshape(b, t, -1)), kv
+        q_BTNH = (dense(self.q_proj, x_BTD) * self.scaling).reshape(shape)
+        k_BTNH, v_BTNH = dense(self.k_proj, x_BTD).reshape(shape), dense(self.v_proj, x_BTD).reshape(shape)
+        out_BTNH, kv = attend(q_BTNH, k_BTNH, v_BTNH, mask_BTS, kv, index, scale=1.0)
+        return dense(self.out_proj, out_BTNH.reshape(b, t, -1)), kv
 
 
 class DecoderLayer(nnx.Module):
@@ -78,7 +78,7 @@ class DecoderLayer(nnx.Module):
         if not self.pre_ln:
             x_BTD = self.self_attn_layer_norm(x_BTD)
         h_BTD = self.final_layer_norm(x_BTD) if self.pre_ln else x_BTD
-        x_BTD = x_BTD + self.fc2(activation(self.act)(self.fc1(h_BTD)))
+        x_BTD = x_BTD + dense(self.fc2, activation(self.act)(dense(self.fc1, h_BTD)))
         if not self.pre_ln:
             x_BTD = self.final_layer_norm(x_BTD)
         return x_BTD, kv
@@ -112,15 +112,15 @@ class CausalLM(nnx.Module):
 
     def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None):
         x_BTW = self.embed_tokens(input_ids_BT)
-        x_BTD = self.project_in(x_BTW) if self.project_in is not None else x_BTW
+        x_BTD = dense(self.project_in, x_BTW) if self.project_in is not None else x_BTW
         x_BTD = x_BTD + self.embed_positions(positions_BT + _POSITION_OFFSET)
         offset = 0 if cache is None else cache.index
         mask_BTS = make_attention_mask(attention_mask_BS, input_ids_BT.shape[1], offset)
         x_BTD, cache = run_layers(self.layers, x_BTD, mask_BTS, cache, remat=self.remat)
         if self.final_layer_norm is not None:
             x_BTD = self.final_layer_norm(x_BTD)
-        x_BTW = self.project_out(x_BTD) if self.project_out is not None else x_BTD
-        logits_BTV = self.embed_tokens.attend(x_BTW) if self.tied else self.lm_head(x_BTW)
+        x_BTW = dense(self.project_out, x_BTD) if self.project_out is not None else x_BTD
+        logits_BTV = dense(self.embed_tokens.attend, x_BTW) if self.tied else dense(self.lm_head, x_BTW)
         return logits_BTV.astype(self.dtype), cache
 
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
