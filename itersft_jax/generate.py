@@ -124,11 +124,11 @@ def generate_prefill(params, input_ids_BP, mask_BP, key, knobs, *, graphdef, num
     cache = model.init_cache(batch, prompt_len + num_new)
     mask_BS = _cache_mask(mask_BP, num_new)
     positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0).astype(jnp.int32)
-    logits_BPV, cache = model(input_ids_BP, positions_BP, mask_BS, cache=cache)
+    logits_B1V, cache = model(input_ids_BP, positions_BP, mask_BS, cache=cache, last_only=True)
     state = {"cache": cache, "tokens": jnp.full((batch, num_new), knobs["pad_id"], jnp.int32),
              "last": jnp.zeros((batch,), jnp.int32), "lengths": jnp.zeros((batch,), jnp.int32),
              "done": jnp.zeros((batch,), bool)}
-    token_B = _next_token(logits_BPV[:, -1], jax.random.fold_in(key, 0), knobs)
+    token_B = _next_token(logits_B1V[:, -1], jax.random.fold_in(key, 0), knobs)
     return _record(state, token_B, 0, knobs)
 
 

@@ -6,8 +6,10 @@ Every family module (``llama.py``, ``gpt2.py``, ``opt.py``) defines:
 * ``CausalLM(config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=False, rngs=nnx.Rngs(0))``:
   an ``nnx.Module`` built from the HF ``PretrainedConfig``; layers are a plain list (one module per
   layer, so parameter paths mirror HF's). ``__call__(input_ids_BT, positions_BT, attention_mask_BS,
-  cache=None) -> (logits_BTV, cache)`` — see ``common.py`` for the mask and cache conventions; logits
-  come back in the compute ``dtype``. ``init_cache(batch, length, dtype)`` returns an empty ``KVCache``.
+  cache=None, last_only=False) -> (logits_BTV, cache)`` — see ``common.py`` for the mask (0/1, or segment
+  ids for packed rows) and cache conventions; logits come back in the compute ``dtype``; ``last_only``
+  returns the logits of the last position only (``T == 1``: generation's prefill). ``init_cache(batch,
+  length, dtype)`` returns an empty ``KVCache`` (``[B, K, S, H]`` per layer).
 * ``params_from_hf(tensors: dict[str, np.ndarray], config) -> dict``: HF state-dict names to the nested
   pure dict of ``nnx.state(model, nnx.Param)`` (asserting every shape), and ``params_to_hf(params, config)
   -> dict[str, np.ndarray]``, its inverse (tied weights written once, as HF saves them).

@@ -4,7 +4,8 @@ Conventions (all families follow them, see ``models/__init__.py``):
 
 * ``input_ids_BT`` int32, ``positions_BT`` int32 (from the attention mask, see ``positions_from_mask``),
   ``attention_mask_BS`` int/bool over the *key* slots: ``S == T`` without a cache, ``S`` = cache length
-  with one. 1 marks a real token, 0 padding.
+  with one. 1 marks a real token, 0 padding; packed rows carry segment ids (1, 2, ...) instead, and a
+  query attends only its own segment (``make_attention_mask``).
 * Without a cache, query ``t`` sits in slot ``t``; with one, in slot ``cache.index + t``. A query may
   attend a key slot at or before its own slot that the mask marks real (and, for sliding-window
   attention, less than ``window`` slots behind it).
@@ -23,7 +24,12 @@ from flax import nnx
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer keys and values, ``[B, S, K, H]`` each, and the number of slots already written."""
+    """Per-layer keys and values, ``[B, K, S, H]`` each, and the number of slots already written.
+
+    Heads before slots: attention contracts over ``H`` and ``S`` per head, so this layout feeds the batched
+    matmuls directly; a ``[B, S, K, H]`` cache made XLA transpose every layer's whole cache at every decode
+    step (1.45x slower generation on this CPU).
+    """
 
     k: list[jax.Array]
     v: list[jax.Array]
@@ -32,7 +38,7 @@ class KVCache:
     @classmethod
     def zeros(cls, num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int,
               dtype=jnp.float32) -> KVCache:
-        shape = (batch, length, num_kv_heads, head_dim)
+        shape = (batch, num_kv_heads, length, head_dim)
         return cls(k=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
                    v=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
                    index=jnp.zeros((), jnp.int32))
@@ -56,38 +62,78 @@ def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
+    """Position of each token within its segment: restarts at 0 wherever the segment id changes.
+
+    For a 0/1 mask with right padding this is ``positions_from_mask`` on the real tokens (padding gets
+    positions of its own, which nothing reads); for packed rows (ids 1, 1, 2, 2, 2, 0) every sample
+    starts at 0, as it would alone.
+    """
+    seg = segment_ids_BT.astype(jnp.int32)
+    t_BT = jnp.broadcast_to(jnp.arange(seg.shape[-1], dtype=jnp.int32), seg.shape)
+    starts_BT = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=-1)
+    first_BT = jax.lax.cummax(jnp.where(starts_BT, t_BT, 0), axis=1)
+    return t_BT - first_BT
+
+
 def make_attention_mask(attention_mask_BS: jax.Array, num_queries: int, query_offset=0,
                         window: int | None = None) -> jax.Array:
-    """Boolean ``[B, T, S]``: causal over slots, padding keys removed, optional sliding window."""
+    """Boolean ``[B, T, S]``: causal over slots, padding keys removed, optional sliding window.
+
+    ``attention_mask_BS`` may carry segment ids (1, 2, ... for samples packed into one row, 0 for
+    padding) instead of 0/1: a query then attends only keys of its own segment. The query's segment is
+    the mask at its slot (``query_offset + t``); with a plain 0/1 mask this changes nothing for real
+    queries.
+    """
     num_keys = attention_mask_BS.shape[-1]
     q_slot = query_offset + jnp.arange(num_queries)[:, None]
     k_slot = jnp.arange(num_keys)[None, :]
     allowed_TS = k_slot <= q_slot
     if window is not None:
         allowed_TS &= (q_slot - k_slot) < window
-    return allowed_TS[None] & attention_mask_BS.astype(bool)[:, None, :]
+    seg_BS = attention_mask_BS.astype(jnp.int32)
+    if num_queries == num_keys:
+        q_seg_BT = seg_BS
+    else:
+        q_seg_BT = jax.lax.dynamic_slice_in_dim(seg_BS, query_offset, num_queries, axis=1)
+    same_BTS = (seg_BS[:, None, :] == q_seg_BT[:, :, None]) & (seg_BS != 0)[:, None, :]
+    return allowed_TS[None] & same_BTS
 
 
-def update_layer_cache(cache_k_BSKH, cache_v_BSKH, k_BTKH, v_BTKH, index):
-    """Write this call's keys and values into the cache at slot ``index``."""
-    start = (0, index, 0, 0)
-    cache_k_BSKH = jax.lax.dynamic_update_slice(cache_k_BSKH, k_BTKH.astype(cache_k_BSKH.dtype), start)
-    cache_v_BSKH = jax.lax.dynamic_update_slice(cache_v_BSKH, v_BTKH.astype(cache_v_BSKH.dtype), start)
-    return cache_k_BSKH, cache_v_BSKH
+def update_layer_cache(cache_k_BKSH, cache_v_BKSH, k_BTKH, v_BTKH, index):
+    """Write this call's keys and values (``[B, T, K, H]``) into the cache at slot ``index``."""
+    start = (0, 0, index, 0)
+    k_BKTH = k_BTKH.transpose(0, 2, 1, 3).astype(cache_k_BKSH.dtype)
+    v_BKTH = v_BTKH.transpose(0, 2, 1, 3).astype(cache_v_BKSH.dtype)
+    cache_k_BKSH = jax.lax.dynamic_update_slice(cache_k_BKSH, k_BKTH, start)
+    cache_v_BKSH = jax.lax.dynamic_update_slice(cache_v_BKSH, v_BKTH, start)
+    return cache_k_BKSH, cache_v_BKSH
+
+
+def grouped_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, *, scale: float) -> jax.Array:
+    """Grouped-query attention over heads-first keys/values; N query heads share K heads. ``[B, T, N, H]``.
+
+    Query head ``n`` uses key head ``n // (N // K)``. The queries are laid out ``[B, K, G*T, H]`` so both
+    products are plain batched matmuls over ``(B, K)``; the 5-D einsum this replaces made XLA:CPU
+    transpose the ``[B, K, G, T, S]`` logits (fwd+bwd of one 8x256x8x64 attention: 81 -> 61 ms).
+    """
+    b, t, n, h = q_BTNH.shape
+    kv_heads, s = k_BKSH.shape[1], k_BKSH.shape[2]
+    g = n // kv_heads
+    q_BKQH = q_BTNH.transpose(0, 2, 1, 3).reshape(b, kv_heads, g * t, h)
+    logits_BKQS = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH, preferred_element_type=jnp.float32) * scale
+    logits_BKGTS = logits_BKQS.reshape(b, kv_heads, g, t, s)
+    neg = jnp.finfo(jnp.float32).min
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], logits_BKGTS, neg)
+    probs_BKQS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype).reshape(b, kv_heads, g * t, s)
+    out_BKQH = jnp.einsum("bkqs,bksh->bkqh", probs_BKQS, v_BKSH)
+    return out_BKQH.reshape(b, n, t, h).transpose(0, 2, 1, 3)
 
 
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float) -> jax.Array:
-    """Grouped-query attention; N query heads share K key/value heads. Returns ``[B, T, N, H]``."""
-    b, t, n, h = q_BTNH.shape
-    kv_heads = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
-                              preferred_element_type=jnp.float32) * scale
-    neg = jnp.finfo(jnp.float32).min
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], logits_BKGTS, neg)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
-    return out_BTKGH.reshape(b, t, n, h)
+    """``grouped_attention`` for sequence-first keys/values ``[B, S, K, H]``. Returns ``[B, T, N, H]``."""
+    return grouped_attention(q_BTNH, k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3), mask_BTS,
+                             scale=scale)
 
 
 def run_layers(layers, h_BTD: jax.Array, caches: list | None, *args, remat: bool = False, policy=None):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .common import KVCache, dense, dot_product_attention, make_attention_mask, update_layer_cache
+from .common import KVCache, dense, grouped_attention, make_attention_mask, update_layer_cache
 
 MODEL_TYPES = ("gpt2",)
 
@@ -93,10 +93,12 @@ def run_layers(layers, x_BTD, mask_BTS, cache: KVCache | None, *, remat: bool):
 
 def attend(q_BTNH, k_BTNH, v_BTNH, mask_BTS, kv, index, *, scale: float):
     """Self-attention of this call's queries, through the layer's cache slice when there is one."""
-    if kv is not None:
-        k_BTNH, v_BTNH = update_layer_cache(kv[0], kv[1], k_BTNH, v_BTNH, index)
-        kv = (k_BTNH, v_BTNH)
-    return dot_product_attention(q_BTNH, k_BTNH, v_BTNH, mask_BTS, scale=scale), kv
+    if kv is None:
+        k_BNSH, v_BNSH = k_BTNH.transpose(0, 2, 1, 3), v_BTNH.transpose(0, 2, 1, 3)
+    else:
+        kv = k_BNSH, v_BNSH = update_layer_cache(kv[0], kv[1], k_BTNH, v_BTNH, index)
+    return grouped_attention(q_BTNH, k_BNSH.astype(q_BTNH.dtype), v_BNSH.astype(q_BTNH.dtype), mask_BTS,
+                             scale=scale), kv
 
 
 class HFTensor(NamedTuple):
@@ -228,11 +230,14 @@ class CausalLM(nnx.Module):
         self.lm_head = None if self.tied else nnx.Linear(
             d, config.vocab_size, use_bias=False, kernel_init=embed_init, **kw)
 
-    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None):
+    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None,
+                 last_only: bool = False):
         x_BTD = self.wte(input_ids_BT) + self.wpe(positions_BT)
         offset = 0 if cache is None else cache.index
         mask_BTS = make_attention_mask(attention_mask_BS, input_ids_BT.shape[1], offset)
         x_BTD, cache = run_layers(self.h, x_BTD, mask_BTS, cache, remat=self.remat)
+        if last_only:  # generation's prefill needs only the next-token logits
+            x_BTD = x_BTD[:, -1:]
         x_BTD = self.ln_f(x_BTD)
         logits_BTV = dense(self.wte.attend, x_BTD) if self.tied else dense(self.lm_head, x_BTD)
         return logits_BTV.astype(self.dtype), cache

@@ -23,7 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from itersft_jax.models.common import KVCache, dense, dot_product_attention, make_attention_mask, run_layers
+from itersft_jax.models.common import (
+    KVCache,
+    dense,
+    grouped_attention,
+    make_attention_mask,
+    run_layers,
+    update_layer_cache,
+)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -237,16 +244,13 @@ class Attention(nnx.Module):
         q_BTNH = _apply_rope(q_BTNH, cos_BTH, sin_BTH)
         k_BTKH = _apply_rope(k_BTKH, cos_BTH, sin_BTH)
         if kv is None:
-            keys_BSKH, values_BSKH, offset = k_BTKH, v_BTKH, 0
+            keys_BKSH, values_BKSH, offset = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3), 0
         else:
-            start = (0, cache_index, 0, 0)
-            keys_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), start)
-            values_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), start)
-            kv, offset = (keys_BSKH, values_BSKH), cache_index
+            kv = update_layer_cache(kv[0], kv[1], k_BTKH, v_BTKH, cache_index)
+            (keys_BKSH, values_BKSH), offset = kv, cache_index
         mask_BTS = make_attention_mask(attention_mask_BS, t, offset, self.window)
-        out_BTNH = dot_product_attention(q_BTNH, keys_BSKH.astype(q_BTNH.dtype),
-                                         values_BSKH.astype(q_BTNH.dtype), mask_BTS,
-                                         scale=self.head_dim ** -0.5)
+        out_BTNH = grouped_attention(q_BTNH, keys_BKSH.astype(q_BTNH.dtype), values_BKSH.astype(q_BTNH.dtype),
+                                     mask_BTS, scale=self.head_dim ** -0.5)
         return dense(self.o_proj, out_BTNH.reshape(b, t, -1)), kv
 
 
@@ -312,13 +316,16 @@ class CausalLM(nnx.Module):
         return KVCache.zeros(spec.num_layers, batch, length, spec.num_kv_heads, spec.head_dim,
                              dtype if dtype is not None else self.dtype)
 
-    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None):
+    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None,
+                 last_only: bool = False):
         h_BTD = self.model.embed_tokens(input_ids_BT)
         cos_BTH, sin_BTH = rope_cos_sin(self.spec, positions_BT, self.dtype)
         kvs = None if cache is None else list(zip(cache.k, cache.v))
         index = None if cache is None else cache.index
         h_BTD, kvs = run_layers(self.model.layers, h_BTD, kvs, cos_BTH, sin_BTH, attention_mask_BS, index,
                                 remat=self.remat)
+        if last_only:  # generation's prefill needs only the next-token logits
+            h_BTD = h_BTD[:, -1:]
         h_BTD = self.model.norm(h_BTD)
         if self.spec.tie_word_embeddings:
             logits_BTV = dense(self.model.embed_tokens.attend, h_BTD)

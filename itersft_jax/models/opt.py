@@ -110,13 +110,16 @@ class CausalLM(nnx.Module):
         self.lm_head = None if self.tied else nnx.Linear(
             w, config.vocab_size, use_bias=False, kernel_init=init, **kw)
 
-    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None):
+    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None,
+                 last_only: bool = False):
         x_BTW = self.embed_tokens(input_ids_BT)
         x_BTD = dense(self.project_in, x_BTW) if self.project_in is not None else x_BTW
         x_BTD = x_BTD + self.embed_positions(positions_BT + _POSITION_OFFSET)
         offset = 0 if cache is None else cache.index
         mask_BTS = make_attention_mask(attention_mask_BS, input_ids_BT.shape[1], offset)
         x_BTD, cache = run_layers(self.layers, x_BTD, mask_BTS, cache, remat=self.remat)
+        if last_only:  # generation's prefill needs only the next-token logits
+            x_BTD = x_BTD[:, -1:]
         if self.final_layer_norm is not None:
             x_BTD = self.final_layer_norm(x_BTD)
         x_BTW = dense(self.project_out, x_BTD) if self.project_out is not None else x_BTD
