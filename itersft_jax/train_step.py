@@ -1,9 +1,13 @@
 """The pure core of training: ``TrainState``, the causal-LM loss, ``train_step`` and its one ``jax.jit``.
 
 A batch is one optimizer update: ``input_ids``, ``attention_mask`` and ``labels``, int32, each
-``[A, M, T]`` — ``A`` micro-batches of ``M`` rows padded to a bucket length ``T``. The gradient of the
-*summed* token loss is accumulated over the ``A`` axis with ``lax.scan`` and divided once by the number of
-label tokens, so the update is the same however the samples are split into micro-batches.
+``[A, M, T]`` — ``A`` micro-batches of ``M`` rows of ``T`` tokens, either one padded sample per row
+(``data.collate``: a 0/1 mask) or several samples packed per row (``packing.pack_update``: segment ids
+1, 2, ... in the mask, positions restart per segment). The gradient of the *summed* token loss is
+accumulated over the ``A`` axis in a loop that stops after the last micro-batch holding a token (so
+all-padding micro-batches at the end cost nothing and the step's shape need not follow the data) and
+divided once by the number of label tokens, so the update is the same however the samples are split
+into micro-batches and rows.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from itersft_jax.models.common import positions_from_mask
+from itersft_jax.models.common import positions_from_segments
 
 IGNORE_INDEX = -100
 
@@ -85,7 +89,7 @@ _weighted_xent_sum.defvjp(_weighted_xent_fwd, _weighted_xent_bwd)
 
 def _summed_loss(params, graphdef, input_ids_BT, attention_mask_BT, labels_BT):
     model = nnx.merge(graphdef, params)
-    positions_BT = positions_from_mask(attention_mask_BT)
+    positions_BT = positions_from_segments(attention_mask_BT)
     logits_BTV = model(input_ids_BT, positions_BT, attention_mask_BT)[0]
     return causal_lm_loss(logits_BTV, labels_BT)
 
@@ -99,17 +103,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
     """
     grad_fn = jax.value_and_grad(_summed_loss, has_aux=True)  # d(loss_sum); the token count rides along
 
-    def accumulate(carry, micro):
+    micro_batches = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    def accumulate(i, carry):
         grads_acc, loss_acc, count_acc = carry
+        micro = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in micro_batches.items()}
         (loss_sum, count), grads = grad_fn(state.params, graphdef, micro["input_ids"],
                                            micro["attention_mask"], micro["labels"])
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-        return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+        return grads_acc, loss_acc + loss_sum, count_acc + count
 
+    # Micro-batches after the last one holding a token are padding: the loop stops before them.
+    holds_token_A = jnp.any(micro_batches["attention_mask"] != 0, axis=(1, 2))
+    num_micro = jnp.max(jnp.where(holds_token_A, jnp.arange(1, holds_token_A.shape[0] + 1), 0))
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    micro_batches = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, init, micro_batches)
+    grads, loss_sum, count = jax.lax.fori_loop(0, num_micro, accumulate, init)
 
     # One division for the whole update: token-weighted, whatever the micro-batch split. An update with
     # no label tokens has loss 0 and zero gradients instead of NaN.

@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 from transformers import TrainerState
 
 from .config import resolve_config
-from .data import bucket_length, collate, count_label_tokens, plan_updates, prepare_examples
+from .data import bucket_length, count_label_tokens, plan_updates, prepare_examples
 from .optim import resolve_optimizer
+from .packing import pack_update, rows_per_micro_batch
 from .train_step import TrainState, make_train_step
 from .weights import load_model, save_pretrained
 
@@ -75,6 +76,9 @@ class IterativeSFTTrainer:
                                            state_sharding=self._replicated, batch_sharding=self._batch_sharding)
 
         self.state = TrainerState()  # TRL-compatible: global_step, log_history
+        # Packed row length: the bucket of the longest sample seen so far. It only grows, so a run whose
+        # lengths wander compiles once per new maximum, not once per call.
+        self._row_length = 0
         self._calls = 0
         self._log_window: list[tuple[float, int]] = []  # (loss, tokens) since the last log
         self._warned_max_steps = False
@@ -116,12 +120,17 @@ class IterativeSFTTrainer:
         real_tokens = padded_tokens = 0
         bar = tqdm(total=len(updates), desc="step", unit="update", leave=False,
                    disable=len(updates) < PROGRESS_BAR_MIN_UPDATES or self.args.disable_tqdm)
+        # Every update of the call has one shape, [A, R, T]: its samples packed into rows of T tokens (see
+        # packing.py); A * R rows hold any update of micro_batch_size * accumulation samples.
+        longest = max(len(ex.input_ids) for update in updates for mb in update for ex in mb)
+        self._row_length = max(self._row_length, bucket_length(longest, self.args.max_length))
+        rows = rows_per_micro_batch(self._row_length, self.mesh.size)
+        num_micro = math.ceil(self.micro_batch_size * self.args.gradient_accumulation_steps / rows)
         for update in updates:
-            longest = max(len(ex.input_ids) for mb in update for ex in mb)
-            batch = collate(update, pad_id=pad_id, rows=self.micro_batch_size,
-                            length=bucket_length(longest, self.args.max_length))
-            real_tokens += int(batch["attention_mask"].sum())
-            padded_tokens += batch["input_ids"].size
+            batch, used = pack_update(update, row_length=self._row_length, rows=rows,
+                                      num_micro_batches=num_micro, pad_id=pad_id)
+            real_tokens += int(np.count_nonzero(batch["attention_mask"]))
+            padded_tokens += used * rows * self._row_length  # computed tokens; empty micro-batches are skipped
             batch = jax.device_put(batch, self._batch_sharding)
             with self._precision():
                 self.train_state, metrics = self._train_step(self.train_state, batch)
