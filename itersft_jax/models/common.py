@@ -15,6 +15,7 @@ Conventions (all families follow them, see ``models/__init__.py``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -118,16 +119,51 @@ def grouped_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, *, scale: float) -> jax.
     transpose the ``[B, K, G, T, S]`` logits (fwd+bwd of one 8x256x8x64 attention: 81 -> 61 ms).
     """
     b, t, n, h = q_BTNH.shape
-    kv_heads, s = k_BKSH.shape[1], k_BKSH.shape[2]
+    kv_heads = k_BKSH.shape[1]
     g = n // kv_heads
     q_BKQH = q_BTNH.transpose(0, 2, 1, 3).reshape(b, kv_heads, g * t, h)
-    logits_BKQS = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH, preferred_element_type=jnp.float32) * scale
-    logits_BKGTS = logits_BKQS.reshape(b, kv_heads, g, t, s)
-    neg = jnp.finfo(jnp.float32).min
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], logits_BKGTS, neg)
-    probs_BKQS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype).reshape(b, kv_heads, g * t, s)
-    out_BKQH = jnp.einsum("bkqs,bksh->bkqh", probs_BKQS, v_BKSH)
+    out_BKQH = _attention_core(q_BKQH, k_BKSH, v_BKSH, mask_BTS, float(scale))
     return out_BKQH.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+
+
+def _attention_probs(q_BKQH, k_BKSH, mask_BTS, scale):
+    b, kv_heads, q, _ = q_BKQH.shape
+    t, s = mask_BTS.shape[1], k_BKSH.shape[2]
+    logits_BKQS = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH, preferred_element_type=jnp.float32) * scale
+    logits_BKGTS = logits_BKQS.reshape(b, kv_heads, q // t, t, s)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits_BKGTS, axis=-1).reshape(b, kv_heads, q, s)  # fp32
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_core(q_BKQH, k_BKSH, v_BKSH, mask_BTS, scale: float):
+    """``softmax(mask(q k^T * scale)) v`` with a hand-written backward.
+
+    The backward uses ``rowsum(dP * P) = rowsum(dO * O)`` (as flash attention does): a reduction over
+    ``H`` instead of one over the ``[Q, S]`` probabilities, which XLA:CPU ran slowly. Forward+backward of
+    one 8x256x8x64 attention: 69 -> 55 ms.
+    """
+    return _attention_core_fwd(q_BKQH, k_BKSH, v_BKSH, mask_BTS, scale)[0]
+
+
+def _attention_core_fwd(q_BKQH, k_BKSH, v_BKSH, mask_BTS, scale):
+    probs_BKQS = _attention_probs(q_BKQH, k_BKSH, mask_BTS, scale)
+    out_BKQH = jnp.einsum("bkqs,bksh->bkqh", probs_BKQS.astype(v_BKSH.dtype), v_BKSH)
+    return out_BKQH, (q_BKQH, k_BKSH, v_BKSH, mask_BTS, probs_BKQS, out_BKQH)
+
+
+def _attention_core_bwd(scale, residuals, d_out_BKQH):
+    q_BKQH, k_BKSH, v_BKSH, mask_BTS, probs_BKQS, out_BKQH = residuals
+    d_v_BKSH = jnp.einsum("bkqs,bkqh->bksh", probs_BKQS.astype(d_out_BKQH.dtype), d_out_BKQH)
+    d_probs_BKQS = jnp.einsum("bkqh,bksh->bkqs", d_out_BKQH, v_BKSH, preferred_element_type=jnp.float32)
+    delta_BKQ1 = jnp.sum(d_out_BKQH.astype(jnp.float32) * out_BKQH.astype(jnp.float32), axis=-1, keepdims=True)
+    d_logits_BKQS = (probs_BKQS * (d_probs_BKQS - delta_BKQ1) * scale).astype(q_BKQH.dtype)
+    d_q_BKQH = jnp.einsum("bkqs,bksh->bkqh", d_logits_BKQS, k_BKSH)
+    d_k_BKSH = jnp.einsum("bkqs,bkqh->bksh", d_logits_BKQS, q_BKQH)
+    return d_q_BKQH, d_k_BKSH.astype(k_BKSH.dtype), d_v_BKSH.astype(v_BKSH.dtype), None
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float) -> jax.Array:
