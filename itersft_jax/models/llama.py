@@ -264,7 +264,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD):
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        out_ND = self.down_proj(_ACTIVATIONS[self.act](self.gate_proj(x_ND)) * self.up_proj(x_ND))
+        out_ND = dense(self.down_proj, _ACTIVATIONS[self.act](dense(self.gate_proj, x_ND)) * dense(self.up_proj, x_ND))
         return out_ND.reshape(x_BTD.shape)
 
 
