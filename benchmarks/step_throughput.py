@@ -7,9 +7,9 @@ Two tables:
    (``transformers`` model + ``torch.optim.AdamW``) on the same weights and batches.
 2. an iterative workload — ``--calls`` ``step()`` calls of ``--samples`` samples with lengths uniform in
    [32, 512], batch 8, fixed seed — through ``IterativeSFTTrainer(backend="jax")`` and
-   ``(backend="torch")``: non-pad tokens/s *including* compile time, padded tokens, ratio. With
-   ``--trl-python PATH`` (a Python with trl==0.23.1 and transformers 4.57), TRL's trainer runs the same
-   generated data in that interpreter as a third column.
+   ``(backend="torch")``: non-pad tokens/s *including* compile time, computed (padded) tokens, train-step
+   compiles, ratio. With ``--trl-python PATH`` (a Python with trl==0.23.1 and transformers 4.57), TRL's
+   trainer runs the same generated data in that interpreter as a third column.
 
 Run: ``python benchmarks/step_throughput.py`` (add ``--quick`` for a smoke run).
 """
@@ -140,15 +140,28 @@ def run_backend(backend, path, workload, workdir, batch, bf16=False):
     load = time.perf_counter() - t0
     real = padded = 0
     losses = []
+    compile_s = []  # XLA compile seconds of the JAX train step (empty for torch)
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration" and "train_step" in str(kwargs.get("fun_name")):
+            compile_s.append(duration)
+
+    import jax
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
     t0 = time.perf_counter()
-    for ids in workload:
-        out = trainer.step(input_ids=ids)
-        real += sum(len(x) for x in ids)
-        padded += out.get("padded_tokens", 0)
-        losses.append(out["loss"])
+    try:
+        for ids in workload:
+            out = trainer.step(input_ids=ids)
+            real += sum(len(x) for x in ids)
+            padded += out.get("padded_tokens", 0)
+            losses.append(out["loss"])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "load_s": load, "tokens_per_s": real / seconds, "real_tokens": real,
-            "padded_tokens": padded, "first_loss": losses[0], "last_loss": losses[-1]}
+            "padded_tokens": padded, "first_loss": losses[0], "last_loss": losses[-1],
+            "compiles": len(compile_s) if backend == "jax" else None, "compile_s": sum(compile_s)}
 
 
 def iterative(args, workdir):
@@ -170,11 +183,13 @@ def iterative(args, workdir):
     base = results["torch"]["tokens_per_s"]
     print(f"\n## Iterative workload: Llama {n_params(model) / 1e6:.1f}M params, {args.calls} calls x "
           f"{args.samples} samples, lengths U[32, 512], batch {args.batch}, fp32, compile included\n")
-    print("| engine | seconds | real tokens/s | padded tokens | first/last loss | ratio vs torch backend |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | seconds | real tokens/s | computed tokens | step compiles (s) | first/last loss | "
+          "ratio vs torch backend |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         padded = f"{r['padded_tokens']:,}" if r.get("padded_tokens") else "n/a"
-        print(f"| {name} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | {padded} | "
+        compiles = f"{r['compiles']} ({r['compile_s']:.1f})" if r.get("compiles") is not None else "n/a"
+        print(f"| {name} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | {padded} | {compiles} | "
               f"{_losses(r)} | {r['tokens_per_s'] / base:.2f}x |")
     return results
 
