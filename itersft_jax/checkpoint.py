@@ -39,7 +39,7 @@ def save_checkpoint(trainer, checkpoint_dir: str) -> str:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(checkpoint_dir, STATE_DIR), _storable(trainer.train_state))
     checkpointer.wait_until_finished()
-    shell = {"global_step": trainer.state.global_step, "calls": trainer._calls,
+    shell = {"global_step": trainer.state.global_step, "calls": trainer._calls, "row_length": trainer._row_length,
              "log_history": trainer.state.log_history,
              "num_input_tokens_seen": trainer.state.num_input_tokens_seen}
     with open(os.path.join(checkpoint_dir, SHELL_FILE), "w") as f:
@@ -66,6 +66,7 @@ def load_checkpoint(trainer, checkpoint_dir: str) -> None:
     trainer.state.log_history = shell["log_history"]
     trainer.state.num_input_tokens_seen = shell.get("num_input_tokens_seen")
     trainer._calls = shell["calls"]
+    trainer._row_length = shell.get("row_length", 0)  # same packing layout: the same summation order
 
 
 def latest_checkpoint(output_dir: str) -> str | None:

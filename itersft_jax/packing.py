@@ -28,10 +28,13 @@ from .data import IGNORE_INDEX, Example
 MIN_TOKENS_PER_ROW_GROUP = 512  # per device: rows of short samples are grouped so a micro-batch stays a GEMM
 
 
-def rows_per_micro_batch(row_length: int, num_devices: int = 1) -> int:
-    """Rows of one micro-batch: enough for ``MIN_TOKENS_PER_ROW_GROUP`` tokens per device (a multiple of
-    the device count, so the rows shard evenly)."""
-    return num_devices * max(1, math.ceil(MIN_TOKENS_PER_ROW_GROUP / row_length))
+def rows_per_micro_batch(row_length: int, num_devices: int = 1, rows_per_device: int | None = None) -> int:
+    """Rows of one micro-batch, a multiple of the device count so the rows shard evenly:
+    ``rows_per_device`` per device when given (accelerators: the per-device batch size), else enough for
+    ``MIN_TOKENS_PER_ROW_GROUP`` tokens per device (CPUs)."""
+    if rows_per_device is None:
+        rows_per_device = max(1, math.ceil(MIN_TOKENS_PER_ROW_GROUP / row_length))
+    return num_devices * rows_per_device
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -79,6 +79,11 @@ class IterativeSFTTrainer:
         # Packed row length: the bucket of the longest sample seen so far. It only grows, so a run whose
         # lengths wander compiles once per new maximum, not once per call.
         self._row_length = 0
+        # Rows per device and micro-batch: on CPUs, small groups of rows (cheap to skip when empty, and a
+        # 512-token GEMM is already efficient there); on accelerators, per_device_train_batch_size rows —
+        # the user's memory budget, and big enough GEMMs to keep the chip busy.
+        on_cpu = jax.devices()[0].platform == "cpu"
+        self._rows_per_device = None if on_cpu else self.args.per_device_train_batch_size
         self._calls = 0
         self._log_window: list[tuple[float, int]] = []  # (loss, tokens) since the last log
         self._warned_max_steps = False
@@ -124,7 +129,7 @@ class IterativeSFTTrainer:
         # packing.py); A * R rows hold any update of micro_batch_size * accumulation samples.
         longest = max(len(ex.input_ids) for update in updates for mb in update for ex in mb)
         self._row_length = max(self._row_length, bucket_length(longest, self.args.max_length))
-        rows = rows_per_micro_batch(self._row_length, self.mesh.size)
+        rows = rows_per_micro_batch(self._row_length, self.mesh.size, self._rows_per_device)
         num_micro = math.ceil(self.micro_batch_size * self.args.gradient_accumulation_steps / rows)
         for update in updates:
             batch, used = pack_update(update, row_length=self._row_length, rows=rows,
@@ -137,7 +142,7 @@ class IterativeSFTTrainer:
             pending.append((metrics, count_label_tokens(update)))
             self.state.global_step += 1
             if self._should_save():
-                self.save_model(os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}"))
+                self.save_checkpoint()
             bar.update(1)
         bar.close()
 
@@ -156,6 +161,7 @@ class IterativeSFTTrainer:
             "learning_rate": float(host[-1]["learning_rate"]),
             "grad_norm": float(host[-1]["grad_norm"]),
             "num_tokens": tokens,
+            "samples": len(examples),
             "updates": len(updates),
             "global_step": self.state.global_step,
             "seconds": seconds,
@@ -194,6 +200,29 @@ class IterativeSFTTrainer:
         output_dir = output_dir or self.args.output_dir
         return save_pretrained(self.train_state.params, self.config, output_dir, tokenizer=self.processing_class,
                                max_shard_size=max_shard_size)
+
+    def save_checkpoint(self, checkpoint_dir: str | None = None) -> str:
+        """A full checkpoint (HF model directory + orbax train state + counters), by default
+        ``output_dir/checkpoint-<global_step>``; older ones beyond ``save_total_limit`` are removed.
+        ``save_steps`` calls this."""
+        from .checkpoint import rotate_checkpoints, save_checkpoint
+
+        checkpoint_dir = checkpoint_dir or os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        path = save_checkpoint(self, checkpoint_dir)
+        rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        return path
+
+    def resume_from_checkpoint(self, checkpoint_dir: str | bool = True) -> str:
+        """Restore parameters, optimizer state, step and call counters from a checkpoint directory (``True``:
+        the latest ``checkpoint-N`` under ``output_dir``), so the run continues exactly where it was."""
+        from .checkpoint import latest_checkpoint, load_checkpoint
+
+        if checkpoint_dir is True:
+            checkpoint_dir = latest_checkpoint(self.args.output_dir)
+            if checkpoint_dir is None:
+                raise ValueError(f"`resume_from_checkpoint`: no checkpoint-N directory in {self.args.output_dir}")
+        load_checkpoint(self, checkpoint_dir)
+        return checkpoint_dir
 
     def generate(self, *args, **kwargs):
         """Sample completions with the current parameters; see ``itersft_jax.generate``."""

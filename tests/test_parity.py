@@ -35,6 +35,10 @@ def _config(tmp_path, backend):
         report_to="none", disable_tqdm=True)
 
 
+STAT_KEYS = {"loss", "learning_rate", "grad_norm", "num_tokens", "samples", "updates", "global_step", "seconds",
+             "tokens_per_second", "padded_tokens"}
+
+
 def _run(model_dir, tokenizer, tmp_path, backend):
     trainer = IterativeSFTTrainer(model_dir, args=_config(tmp_path, backend), processing_class=tokenizer)
     for call in CALLS:
@@ -42,7 +46,8 @@ def _run(model_dir, tokenizer, tmp_path, backend):
             ids = tokenizer(["Question: what is two plus two? Answer: four.", "def add(a, b): return a + b"]).input_ids
             labels = [[-100] * 6 + x[6:] for x in ids]
             call = dict(input_ids=ids, labels=labels)
-        trainer.step(**call)
+        stats = trainer.step(**call)
+        assert set(stats) == STAT_KEYS, backend  # one step() contract: the same statistics on both engines
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return trainer, losses
 
