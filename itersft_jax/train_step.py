@@ -135,6 +135,31 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
     return new_state, metrics
 
 
+def eval_step(params, batch: dict[str, jax.Array], *, graphdef) -> dict[str, jax.Array]:
+    """Summed token cross-entropy and label-token count of ``batch`` (``[A, M, T]``), no update."""
+    def accumulate(i, carry):
+        loss_acc, count_acc = carry
+        micro = {k: jax.lax.dynamic_index_in_dim(batch[k], i, keepdims=False)
+                 for k in ("input_ids", "attention_mask", "labels")}
+        loss_sum, count = _summed_loss(params, graphdef, micro["input_ids"], micro["attention_mask"],
+                                       micro["labels"])
+        return loss_acc + loss_sum, count_acc + count
+
+    holds_token_A = jnp.any(batch["attention_mask"] != 0, axis=(1, 2))
+    num_micro = jnp.max(jnp.where(holds_token_A, jnp.arange(1, holds_token_A.shape[0] + 1), 0))
+    loss_sum, count = jax.lax.fori_loop(0, num_micro, accumulate,
+                                        (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)))
+    return {"loss_sum": loss_sum, "num_tokens": count}
+
+
+def make_eval_step(graphdef, *, batch_sharding=None):
+    """``eval_step`` jitted (parameters are not donated: evaluation leaves them as they are)."""
+    kwargs: dict[str, Any] = {}
+    if batch_sharding is not None:
+        kwargs = {"in_shardings": (None, batch_sharding)}
+    return jax.jit(functools.partial(eval_step, graphdef=graphdef), **kwargs)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None, *, state_sharding=None,
                     batch_sharding=None):
     """``train_step`` with its static pieces bound and jitted: the one ``jax.jit`` of training.

@@ -27,7 +27,7 @@ from .config import resolve_config
 from .data import bucket_length, count_label_tokens, plan_updates, prepare_examples
 from .optim import resolve_optimizer
 from .packing import pack_update, rows_per_micro_batch
-from .train_step import TrainState, make_train_step
+from .train_step import TrainState, make_eval_step, make_train_step
 from .weights import load_model, save_pretrained
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class IterativeSFTTrainer:
         # Packed row length: the bucket of the longest sample seen so far. It only grows, so a run whose
         # lengths wander compiles once per new maximum, not once per call.
         self._row_length = 0
+        self._eval_step = None  # jitted on the first evaluate()
         # Rows per device and micro-batch: on CPUs, small groups of rows (cheap to skip when empty, and a
         # 512-token GEMM is already efficient there); on accelerators, per_device_train_batch_size rows —
         # the user's memory budget, and big enough GEMMs to keep the chip busy.
@@ -169,6 +170,47 @@ class IterativeSFTTrainer:
             "padded_tokens": padded_tokens,
         }
 
+    def evaluate(self, eval_dataset=None, *, input_ids=None, attention_mask=None, labels=None, texts=None,
+                 prompts=None, completions=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Token-weighted mean cross-entropy on held-out samples, without changing anything.
+
+        Pass the samples in any ``step()`` input form, or an ``eval_dataset`` (default: the trainer's)
+        — a dict or ``datasets.Dataset`` with columns named like ``step()``'s arguments (``input_ids``
+        [+ ``attention_mask``, ``labels``], ``texts``/``text``, or ``prompts``/``prompt`` +
+        ``completions``/``completion``). Returns ``{prefix}_loss``, ``{prefix}_num_tokens``,
+        ``{prefix}_samples`` and ``{prefix}_seconds``, also appended to ``state.log_history``.
+        """
+        start = time.perf_counter()
+        forms = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
+                     prompts=prompts, completions=completions)
+        if all(v is None for v in forms.values()):
+            forms = _dataset_forms(eval_dataset if eval_dataset is not None else self.eval_dataset)
+        examples = prepare_examples(**forms, tokenizer=self.processing_class, max_length=self.args.max_length,
+                                    truncation_mode=self.args.truncation_mode, vocab_size=self.config.vocab_size)
+        if self._eval_step is None:
+            self._eval_step = make_eval_step(self.graphdef, batch_sharding=self._batch_sharding)
+        pad_id = getattr(self.processing_class, "pad_token_id", None) or 0
+        longest = max(len(ex.input_ids) for ex in examples)
+        row_length = max(self._row_length, bucket_length(longest, self.args.max_length))
+        rows = rows_per_micro_batch(row_length, self.mesh.size, self._rows_per_device)
+        per_batch = self.micro_batch_size * self.args.gradient_accumulation_steps
+        num_micro = math.ceil(per_batch / rows)
+        pending = []
+        for i in range(0, len(examples), per_batch):
+            batch, _ = pack_update([examples[i:i + per_batch]], row_length=row_length, rows=rows,
+                                   num_micro_batches=num_micro, pad_id=pad_id)
+            batch = jax.device_put(batch, self._batch_sharding)
+            with self._precision():
+                pending.append(self._eval_step(self.train_state.params, batch))
+        host = jax.device_get(pending)
+        loss_sum = sum(float(m["loss_sum"]) for m in host)
+        tokens = sum(int(m["num_tokens"]) for m in host)
+        metrics = {f"{metric_key_prefix}_loss": loss_sum / max(tokens, 1),
+                   f"{metric_key_prefix}_num_tokens": tokens, f"{metric_key_prefix}_samples": len(examples),
+                   f"{metric_key_prefix}_seconds": time.perf_counter() - start}
+        self.state.log_history.append({**metrics, "step": self.state.global_step})
+        return metrics
+
     def _check_max_steps(self, num_updates: int) -> None:
         max_steps = self.args.max_steps
         if max_steps > 0 and self.state.global_step + num_updates > max_steps and not self._warned_max_steps:
@@ -235,6 +277,22 @@ class IterativeSFTTrainer:
         if self.matmul_precision is None:
             return contextlib.nullcontext()
         return jax.default_matmul_precision(self.matmul_precision)
+
+
+def _dataset_forms(dataset) -> dict:
+    """Columns of an eval dataset (dict or ``datasets.Dataset``) as ``step()`` keyword arguments."""
+    if dataset is None:
+        raise ValueError("evaluate() needs samples: pass them like step()'s arguments, or an `eval_dataset`")
+    columns = set(getattr(dataset, "column_names", None) or (dataset.keys() if isinstance(dataset, dict) else ()))
+    if not columns:
+        raise TypeError(f"`eval_dataset` must be a dict or a datasets.Dataset, got {type(dataset).__name__}")
+    aliases = {"input_ids": "input_ids", "attention_mask": "attention_mask", "labels": "labels",
+               "texts": "texts", "text": "texts", "prompts": "prompts", "prompt": "prompts",
+               "completions": "completions", "completion": "completions"}
+    forms = {aliases[c]: list(dataset[c]) for c in columns if c in aliases}
+    if not forms:
+        raise ValueError(f"`eval_dataset` has none of the columns {sorted(aliases)}; got {sorted(columns)}")
+    return forms
 
 
 def _load_tokenizer(model):

@@ -231,3 +231,26 @@ def test_fp32_training_uses_full_precision_matmuls(llama_dir, tmp_path):
         with trainer._precision():
             text = trainer._train_step.lower(trainer.train_state, batch).as_text()
         assert ("precision = [HIGHEST, HIGHEST]" in text) is expected, kwargs
+
+
+def test_evaluate_matches_transformers_and_changes_nothing(llama_dir, tmp_path, tokenizer):
+    trainer = make_trainer(llama_dir, tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2)
+    before = params_np(trainer)
+    metrics = trainer.evaluate(texts=TEXTS)
+    assert max_abs_diff(before, params_np(trainer)) == 0 and trainer.state.global_step == 0
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    total, count = 0.0, 0
+    for text in TEXTS:  # token-weighted over all samples, fp32
+        ids = torch.tensor([tokenizer(text).input_ids])
+        with torch.no_grad():
+            logits = hf(input_ids=ids).logits[0, :-1]
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    assert metrics["eval_num_tokens"] == count and metrics["eval_samples"] == len(TEXTS)
+    assert metrics["eval_loss"] == pytest.approx(total / count, abs=1e-5)
+    # The same samples as an eval_dataset (columns named like step()'s arguments), and the step's own loss.
+    trainer.eval_dataset = {"text": TEXTS}
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)
+    assert trainer.step(texts=TEXTS)["loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)  # one update
+    with pytest.raises(ValueError, match="eval_dataset"):
+        make_trainer(llama_dir, tmp_path).evaluate()
