@@ -19,7 +19,6 @@ does not see the same samples twice (Tunix's sampler did), while a whole run sta
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import weakref
 from collections.abc import Sequence
@@ -31,31 +30,10 @@ import numpy as np
 from flax import nnx
 
 from .data import bucket_length
+from .outputs import GenerationOutput
 
 MAX_EOS_IDS = 8  # EOS ids are padded to this many (-1 never matches), so their number never recompiles
 _UNSEEDED_STREAM = 0x5EED  # folded into the base key for calls without a seed; explicit seeds never collide
-
-
-@dataclasses.dataclass
-class GenerationOutput:
-    """What ``generate`` returns. Rows are prompt-major: prompt ``i``'s ``num_return_sequences`` samples
-    are rows ``i * n ... i * n + n - 1``.
-
-    ``sequences``: the completion token ids of each row (prompt not included), cut after the first EOS;
-    the EOS itself **is included** when the row finished (``finished[row]``), so ``prompt_ids[row] +
-    sequences[row]`` is a complete training sequence. ``texts``: the completions decoded with
-    ``skip_special_tokens=True`` (``None`` with ``return_text=False`` or without a tokenizer).
-    ``prompt_ids``: the prompt tokens of each row, without padding.
-    """
-
-    sequences: list[list[int]]
-    texts: list[str] | None
-    prompt_ids: list[list[int]]
-    finished: list[bool]
-    num_return_sequences: int = 1
-
-    def __getitem__(self, key: str) -> Any:  # dict-style access, like HF's ModelOutput
-        return getattr(self, key)
 
 
 # ----------------------------------------------------------------------------------------------------------

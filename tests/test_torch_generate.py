@@ -19,6 +19,8 @@ def test_greedy_tokens_equal_the_jax_engine(model_type, tiny_model_dir, tokenize
     kwargs = dict(max_new_tokens=12, eos_token_id=[])  # no early stop: every row makes 12 tokens
     jax_out = _trainer(model_dir, tokenizer, tmp_path, "jax").generate(PROMPTS, **kwargs)
     torch_out = _trainer(model_dir, tokenizer, tmp_path, "torch").generate(PROMPTS, **kwargs)
+    assert type(torch_out) is type(jax_out)  # one GenerationOutput class for both engines
+    assert [jax_out.prompt_index(r) for r in range(3)] == [0, 1, 2]
     assert torch_out.sequences == jax_out.sequences
     assert torch_out.prompt_ids == jax_out.prompt_ids and torch_out.texts == jax_out.texts
     assert all(len(s) == 12 for s in torch_out.sequences) and not any(torch_out.finished)

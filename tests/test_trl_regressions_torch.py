@@ -12,8 +12,8 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import tiny_model
+from torch_reference import max_diff, random_samples, reference_update, snapshot
 
 from itersft_torch import IterativeSFTConfig, IterativeSFTTrainer
 
@@ -28,39 +28,6 @@ TEXTS = [
 def make_trainer(model, tokenizer, tmp_path, **config):
     args = IterativeSFTConfig(output_dir=str(tmp_path / "out"), **config)
     return IterativeSFTTrainer(model, args=args, processing_class=tokenizer)
-
-
-def random_samples(n: int, vocab: int, seed: int = 0, lo: int = 6, hi: int = 16) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(lo, hi + 1, (n,), generator=g)
-    return [torch.randint(3, vocab, (int(t),), generator=g) for t in lengths]
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def max_diff(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def reference_update(model, samples, labels=None, *, lr=5e-5, max_grad_norm=1.0):
-    """Token-weighted mean shifted CE over all samples in one right-padded batch, clip, one AdamW step."""
-    ref = copy.deepcopy(model).train()
-    labels = labels if labels is not None else samples
-    length = max(len(x) for x in samples)
-    ids = torch.zeros(len(samples), length, dtype=torch.long)
-    mask, lab = torch.zeros_like(ids), torch.full_like(ids, -100)
-    for i, (x, y) in enumerate(zip(samples, labels)):
-        ids[i, :len(x)], mask[i, :len(x)], lab[i, :len(y)] = x, 1, torch.as_tensor(y)
-    logits = ref(input_ids=ids, attention_mask=mask).logits
-    targets = lab[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                           reduction="sum") / (targets != -100).sum()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(ref.parameters(), max_grad_norm)
-    torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=0.0).step()
-    return ref, loss.item()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,15 +52,19 @@ def test_a_texts_labels_are_the_seq2seq_targets(tokenizer, tmp_path):
     assert stats["loss"] == pytest.approx(on_targets, abs=1e-5)
 
 
+def random_samples_16(n, vocab, seed=0, lo=6, hi=16):
+    return random_samples(n, vocab, seed, lo=lo, hi=hi)
+
+
 @pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
 def test_b_max_length_truncates_sequences_not_the_batch(mode, tokenizer, tmp_path):
     """TRL sliced `[batch, seq]` tensors with `v[-max_length:]`: 6 samples and max_length=4 trained on the
     last 4 samples, untruncated. Every sample must be kept, each cut to its last (keep_end) or first
     (keep_start) 4 tokens; the loss equals the reference on those truncated sequences (1e-6)."""
     model = tiny_model("llama", len(tokenizer))
-    samples = random_samples(6, len(tokenizer), lo=10, hi=14)
+    samples = random_samples_16(6, len(tokenizer), lo=10, hi=14)
     cut = [x[-4:] if mode == "keep_end" else x[:4] for x in samples]
-    ref, ref_loss = reference_update(model, cut)
+    ref, ref_loss, _ = reference_update(model, cut)
     stats = make_trainer(model, tokenizer, tmp_path, max_length=4, truncation_mode=mode).step(input_ids=samples)
     assert (stats["samples"], stats["num_tokens"]) == (6, 6 * 3)
     assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6)
@@ -105,9 +76,9 @@ def test_c_causal_lm_labels_are_honoured(tokenizer, tmp_path):
     impossible. Prompt-masked labels must give the reference update computed with those labels (1e-6),
     and a different update from all-token labels."""
     base = tiny_model("llama", len(tokenizer))
-    samples = random_samples(4, len(tokenizer), seed=1)
+    samples = random_samples_16(4, len(tokenizer), seed=1)
     masked = [torch.cat([torch.full((len(x) // 2,), -100), x[len(x) // 2:]]) for x in samples]
-    ref, ref_loss = reference_update(base, samples, masked, lr=1e-3)
+    ref, ref_loss, _ = reference_update(base, samples, masked, lr=1e-3)
 
     model = copy.deepcopy(base)
     stats = make_trainer(model, tokenizer, tmp_path, learning_rate=1e-3).step(input_ids=samples, labels=masked)
@@ -128,7 +99,7 @@ def test_d_eos_is_a_label_when_pad_equals_eos(tokenizer_pad_eq_eos, tmp_path):
     assert tok.pad_token_id == tok.eos_token_id
     model = tiny_model("llama", len(tok))
     ids = [torch.tensor(tok(t)["input_ids"] + [tok.eos_token_id]) for t in TEXTS[:2]]
-    ref, ref_loss = reference_update(model, ids)
+    ref, ref_loss, _ = reference_update(model, ids)
     trainer = make_trainer(model, tok, tmp_path)
     stats = trainer.step(input_ids=ids, attention_mask=[torch.ones_like(x) for x in ids])
     assert stats["num_tokens"] == sum(len(x) - 1 for x in ids)  # EOS included
@@ -247,8 +218,8 @@ def test_k_logged_loss_is_per_update_and_unrounded(tokenizer, tmp_path):
     logging_steps=1 there must be one log entry per update, holding the update's token-weighted loss to
     1e-6 (a 4-decimal rounding of this reference is off by more)."""
     model = tiny_model("llama", len(tokenizer))
-    samples = random_samples(4, len(tokenizer), seed=5)
-    _, ref_loss = reference_update(model, samples)
+    samples = random_samples_16(4, len(tokenizer), seed=5)
+    _, ref_loss, _ = reference_update(model, samples)
     assert abs(round(ref_loss, 4) - ref_loss) > 1e-6, "pick a seed whose loss is not 4-decimal round"
     trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=2,
                            gradient_accumulation_steps=2, logging_steps=1)
