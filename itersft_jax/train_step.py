@@ -138,17 +138,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
 def eval_step(params, batch: dict[str, jax.Array], *, graphdef) -> dict[str, jax.Array]:
     """Summed token cross-entropy and label-token count of ``batch`` (``[A, M, T]``), no update."""
     def accumulate(i, carry):
-        loss_acc, count_acc = carry
+        # The params ride in the carry: a model merged from values closed over from outside the loop
+        # cannot run nnx.remat'd layers (gradient_checkpointing) inside it.
+        params_, loss_acc, count_acc = carry
         micro = {k: jax.lax.dynamic_index_in_dim(batch[k], i, keepdims=False)
                  for k in ("input_ids", "attention_mask", "labels")}
-        loss_sum, count = _summed_loss(params, graphdef, micro["input_ids"], micro["attention_mask"],
+        loss_sum, count = _summed_loss(params_, graphdef, micro["input_ids"], micro["attention_mask"],
                                        micro["labels"])
-        return loss_acc + loss_sum, count_acc + count
+        return params_, loss_acc + loss_sum, count_acc + count
 
     holds_token_A = jnp.any(batch["attention_mask"] != 0, axis=(1, 2))
     num_micro = jnp.max(jnp.where(holds_token_A, jnp.arange(1, holds_token_A.shape[0] + 1), 0))
-    loss_sum, count = jax.lax.fori_loop(0, num_micro, accumulate,
-                                        (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)))
+    init = (params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    _, loss_sum, count = jax.lax.fori_loop(0, num_micro, accumulate, init)
     return {"loss_sum": loss_sum, "num_tokens": count}
 
 

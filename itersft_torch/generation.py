@@ -76,15 +76,15 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
     # Only the knobs of this signature: a checkpoint's own generation_config (repetition penalty, n-gram
     # bans, sampling defaults) would make the two backends decode differently.
     base = model.generation_config
-    config = GenerationConfig(bos_token_id=base.bos_token_id, decoder_start_token_id=base.decoder_start_token_id)
+    config = GenerationConfig(
+        bos_token_id=base.bos_token_id, decoder_start_token_id=base.decoder_start_token_id,
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=do_sample,
+        temperature=temperature if do_sample else None, top_k=(top_k or None) if do_sample else None,
+        top_p=top_p if do_sample else None, num_return_sequences=num_return_sequences,
+        eos_token_id=eos or None, pad_token_id=pad, use_cache=True)
     try:
         with torch.no_grad():
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=config, max_new_tokens=max_new_tokens,
-                min_new_tokens=0, do_sample=do_sample, temperature=temperature if do_sample else None,
-                top_k=(top_k or None) if do_sample else None, top_p=top_p if do_sample else None,
-                num_return_sequences=num_return_sequences, eos_token_id=eos or None, pad_token_id=pad,
-                use_cache=True)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     finally:
         model.train(was_training)
         torch.random.set_rng_state(generator_state)

@@ -254,3 +254,6 @@ def test_evaluate_matches_transformers_and_changes_nothing(llama_dir, tmp_path, 
     assert trainer.step(texts=TEXTS)["loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)  # one update
     with pytest.raises(ValueError, match="eval_dataset"):
         make_trainer(llama_dir, tmp_path).evaluate()
+    # gradient_checkpointing (remat'd layers, TRL's default) evaluates too, to the same loss.
+    remat = make_trainer(llama_dir, tmp_path, gradient_checkpointing=True)
+    assert remat.evaluate(texts=TEXTS)["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
