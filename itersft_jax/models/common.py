@@ -226,21 +226,25 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float) -> 
                              scale=scale)
 
 
-def run_layers(layers, h_BTD: jax.Array, caches: list | None, *args, remat: bool = False, policy=None):
-    """Apply ``layers`` in order, each as ``layer(h_BTD, cache_i, *args) -> (h_BTD, cache_i)``.
+def run_layers(layers, h_BTD: jax.Array, cache: KVCache | None, *args, remat: bool = False, policy=None):
+    """Apply ``layers`` in order, each as ``layer(h_BTD, kv_i, *args) -> (h_BTD, kv_i)``, threading the cache.
 
-    ``caches`` is ``None`` (no KV cache) or one entry per layer (e.g. a ``(k, v)`` pair); ``args`` are
-    shared by every layer and must be arrays or ``None``. With ``remat`` each layer call is wrapped in
+    ``kv_i`` is layer i's ``(k, v)`` slice of ``cache``, or ``None`` without a cache; ``args`` are shared
+    by every layer and must be arrays or ``None``. With ``remat`` each layer call is wrapped in
     ``nnx.remat`` (gradient checkpointing: activations inside a layer are recomputed in the backward
-    pass; only the layer inputs are kept). Returns ``(h_BTD, new_caches)``.
+    pass; only the layer inputs are kept). Returns ``(h_BTD, cache)``, the cache advanced by ``T`` slots.
     """
-    def apply(layer, h, cache, *rest):
-        return layer(h, cache, *rest)
+    def apply(layer, h, kv, *rest):
+        return layer(h, kv, *rest)
 
     if remat:
         apply = nnx.remat(apply, policy=policy)
-    new_caches = []
+    new_k, new_v = [], []
     for i, layer in enumerate(layers):
-        h_BTD, cache = apply(layer, h_BTD, None if caches is None else caches[i], *args)
-        new_caches.append(cache)
-    return h_BTD, (None if caches is None else new_caches)
+        h_BTD, kv = apply(layer, h_BTD, None if cache is None else (cache.k[i], cache.v[i]), *args)
+        if cache is not None:
+            new_k.append(kv[0])
+            new_v.append(kv[1])
+    if cache is not None:
+        cache = KVCache(k=new_k, v=new_v, index=cache.index + h_BTD.shape[1])
+    return h_BTD, cache

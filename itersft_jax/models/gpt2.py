@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .common import KVCache, dense, grouped_attention, make_attention_mask, update_layer_cache
+from .common import KVCache, dense, grouped_attention, make_attention_mask, run_layers, update_layer_cache
 
 MODEL_TYPES = ("gpt2",)
 
@@ -66,29 +66,6 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name not in ACTIVATIONS:
         raise ValueError(f"activation_function {name!r} is not supported; known: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
-
-
-def _apply_layer(layer, x_BTD, mask_BTS, kv, index):
-    return layer(x_BTD, mask_BTS, kv, index)
-
-
-def run_layers(layers, x_BTD, mask_BTS, cache: KVCache | None, *, remat: bool):
-    """Run ``layer(x, mask, kv, index) -> (x, kv)`` over the layers, threading the KV cache.
-
-    With ``remat`` each layer is an ``nnx.remat`` boundary: only its input is kept for the backward pass.
-    """
-    apply = nnx.remat(_apply_layer) if remat else _apply_layer
-    index = None if cache is None else cache.index
-    new_k, new_v = [], []
-    for i, layer in enumerate(layers):
-        kv = None if cache is None else (cache.k[i], cache.v[i])
-        x_BTD, kv = apply(layer, x_BTD, mask_BTS, kv, index)
-        if kv is not None:
-            new_k.append(kv[0])
-            new_v.append(kv[1])
-    if cache is not None:
-        cache = KVCache(k=new_k, v=new_v, index=cache.index + x_BTD.shape[1])
-    return x_BTD, cache
 
 
 def attend(q_BTNH, k_BTNH, v_BTNH, mask_BTS, kv, index, *, scale: float):
@@ -200,7 +177,7 @@ class Block(nnx.Module):
         self.ln_2 = nnx.LayerNorm(d, epsilon=eps, use_fast_variance=False, **kw)
         self.mlp = MLP(config, **kw)
 
-    def __call__(self, x_BTD, mask_BTS, kv, index):
+    def __call__(self, x_BTD, kv, mask_BTS, index):
         attn_BTD, kv = self.attn(self.ln_1(x_BTD), mask_BTS, kv, index)
         x_BTD = x_BTD + attn_BTD
         return x_BTD + self.mlp(self.ln_2(x_BTD)), kv
@@ -235,7 +212,8 @@ class CausalLM(nnx.Module):
         x_BTD = self.wte(input_ids_BT) + self.wpe(positions_BT)
         offset = 0 if cache is None else cache.index
         mask_BTS = make_attention_mask(attention_mask_BS, input_ids_BT.shape[1], offset)
-        x_BTD, cache = run_layers(self.h, x_BTD, mask_BTS, cache, remat=self.remat)
+        x_BTD, cache = run_layers(self.h, x_BTD, cache, mask_BTS, None if cache is None else cache.index,
+                                  remat=self.remat)
         if last_only:  # generation's prefill needs only the next-token logits
             x_BTD = x_BTD[:, -1:]
         x_BTD = self.ln_f(x_BTD)

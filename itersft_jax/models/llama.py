@@ -320,10 +320,9 @@ class CausalLM(nnx.Module):
                  last_only: bool = False):
         h_BTD = self.model.embed_tokens(input_ids_BT)
         cos_BTH, sin_BTH = rope_cos_sin(self.spec, positions_BT, self.dtype)
-        kvs = None if cache is None else list(zip(cache.k, cache.v))
         index = None if cache is None else cache.index
-        h_BTD, kvs = run_layers(self.model.layers, h_BTD, kvs, cos_BTH, sin_BTH, attention_mask_BS, index,
-                                remat=self.remat)
+        h_BTD, cache = run_layers(self.model.layers, h_BTD, cache, cos_BTH, sin_BTH, attention_mask_BS, index,
+                                  remat=self.remat)
         if last_only:  # generation's prefill needs only the next-token logits
             h_BTD = h_BTD[:, -1:]
         h_BTD = self.model.norm(h_BTD)
@@ -331,9 +330,6 @@ class CausalLM(nnx.Module):
             logits_BTV = dense(self.model.embed_tokens.attend, h_BTD)
         else:
             logits_BTV = dense(self.lm_head, h_BTD)
-        if cache is not None:
-            cache = KVCache(k=[k for k, _ in kvs], v=[v for _, v in kvs],
-                            index=cache.index + input_ids_BT.shape[1])
         return logits_BTV.astype(self.dtype), cache
 
 

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .common import KVCache, dense, make_attention_mask
-from .gpt2 import HFTensor, activation, attend, convert_from_hf, convert_to_hf, run_layers
+from .common import KVCache, dense, make_attention_mask, run_layers
+from .gpt2 import HFTensor, activation, attend, convert_from_hf, convert_to_hf
 
 MODEL_TYPES = ("opt",)
 
@@ -71,7 +71,7 @@ class DecoderLayer(nnx.Module):
         self.fc2 = nnx.Linear(config.ffn_dim, d, **linear_kw)
         self.final_layer_norm = _layer_norm(config, d, kw)
 
-    def __call__(self, x_BTD, mask_BTS, kv, index):
+    def __call__(self, x_BTD, kv, mask_BTS, index):
         h_BTD = self.self_attn_layer_norm(x_BTD) if self.pre_ln else x_BTD
         h_BTD, kv = self.self_attn(h_BTD, mask_BTS, kv, index)
         x_BTD = x_BTD + h_BTD
@@ -117,7 +117,8 @@ class CausalLM(nnx.Module):
         x_BTD = x_BTD + self.embed_positions(positions_BT + _POSITION_OFFSET)
         offset = 0 if cache is None else cache.index
         mask_BTS = make_attention_mask(attention_mask_BS, input_ids_BT.shape[1], offset)
-        x_BTD, cache = run_layers(self.layers, x_BTD, mask_BTS, cache, remat=self.remat)
+        x_BTD, cache = run_layers(self.layers, x_BTD, cache, mask_BTS, None if cache is None else cache.index,
+                                  remat=self.remat)
         if last_only:  # generation's prefill needs only the next-token logits
             x_BTD = x_BTD[:, -1:]
         if self.final_layer_norm is not None:
