@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,8 @@ import numpy as np
 from flax import nnx
 
 from .data import bucket_length
-from .outputs import GenerationOutput
+from .outputs import GenerationOutput, as_id_list, check_generation_args
+from .outputs import prompt_rows as read_prompts
 
 MAX_EOS_IDS = 8  # EOS ids are padded to this many (-1 never matches), so their number never recompiles
 _UNSEEDED_STREAM = 0x5EED  # folded into the base key for calls without a seed; explicit seeds never collide
@@ -149,17 +149,6 @@ def _batch_bucket(rows: int) -> int:
     return 1 if rows <= 1 else bucket_length(rows, minimum=2)
 
 
-def _as_id_list(ids: Any, name: str) -> list[int]:
-    if hasattr(ids, "detach"):  # torch
-        ids = ids.detach().cpu().numpy()
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"`{name}` must be 1-D integer token ids, got {arr.dtype} of shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"`{name}` is an empty prompt")
-    return [int(x) for x in arr]
-
-
 def _eos_list(eos_token_id) -> list[int]:
     if eos_token_id is None:
         return []
@@ -181,15 +170,9 @@ def generate_ids(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, max_n
     ``eos_token_id``: int, list, or ``None`` (never stop early). Returns ``(sequences, finished)`` as in
     ``GenerationOutput``. The compute dtype is the one the module was built with; logits are fp32.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"`temperature` must be > 0 when sampling, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"`top_k` must be >= 0, got {top_k}")
-    rows = [_as_id_list(p, f"input_ids[{i}]") for i, p in enumerate(prompt_ids)]
+    check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                          top_k=top_k, top_p=top_p)
+    rows = [as_id_list(p, f"input_ids[{i}]") for i, p in enumerate(prompt_ids)]
     if not rows:
         raise ValueError("no prompts given")
     if vocab_size is not None:
@@ -265,23 +248,10 @@ def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=N
     else:
         raise TypeError("generate() takes a JAX IterativeSFTTrainer or a Flax NNX causal LM, got "
                         f"{type(trainer_or_model).__name__}")
-    if (prompts is None) == (input_ids is None):
-        raise ValueError("pass exactly one of `prompts` (texts) and `input_ids` (token ids)")
-    if num_return_sequences < 1:
-        raise ValueError(f"`num_return_sequences` must be >= 1, got {num_return_sequences}")
-
-    if prompts is not None:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("`prompts` must be a list of str")
-        if tokenizer is None:
-            raise ValueError("`prompts` need a tokenizer; pass `tokenizer=` or `input_ids=`")
-        prompt_rows = [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
-    else:
-        if getattr(input_ids, "ndim", None) == 2 or (isinstance(input_ids, Sequence) and input_ids
-                                                     and not isinstance(input_ids[0], (int, np.integer))):
-            prompt_rows = [_as_id_list(row, f"input_ids[{i}]") for i, row in enumerate(input_ids)]
-        else:
-            raise TypeError("`input_ids` must be a list of token-id sequences (or an unpadded 2-D array)")
+    check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                          top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences)
+    prompt_rows = read_prompts(prompts, input_ids, tokenizer,
+                               no_tokenizer_hint="pass `tokenizer=` or `input_ids=`")
     rows = [row for row in prompt_rows for _ in range(num_return_sequences)]
 
     if eos_token_id is None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig
 
-from itersft_jax.outputs import GenerationOutput
+from itersft_jax.outputs import GenerationOutput, check_generation_args, prompt_rows
 
 
 def _eos_ids(eos_token_id, tokenizer, config) -> list[int]:
@@ -34,28 +34,12 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
     ``seed=None`` draws fresh samples on every call (a per-trainer counter folded into ``args.seed``);
     a fixed seed reproduces them.
     """
-    if (prompts is None) == (input_ids is None):
-        raise ValueError("generate() takes exactly one of `prompts` (texts) or `input_ids`")
-    if max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
-    if num_return_sequences < 1:
-        raise ValueError(f"`num_return_sequences` must be >= 1, got {num_return_sequences}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"`temperature` must be > 0 when sampling, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
+    check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                          top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences)
     tokenizer = trainer._tokenizer
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if prompts is not None:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("`prompts` must be a list of str")
-        if tokenizer is None:
-            raise ValueError("`prompts` need a tokenizer: pass `processing_class` to the trainer")
-        rows = [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
-    else:
-        rows = [[int(t) for t in (ids.tolist() if hasattr(ids, "tolist") else ids)] for ids in input_ids]
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("generate() needs non-empty prompts")
+    rows = prompt_rows(prompts, input_ids, tokenizer,
+                       no_tokenizer_hint="pass `processing_class` to the trainer")
 
     eos = _eos_ids(eos_token_id, tokenizer, model.config)
     pad = getattr(tokenizer, "pad_token_id", None)

@@ -46,6 +46,8 @@ def test_bad_generate_arguments(tiny_model_dir, tokenizer, tmp_path):
     trainer = _trainer(tiny_model_dir("llama"), tokenizer, tmp_path, "torch")
     for kwargs, exc in ((dict(), ValueError), (dict(prompts="abc"), TypeError),
                         (dict(prompts=["a"], max_new_tokens=0), ValueError),
-                        (dict(prompts=["a"], do_sample=True, temperature=0), ValueError)):
+                        (dict(prompts=["a"], do_sample=True, temperature=0), ValueError),
+                        # checks shared with the JAX engine (the torch copy had missed these two)
+                        (dict(prompts=["a"], top_k=-1), ValueError), (dict(input_ids=[[1.5, 2.0]]), TypeError)):
         with pytest.raises(exc):
             trainer.generate(**kwargs)
