@@ -9,7 +9,11 @@ Every family module (``llama.py``, ``gpt2.py``, ``opt.py``) defines:
   cache=None, last_only=False) -> (logits_BTV, cache)`` — see ``common.py`` for the mask (0/1, or segment
   ids for packed rows) and cache conventions; logits come back in the compute ``dtype``; ``last_only``
   returns the logits of the last position only (``T == 1``: generation's prefill). ``init_cache(batch,
-  length, dtype)`` returns an empty ``KVCache`` (``[B, K, S, H]`` per layer).
+  length, dtype)`` returns an empty ``KVCache`` (``[B, K, S, H]`` per layer). ``__call__`` is
+  ``hidden_states`` followed by ``head``: ``hidden_states(input_ids_BT, positions_BT, attention_mask_BS,
+  cache=None) -> (h_BTD, cache)`` gives the LM head's input (final norm applied), ``head() -> LMHead`` the
+  output projection as data (weight, transposed, final-logit soft-cap, dtype), so a loss can apply the head
+  chunk by chunk (``common.head_logits`` applies it whole).
 * ``params_from_hf(tensors: dict[str, np.ndarray], config) -> dict``: HF state-dict names to the nested
   pure dict of ``nnx.state(model, nnx.Param)`` (asserting every shape), and ``params_to_hf(params, config)
   -> dict[str, np.ndarray]``, its inverse (tied weights written once, as HF saves them).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,35 @@ class KVCache:
         return cls(k=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
                    v=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
                    index=jnp.zeros((), jnp.int32))
+
+
+class LMHead(NamedTuple):
+    """The output projection of a causal LM, as data: ``logits = softcap(h @ W)``.
+
+    ``weight`` is ``[D, V]`` (an ``nnx.Linear`` kernel) or, with ``transposed``, ``[V, D]`` (a tied embedding
+    table); ``softcap`` is Gemma's final-logit soft-capping ``c * tanh(logits / c)`` or ``None``; ``dtype`` is
+    the compute dtype of the product. The loss (``itersft_jax.loss``) takes this instead of logits, so it can
+    compute the head chunk by chunk and never hold ``[N, V]``.
+    """
+
+    weight: jax.Array
+    transposed: bool
+    softcap: float | None
+    dtype: Any
+
+
+def head_logits(head: LMHead, h_ND: jax.Array) -> jax.Array:
+    """``softcap(h @ W)`` over the flattened leading axes, accumulated in fp32, returned in ``head.dtype``."""
+    lead = h_ND.shape[:-1]
+    x = h_ND.reshape(-1, h_ND.shape[-1]).astype(head.dtype)
+    if jnp.dtype(head.dtype).itemsize < 4:  # 16-bit x 16-bit -> fp32 products, backward included
+        logits = _matmul_f32_acc(x, head.weight, head.transposed)
+    else:
+        w = head.weight.astype(head.dtype)
+        logits = jnp.dot(x, w.T if head.transposed else w, preferred_element_type=jnp.float32)
+    if head.softcap is not None:
+        logits = head.softcap * jnp.tanh(logits / head.softcap)
+    return logits.astype(head.dtype).reshape(*lead, logits.shape[-1])
 
 
 def dense(layer, x_NI: jax.Array) -> jax.Array:

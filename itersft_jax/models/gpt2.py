@@ -20,7 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .common import KVCache, dense, grouped_attention, make_attention_mask, run_layers, update_layer_cache
+from .common import (
+    KVCache,
+    LMHead,
+    dense,
+    grouped_attention,
+    head_logits,
+    make_attention_mask,
+    run_layers,
+    update_layer_cache,
+)
 
 MODEL_TYPES = ("gpt2",)
 
@@ -207,18 +216,27 @@ class CausalLM(nnx.Module):
         self.lm_head = None if self.tied else nnx.Linear(
             d, config.vocab_size, use_bias=False, kernel_init=embed_init, **kw)
 
-    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None,
-                 last_only: bool = False):
+    def hidden_states(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None):
+        """The final-normed hidden states ``[B, T, D]`` (the LM head's input) and the advanced cache."""
         x_BTD = self.wte(input_ids_BT) + self.wpe(positions_BT)
         offset = 0 if cache is None else cache.index
         mask_BTS = make_attention_mask(attention_mask_BS, input_ids_BT.shape[1], offset)
         x_BTD, cache = run_layers(self.h, x_BTD, cache, mask_BTS, None if cache is None else cache.index,
                                   remat=self.remat)
+        return self.ln_f(x_BTD), cache
+
+    def head(self) -> LMHead:
+        """The output projection as data (see ``common.LMHead``)."""
+        if self.tied:
+            return LMHead(self.wte.embedding[...], True, None, self.dtype)
+        return LMHead(self.lm_head.kernel[...], False, None, self.dtype)
+
+    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None,
+                 last_only: bool = False):
+        h_BTD, cache = self.hidden_states(input_ids_BT, positions_BT, attention_mask_BS, cache)
         if last_only:  # generation's prefill needs only the next-token logits
-            x_BTD = x_BTD[:, -1:]
-        x_BTD = self.ln_f(x_BTD)
-        logits_BTV = dense(self.wte.attend, x_BTD) if self.tied else dense(self.lm_head, x_BTD)
-        return logits_BTV.astype(self.dtype), cache
+            h_BTD = h_BTD[:, -1:]
+        return head_logits(self.head(), h_BTD), cache
 
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
         return KVCache.zeros(self.num_layers, batch, length, self.num_heads, self.head_dim,

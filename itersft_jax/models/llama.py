@@ -25,8 +25,10 @@ from flax import nnx
 
 from itersft_jax.models.common import (
     KVCache,
+    LMHead,
     dense,
     grouped_attention,
+    head_logits,
     make_attention_mask,
     run_layers,
     update_layer_cache,
@@ -316,21 +318,27 @@ class CausalLM(nnx.Module):
         return KVCache.zeros(spec.num_layers, batch, length, spec.num_kv_heads, spec.head_dim,
                              dtype if dtype is not None else self.dtype)
 
-    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None,
-                 last_only: bool = False):
+    def hidden_states(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None):
+        """The final-normed hidden states ``[B, T, D]`` (the LM head's input) and the advanced cache."""
         h_BTD = self.model.embed_tokens(input_ids_BT)
         cos_BTH, sin_BTH = rope_cos_sin(self.spec, positions_BT, self.dtype)
         index = None if cache is None else cache.index
         h_BTD, cache = run_layers(self.model.layers, h_BTD, cache, cos_BTH, sin_BTH, attention_mask_BS, index,
                                   remat=self.remat)
+        return self.model.norm(h_BTD), cache
+
+    def head(self) -> LMHead:
+        """The output projection as data (see ``common.LMHead``)."""
+        if self.spec.tie_word_embeddings:
+            return LMHead(self.model.embed_tokens.embedding[...], True, None, self.dtype)
+        return LMHead(self.lm_head.kernel[...], False, None, self.dtype)
+
+    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None,
+                 last_only: bool = False):
+        h_BTD, cache = self.hidden_states(input_ids_BT, positions_BT, attention_mask_BS, cache)
         if last_only:  # generation's prefill needs only the next-token logits
             h_BTD = h_BTD[:, -1:]
-        h_BTD = self.model.norm(h_BTD)
-        if self.spec.tie_word_embeddings:
-            logits_BTV = dense(self.model.embed_tokens.attend, h_BTD)
-        else:
-            logits_BTV = dense(self.lm_head, h_BTD)
-        return logits_BTV.astype(self.dtype), cache
+        return head_logits(self.head(), h_BTD), cache
 
 
 # ----------------------------------------------------------------------------- HF names

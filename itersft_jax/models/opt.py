@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .common import KVCache, dense, make_attention_mask, run_layers
+from .common import KVCache, LMHead, dense, head_logits, make_attention_mask, run_layers
 from .gpt2 import HFTensor, activation, attend, convert_from_hf, convert_to_hf
 
 MODEL_TYPES = ("opt",)
@@ -110,8 +110,8 @@ class CausalLM(nnx.Module):
         self.lm_head = None if self.tied else nnx.Linear(
             w, config.vocab_size, use_bias=False, kernel_init=init, **kw)
 
-    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None,
-                 last_only: bool = False):
+    def hidden_states(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None):
+        """The hidden states after the final norm and ``project_out`` (the LM head's input), and the cache."""
         x_BTW = self.embed_tokens(input_ids_BT)
         x_BTD = dense(self.project_in, x_BTW) if self.project_in is not None else x_BTW
         x_BTD = x_BTD + self.embed_positions(positions_BT + _POSITION_OFFSET)
@@ -119,13 +119,22 @@ class CausalLM(nnx.Module):
         mask_BTS = make_attention_mask(attention_mask_BS, input_ids_BT.shape[1], offset)
         x_BTD, cache = run_layers(self.layers, x_BTD, cache, mask_BTS, None if cache is None else cache.index,
                                   remat=self.remat)
-        if last_only:  # generation's prefill needs only the next-token logits
-            x_BTD = x_BTD[:, -1:]
         if self.final_layer_norm is not None:
             x_BTD = self.final_layer_norm(x_BTD)
-        x_BTW = dense(self.project_out, x_BTD) if self.project_out is not None else x_BTD
-        logits_BTV = dense(self.embed_tokens.attend, x_BTW) if self.tied else dense(self.lm_head, x_BTW)
-        return logits_BTV.astype(self.dtype), cache
+        return (dense(self.project_out, x_BTD) if self.project_out is not None else x_BTD), cache
+
+    def head(self) -> LMHead:
+        """The output projection as data (see ``common.LMHead``); its input is ``project_out``'s output."""
+        if self.tied:
+            return LMHead(self.embed_tokens.embedding[...], True, None, self.dtype)
+        return LMHead(self.lm_head.kernel[...], False, None, self.dtype)
+
+    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None,
+                 last_only: bool = False):
+        h_BTW, cache = self.hidden_states(input_ids_BT, positions_BT, attention_mask_BS, cache)
+        if last_only:  # generation's prefill needs only the next-token logits
+            h_BTW = h_BTW[:, -1:]
+        return head_logits(self.head(), h_BTW), cache
 
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
         return KVCache.zeros(self.num_layers, batch, length, self.num_heads, self.head_dim,
