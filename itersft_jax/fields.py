@@ -224,9 +224,11 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "log_on_each_node": each(not_applicable(_ONE_PROCESS), honoured("Trainer's log levels per node")),
     "logging_nan_inf_filter": both(not_applicable(
         "logged losses are never filtered: a non-finite loss is logged as it is, so a diverging run shows")),
-    "include_num_input_tokens_seen": both(honoured(
-        "step() returns num_input_tokens_seen (also in the logs): the samples' input tokens, padding excluded, "
-        "for 'all' and 'non_padding' alike (state.num_input_tokens_seen always counts them)")),
+    "include_num_input_tokens_seen": each(
+        honoured("step() returns num_input_tokens_seen: the samples' input tokens, padding excluded, for 'all' "
+                 "and 'non_padding' alike (state.num_input_tokens_seen always counts them)"),
+        honoured("step() returns num_input_tokens_seen, same definition as the JAX engine; Trainer.log adds it "
+                 "to the logs")),
     "log_level": each(
         refused("the JAX engine logs through Python's logging: set the 'itersft_jax' logger's level"),
         honoured("Trainer sets transformers' verbosity")),
@@ -332,8 +334,9 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "local_rank": each(not_applicable("set by torch launchers; JAX multi-host uses jax.distributed"),
                        honoured("torch.distributed launch")),
     # IterativeSFTConfig's own fields.
-    "model_init_kwargs": each(honoured("revision, token, cache_dir, dtype; trust_remote_code is refused "
-                                       "(weights.load_model)"),
+    "model_init_kwargs": each(honoured("hub kwargs, dtype, config overrides; trust_remote_code and "
+                                       "quantization_config are refused, torch-only loading kwargs (device_map, "
+                                       "attn_implementation, ...) have no JAX meaning (weights.load_model)"),
                               honoured("from_pretrained kwargs")),
     "max_length": both(honoured("sequence-axis truncation (data.prepare_examples)")),
     "truncation_mode": both(honoured("keep_end | keep_start")),

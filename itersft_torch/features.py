@@ -16,6 +16,10 @@ import torch
 
 
 def _input_embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    """The embedding module of the model's input ids: the encoder's for an encoder-decoder model (BART's
+    ``get_input_embeddings()`` is the decoder's, a different module with tied weights)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        model = model.get_encoder()
     get = getattr(model, "get_input_embeddings", None)
     embeddings = get() if get is not None else None
     if not isinstance(embeddings, torch.nn.Module):
@@ -29,7 +33,8 @@ class NEFTune:
     ``step()``'s forwards only.
 
     Each sample's embeddings get uniform noise in ``[-m, m]`` with ``m = alpha / sqrt(L * d)``, ``L`` the
-    sample's own length (its attended tokens) and ``d`` the embedding width — the paper's scale. transformers'
+    sample's own length (its attended tokens) and ``d`` the embedding width — the paper's scale; for
+    encoder-decoder models, the encoder's input embeddings. transformers'
     hook uses the padded batch length instead, which makes the noise depend on how samples are batched (and
     would differ between the torch backend's padded micro-batches and the JAX engine's packed rows). Padding
     positions get no noise.
@@ -48,9 +53,9 @@ class NEFTune:
 
     def _hook(self, module: torch.nn.Module, inputs, embeds_BTD: torch.Tensor) -> torch.Tensor | None:
         mask_BT = self._mask_BT
-        if mask_BT is None:  # outside step(), or the decoder's embedding call of an encoder-decoder model
+        if mask_BT is None:  # outside step()
             return None
-        self._mask_BT = None  # the first embedding call of the forward is the (encoder) input
+        self._mask_BT = None  # once per forward: a module shared with a decoder sees the input ids first
         self._fired = True
         if embeds_BTD.shape[:2] != mask_BT.shape:
             raise ValueError(f"`neftune_noise_alpha`: input embeddings of shape {tuple(embeds_BTD.shape)} do not "

@@ -206,6 +206,16 @@ def test_neftune_changes_training_but_not_generate_or_evaluate(tokenizer, tmp_pa
     assert abs(losses[0][0] - losses[1][0]) > 1e-4 and abs(losses[0][1] - losses[1][1]) > 1e-4
 
 
+def test_neftune_noises_an_encoder_decoders_encoder_inputs(tokenizer, tmp_path):
+    # BART's get_input_embeddings() is the decoder's module (weights tied, a different module): a hook there
+    # would never see the encoder's inputs.
+    model = tiny_model("bart", len(tokenizer))
+    batch = dict(texts=["hello world", "the quick brown fox"], texts_labels=["bonjour", "le renard"])
+    losses = [torch_trainer(copy.deepcopy(model), tokenizer, tmp_path, **config).step(**batch)["loss"]
+              for config in ({}, {"neftune_noise_alpha": 5.0})]
+    assert abs(losses[0] - losses[1]) > 1e-4
+
+
 def test_torch_compile_compiles_the_model_step_runs(tokenizer, tmp_path):
     # The "eager" dynamo backend traces without generating code: cheap, and it runs the compiled graph path.
     from accelerate.utils import is_compiled_module
