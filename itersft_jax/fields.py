@@ -28,16 +28,15 @@ HONOURED, REFUSED, NOT_APPLICABLE = "honoured", "refused", "n/a"
 @dataclass(frozen=True)
 class Rule:
     """One engine's decision for one field. ``refuse(value, args)`` returns why a value is refused (or None);
-    it is called only for values that differ from the field's default unless ``always_check``."""
+    it is called only for values that differ from the field's default."""
 
     status: str
     note: str
     refuse: Callable[[Any, Any], str | None] | None = None
-    always_check: bool = False
 
 
-def honoured(note: str, refuse: Callable[[Any, Any], str | None] | None = None, always_check: bool = False) -> Rule:
-    return Rule(HONOURED, note, refuse, always_check)
+def honoured(note: str, refuse: Callable[[Any, Any], str | None] | None = None) -> Rule:
+    return Rule(HONOURED, note, refuse)
 
 
 def refused(instead: str, accepts: Callable[[Any], bool] = lambda value: False) -> Rule:
@@ -405,7 +404,7 @@ def refusals(args, engine: str) -> list[str]:
                                 "the installed transformers, so it cannot honour it; leave it unset")
             continue
         rule = rules[engine]
-        if rule.refuse is None or (default and not rule.always_check):
+        if rule.refuse is None or default:
             continue
         why = rule.refuse(value, args)
         if why:
