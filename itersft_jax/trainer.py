@@ -25,6 +25,7 @@ from transformers import TrainerState
 
 from .config import resolve_config
 from .data import bucket_length, count_label_tokens, plan_updates, prepare_examples
+from .fields import check_fields, input_token_stats, shuffle_seed
 from .optim import resolve_optimizer
 from .packing import pack_update, rows_per_micro_batch
 from .train_step import TrainState, make_eval_step, make_train_step
@@ -49,6 +50,7 @@ class IterativeSFTTrainer:
     def __init__(self, model, args=None, data_collator=None, eval_dataset=None, processing_class=None,
                  optimizers=(None, None), preprocess_logits_for_metrics=None, compute_metrics=None):
         self.args = resolve_config(args)
+        check_fields(self.args, "jax")
         self.data_collator = data_collator
         self.eval_dataset = eval_dataset
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
@@ -116,7 +118,7 @@ class IterativeSFTTrainer:
             truncation_mode=self.args.truncation_mode, vocab_size=self.config.vocab_size)
         updates = plan_updates(examples, micro_batch_size=self.micro_batch_size,
                                gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-                               seed=self.args.seed, call_index=self._calls)
+                               seed=shuffle_seed(self.args), call_index=self._calls)
         self._calls += 1
         self._check_max_steps(len(updates))
 
@@ -168,6 +170,7 @@ class IterativeSFTTrainer:
             "seconds": seconds,
             "tokens_per_second": real_tokens / seconds if seconds > 0 else math.inf,
             "padded_tokens": padded_tokens,
+            **input_token_stats(self.args, self.state),
         }
 
     def evaluate(self, eval_dataset=None, *, input_ids=None, attention_mask=None, labels=None, texts=None,

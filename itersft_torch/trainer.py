@@ -29,6 +29,9 @@ from itersft_jax.data import (
     plan_updates,
     prepare_examples,
 )
+from itersft_jax.fields import check_fields, input_token_stats, shuffle_seed
+
+from .features import StepFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +180,7 @@ class IterativeSFTTrainer(Trainer):
         compute_metrics=None,
     ):
         args = resolve_config(args)
+        check_fields(args, "torch")
         if isinstance(model, str):
             model = load_model(model, args.model_init_kwargs)
         elif not isinstance(model, torch.nn.Module):
@@ -194,6 +198,7 @@ class IterativeSFTTrainer(Trainer):
         self.is_encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         if _checkpointing_requested(args):  # before Trainer.__init__: DDP's find_unused_parameters reads it
             enable_checkpointing(model, args)
+        self._features = StepFeatures(model, args)  # Liger kernels, NEFTune: before accelerate wraps the model
 
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=None, eval_dataset=eval_dataset,
@@ -308,7 +313,7 @@ class IterativeSFTTrainer(Trainer):
             is_encoder_decoder=self.is_encoder_decoder)
         world = self.accelerator.num_processes
         updates = plan_updates(examples, micro_batch_size=args.per_device_train_batch_size * world,
-                               gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed,
+                               gradient_accumulation_steps=args.gradient_accumulation_steps, seed=shuffle_seed(args),
                                call_index=self._num_calls)
         self._num_calls += 1
 
@@ -349,6 +354,7 @@ class IterativeSFTTrainer(Trainer):
             "tokens_per_second": seen / seconds if seconds > 0 else float("inf"),
             "padded_tokens": self._call_padded_tokens,
             "global_step": int(self.state.global_step),
+            **input_token_stats(args, self.state),
         }
 
     def _update(self, model: torch.nn.Module, micro_batches: list[list[Example]]) -> tuple[float, int, float, float]:
@@ -377,7 +383,7 @@ class IterativeSFTTrainer(Trainer):
                 ce_sum = self._micro_batch_ce(model, shard, pad_id)
                 accelerator.backward(ce_sum * scale)
             ce_total += ce_sum.detach()
-            self.state.num_input_tokens_seen += sum(len(ex.input_ids) for ex in shard)
+            self.state.num_input_tokens_seen += sum(len(ex.input_ids) for ex in micro_batch)  # all ranks' samples
 
         max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
@@ -408,7 +414,7 @@ class IterativeSFTTrainer(Trainer):
                 inputs["decoder_input_ids"] = prepare(labels=labels)
             else:  # the model shifts its labels itself; its own (mean) loss is ignored
                 inputs["labels"] = labels
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self._features.noise(attention_mask):
             outputs = model(**inputs)
         logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
         return summed_token_ce(logits, labels, shift=not self.is_encoder_decoder)
