@@ -57,18 +57,21 @@ def _inputs(b, t, n, kv, h, seed=0):
     return q, k, v, cot
 
 
-def _packed_ids(t: int) -> np.ndarray:
-    """Two rows: several samples packed per row, padding at the end; the second starts with a 1-token sample."""
+def _packed_ids(t: int, reuse: bool) -> np.ndarray:
+    """Two rows: several samples packed per row, padding at the end; the second starts with a 1-token sample.
+    With ``reuse`` the second row's id 5 comes back after id 6: those tokens attend each other (the contract
+    compares ids), and the kernels' per-sample block skipping must fall back to none for that row."""
     a, b = t // 3, t // 4
     row0 = [1] * a + [2] * (t - a - b - 3) + [3] * b + [0] * 3
-    row1 = [4] + [5] * (t // 2) + [6] * (t - t // 2 - 6) + [0] * 5
+    c = t // 2 - 6
+    row1 = [4] + [5] * (t // 4) + [6] * (t - t // 4 - 6 - c) + [5 if reuse else 7] * c + [0] * 5
     return np.array([row0, row1], np.int32)
 
 
 def _value_and_grads(fn):
-    """``(q, k, v, cot) -> (out, (dq, dk, dv))`` compiled as one program (compilation dominates these tests)."""
-    def both(q, k, v, cot):
-        out, vjp = jax.vjp(fn, q, k, v)
+    """``(q, k, v, seg, cot) -> (out, (dq, dk, dv))`` compiled once (compilation dominates these tests)."""
+    def both(q, k, v, seg, cot):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, seg), q, k, v)
         return out, vjp(cot)
     return jax.jit(both)
 
@@ -79,26 +82,27 @@ CASES = [(None, None), (9, None), (20, 2.0)]  # (window, softcap)
 def _check_against_reference(impl, t, h, cases, **kw):
     """Forward and q/k/v gradients == the reference for each case; then, on the last case, isolation: changing
     every key/value outside segment 2 leaves segment 2's outputs and gradients exactly unchanged."""
-    seg = jnp.asarray(_packed_ids(t))
     q, k, v, cot = _inputs(2, t, 4, 2, h)  # GQA: N=4 query heads on K=2 kv heads
     for window, softcap in cases:
-        ours = _value_and_grads(lambda q, k, v, w=window, c=softcap: flash_attention(
+        ours = _value_and_grads(lambda q, k, v, seg, w=window, c=softcap: flash_attention(
             q, k, v, seg, scale=SCALE, window=w, softcap=c, implementation=impl, **kw))
-        ref = _value_and_grads(lambda q, k, v, w=window, c=softcap: _reference(
+        ref = _value_and_grads(lambda q, k, v, seg, w=window, c=softcap: _reference(
             q, k, v, seg, scale=SCALE, window=w, softcap=c))
-        out, grads = ours(q, k, v, cot)
-        out_ref, grads_ref = ref(q, k, v, cot)
-        case = f"{impl} window={window} softcap={softcap}"
-        np.testing.assert_allclose(out, out_ref, atol=ATOL, err_msg=case)
-        for name, g, g_ref in zip("qkv", grads, grads_ref):
-            np.testing.assert_allclose(g, g_ref, atol=ATOL, err_msg=f"{case}: d{name}")
-        assert not np.any(np.asarray(out)[np.asarray(seg) == 0]), f"{case}: padding queries must give zeros"
+        for reuse in (False, True):
+            seg = jnp.asarray(_packed_ids(t, reuse))
+            out, grads = ours(q, k, v, seg, cot)
+            out_ref, grads_ref = ref(q, k, v, seg, cot)
+            case = f"{impl} window={window} softcap={softcap} reused id={reuse}"
+            np.testing.assert_allclose(out, out_ref, atol=ATOL, err_msg=case)
+            for name, g, g_ref in zip("qkv", grads, grads_ref):
+                np.testing.assert_allclose(g, g_ref, atol=ATOL, err_msg=f"{case}: d{name}")
+            assert not np.any(np.asarray(out)[np.asarray(seg) == 0]), f"{case}: padding queries must give zeros"
 
     inside = np.asarray(seg == 2)[:, :, None, None]
     cot2 = jnp.where(inside, cot, 0.0)  # a loss that reads segment 2 only
     noise_k, noise_v = (jax.random.normal(jax.random.key(9 + i), k.shape) * 5 for i in range(2))
-    out_a, grads_a = ours(q, k, v, cot2)
-    out_b, grads_b = ours(q, jnp.where(inside, k, k + noise_k), jnp.where(inside, v, v + noise_v), cot2)
+    out_a, grads_a = ours(q, k, v, seg, cot2)
+    out_b, grads_b = ours(q, jnp.where(inside, k, k + noise_k), jnp.where(inside, v, v + noise_v), seg, cot2)
     for a, b in zip((out_a, *grads_a), (out_b, *grads_b)):
         np.testing.assert_array_equal(np.asarray(a) * inside, np.asarray(b) * inside, err_msg=f"{impl}: isolation")
     assert np.any(np.asarray(out_a) != np.asarray(out_b)), "the perturbation must reach the other samples"

@@ -19,12 +19,14 @@ The implementations, and why each exists:
   must state it; a row that does not fit (more runs, or one id in two runs) comes back as NaN, never as a
   silently wrong number. No soft-cap; bf16/fp16 only.
 * ``"pallas_gpu"`` — our Pallas (Triton) flash kernel: segment ids, GQA (kv heads indexed, never repeated),
-  sliding window (kv blocks outside it are skipped), soft-cap; a flash-attention-2 backward in two kernels.
+  sliding window, soft-cap; a flash-attention-2 backward in two kernels. Key blocks outside the window or
+  before a query block's earliest sample are never visited (``_segment_block_bounds``), so a packed row costs
+  the attention of its samples, not of the whole causal triangle.
 * ``"splash"`` — TPU splash attention with ``SegmentIds``, causal/local masks, GQA through its MQA kernel
   vmapped over kv heads, and its own soft-cap.
 * ``"xla_chunked"`` — blockwise online-softmax attention in plain JAX with a flash backward (recompute per
-  block, ``rowsum(dO * O)``): every feature on every backend with memory ``O(T * block)``. The fallback where
-  no vendor kernel covers a case.
+  block, ``rowsum(dO * O)``): every feature on every backend with memory ``O(T * block)``, skipping blocks
+  like the Pallas kernel. The fallback where no vendor kernel covers a case.
 * ``"xla"`` is not run here: it names the materializing path of ``models/common.py``, the fastest on CPU at
   training lengths (``benchmarks/attention_kernels.py``).
 
@@ -186,20 +188,49 @@ def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(x, widths)  # zeros: segment 0 for ids, so padded tokens are padding
 
 
-def _kv_block_range(i, *, block_q: int, block_k: int, window: int | None, div):
-    """Key blocks ``[lo, hi)`` that queries of block ``i`` may attend (causal, optional window)."""
+def _kv_block_range(i, first_key_block, *, block_q: int, block_k: int, window: int | None, div):
+    """Key blocks ``[lo, hi)`` that queries of block ``i`` may attend: causal, the window, and not before the
+    first key of the block's earliest sample (``first_key_block``, see ``_segment_block_bounds``)."""
     hi = div((i + 1) * block_q + block_k - 1, block_k)
-    if window is None:
-        return 0, hi
-    return div(jnp.maximum(i * block_q - (window - 1), 0), block_k), hi
+    lo = first_key_block
+    if window is not None:
+        lo = jnp.maximum(lo, div(jnp.maximum(i * block_q - (window - 1), 0), block_k))
+    return lo, hi
 
 
-def _q_block_range(j, num_q_blocks: int, *, block_q: int, block_k: int, window: int | None, div):
-    """Query blocks ``[lo, hi)`` that may attend key block ``j``."""
+def _q_block_range(j, end_query_block, *, block_q: int, block_k: int, window: int | None, div):
+    """Query blocks ``[lo, hi)`` that may attend key block ``j``: causal, the window, and not after the last
+    query of the block's latest sample (``end_query_block`` is exclusive)."""
     lo = div(j * block_k, block_q)
-    if window is None:
-        return lo, num_q_blocks
-    return lo, jnp.minimum(div((j + 1) * block_k + window - 2, block_q) + 1, num_q_blocks)
+    hi = end_query_block
+    if window is not None:
+        hi = jnp.minimum(hi, div((j + 1) * block_k + window - 2, block_q) + 1)
+    return lo, hi
+
+
+def _segment_block_bounds(seg_BT, block_q: int, block_k: int):
+    """Per-block loop bounds from the samples: ``first_key_block_BI`` (per query block, the key block holding the
+    first token of its earliest sample) and ``end_query_block_BJ`` (per key block, one past the query block
+    holding the last token of its latest sample). Packed rows then cost the attention of their samples, not of
+    the whole causal triangle.
+
+    A sample is a run of equal ids. Where a row reuses an id in two runs (which the contract lets attend each
+    other) the row gets no skipping: bounds 0 and the last block. Padding runs bound padding queries to their
+    own run; their outputs are zeroed anyway.
+    """
+    b, t = seg_BT.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    prev = jnp.pad(seg_BT, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+    nxt = jnp.pad(seg_BT, ((0, 0), (0, 1)), constant_values=-1)[:, 1:]
+    first_BT = jax.lax.cummax(jnp.where(seg_BT != prev, pos, 0), axis=1)
+    last_BT = jax.lax.cummin(jnp.where(seg_BT != nxt, pos, t - 1), axis=1, reverse=True)
+    run_ids = jnp.sort(jnp.where((seg_BT != prev) & (seg_BT != 0), seg_BT, jnp.iinfo(jnp.int32).min), axis=1)
+    reused_B = jnp.any((run_ids[:, 1:] == run_ids[:, :-1]) & (run_ids[:, 1:] != jnp.iinfo(jnp.int32).min), axis=1)
+    first_BT = jnp.where(reused_B[:, None], 0, first_BT)
+    last_BT = jnp.where(reused_B[:, None], t - 1, last_BT)
+    first_key_block_BI = first_BT.reshape(b, t // block_q, block_q).min(-1) // block_k
+    end_query_block_BJ = last_BT.reshape(b, t // block_k, block_k).max(-1) // block_q + 1
+    return first_key_block_BI, end_query_block_BJ
 
 
 def _masked_logits(s, q_pos, k_pos, seg_q, seg_k, *, window, softcap):
@@ -238,7 +269,9 @@ def _chunked_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, scale, window, softcap
     q_BKTGH = _pad_axis(q_BTNH, 1, tp).reshape(b, tp, kv, n // kv, h).transpose(0, 2, 1, 3, 4)
     k_BKTH = _pad_axis(k_BTKH, 1, tp).transpose(0, 2, 1, 3)
     v_BKTH = _pad_axis(v_BTKH, 1, tp).transpose(0, 2, 1, 3)
-    out_BKTGH = _chunked_core(q_BKTGH, k_BKTH, v_BKTH, _pad_axis(seg_BT, 1, tp), _Cfg(scale, window, softcap, block))
+    seg_BT = _pad_axis(seg_BT, 1, tp)
+    bounds = _segment_block_bounds(seg_BT, block, block)
+    out_BKTGH = _chunked_core(q_BKTGH, k_BKTH, v_BKTH, seg_BT, bounds, _Cfg(scale, window, softcap, block))
     return out_BKTGH.transpose(0, 2, 1, 3, 4).reshape(b, tp, n, h)[:, :t]
 
 
@@ -255,12 +288,12 @@ def _slice_t(x, start, size, axis=2):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_core(q_BKTGH, k_BKTH, v_BKTH, seg_BT, cfg: _Cfg):
-    return _chunked_fwd(q_BKTGH, k_BKTH, v_BKTH, seg_BT, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunked_core(q_BKTGH, k_BKTH, v_BKTH, seg_BT, bounds, cfg: _Cfg):
+    return _chunked_fwd(q_BKTGH, k_BKTH, v_BKTH, seg_BT, bounds, cfg)[0]
 
 
-def _chunked_fwd(q_BKTGH, k_BKTH, v_BKTH, seg_BT, cfg: _Cfg):
+def _chunked_fwd(q_BKTGH, k_BKTH, v_BKTH, seg_BT, bounds, cfg: _Cfg):
     """Online softmax: for each query block, the key blocks it may attend, one at a time."""
     b, kv, tp, g, h = q_BKTGH.shape
     bs = cfg.block
@@ -281,7 +314,9 @@ def _chunked_fwd(q_BKTGH, k_BKTH, v_BKTH, seg_BT, cfg: _Cfg):
                             preferred_element_type=jnp.float32)
             return m_new, alpha * denom + p.sum(-1), alpha[..., None] * acc + pv
 
-        lo, hi = _kv_block_range(i, block_q=bs, block_k=bs, window=cfg.window, div=jnp.floor_divide)
+        # one loop serves the whole batch: the bound of the row that needs the most key blocks
+        lo, hi = _kv_block_range(i, bounds[0][:, i].min(), block_q=bs, block_k=bs, window=cfg.window,
+                                 div=jnp.floor_divide)
         init = (jnp.full((b, kv, bs, g), _MASK, jnp.float32), jnp.zeros((b, kv, bs, g), jnp.float32),
                 jnp.zeros((b, kv, bs, g, h), jnp.float32))
         m, denom, acc = jax.lax.fori_loop(lo, hi, key_block, init)
@@ -291,13 +326,13 @@ def _chunked_fwd(q_BKTGH, k_BKTH, v_BKTH, seg_BT, cfg: _Cfg):
 
     init = (jnp.zeros_like(q_BKTGH), jnp.zeros((b, kv, tp, g), jnp.float32))
     out_BKTGH, lse_BKTG = jax.lax.fori_loop(0, tp // bs, query_block, init)
-    return out_BKTGH, (q_BKTGH, k_BKTH, v_BKTH, seg_BT, out_BKTGH, lse_BKTG)
+    return out_BKTGH, (q_BKTGH, k_BKTH, v_BKTH, seg_BT, bounds, out_BKTGH, lse_BKTG)
 
 
 def _chunked_bwd(cfg: _Cfg, residuals, d_out_BKTGH):
     """Flash-attention-2 backward in one pass: for each key block, the query blocks that attend it; dq is
     accumulated into a full fp32 buffer, dk/dv per key block. ``rowsum(dP * P) = rowsum(dO * O)``."""
-    q_BKTGH, k_BKTH, v_BKTH, seg_BT, out_BKTGH, lse_BKTG = residuals
+    q_BKTGH, k_BKTH, v_BKTH, seg_BT, bounds, out_BKTGH, lse_BKTG = residuals
     bs, tp = cfg.block, q_BKTGH.shape[2]
     delta_BKTG = jnp.sum(d_out_BKTGH.astype(jnp.float32) * out_BKTGH.astype(jnp.float32), axis=-1)
     d_out_BKTGH = d_out_BKTGH.astype(q_BKTGH.dtype)
@@ -322,7 +357,8 @@ def _chunked_bwd(cfg: _Cfg, residuals, d_out_BKTGH):
                                                          preferred_element_type=jnp.float32)
             return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * bs, 2), dk_j, dv_j
 
-        lo, hi = _q_block_range(j, tp // bs, block_q=bs, block_k=bs, window=cfg.window, div=jnp.floor_divide)
+        lo, hi = _q_block_range(j, bounds[1][:, j].max(), block_q=bs, block_k=bs, window=cfg.window,
+                                div=jnp.floor_divide)
         zeros = jnp.zeros(k_j.shape, jnp.float32)
         dq_BKTGH, dk_j, dv_j = jax.lax.fori_loop(lo, hi, query_block, (dq_BKTGH, zeros, zeros))
         dk_BKTH = jax.lax.dynamic_update_slice_in_dim(dk_BKTH, dk_j.astype(dk_BKTH.dtype), j * bs, 2)
@@ -331,7 +367,7 @@ def _chunked_bwd(cfg: _Cfg, residuals, d_out_BKTGH):
 
     init = (jnp.zeros(q_BKTGH.shape, jnp.float32), jnp.zeros_like(k_BKTH), jnp.zeros_like(v_BKTH))
     dq_BKTGH, dk_BKTH, dv_BKTH = jax.lax.fori_loop(0, tp // bs, key_block, init)
-    return dq_BKTGH.astype(q_BKTGH.dtype), dk_BKTH, dv_BKTH, None
+    return dq_BKTGH.astype(q_BKTGH.dtype), dk_BKTH, dv_BKTH, None, None
 
 
 _chunked_core.defvjp(_chunked_fwd, _chunked_bwd)
@@ -392,7 +428,7 @@ def _tile_logits(q, k, q_pos, k_pos, seg_q, seg_k, cfg: _GpuCfg):
                           softcap=cfg.softcap)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, cfg: _GpuCfg):
+def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, lo_ref, o_ref, lse_ref, *, cfg: _GpuCfg):
     """One query block of one head against the key blocks it may attend (grid: q block, batch, head)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -412,14 +448,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, cfg: _GpuCfg):
         v = v_ref[pl.ds(j * bk, bk), :]
         return alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v), m_new, alpha * denom + p.sum(axis=1)
 
-    lo, hi = _kv_block_range(i, block_q=bq, block_k=bk, window=cfg.window, div=jax.lax.div)
+    lo, hi = _kv_block_range(i, lo_ref[()], block_q=bq, block_k=bk, window=cfg.window, div=jax.lax.div)
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), _MASK, jnp.float32), jnp.zeros((bq,), jnp.float32))
     acc, m, denom = jax.lax.fori_loop(lo, hi, body, init)
     o_ref[...] = (acc / denom[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(denom)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _GpuCfg):
+def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, hi_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _GpuCfg):
     """dK, dV of one key block of one kv head: its G query heads' query blocks that attend it (grid: key block,
     batch, kv head). The G heads are a static loop, so GQA needs neither repeated keys nor a reduction."""
     from jax.experimental import pallas as pl
@@ -429,7 +465,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref
     k, v = k_ref[...], v_ref[...]
     k_pos = j * bk + jnp.arange(bk)
     seg_k = seg_ref[pl.ds(j * bk, bk)]
-    lo, hi = _q_block_range(j, q_ref.shape[0] // bq, block_q=bq, block_k=bk, window=cfg.window, div=jax.lax.div)
+    lo, hi = _q_block_range(j, hi_ref[()], block_q=bq, block_k=bk, window=cfg.window, div=jax.lax.div)
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     for g in range(cfg.groups):
@@ -449,7 +485,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _GpuCfg):
+def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, lo_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _GpuCfg):
     """dQ of one query block of one head (grid: q block, batch, head), key blocks as in the forward."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -467,7 +503,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref,
         ds = _softcap_grad(p * (dp - delta[:, None]), capped, cfg.softcap) * cfg.scale
         return dq + plgpu.dot(ds.astype(k.dtype), k)
 
-    lo, hi = _kv_block_range(i, block_q=bq, block_k=bk, window=cfg.window, div=jax.lax.div)
+    lo, hi = _kv_block_range(i, lo_ref[()], block_q=bq, block_k=bk, window=cfg.window, div=jax.lax.div)
     dq_ref[...] = jax.lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32)).astype(dq_ref.dtype)
 
 
@@ -480,7 +516,8 @@ def _specs(cfg: _GpuCfg, tp: int, hp: int, block_q: int):
     kv_full = pl.BlockSpec((None, tp, None, hp), lambda i, b, n: (b, 0, jax.lax.div(n, g), 0))
     seg_full = pl.BlockSpec((None, tp), lambda i, b, n: (b, 0))
     row_stat = pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, i))
-    return q_block, kv_full, seg_full, row_stat
+    block_bound = pl.BlockSpec((None, None), lambda i, b, n: (b, i))  # one scalar per (row, block)
+    return q_block, kv_full, seg_full, row_stat, block_bound
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -490,12 +527,13 @@ def _pallas_core(q, k, v, seg, cfg: _GpuCfg):
 
 def _pallas_fwd(q, k, v, seg, cfg: _GpuCfg):
     b, tp, n, hp = q.shape
-    q_block, kv_full, seg_full, row_stat = _specs(cfg, tp, hp, cfg.block_q)
+    q_block, kv_full, seg_full, row_stat, block_bound = _specs(cfg, tp, hp, cfg.block_q)
+    first_key_block, _ = _segment_block_bounds(seg, cfg.block_q, cfg.block_k)
     out, lse_BNT = _pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg), cfg, grid=(tp // cfg.block_q, b, n),
-        in_specs=[q_block, kv_full, kv_full, seg_full], out_specs=[q_block, row_stat],
+        in_specs=[q_block, kv_full, kv_full, seg_full, block_bound], out_specs=[q_block, row_stat],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
-        name="itersft_flash_fwd")(q, k, v, seg)
+        name="itersft_flash_fwd")(q, k, v, seg, first_key_block)
     return out, (q, k, v, seg, out, lse_BNT)
 
 
@@ -511,17 +549,20 @@ def _pallas_bwd(cfg: _GpuCfg, residuals, d_out):
     kv_block = pl.BlockSpec((None, bk, None, hp), lambda j, b, h: (b, j, h, 0))
     stat_all = pl.BlockSpec((None, g, tp), lambda j, b, h: (b, h, 0))
     seg_full = pl.BlockSpec((None, tp), lambda j, b, h: (b, 0))
+    key_bound = pl.BlockSpec((None, None), lambda j, b, h: (b, j))
+    first_key_block, end_query_block = _segment_block_bounds(seg, bq, bk)
     dk, dv = _pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg), cfg, grid=(tp // bk, b, kv),
-        in_specs=[q_all, kv_block, kv_block, seg_full, q_all, stat_all, stat_all], out_specs=[kv_block, kv_block],
+        in_specs=[q_all, kv_block, kv_block, seg_full, key_bound, q_all, stat_all, stat_all],
+        out_specs=[kv_block, kv_block],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        name="itersft_flash_dkv")(q, k, v, seg, d_out, lse_BNT, delta_BNT)
-    q_block, kv_full, seg_full, row_stat = _specs(cfg, tp, hp, bq)
+        name="itersft_flash_dkv")(q, k, v, seg, end_query_block, d_out, lse_BNT, delta_BNT)
+    q_block, kv_full, seg_full, row_stat, block_bound = _specs(cfg, tp, hp, bq)
     dq = _pallas_call(
         functools.partial(_dq_kernel, cfg=cfg), cfg, grid=(tp // bq, b, n),
-        in_specs=[q_block, kv_full, kv_full, seg_full, q_block, row_stat, row_stat], out_specs=q_block,
+        in_specs=[q_block, kv_full, kv_full, seg_full, block_bound, q_block, row_stat, row_stat], out_specs=q_block,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), name="itersft_flash_dq")(
-        q, k, v, seg, d_out, lse_BNT, delta_BNT)
+        q, k, v, seg, first_key_block, d_out, lse_BNT, delta_BNT)
     return dq, dk, dv, None
 
 
@@ -600,6 +641,22 @@ def cudnn_segment_layout(segment_ids_BT: jax.Array, max_segments: int):
     return seqlens, offsets, ok
 
 
+@functools.lru_cache(maxsize=1)
+def _cudnn_packed_kv_offsets_use_query_heads() -> bool:
+    """Whether the installed jax scales packed kv offsets by the *query* head count (jax-ml/jax#39521, still in
+    jax 0.10.2; fixed by 0.11.2, where packed GQA matched the reference on an H100). Then keys must be given N
+    heads, or cuDNN reads other tokens' keys. Unknown source counts as buggy: repeating is always correct."""
+    import inspect
+
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    try:
+        source = inspect.getsource(fused_attention_stablehlo._fix_seqlen_offsets)
+    except (AttributeError, OSError, TypeError):
+        return True
+    return "kv_offsets * N_kv" not in source
+
+
 def _cudnn_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, scale, window, max_segments):
     """cuDNN flash attention over the ragged (packed) layout; always the ragged path, so left padding and
     several samples per row are handled alike (it needs Hopper; jax raises on older GPUs)."""
@@ -611,8 +668,7 @@ def _cudnn_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, scale, window, max_segme
     real = (seg_BT != 0)[:, :, None, None]
     # cuDNN leaves tokens outside every segment unwritten (forward and backward): select them away both ways
     q_BTNH, k_BTKH, v_BTKH = (jnp.where(real, x, 0) for x in (q_BTNH, k_BTKH, v_BTKH))
-    if kv != n:
-        # jax <= 0.10 scales packed kv offsets by the *query* heads (jax-ml/jax#39521): give keys N heads
+    if kv != n and _cudnn_packed_kv_offsets_use_query_heads():
         k_BTKH, v_BTKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BTKH, v_BTKH))
     out = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, None, None, seqlens, seqlens, offsets, offsets,
                                 scale=scale, mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
