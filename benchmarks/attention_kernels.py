@@ -93,9 +93,9 @@ def inputs(b, t, n, kv, h, dtype, seed=0):
 # ----------------------------------------------------------------------------- timing
 
 
-def time_one(name, b, t, n, kv, h, dtype, iters, **kw):
+def time_one(name, b, t, n, kv, h, dtype, iters, samples=4, **kw):
     q, k, v, cot = inputs(b, t, n, kv, h, dtype)
-    seg = jnp.asarray(packed_ids(b, t))
+    seg = jnp.asarray(packed_ids(b, t, samples))
     compiled = fwd_bwd(implementation(name, **kw), seg, scale=h ** -0.5).lower(q, k, v, cot).compile()
     mem = compiled.memory_analysis()
     mem_bytes = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes +
@@ -109,14 +109,15 @@ def time_one(name, b, t, n, kv, h, dtype, iters, **kw):
     return statistics.median(times), mem_bytes
 
 
-def timing_table(names, shapes, dtype, iters, **kw):
-    print(f"\nfwd+bwd of one attention, {jnp.dtype(dtype).name}, packed rows; device {jax.devices()[0].device_kind}")
+def timing_table(names, shapes, dtype, iters, samples=4, **kw):
+    print(f"\nfwd+bwd of one attention, {jnp.dtype(dtype).name}, {samples} sample(s) per row; "
+          f"device {jax.devices()[0].device_kind}")
     print(f"{'B x T, N/K x H':>24} {'implementation':>15} {'ms':>10} {'vs 1st':>8} {'MiB':>10} {'vs 1st':>8}")
     for b, t, n, kv, h in shapes:
         base = None
         for name in names:
             try:
-                sec, mem = time_one(name, b, t, n, kv, h, dtype, iters, **kw)
+                sec, mem = time_one(name, b, t, n, kv, h, dtype, iters, samples, **kw)
             except Exception as err:  # noqa: BLE001 - a table row per failure, the rest still runs
                 print(f"{f'{b} x {t}, {n}/{kv} x {h}':>24} {name:>15}  failed: {type(err).__name__}: "
                       f"{str(err).splitlines()[0][:150]}", flush=True)
@@ -283,6 +284,10 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="GPU: pallas_gpu block sizes")
     parser.add_argument("--only", nargs="*", help="--check only these implementations")
     parser.add_argument("--lengths", type=int, nargs="*", default=[512, 2048, 8192], help="CPU table lengths")
+    parser.add_argument("--samples", type=int, default=4, help="samples packed per row (1: unpacked)")
+    parser.add_argument("--batch", type=int, default=1, help="CPU table rows")
+    parser.add_argument("--heads", default="4/1", help="CPU table query/kv heads, e.g. 8/2")
+    parser.add_argument("--head-dim", type=int, default=32, help="CPU table head_dim")
     args = parser.parse_args()
     platform = jax.default_backend()
     print(f"jax {jax.__version__}, backend {platform}, device {jax.devices()[0].device_kind}", flush=True)
@@ -297,7 +302,9 @@ def main():
         timing_table(names, [(8, 2048, 32, 8, 64)], jnp.bfloat16, args.iters, max_segments=8)
         timing_table(names[1:], [(1, 16384, 32, 8, 64)], jnp.bfloat16, args.iters, max_segments=8)
     else:
-        timing_table(["xla", "xla_chunked"], [(1, t, 4, 1, 32) for t in args.lengths], jnp.float32, args.iters)
+        n, kv = (int(x) for x in args.heads.split("/"))
+        shapes = [(args.batch, t, n, kv, args.head_dim) for t in args.lengths]
+        timing_table(["xla", "xla_chunked"], shapes, jnp.float32, args.iters, args.samples)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,8 @@ def test_resolver_picks_the_best_kernel_for_the_case():
     r = lambda req, **kw: resolve_attention_implementation(req, **{"dtype": bf16, "head_dim": 64, **kw})
     assert r("auto", platform="cpu") == "xla"
     assert r(None, platform="cpu") == "xla"
+    assert r("auto", platform="cpu", seq_len=2048) == "xla"
+    assert r("auto", platform="cpu", seq_len=8192) == "xla_chunked"  # long rows: O(T) memory
     assert r("sdpa", platform="cpu") == "xla"
     assert r("eager", platform="gpu") == "xla"
     assert r("flash_attention_2", platform="cpu") == "xla_chunked"  # a flash kernel, never the materializing one

@@ -50,6 +50,7 @@ IMPLEMENTATIONS = ("xla", *KERNELS)  # what resolve_attention_implementation ret
 HF_ALIASES = {"eager": "xla", "sdpa": "auto", "flash_attention_2": "flash", "flash_attention_3": "flash"}
 ATTENTION_IMPLEMENTATIONS = ("auto", *IMPLEMENTATIONS, *HF_ALIASES)  # every accepted attn_implementation
 
+CPU_CHUNKED_FROM = 4096  # tokens per row from which "auto" on CPU takes xla_chunked (see resolve_...)
 _MASK = -0.7 * float(np.finfo(np.float32).max)  # finite: a row masked in one block never turns into NaN
 _GPU_PLATFORMS = ("gpu", "cuda")
 
@@ -86,7 +87,7 @@ def _unsupported(name: str, *, platform: str, dtype, head_dim: int, softcap, max
 
 def resolve_attention_implementation(requested: str | None, *, platform: str, dtype: Any, head_dim: int,
                                      window: int | None = None, softcap: float | None = None,
-                                     max_segments: int | None = None) -> str:
+                                     max_segments: int | None = None, seq_len: int | None = None) -> str:
     """The attention implementation to use: one of ``IMPLEMENTATIONS``.
 
     ``requested`` is ``None``/``"auto"`` (the best for the case), one of ``IMPLEMENTATIONS``, or a Hugging Face
@@ -96,8 +97,12 @@ def resolve_attention_implementation(requested: str | None, *, platform: str, dt
     the caller's static bound on segments per row (``None``: unknown, which rules cuDNN out — see the module
     docstring). ``window`` is accepted for symmetry: every implementation supports sliding windows.
 
-    "auto": GPU -> cudnn where it applies, else pallas_gpu, else xla_chunked; TPU -> splash; CPU -> "xla" (the
-    materializing path is the fastest there at training lengths; xla_chunked wins only on memory).
+    "auto": GPU -> cudnn where it applies, else pallas_gpu, else xla_chunked; TPU -> splash; CPU -> "xla" below
+    ``CPU_CHUNKED_FROM`` tokens per row (``seq_len``; unknown counts as short), xla_chunked from there on.
+    Measured on the 2-core CPU (``benchmarks/attention_kernels.py``): xla_chunked runs a forward+backward in
+    0.2-0.8x the materializing path's time at every length from 256 to 8192 and in O(T) memory, but compiles
+    about 8x slower (4-5 s against 0.5 s per attention instance) — for the trainer's short, bucketed runs the
+    compile dominates; from 4096 tokens the ``[T, T]`` fp32 scores (64 MiB per head and row) dominate instead.
     An explicit name that cannot run the case raises ``ValueError`` naming ``attn_implementation``.
     """
     del window
@@ -109,7 +114,8 @@ def resolve_attention_implementation(requested: str | None, *, platform: str, dt
     case = dict(platform=platform, dtype=dtype, head_dim=head_dim, softcap=softcap, max_segments=max_segments)
     if name in ("auto", "flash"):
         order = {"gpu": ("cudnn", "pallas_gpu"), "tpu": ("splash",)}.get(platform, ())
-        order += ("xla_chunked",) if name == "flash" or platform != "cpu" else ("xla",)
+        long_row = seq_len is not None and seq_len >= CPU_CHUNKED_FROM
+        order += ("xla_chunked",) if name == "flash" or platform != "cpu" or long_row else ("xla",)
         return next(n for n in order if _unsupported(n, **case) is None)
     reason = _unsupported(name, **case)
     if reason is not None:
