@@ -211,6 +211,17 @@ def test_resolver_picks_the_best_kernel_for_the_case():
     assert {"auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"} <= set(ATTENTION_IMPLEMENTATIONS)
 
 
+def test_resolver_skips_cudnn_before_hopper(monkeypatch):
+    """jax refuses cuDNN's packed layout below sm90: an A100 gets the Pallas kernel, an explicit cudnn an error."""
+    from itersft_jax.models import kernels
+
+    monkeypatch.setattr(kernels, "_gpu_compute_capability", lambda: (8, 0))
+    case = dict(platform="gpu", dtype=jnp.bfloat16, head_dim=64, max_segments=8)
+    assert resolve_attention_implementation("auto", **case) == "pallas_gpu"
+    with pytest.raises(ValueError, match="Hopper"):
+        resolve_attention_implementation("cudnn", **case)
+
+
 @pytest.mark.parametrize("requested, case, why", [
     ("cudnn", dict(platform="cpu"), "NVIDIA GPUs only"),
     ("cudnn", dict(platform="gpu", max_segments=4, softcap=30.0), "soft-cap"),

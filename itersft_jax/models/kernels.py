@@ -17,7 +17,7 @@ The implementations, and why each exists:
   ids; packed rows are expressed as its *ragged* layout (per row, up to ``max_segments`` runs given by offset
   and length, ``cudnn_segment_layout``). ``max_segments`` is static (it sizes cuDNN's buffers), so the caller
   must state it; a row that does not fit (more runs, or one id in two runs) comes back as NaN, never as a
-  silently wrong number. No soft-cap; bf16/fp16 only.
+  silently wrong number. No soft-cap; bf16/fp16 only; the ragged layout needs Hopper or newer.
 * ``"pallas_gpu"`` — our Pallas (Triton) flash kernel: segment ids, GQA (kv heads indexed, never repeated),
   sliding window, soft-cap; a flash-attention-2 backward in two kernels. Key blocks outside the window or
   before a query block's earliest sample are never visited (``_segment_block_bounds``), so a packed row costs
@@ -27,8 +27,13 @@ The implementations, and why each exists:
 * ``"xla_chunked"`` — blockwise online-softmax attention in plain JAX with a flash backward (recompute per
   block, ``rowsum(dO * O)``): every feature on every backend with memory ``O(T * block)``, skipping blocks
   like the Pallas kernel. The fallback where no vendor kernel covers a case.
-* ``"xla"`` is not run here: it names the materializing path of ``models/common.py``, the fastest on CPU at
-  training lengths (``benchmarks/attention_kernels.py``).
+* ``"xla"`` is not run here: it names the materializing path of ``models/common.py``, which "auto" keeps on CPU
+  for rows shorter than ``CPU_CHUNKED_FROM``: it compiles ~8x faster than xla_chunked, and the trainer's short,
+  length-bucketed runs pay compile time more than run time (``benchmarks/results_attention_kernels.md``).
+
+Verified on an H100 (jax 0.11.2): cudnn and pallas_gpu against a materialized reference, outputs and gradients,
+packed rows, GQA, windows, soft-caps, exact isolation of samples (``benchmarks/attention_kernels.py --check``).
+Splash ran only in the Pallas interpreter on CPU, never on a TPU.
 
 ``resolve_attention_implementation`` turns a requested name (ours or Hugging Face's ``attn_implementation``
 names) into one of these for a platform and case, or raises a ``ValueError`` that names the alternatives.
@@ -73,6 +78,9 @@ def _unsupported(name: str, *, platform: str, dtype, head_dim: int, softcap, max
             return "cuDNN has no logit soft-cap"
         if max_segments is None:
             return "cuDNN needs a static bound on the segments per row (max_segments) to honour packed rows"
+        capability = _gpu_compute_capability()
+        if capability is not None and capability < (9, 0):
+            return f"cuDNN's packed (ragged) layout needs Hopper (sm90) or newer, not sm{capability[0]}{capability[1]}"
         return None
     if name == "pallas_gpu":
         if platform not in _GPU_PLATFORMS:
@@ -83,6 +91,15 @@ def _unsupported(name: str, *, platform: str, dtype, head_dim: int, softcap, max
     if name == "splash":
         return None if platform == "tpu" else "splash attention runs on TPUs only"
     raise AssertionError(name)
+
+
+def _gpu_compute_capability() -> tuple[int, int] | None:
+    """The first local NVIDIA GPU's compute capability, or ``None`` without one (resolving for a GPU elsewhere)."""
+    try:
+        major, minor = jax.devices("gpu")[0].compute_capability.split(".")[:2]
+        return int(major), int(minor)
+    except (RuntimeError, AttributeError, ValueError, IndexError):
+        return None
 
 
 def resolve_attention_implementation(requested: str | None, *, platform: str, dtype: Any, head_dim: int,
@@ -138,7 +155,8 @@ def flash_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, seg
     See the module docstring for the exact semantics. ``implementation`` is one of ``KERNELS`` (resolve names
     with ``resolve_attention_implementation``); ``interpret`` runs the Pallas kernels (pallas_gpu, splash) in
     the Pallas interpreter, on any backend (tests); ``max_segments`` is the static bound on segments per row
-    that ``"cudnn"`` requires (the other kernels compare ids and ignore it).
+    that ``"cudnn"`` requires (the other kernels compare ids and ignore it): each slot costs ``B * N * T`` fp32
+    of softmax statistics saved for the backward, per layer, so state the real bound, not ``T``.
     """
     if implementation not in KERNELS:
         raise ValueError(f"implementation={implementation!r} is not a flash kernel; one of {', '.join(KERNELS)} "
@@ -179,10 +197,10 @@ def flash_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, seg
 
 def _block_size(t: int, cap: int, floor: int = 16) -> int:
     """A power-of-two block: ``cap`` for long rows, a quarter of the row (>= ``floor``) for short ones."""
-    return max(floor, min(cap, pl_next_pow2(t) // 4))
+    return max(floor, min(cap, _next_pow2(t) // 4))
 
 
-def pl_next_pow2(x: int) -> int:
+def _next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(x, 1))))
 
 
@@ -270,7 +288,7 @@ class _Cfg:
 def _chunked_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, scale, window, softcap, block_cap: int = 512):
     b, t, n, h = q_BTNH.shape
     kv = k_BTKH.shape[2]
-    block = min(_block_size(t, block_cap), pl_next_pow2(t))
+    block = min(_block_size(t, block_cap), _next_pow2(t))
     tp = -(-t // block) * block
     q_BKTGH = _pad_axis(q_BTNH, 1, tp).reshape(b, tp, kv, n // kv, h).transpose(0, 2, 1, 3, 4)
     k_BKTH = _pad_axis(k_BTKH, 1, tp).transpose(0, 2, 1, 3)
@@ -407,7 +425,7 @@ def _gpu_cfg(t: int, head_dim: int, **kw) -> _GpuCfg:
 
 def _pallas_gpu_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, scale, window, softcap, interpret):
     b, t, n, h = q_BTNH.shape
-    hp = max(16, pl_next_pow2(h))  # Triton tiles are powers of two; zero lanes change no dot product
+    hp = max(16, _next_pow2(h))  # Triton tiles are powers of two; zero lanes change no dot product
     cfg = _gpu_cfg(t, hp, scale=scale, window=window, softcap=softcap, groups=n // k_BTKH.shape[2],
                    interpret=interpret)
     blk = max(cfg.block_q, cfg.block_k, cfg.block_q_bwd, cfg.block_k_bwd)
