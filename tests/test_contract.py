@@ -325,3 +325,13 @@ def test_train_points_to_step_and_generate_checks(backend, llama_dir, tokenizer,
         trainer.generate([])
     assert len(trainer.generate(["a"], max_new_tokens=2, eos_token_id=list(range(8))).sequences) == 1
 
+
+
+@pytest.mark.parametrize("field,value", [("learning_rate", math.nan), ("learning_rate", math.inf),
+                                         ("learning_rate", -1e-3), ("weight_decay", -0.1), ("adam_beta2", 1.0),
+                                         ("max_grad_norm", math.nan), ("per_device_train_batch_size", 0),
+                                         ("gradient_accumulation_steps", 0), ("max_skipped_updates", 0)])
+def test_impossible_hyperparameters_are_refused_when_the_config_is_built(field, value, tmp_path):
+    # TrainingArguments accepts every one of these; a NaN learning rate gave a NaN model after two calls.
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        IterativeSFTConfig(output_dir=str(tmp_path), **{field: value})

@@ -1,5 +1,9 @@
 """The JAX IterativeSFTTrainer shell: contract, compile counts, logging, saving, TRL's defects."""
 
+import base64
+import glob
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -202,3 +206,129 @@ def test_evaluate_packs_like_a_step_and_runs_with_remat(llama_dir, tmp_path):
         trainer.evaluate()
     with pytest.raises(ValueError, match="eval_dataset"):
         make_trainer(llama_dir, tmp_path, eval_strategy="steps")
+
+
+class _LocalHub:
+    """A local HTTP endpoint speaking the four Hub routes an upload uses (create repo, validate the model card,
+    preupload, commit); it records every commit's files. Every file is declared "regular" (inline base64)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.commits: list[dict] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/api/repos/create":
+                    name = json.loads(body)["name"]
+                    return self._reply({"url": f"{hub.url}/user/{name}", "name": f"user/{name}"})
+                if self.path == "/api/validate-yaml":
+                    return self._reply({"errors": [], "warnings": []})
+                if "/preupload/" in self.path:
+                    files = json.loads(body)["files"]
+                    return self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                  for f in files]})
+                if "/commit/" in self.path:
+                    lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+                    hub.commits.append({
+                        "repo": self.path.split("/api/models/")[1].split("/commit/")[0],
+                        "message": lines[0]["value"]["summary"],
+                        "files": {x["value"]["path"]: base64.b64decode(x["value"]["content"])
+                                  for x in lines if x["key"] == "file"}})
+                    return self._reply({"commitUrl": f"{hub.url}/user/repo/commit/{len(hub.commits)}",
+                                        "commitOid": f"{len(hub.commits):040x}"})
+                self.send_error(404)
+
+            def _reply(self, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_push_to_hub_uploads_checkpoints_and_the_final_model_with_a_card(llama_dir, tmp_path, monkeypatch):
+    """Through huggingface_hub against a local endpoint: each save_steps checkpoint pushes its model files
+    (not the train state), and push_to_hub() uploads output_dir with a model card whose metadata parses."""
+    from huggingface_hub import ModelCard, constants
+
+    hub = _LocalHub()
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    trainer = make_trainer(llama_dir, tmp_path / "run", per_device_train_batch_size=1, save_strategy="steps",
+                           save_steps=2, push_to_hub=True, hub_model_id="tiny-itersft")
+    trainer.step(texts=TEXTS[:2])
+    info = trainer.push_to_hub()
+    hub.server.shutdown()
+    assert [c["message"] for c in hub.commits] == ["Training in progress, step 2", "End of training"]
+    assert {c["repo"] for c in hub.commits} == {"user/tiny-itersft"} and info.oid == f"{2:040x}"
+    checkpoint_files = set(hub.commits[0]["files"])
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= checkpoint_files
+    assert not any(f.startswith("train_state") or f == "itersft_state.json" for f in checkpoint_files)
+    final = hub.commits[1]["files"]
+    with open(tmp_path / "run" / "model.safetensors", "rb") as f:
+        assert final["model.safetensors"] == f.read()
+    assert not any(f.startswith("checkpoint-") for f in final)
+    card = ModelCard(final["README.md"].decode())
+    assert card.data.library_name == "transformers" and {"itersft", "jax"} <= set(card.data.tags)
+
+
+def test_report_to_wandb_offline_records_every_logged_update(llama_dir, tmp_path, monkeypatch):
+    """transformers' WandbCallback on the JAX engine, W&B offline: the run's history holds loss, learning rate,
+    grad norm and tokens/s of every logged update, at its global step."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer = make_trainer(llama_dir, tmp_path / "run", per_device_train_batch_size=1, report_to="wandb")
+    trainer.step(texts=TEXTS[:3])
+    trainer.end_training()
+    wandb.finish()
+    rows = _wandb_history(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))[0])
+    rows = [r for r in rows if "train/loss" in r]
+    assert [r["train/global_step"] for r in rows] == [1, 2, 3]
+    for row, logged in zip(rows, trainer.state.log_history):
+        for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second"):
+            assert row[f"train/{key}"] == pytest.approx(logged[key], rel=1e-9)
+
+
+def _wandb_history(path: str) -> list[dict]:
+    """The history rows of an offline W&B run file: LevelDB-log framing (32 KiB blocks, 7-byte record headers:
+    crc32, length, type 1 full / 2 first / 3 middle / 4 last) after a 7-byte ':W&B' file header, each record a
+    ``wandb_internal_pb2.Record``."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B", path
+    rows, pos, chunks = [], 7, b""
+    while pos + 7 <= len(data):
+        block_left = 32768 - pos % 32768
+        if block_left < 7:  # a block's tail too short for a header is zero padding
+            pos += block_left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunks += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
