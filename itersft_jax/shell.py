@@ -283,6 +283,7 @@ class TrainerShell:
             if m.get("skipped", 0):
                 skipped += 1
                 self._skipped_in_a_row += 1
+                self.state.global_step -= 1
                 limit = self.args.max_skipped_updates
                 if limit is not None and self._skipped_in_a_row >= limit:
                     raise RuntimeError(
@@ -294,23 +295,19 @@ class TrainerShell:
                 self._skipped_in_a_row = 0
                 self._window["loss_sum"] += m["loss"] * m["num_tokens"]
                 self._window["tokens"] += int(m["num_tokens"])
-        self.state.global_step -= skipped
         return skipped
 
     def _act_on_control(self) -> None:
         """Do what ``control`` asks for after an update or a call: log, evaluate, save (transformers' order)."""
-        control = self.control
-        if not (control.should_log or control.should_evaluate or control.should_save):
+        if not (self.control.should_log or self.control.should_evaluate or self.control.should_save):
             return
-        now = time.perf_counter()
-        self._window["seconds"] += now - self._clock
         if self._sync():  # the update this was due for was skipped: its step number comes again
-            control.should_log = control.should_evaluate = control.should_save = False
-            self._clock = now
+            self.control.should_log = self.control.should_evaluate = self.control.should_save = False
             return
-        if control.should_log:
+        self._window["seconds"] += time.perf_counter() - self._clock  # after the sync: the device work is done
+        if self.control.should_log:
             self._log_window()
-        if control.should_evaluate:
+        if self.control.should_evaluate:
             metrics = self.evaluate()
             if _strategy(self.args.save_strategy) == "best":
                 self.control.should_save = self._determine_best_metric(metrics=metrics, trial=None)
