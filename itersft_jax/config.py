@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -71,6 +72,9 @@ class IterativeSFTConfig(TrainingArguments):
     backend: str = field(
         default="jax", metadata={"help": "Engine of IterativeSFTTrainer: 'jax' or 'torch'.",
                                  "choices": list(BACKENDS)})
+    max_skipped_updates: int | None = field(
+        default=None, metadata={"help": "Raise after this many updates in a row were skipped as non-finite "
+                                         "(None: never raise; each skip is counted and warned about)."})
 
     # TRL's defaults.
     logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer updates (or a ratio "
@@ -87,6 +91,7 @@ class IterativeSFTConfig(TrainingArguments):
 
     def __post_init__(self):
         validate_truncation(self.max_length, self.truncation_mode)
+        validate_hyperparameters(self)
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
         if self.bf16 is None:
@@ -140,6 +145,38 @@ class IterativeSFTConfig(TrainingArguments):
         values = {k: v for k, v in values.items() if k in own}
         values.update(overrides)
         return cls(**values)
+
+
+def validate_hyperparameters(args: TrainingArguments) -> None:
+    """ValueError naming the field for a hyper-parameter no trainer can honour (NaN/inf learning rate, negative
+    weight decay, a batch of 0, ...), before anything is built. TrainingArguments accepts all of these."""
+    def number(name: str, low: float, below: float | None = None, optional: bool = False) -> None:
+        value = getattr(args, name)
+        if value is None and optional:
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not (ok and value >= low and (below is None or value < below)):
+            bounds = f">= {low}" if below is None else f"in [{low}, {below})"
+            raise ValueError(f"`{name}` must be a finite number {bounds}, got {value!r}")
+
+    number("learning_rate", 0)
+    number("weight_decay", 0)
+    number("adam_beta1", 0, 1)
+    number("adam_beta2", 0, 1)
+    number("adam_epsilon", 0)
+    number("warmup_steps", 0)
+    for name in ("logging_steps", "save_steps"):
+        number(name, 0)
+    number("eval_steps", 0, optional=True)
+    if args.max_grad_norm is not None and (math.isnan(args.max_grad_norm) or args.max_grad_norm < 0):
+        raise ValueError(f"`max_grad_norm` must be >= 0 (0 or inf: no clipping), got {args.max_grad_norm!r}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    skipped = getattr(args, "max_skipped_updates", None)
+    if skipped is not None and (isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 1):
+        raise ValueError(f"`max_skipped_updates` must be None or an integer >= 1, got {skipped!r}")
 
 
 def resolve_config(args: TrainingArguments | None) -> IterativeSFTConfig:

@@ -213,9 +213,16 @@ def prepare_examples(
     else:
         kept = [ex for ex in truncated if ex.num_label_tokens > 0]
     if not kept:
+        untruncated = [ex for ex in examples if (np.any(ex.labels != IGNORE_INDEX) if is_encoder_decoder
+                                                 else ex.num_label_tokens > 0)]
+        if untruncated:  # truncation removed them
+            raise ValueError(
+                f"no sample has a label token left (max_length={max_length}, truncation_mode="
+                f"{truncation_mode!r}); check `labels`/`completions` and `max_length`")
         raise ValueError(
-            f"no sample has a label token left (max_length={max_length}, truncation_mode="
-            f"{truncation_mode!r}); check `labels`/`completions` and `max_length`")
+            f"no sample has a label token: each needs a token with a label after its first one (a causal LM "
+            f"predicts token t from the tokens before it); got {len(examples)} sample(s) of lengths "
+            f"{sorted({len(ex.input_ids) for ex in examples})[:8]}. Check for empty texts/completions and `labels`")
     if len(kept) < len(truncated):
         logger.warning("step(): dropped %d of %d samples that have no label token left after truncation",
                        len(truncated) - len(kept), len(truncated))

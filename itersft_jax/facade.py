@@ -6,7 +6,7 @@ from .config import BACKENDS, resolve_config
 
 
 class IterativeSFTTrainer:
-    """TRL's constructor signature plus ``backend``; returns the engine's trainer.
+    """TRL's constructor signature plus ``callbacks`` and ``backend``; returns the engine's trainer.
 
     ``backend`` picks the engine; when omitted, ``args.backend`` does (default ``"jax"``), so a command
     line built on ``HfArgumentParser(IterativeSFTConfig)`` can choose it with ``--backend``. The JAX
@@ -14,8 +14,8 @@ class IterativeSFTTrainer:
     """
 
     def __new__(cls, model, args=None, data_collator=None, eval_dataset=None, processing_class=None,
-                optimizers=(None, None), preprocess_logits_for_metrics=None, compute_metrics=None, *,
-                backend: str | None = None, **kwargs):
+                optimizers=(None, None), preprocess_logits_for_metrics=None, compute_metrics=None, callbacks=None,
+                *, backend: str | None = None, **kwargs):
         args = resolve_config(args)
         backend = backend if backend is not None else args.backend
         if backend not in BACKENDS:
@@ -29,4 +29,4 @@ class IterativeSFTTrainer:
         return engine(model, args=args, data_collator=data_collator, eval_dataset=eval_dataset,
                       processing_class=processing_class, optimizers=optimizers,
                       preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-                      compute_metrics=compute_metrics, **kwargs)
+                      compute_metrics=compute_metrics, callbacks=callbacks, **kwargs)

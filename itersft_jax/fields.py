@@ -122,10 +122,9 @@ def _num_train_epochs_is_one(value) -> bool:
 # The table. Order: the installed transformers' TrainingArguments, then IterativeSFTConfig's own fields.
 
 _SHELL = "trainer shell: "  # JAX cadences and integrations kept by itersft_jax/trainer.py
-_EVALUATE = "Trainer.evaluate() (its eval dataloader); step() has no dataloader"
-_NO_DATALOADER = "step() takes the samples of each call; there is no dataloader (evaluate() packs like step())"
+_NO_DATALOADER = ("step() takes the samples of each call and evaluate() its samples or eval_dataset columns "
+                  "(shell.evaluate, both engines): there is no dataloader")
 _ONE_PROCESS = "the JAX engine is one process over jax.devices(); there are no per-node replicas"
-_JAX_LOSS_ONLY = "JAX evaluate() computes the token-weighted loss only: no predictions, no compute_metrics"
 _NO_DDP = "no torch DDP: the JAX engine shards with one jax.sharding.Mesh"
 _INFORMATIONAL = "informational: transformers' own Trainer does not read it either (for your scripts)"
 
@@ -228,9 +227,8 @@ FIELDS: dict[str, dict[str, Rule]] = {
                  "and 'non_padding' alike (state.num_input_tokens_seen always counts them)"),
         honoured("step() returns num_input_tokens_seen, same definition as the JAX engine; Trainer.log adds it "
                  "to the logs")),
-    "log_level": each(
-        refused("the JAX engine logs through Python's logging: set the 'itersft_jax' logger's level"),
-        honoured("Trainer sets transformers' verbosity")),
+    "log_level": each(honoured("level of the itersft_jax logger (and transformers' verbosity)"),
+                      honoured("Trainer sets transformers' verbosity")),
     "log_level_replica": each(not_applicable(_ONE_PROCESS), honoured("Trainer sets replicas' verbosity")),
     "disable_tqdm": each(honoured("step()'s progress bar (calls of at least 8 updates)"),
                          honoured("evaluate()'s progress bar; step() shows none")),
@@ -245,17 +243,16 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "eval_steps": each(honoured(_SHELL + "evaluation cadence in updates"), honoured("evaluation cadence in updates")),
     "eval_delay": each(honoured(_SHELL + "no evaluation before this update"),
                        honoured("no evaluation before this update")),
-    "per_device_eval_batch_size": each(
-        refused("JAX evaluate() batches like step() (per_device_train_batch_size rows); leave this unset"),
-        honoured(_EVALUATE)),
-    "prediction_loss_only": each(not_applicable(_JAX_LOSS_ONLY), honoured("Trainer.evaluate()")),
+    "per_device_eval_batch_size": both(honoured("samples per evaluate() batch (x devices on JAX)")),
+    "prediction_loss_only": both(honoured("evaluate() skips compute_metrics (shell.evaluate)")),
     "eval_on_start": both(refused("there is no start of training in step(): call trainer.evaluate() before the "
                                   "first step()")),
-    "eval_do_concat_batches": each(not_applicable(_JAX_LOSS_ONLY), honoured("Trainer.evaluate()")),
-    "eval_use_gather_object": each(not_applicable(_JAX_LOSS_ONLY), honoured("Trainer.evaluate()")),
-    "eval_accumulation_steps": each(not_applicable(_JAX_LOSS_ONLY), honoured("Trainer.evaluate()")),
-    "include_for_metrics": each(not_applicable(_JAX_LOSS_ONLY), honoured("Trainer.evaluate()")),
-    "batch_eval_metrics": each(not_applicable(_JAX_LOSS_ONLY), honoured("Trainer.evaluate()")),
+    "eval_do_concat_batches": both(refused("evaluate() always concatenates the batches' predictions for "
+                                           "compute_metrics; leave it True")),
+    "eval_use_gather_object": both(refused("evaluate() gathers no Python objects across processes")),
+    "eval_accumulation_steps": both(not_applicable("evaluate() moves predictions to the host after every batch")),
+    "include_for_metrics": both(refused("EvalPrediction carries predictions and label_ids only")),
+    "batch_eval_metrics": both(refused("compute_metrics is called once on the whole eval set")),
     "save_only_model": each(
         refused("JAX checkpoints always hold the whole train state (exact resume); trainer.save_model() writes "
                 "the model alone"),
@@ -297,16 +294,15 @@ FIELDS: dict[str, dict[str, Rule]] = {
                                honoured("accelerate")),
     "parallelism_config": both(refused(
         "tensor/context parallelism is not supported by step(); data parallel (and FSDP on torch) only")),
-    "dataloader_drop_last": each(not_applicable(_NO_DATALOADER), honoured(_EVALUATE)),
-    "dataloader_num_workers": each(not_applicable(_NO_DATALOADER), honoured(_EVALUATE)),
-    "dataloader_pin_memory": each(not_applicable(_NO_DATALOADER), honoured(_EVALUATE)),
-    "dataloader_persistent_workers": each(not_applicable(_NO_DATALOADER), honoured(_EVALUATE)),
-    "dataloader_prefetch_factor": each(not_applicable(_NO_DATALOADER), honoured(_EVALUATE)),
-    "dataloader_multiprocessing_context": each(not_applicable(_NO_DATALOADER), honoured(_EVALUATE)),
-    "dataloader_in_order": each(not_applicable(_NO_DATALOADER), honoured(_EVALUATE)),
-    "remove_unused_columns": each(not_applicable("JAX evaluate() reads only step()'s columns"),
-                                  honoured(_EVALUATE)),
-    "label_names": each(not_applicable("JAX evaluate() reads the `labels` column"), honoured(_EVALUATE)),
+    "dataloader_drop_last": both(not_applicable(_NO_DATALOADER)),
+    "dataloader_num_workers": both(not_applicable(_NO_DATALOADER)),
+    "dataloader_pin_memory": both(not_applicable(_NO_DATALOADER)),
+    "dataloader_persistent_workers": both(not_applicable(_NO_DATALOADER)),
+    "dataloader_prefetch_factor": both(not_applicable(_NO_DATALOADER)),
+    "dataloader_multiprocessing_context": both(not_applicable(_NO_DATALOADER)),
+    "dataloader_in_order": both(not_applicable(_NO_DATALOADER)),
+    "remove_unused_columns": both(not_applicable("evaluate() reads only step()'s columns")),
+    "label_names": both(not_applicable("evaluate() reads the `labels` column")),
     "train_sampling_strategy": both(refused(
         "step() shuffles each call's samples (seeded by data_seed or seed) and sorts each update by length; "
         "leave it 'random'")),
@@ -342,6 +338,7 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "optimize_device_cache": each(not_applicable("XLA's allocator has no cache to empty"),
                                   honoured("empties the accelerator cache after each step() call")),
     "backend": both(honoured("picks the engine (IterativeSFTTrainer facade)")),
+    "max_skipped_updates": both(honoured("raise after this many non-finite updates in a row (shell.py)")),
 }
 # transformers 4.x's name for a warmup ratio, still read by optim.get_warmup_steps (JAX) and Trainer (torch).
 FIELDS["warmup_ratio"] = both(honoured("ratio of max_steps (transformers 4.x)"))

@@ -29,10 +29,10 @@ import numpy as np
 from flax import nnx
 
 from .data import bucket_length
-from .outputs import GenerationOutput, as_id_list, check_generation_args
+from .outputs import MAX_EOS_IDS, GenerationOutput, as_id_list, check_generation_args
+from .outputs import eos_id_list as _eos_list
 from .outputs import prompt_rows as read_prompts
 
-MAX_EOS_IDS = 8  # EOS ids are padded to this many (-1 never matches), so their number never recompiles
 _UNSEEDED_STREAM = 0x5EED  # folded into the base key for calls without a seed; explicit seeds never collide
 
 
@@ -149,16 +149,6 @@ def _batch_bucket(rows: int) -> int:
     return 1 if rows <= 1 else bucket_length(rows, minimum=2)
 
 
-def _eos_list(eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        return []
-    ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
-    ids = sorted({int(i) for i in ids})
-    if len(ids) > MAX_EOS_IDS:
-        raise ValueError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(ids)}")
-    return ids
-
-
 def generate_ids(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
@@ -205,14 +195,18 @@ def generate_ids(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, max_n
     return sequences, [bool(d) for d in done_B[:len(rows)]]
 
 
-# Call counters for unseeded calls, per trainer or module (weak: they die with it).
+# Call counters for unseeded calls on bare modules (weak: they die with it); a trainer counts its own.
 _CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _next_unseeded_key(owner, base_seed: int) -> jax.Array:
-    calls = _CALLS.get(owner, 0)
-    _CALLS[owner] = calls + 1
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(base_seed), _UNSEEDED_STREAM), calls)
+def _next_module_call(module) -> int:
+    calls = _CALLS.get(module, 0)
+    _CALLS[module] = calls + 1
+    return calls
+
+
+def _unseeded_key(base_seed: int, call: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(base_seed), _UNSEEDED_STREAM), call)
 
 
 def _default_eos(tokenizer, hf_config) -> list[int]:
@@ -236,14 +230,18 @@ def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=N
     call (see the module docstring). For a bare ``nnx.Module`` pass ``tokenizer=`` (for texts) and
     ``hf_config=`` (for the default EOS) yourself.
     """
-    if hasattr(trainer_or_model, "train_state") and hasattr(trainer_or_model, "graphdef"):
+    from .trainer import IterativeSFTTrainer
+
+    if isinstance(trainer_or_model, IterativeSFTTrainer):
         trainer = trainer_or_model
-        graphdef, params = trainer.graphdef, trainer.train_state.params  # the live params: no copy
+        graphdef, params = trainer.graphdef, trainer.params  # the live params: no copy
         tokenizer = tokenizer if tokenizer is not None else trainer.processing_class
         hf_config = hf_config if hf_config is not None else trainer.config
-        base_seed = int(getattr(trainer.args, "seed", 0))
+        unseeded_call = trainer.next_generation_call if seed is None else None
+        base_seed = int(trainer.args.seed)
     elif isinstance(trainer_or_model, nnx.Module):
         graphdef, params = nnx.split(trainer_or_model, nnx.Param)
+        unseeded_call = functools.partial(_next_module_call, trainer_or_model) if seed is None else None
         base_seed = 0
     else:
         raise TypeError("generate() takes a JAX IterativeSFTTrainer or a Flax NNX causal LM, got "
@@ -261,7 +259,7 @@ def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=N
         pad_id = getattr(hf_config, "pad_token_id", None)
     if pad_id is None:
         pad_id = _eos_list(eos_token_id)[0] if _eos_list(eos_token_id) else 0
-    key = jax.random.key(seed) if seed is not None else _next_unseeded_key(trainer_or_model, base_seed)
+    key = jax.random.key(seed) if seed is not None else _unseeded_key(base_seed, unseeded_call())
 
     sequences, finished = generate_ids(
         graphdef, params, rows, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,

@@ -35,19 +35,38 @@ class GenerationOutput:
         return row // self.num_return_sequences
 
 
+MAX_EOS_IDS = 8  # both engines stop on at most this many EOS ids (JAX pads them to this many: no recompiles)
+
+
+def _check_int(value: Any, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+
+
 def check_generation_args(*, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,
                           num_return_sequences: int = 1) -> None:
     """ValueError naming the argument for any sampling setting ``generate`` cannot honour."""
-    if max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
-    if num_return_sequences < 1:
-        raise ValueError(f"`num_return_sequences` must be >= 1, got {num_return_sequences}")
+    _check_int(max_new_tokens, "max_new_tokens", 1)
+    _check_int(num_return_sequences, "num_return_sequences", 1)
+    _check_int(top_k, "top_k", 0)
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}")
     if do_sample and temperature <= 0:
         raise ValueError(f"`temperature` must be > 0 when sampling, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"`top_k` must be >= 0, got {top_k}")
+
+
+def eos_id_list(eos_token_id: Any) -> list[int]:
+    """``None`` / an id / ids -> sorted unique ids; more than ``MAX_EOS_IDS`` is a ValueError on both engines."""
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
+    ids = sorted({int(i) for i in ids})
+    if len(ids) > MAX_EOS_IDS:
+        raise ValueError(f"`eos_token_id`: at most {MAX_EOS_IDS} EOS ids are supported, got {len(ids)}")
+    return ids
 
 
 def as_id_list(ids: Any, name: str) -> list[int]:
@@ -62,11 +81,23 @@ def as_id_list(ids: Any, name: str) -> list[int]:
     return [int(x) for x in arr]
 
 
-def prompt_rows(prompts, input_ids, tokenizer, *, no_tokenizer_hint: str) -> list[list[int]]:
+def _is_empty(value: Any) -> bool:
+    try:
+        return len(value) == 0
+    except TypeError:  # a scalar: rejected below as the wrong type
+        return False
+
+
+def prompt_rows(prompts, input_ids, tokenizer, *, no_tokenizer_hint: str,
+                vocab_size: int | None = None) -> list[list[int]]:
     """The prompts of a ``generate`` call as token-id rows: exactly one of ``prompts`` (texts, tokenized with
-    the tokenizer's own special tokens) and ``input_ids`` (unpadded token-id sequences)."""
+    the tokenizer's own special tokens) and ``input_ids`` (unpadded token-id sequences, checked against
+    ``vocab_size`` when given)."""
     if (prompts is None) == (input_ids is None):
         raise ValueError("pass exactly one of `prompts` (texts) and `input_ids` (token ids)")
+    for name, value in (("prompts", prompts), ("input_ids", input_ids)):
+        if value is not None and not isinstance(value, str) and _is_empty(value):
+            raise ValueError(f"`{name}` is empty: generate() needs at least one prompt")
     if prompts is not None:
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("`prompts` must be a list of str")
@@ -80,4 +111,8 @@ def prompt_rows(prompts, input_ids, tokenizer, *, no_tokenizer_hint: str) -> lis
         raise TypeError("`input_ids` must be a list of token-id sequences (or an unpadded 2-D array)")
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("generate() needs non-empty prompts")
+    if vocab_size is not None:
+        for i, row in enumerate(rows):
+            if min(row) < 0 or max(row) >= vocab_size:
+                raise ValueError(f"`input_ids[{i}]` holds ids outside the vocabulary [0, {vocab_size})")
     return rows

@@ -1,9 +1,10 @@
 """The JAX ``IterativeSFTTrainer``: a thin stateful shell around the pure ``train_step``.
 
-The shell owns what is not pure: the call counter that seeds shuffling, the host-side data pipeline
-(``itersft_jax.data``), logging, checkpoints and the progress bar. Each optimizer update is one call of
-the single jitted ``train_step``; metrics stay on the device until the whole ``step()`` call has been
-dispatched, so the host never waits on the device inside the loop.
+The engine-independent half — statistics, the log / evaluate / save cadence, transformers' callback protocol,
+``evaluate()`` — is ``itersft_jax.shell.TrainerShell``, shared with the PyTorch engine. This module adds what is
+particular to JAX: the host-side packing of each update, the one jitted ``train_step`` per update, and metrics
+that stay on the device until the shell needs them (a log, an evaluation, a checkpoint, or the end of the call),
+so the host never waits on the device between them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -20,37 +20,49 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
-from transformers import TrainerState
+from transformers import TrainerControl, TrainerState
+from transformers.utils import logging as transformers_logging
 
 from .config import resolve_config
-from .data import bucket_length, count_label_tokens, plan_updates, prepare_examples
-from .fields import check_fields, input_token_stats, shuffle_seed
+from .data import bucket_length, collate, plan_updates, prepare_examples
+from .fields import check_fields, shuffle_seed
 from .optim import resolve_optimizer
 from .packing import pack_update, rows_per_micro_batch
+from .shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
 from .train_step import TrainState, make_eval_step, make_train_step
 from .weights import load_model, save_pretrained
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_BAR_MIN_UPDATES = 8  # a call making at least this many updates shows a tqdm bar
 
-
-class IterativeSFTTrainer:
-    """Iterative SFT on the JAX engine, with TRL's constructor signature.
+class IterativeSFTTrainer(TrainerShell):
+    """Iterative SFT on the JAX engine, with TRL's constructor signature (plus ``callbacks``).
 
     ``model``: a hub id, a local HF directory, or a ``transformers.PreTrainedModel`` (its weights are
     copied). ``processing_class`` defaults to the tokenizer stored with the model. ``optimizers`` takes
     ``(optax_transformation, schedule_or_None)``; by default the optimizer and schedule follow ``args``
     like ``transformers.Trainer``. ``data_collator`` is accepted for signature compatibility and unused:
-    the shared data layer pads. ``eval_dataset``, ``compute_metrics`` and ``preprocess_logits_for_metrics``
-    are kept on the trainer for the user's own evaluation.
+    the shared data layer pads. ``eval_dataset`` feeds ``evaluate()`` and ``eval_strategy``;
+    ``compute_metrics`` / ``preprocess_logits_for_metrics`` work as in ``transformers.Trainer`` (see
+    ``evaluate``). ``callbacks``: ``transformers.TrainerCallback`` instances or classes, run after the
+    ``report_to`` integrations (see ``itersft_jax.shell`` for the events). Callbacks receive as ``model`` a
+    :class:`CallbackModel` (the HF config and the live parameters), as ``optimizer`` the optax transformation
+    and as ``lr_scheduler`` the optax schedule.
     """
 
+    _metrics_on_host = False  # update metrics stay on the device until the shell syncs
+
     def __init__(self, model, args=None, data_collator=None, eval_dataset=None, processing_class=None,
-                 optimizers=(None, None), preprocess_logits_for_metrics=None, compute_metrics=None):
+                 optimizers=(None, None), preprocess_logits_for_metrics=None, compute_metrics=None, callbacks=None):
         self.args = resolve_config(args)
         check_fields(self.args, "jax")
+        if self.args.log_level != "passive":  # as transformers.Trainer does, plus this package's own logger
+            level = self.args.get_process_log_level()
+            logging.getLogger("itersft_jax").setLevel(level)
+            transformers_logging.set_verbosity(level)
+        validate_shell_args(self.args, eval_dataset)
+        if str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) == "best":
+            raise ValueError("`save_strategy`='best' is not supported by the JAX engine; use 'steps' or 'epoch'")
         self.data_collator = data_collator
         self.eval_dataset = eval_dataset
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
@@ -77,19 +89,29 @@ class IterativeSFTTrainer:
         self._train_step = make_train_step(self.graphdef, self.tx, self.schedule,
                                            state_sharding=self._replicated, batch_sharding=self._batch_sharding)
 
-        self.state = TrainerState()  # TRL-compatible: global_step, log_history
         # Packed row length: the bucket of the longest sample seen so far. It only grows, so a run whose
         # lengths wander compiles once per new maximum, not once per call.
         self._row_length = 0
         self._eval_step = None  # jitted on the first evaluate()
+        self._logits_fn = None  # jitted on the first evaluate() with compute_metrics
         # Rows per device and micro-batch: on CPUs, small groups of rows (cheap to skip when empty, and a
         # 512-token GEMM is already efficient there); on accelerators, per_device_train_batch_size rows —
         # the user's memory budget, and big enough GEMMs to keep the chip busy.
         on_cpu = jax.devices()[0].platform == "cpu"
         self._rows_per_device = None if on_cpu else self.args.per_device_train_batch_size
-        self._calls = 0
-        self._log_window: list[tuple[float, int]] = []  # (loss, tokens) since the last log
-        self._warned_max_steps = False
+        self._hub = None  # itersft_jax.hub.HubPusher, made at the first push
+
+        first = jax.process_index() == 0
+        self.state = TrainerState(is_local_process_zero=first, is_world_process_zero=first,
+                                  max_steps=max(self.args.max_steps, 0),
+                                  train_batch_size=self.args.per_device_train_batch_size)
+        self.state.compute_steps(self.args, max(self.args.max_steps, 0))
+        self.control = TrainerControl()
+        self._init_shell()
+        self.callback_handler = make_callback_handler(
+            self.args, callbacks, model=CallbackModel(self), processing_class=self.processing_class,
+            optimizer=self.tx, lr_scheduler=self.schedule)
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # ------------------------------------------------------------------------------------------------------
     # Parameters
@@ -109,135 +131,93 @@ class IterativeSFTTrainer:
 
     def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None,
              prompts=None, completions=None) -> dict[str, Any]:
-        """Train on one batch of samples; see the README's step() contract. Returns the call's statistics."""
-        start = time.perf_counter()
-        examples = prepare_examples(
+        """Train on one batch of samples; see the README's step() contract. Returns the call's ``StepStats``."""
+        examples = self._prepare_examples(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
-            texts_labels=texts_labels, prompts=prompts, completions=completions,
-            tokenizer=self.processing_class, max_length=self.args.max_length,
-            truncation_mode=self.args.truncation_mode, vocab_size=self.config.vocab_size)
+            texts_labels=texts_labels, prompts=prompts, completions=completions)
         updates = plan_updates(examples, micro_batch_size=self.micro_batch_size,
                                gradient_accumulation_steps=self.args.gradient_accumulation_steps,
                                seed=shuffle_seed(self.args), call_index=self._calls)
-        self._calls += 1
-        self._check_max_steps(len(updates))
-
-        pad_id = self.processing_class.pad_token_id if self.processing_class is not None else None
-        pad_id = 0 if pad_id is None else pad_id
-        pending = []  # device metrics, read once every update of the call is dispatched
-        real_tokens = padded_tokens = 0
-        bar = tqdm(total=len(updates), desc="step", unit="update", leave=False,
-                   disable=len(updates) < PROGRESS_BAR_MIN_UPDATES or self.args.disable_tqdm)
         # Every update of the call has one shape, [A, R, T]: its samples packed into rows of T tokens (see
         # packing.py); A * R rows hold any update of micro_batch_size * accumulation samples.
         longest = max(len(ex.input_ids) for update in updates for mb in update for ex in mb)
         self._row_length = max(self._row_length, bucket_length(longest, self.args.max_length))
         rows = rows_per_micro_batch(self._row_length, self.mesh.size, self._rows_per_device)
         num_micro = math.ceil(self.micro_batch_size * self.args.gradient_accumulation_steps / rows)
-        for update in updates:
+
+        def run_update(update) -> UpdateRecord:
             batch, used = pack_update(update, row_length=self._row_length, rows=rows,
-                                      num_micro_batches=num_micro, pad_id=pad_id)
-            real_tokens += int(np.count_nonzero(batch["attention_mask"]))
-            padded_tokens += used * rows * self._row_length  # computed tokens; empty micro-batches are skipped
+                                      num_micro_batches=num_micro, pad_id=self._pad_id())
+            input_tokens = int(np.count_nonzero(batch["attention_mask"]))
             batch = jax.device_put(batch, self._batch_sharding)
             with self._precision():
                 self.train_state, metrics = self._train_step(self.train_state, batch)
-            pending.append((metrics, count_label_tokens(update)))
-            self.state.global_step += 1
-            if self._should_save():
-                self.save_checkpoint()
-            bar.update(1)
-        bar.close()
+            # Computed tokens: micro-batches after the last one holding a token are skipped by the step.
+            return UpdateRecord(metrics, input_tokens, used * rows * self._row_length)
 
-        host = jax.device_get([m for m, _ in pending])  # the one sync of the call
-        first_step = self.state.global_step - len(updates) + 1
-        for i, m in enumerate(host):
-            self._log_window.append((float(m["loss"]), int(m["num_tokens"])))
-            if (first_step + i) % max(1, int(self.args.logging_steps)) == 0:
-                self._log(first_step + i, m)
-        seconds = time.perf_counter() - start
-        tokens = sum(int(m["num_tokens"]) for m in host)
-        loss = sum(float(m["loss"]) * int(m["num_tokens"]) for m in host) / max(tokens, 1)
-        self.state.num_input_tokens_seen = (self.state.num_input_tokens_seen or 0) + real_tokens
-        return {
-            "loss": loss,
-            "learning_rate": float(host[-1]["learning_rate"]),
-            "grad_norm": float(host[-1]["grad_norm"]),
-            "num_tokens": tokens,
-            "samples": len(examples),
-            "updates": len(updates),
-            "global_step": self.state.global_step,
-            "seconds": seconds,
-            "tokens_per_second": real_tokens / seconds if seconds > 0 else math.inf,
-            "padded_tokens": padded_tokens,
-            **input_token_stats(self.args, self.state),
-        }
+        return self._run_call(updates, run_update, samples=len(examples))
 
-    def evaluate(self, eval_dataset=None, *, input_ids=None, attention_mask=None, labels=None, texts=None,
-                 prompts=None, completions=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Token-weighted mean cross-entropy on held-out samples, without changing anything.
+    def _prepare_examples(self, **forms):
+        return prepare_examples(**forms, tokenizer=self.processing_class, max_length=self.args.max_length,
+                                truncation_mode=self.args.truncation_mode, vocab_size=self.config.vocab_size)
 
-        Pass the samples in any ``step()`` input form, or an ``eval_dataset`` (default: the trainer's)
-        — a dict or ``datasets.Dataset`` with columns named like ``step()``'s arguments (``input_ids``
-        [+ ``attention_mask``, ``labels``], ``texts``/``text``, or ``prompts``/``prompt`` +
-        ``completions``/``completion``). Returns ``{prefix}_loss``, ``{prefix}_num_tokens``,
-        ``{prefix}_samples`` and ``{prefix}_seconds``, also appended to ``state.log_history``.
-        """
-        start = time.perf_counter()
-        forms = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
-                     prompts=prompts, completions=completions)
-        if all(v is None for v in forms.values()):
-            forms = _dataset_forms(eval_dataset if eval_dataset is not None else self.eval_dataset)
-        examples = prepare_examples(**forms, tokenizer=self.processing_class, max_length=self.args.max_length,
-                                    truncation_mode=self.args.truncation_mode, vocab_size=self.config.vocab_size)
+    def _fetch(self, metrics: list[dict]) -> list[dict]:
+        return jax.device_get(metrics)  # the host sync
+
+    def _pad_id(self) -> int:
+        pad_id = getattr(self.processing_class, "pad_token_id", None)
+        return 0 if pad_id is None else int(pad_id)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Evaluation (the shell's evaluate() calls these)
+
+    def _eval_loss(self, examples) -> tuple[float, int]:
+        """Summed token cross-entropy and label tokens over ``examples``, packed like training updates."""
         if self._eval_step is None:
             self._eval_step = make_eval_step(self.graphdef, batch_sharding=self._batch_sharding)
-        pad_id = getattr(self.processing_class, "pad_token_id", None) or 0
         longest = max(len(ex.input_ids) for ex in examples)
         row_length = max(self._row_length, bucket_length(longest, self.args.max_length))
         rows = rows_per_micro_batch(row_length, self.mesh.size, self._rows_per_device)
-        per_batch = self.micro_batch_size * self.args.gradient_accumulation_steps
+        per_batch = self.args.per_device_eval_batch_size * self.mesh.size
         num_micro = math.ceil(per_batch / rows)
         pending = []
         for i in range(0, len(examples), per_batch):
             batch, _ = pack_update([examples[i:i + per_batch]], row_length=row_length, rows=rows,
-                                   num_micro_batches=num_micro, pad_id=pad_id)
+                                   num_micro_batches=num_micro, pad_id=self._pad_id())
             batch = jax.device_put(batch, self._batch_sharding)
             with self._precision():
                 pending.append(self._eval_step(self.train_state.params, batch))
         host = jax.device_get(pending)
-        loss_sum = sum(float(m["loss_sum"]) for m in host)
-        tokens = sum(int(m["num_tokens"]) for m in host)
-        metrics = {f"{metric_key_prefix}_loss": loss_sum / max(tokens, 1),
-                   f"{metric_key_prefix}_num_tokens": tokens, f"{metric_key_prefix}_samples": len(examples),
-                   f"{metric_key_prefix}_seconds": time.perf_counter() - start}
-        self.state.log_history.append({**metrics, "step": self.state.global_step})
-        return metrics
+        return sum(float(m["loss_sum"]) for m in host), sum(int(m["num_tokens"]) for m in host)
 
-    def _check_max_steps(self, num_updates: int) -> None:
-        max_steps = self.args.max_steps
-        if max_steps > 0 and self.state.global_step + num_updates > max_steps and not self._warned_max_steps:
-            self._warned_max_steps = True
-            logger.warning("step(): max_steps=%d is reached; further updates use the schedule's value past "
-                           "its end (0 for linear/cosine decay). Raise max_steps or use max_steps=-1 "
-                           "(warmup then constant) for open-ended iterative training.", max_steps)
+    def _eval_predictions(self, examples):
+        """Per batch of ``per_device_eval_batch_size`` x devices samples (one per row, unpacked): the logits
+        ``[B, T, V]`` (or ``preprocess_logits_for_metrics(logits, labels)``) and labels ``[B, T]``, on the
+        host as numpy. Rows are padded to the length ladder, so a few shapes compile."""
+        if self._logits_fn is None:
+            from .models.common import positions_from_segments
 
-    def _should_save(self) -> bool:
-        args = self.args
-        return (str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps" and args.save_steps
-                and self.state.global_step % int(args.save_steps) == 0)
+            graphdef = self.graphdef
 
-    def _log(self, global_step: int, metrics: dict) -> None:
-        tokens = sum(n for _, n in self._log_window)
-        loss = sum(loss * n for loss, n in self._log_window) / max(tokens, 1)
-        self._log_window = []
-        entry = {"loss": loss, "learning_rate": float(metrics["learning_rate"]),
-                 "grad_norm": float(metrics["grad_norm"]), "num_tokens": tokens, "step": global_step}
-        self.state.log_history.append(entry)
-        logger.info("step %d: %s", global_step, entry)
+            def logits_fn(params, input_ids_BT, mask_BT):
+                model = nnx.merge(graphdef, params)
+                return model(input_ids_BT, positions_from_segments(mask_BT), mask_BT)[0]
+
+            self._logits_fn = jax.jit(logits_fn)
+        rows = self.args.per_device_eval_batch_size * self.mesh.size
+        for batch in self._eval_batches(examples, rows):
+            length = bucket_length(max(len(ex.input_ids) for ex in batch), self.args.max_length)
+            arrays = {k: v[0] for k, v in collate([batch], pad_id=self._pad_id(), rows=rows, length=length).items()}
+            with self._precision():
+                logits_BTV = self._logits_fn(self.train_state.params, arrays["input_ids"], arrays["attention_mask"])
+            logits_BTV = np.asarray(jax.device_get(logits_BTV))[:len(batch)]
+            labels_BT = arrays["labels"][:len(batch)]
+            if self.preprocess_logits_for_metrics is not None:
+                logits_BTV = np.asarray(self.preprocess_logits_for_metrics(logits_BTV, labels_BT))
+            yield logits_BTV, labels_BT
 
     # ------------------------------------------------------------------------------------------------------
-    # Saving and generation
+    # Saving, the Hub and generation
 
     def save_model(self, output_dir: str | None = None, max_shard_size: str | int = "5GB") -> str:
         """Write an HF directory (config, safetensors, tokenizer, generation config) that
@@ -249,13 +229,23 @@ class IterativeSFTTrainer:
     def save_checkpoint(self, checkpoint_dir: str | None = None) -> str:
         """A full checkpoint (HF model directory + orbax train state + counters), by default
         ``output_dir/checkpoint-<global_step>``; older ones beyond ``save_total_limit`` are removed.
-        ``save_steps`` calls this."""
+        ``save_strategy`` calls this."""
         from .checkpoint import rotate_checkpoints, save_checkpoint
 
         checkpoint_dir = checkpoint_dir or os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         path = save_checkpoint(self, checkpoint_dir)
         rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
         return path
+
+    def _save_for_flow(self) -> None:
+        """The checkpoint the cadence asked for; with ``push_to_hub`` its model files go to the Hub too."""
+        hub = self._hub_pusher() if self.args.push_to_hub else None
+        if hub is not None:
+            hub.wait()  # the previous upload reads its checkpoint folder: finish it before rotation may delete it
+        path = self.save_checkpoint()
+        if hub is not None and hub.pushes_checkpoints():
+            self.callback_handler.on_push_begin(self.args, self.state, self.control)
+            hub.push_checkpoint(path, self.state.global_step)
 
     def resume_from_checkpoint(self, checkpoint_dir: str | bool = True) -> str:
         """Restore parameters, optimizer state, step and call counters from a checkpoint directory (``True``:
@@ -268,6 +258,33 @@ class IterativeSFTTrainer:
                 raise ValueError(f"`resume_from_checkpoint`: no checkpoint-N directory in {self.args.output_dir}")
         load_checkpoint(self, checkpoint_dir)
         return checkpoint_dir
+
+    def _hub_pusher(self):
+        from .hub import HubPusher
+
+        if self._hub is None:
+            self._hub = HubPusher(self.args)
+        return self._hub
+
+    def create_model_card(self, language: str | None = None, license: str | None = None,
+                          tags: str | list[str] | None = None, model_name: str | None = None,
+                          finetuned_from: str | None = None, **unused) -> str:
+        """Write ``output_dir/README.md``: metadata (``library_name``, tags, base model) and the training summary."""
+        from .hub import write_model_card
+
+        return write_model_card(self.args, self.config, self.state.log_history, language=language,
+                                license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """Save the model and a model card to ``output_dir`` and upload it to ``hub_model_id`` (default: the
+        output directory's name), like ``transformers.Trainer.push_to_hub``. Returns the ``CommitInfo``
+        (a ``Future`` with ``blocking=False``)."""
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.save_model(self.args.output_dir)
+        self.create_model_card(**kwargs)
+        return self._hub_pusher().push_folder(self.args.output_dir, commit_message=commit_message, token=token,
+                                              revision=revision, private=private, blocking=blocking)
 
     def generate(self, *args, **kwargs):
         """Sample completions with the current parameters; see ``itersft_jax.generate``."""
@@ -282,20 +299,26 @@ class IterativeSFTTrainer:
         return jax.default_matmul_precision(self.matmul_precision)
 
 
-def _dataset_forms(dataset) -> dict:
-    """Columns of an eval dataset (dict or ``datasets.Dataset``) as ``step()`` keyword arguments."""
-    if dataset is None:
-        raise ValueError("evaluate() needs samples: pass them like step()'s arguments, or an `eval_dataset`")
-    columns = set(getattr(dataset, "column_names", None) or (dataset.keys() if isinstance(dataset, dict) else ()))
-    if not columns:
-        raise TypeError(f"`eval_dataset` must be a dict or a datasets.Dataset, got {type(dataset).__name__}")
-    aliases = {"input_ids": "input_ids", "attention_mask": "attention_mask", "labels": "labels",
-               "texts": "texts", "text": "texts", "prompts": "prompts", "prompt": "prompts",
-               "completions": "completions", "completion": "completions"}
-    forms = {aliases[c]: list(dataset[c]) for c in columns if c in aliases}
-    if not forms:
-        raise ValueError(f"`eval_dataset` has none of the columns {sorted(aliases)}; got {sorted(columns)}")
-    return forms
+class CallbackModel:
+    """What callbacks receive as ``model`` on the JAX engine: the HF ``config`` and the live ``params``.
+
+    Never a stale module: the train state is donated at every update, so a module built once would hold
+    freed buffers.
+    """
+
+    def __init__(self, trainer: IterativeSFTTrainer):
+        self.trainer = trainer
+
+    @property
+    def config(self):
+        return self.trainer.config
+
+    @property
+    def params(self) -> nnx.State:
+        return self.trainer.params
+
+    def num_parameters(self) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(self.trainer.params))
 
 
 def _load_tokenizer(model):

@@ -12,17 +12,17 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig
 
-from itersft_jax.outputs import GenerationOutput, check_generation_args, prompt_rows
+from itersft_jax.outputs import GenerationOutput, check_generation_args, eos_id_list, prompt_rows
 
 
 def _eos_ids(eos_token_id, tokenizer, config) -> list[int]:
+    """The given EOS ids, or the model config's plus the tokenizer's (as the JAX engine); at most MAX_EOS_IDS."""
     if eos_token_id is not None:
-        return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
-    ids = []
-    for source in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if source is not None:
-            ids += [source] if isinstance(source, int) else list(source)
-    return sorted(set(ids))
+        return eos_id_list(eos_token_id)
+    ids = eos_id_list(getattr(config, "eos_token_id", None))
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids = eos_id_list([*ids, tokenizer.eos_token_id])
+    return ids
 
 
 def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, max_new_tokens: int = 64,
@@ -36,9 +36,9 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
     """
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                           top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences)
-    tokenizer = trainer._tokenizer
+    tokenizer = trainer.text_tokenizer
     model = trainer.accelerator.unwrap_model(trainer.model)
-    rows = prompt_rows(prompts, input_ids, tokenizer,
+    rows = prompt_rows(prompts, input_ids, tokenizer, vocab_size=trainer.vocab_size,
                        no_tokenizer_hint="pass `processing_class` to the trainer")
 
     eos = _eos_ids(eos_token_id, tokenizer, model.config)
@@ -50,9 +50,8 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
     ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)
 
-    if seed is None:
-        trainer._generate_calls = getattr(trainer, "_generate_calls", 0) + 1
-        seed = (int(trainer.args.seed) * 1_000_003 + trainer._generate_calls) & 0x7FFFFFFF
+    if seed is None:  # a fresh stream per call: the trainer's unseeded-call counter folded into args.seed
+        seed = (int(trainer.args.seed) * 1_000_003 + trainer.next_generation_call() + 1) & 0x7FFFFFFF
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     was_training = model.training

@@ -3,7 +3,9 @@
 One ``step()`` call: validate and prepare the samples (``data.prepare_examples``), plan the optimizer updates
 (``data.plan_updates``, the very plan the JAX engine gets), then per update accumulate the gradient of the
 summed token cross-entropy over its micro-batches, divided once by the update's label-token count, clip,
-step the optimizer and the schedule, log and checkpoint as ``Trainer`` would. Never imports jax.
+and step the optimizer and the schedule — or skip the update when its loss or gradient norm is not finite.
+Statistics, the log / evaluate / save cadence and the callback flow are ``itersft_jax.shell.TrainerShell``,
+shared with the JAX engine. Never imports jax.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import contextlib
 import logging
 import math
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,8 @@ from itersft_jax.data import (
     plan_updates,
     prepare_examples,
 )
-from itersft_jax.fields import check_fields, input_token_stats, shuffle_seed
+from itersft_jax.fields import check_fields, shuffle_seed
+from itersft_jax.shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
 
 from .features import StepFeatures
 
@@ -146,16 +148,17 @@ def _label_tokens(examples: list[Example], is_encoder_decoder: bool) -> int:
 # The trainer
 
 
-class IterativeSFTTrainer(Trainer):
+class IterativeSFTTrainer(TrainerShell, Trainer):
     """TRL's ``IterativeSFTTrainer`` on ``transformers.Trainer``: the user's loop owns the data and calls
     ``step(...)`` with each batch that survived generation and filtering.
 
     ``model`` is a hub id or directory (loaded with ``args.model_init_kwargs`` as a causal LM, or a seq2seq
     LM when its config is encoder-decoder), a ``PreTrainedModel`` or a ``peft.PeftModel``.
     ``processing_class`` defaults to ``AutoTokenizer`` of the model's ``name_or_path``; it is read, never
-    changed. ``data_collator`` and ``eval_dataset`` serve ``evaluate()`` only: ``step()`` batches with
-    ``itersft_jax.data``. ``optimizers`` replaces the optimizer and/or the schedule (default: ``Trainer``'s
-    optimizer with its weight-decay mask).
+    changed. ``data_collator`` is unused (the shared data layer batches); ``eval_dataset``, ``compute_metrics``,
+    ``preprocess_logits_for_metrics`` and ``callbacks`` work as on the JAX engine (``itersft_jax.shell``).
+    ``optimizers`` replaces the optimizer and/or the schedule (default: ``Trainer``'s optimizer with its
+    weight-decay mask).
 
     Schedule: with ``max_steps > 0``, ``Trainer``'s schedule over ``max_steps`` updates. Once ``max_steps``
     updates are done, further calls still train: a warning says so once, and the learning rate stays at the
@@ -178,9 +181,11 @@ class IterativeSFTTrainer(Trainer):
         optimizers: tuple = (None, None),
         preprocess_logits_for_metrics=None,
         compute_metrics=None,
+        callbacks=None,
     ):
         args = resolve_config(args)
         check_fields(args, "torch")
+        validate_shell_args(args, eval_dataset)
         if isinstance(model, str):
             model = load_model(model, args.model_init_kwargs)
         elif not isinstance(model, torch.nn.Module):
@@ -218,15 +223,17 @@ class IterativeSFTTrainer(Trainer):
             self.create_optimizer()
             self.model_wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.lr_scheduler = scheduler if scheduler is not None else self._create_step_scheduler()
-        for attr in ("model", "optimizer", "lr_scheduler"):
-            setattr(self.callback_handler, attr, getattr(self, attr))
 
         self.state.max_steps = max(args.max_steps, 0)
         self.state.train_batch_size = args.per_device_train_batch_size
         self.state.compute_steps(args, max(args.max_steps, 0))
-        self._num_calls = 0  # successful step() calls: seeds the shuffle, like the JAX engine
-        self._log_loss_sum, self._log_tokens = 0.0, 0
-        self._warned_exhausted = False
+        self._init_shell()
+        # The shell's handler replaces Trainer's: the step()-driven flow rules instead of DefaultFlowCallback,
+        # and no progress/printer callback (step() shows its own bar), so both engines run the same callbacks.
+        self.callback_handler = make_callback_handler(
+            args, callbacks, model=self.model, processing_class=self.processing_class, optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler)
+        self.control = self.callback_handler.on_init_end(args, self.state, self.control)
 
     @staticmethod
     def _load_tokenizer(model: torch.nn.Module, args: IterativeSFTConfig):
@@ -270,109 +277,75 @@ class IterativeSFTTrainer(Trainer):
 
         return generate(self, prompts, input_ids, **kwargs)
 
-    def train(self, *args, **kwargs):
-        raise NotImplementedError(
-            "IterativeSFTTrainer trains through `step(...)`, one call per batch your loop produces "
-            "(input_ids / texts / prompts+completions). To train on a dataset, use transformers.Trainer or "
-            "trl.SFTTrainer.")
-
     # ------------------------------------------------------------------------------------------------------
     # step()
 
     @property
-    def _tokenizer(self):
+    def text_tokenizer(self):
+        """The tokenizer for texts and prompts (a multimodal processor's ``tokenizer``), or None."""
         from transformers import PreTrainedTokenizerBase
 
-        pc = self.processing_class  # a multimodal processor carries its tokenizer
+        pc = self.processing_class
         return pc if pc is None or isinstance(pc, PreTrainedTokenizerBase) else getattr(pc, "tokenizer", pc)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of the input embedding (token ids must be below it)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        embeddings = unwrapped.get_input_embeddings() if hasattr(unwrapped, "get_input_embeddings") else None
+        return getattr(embeddings, "num_embeddings", None) or getattr(unwrapped.config, "vocab_size", None)
 
     def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None,
              prompts=None, completions=None) -> dict[str, float]:
-        """Train on one batch of samples; returns the call's statistics.
+        """Train on one batch of samples; returns the call's ``StepStats`` (see ``itersft_jax.shell``).
 
         Exactly one input form: ``input_ids`` (+ ``attention_mask``, ``labels`` with -100 = no loss),
         ``texts`` (+ ``texts_labels`` as decoder targets for encoder-decoder models), or ``prompts`` +
         ``completions`` (loss on completion + EOS). Everything is validated before any state changes. The
         samples are shuffled and cut into updates of ``per_device_train_batch_size`` x
         ``gradient_accumulation_steps``; each update's loss is its token-weighted mean cross-entropy.
-
-        Returns ``loss`` (mean token CE over the call, before each update), ``learning_rate`` and
-        ``grad_norm`` (pre-clip) of the last update, ``num_tokens`` (label tokens), ``samples``, ``updates``,
-        ``seconds``, ``tokens_per_second`` (non-padding tokens), ``padded_tokens`` (input positions computed,
-        padding included) and ``global_step``.
         """
-        start = time.perf_counter()
         args = self.args
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        embeddings = unwrapped.get_input_embeddings() if hasattr(unwrapped, "get_input_embeddings") else None
-        vocab_size = getattr(embeddings, "num_embeddings", None) or getattr(unwrapped.config, "vocab_size", None)
-        examples = prepare_examples(
+        examples = self._prepare_examples(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
-            texts_labels=texts_labels, prompts=prompts, completions=completions, tokenizer=self._tokenizer,
-            max_length=args.max_length, truncation_mode=args.truncation_mode, vocab_size=vocab_size,
-            is_encoder_decoder=self.is_encoder_decoder)
+            texts_labels=texts_labels, prompts=prompts, completions=completions)
         world = self.accelerator.num_processes
         updates = plan_updates(examples, micro_batch_size=args.per_device_train_batch_size * world,
                                gradient_accumulation_steps=args.gradient_accumulation_steps, seed=shuffle_seed(args),
-                               call_index=self._num_calls)
-        self._num_calls += 1
-
+                               call_index=self._calls)
         model = self.model_wrapped
         was_training = model.training
-        model.train()
         self.is_in_train = True
-        loss_sum, tokens, seen = 0.0, 0, 0
-        self._call_padded_tokens = 0
-        lr = grad_norm = float("nan")
         try:
-            for k, update in enumerate(updates):
-                update_loss, update_tokens, lr, grad_norm = self._update(model, update)
-                # One "epoch" = one pass over a call's samples: epoch counts step() calls.
-                self.state.epoch = self._num_calls - 1 + (k + 1) / len(updates)
-                loss_sum += update_loss
-                tokens += update_tokens
-                seen += sum(len(ex.input_ids) + (len(ex.labels) if self.is_encoder_decoder else 0)
-                            for mb in update for ex in mb)
-                self._log_loss_sum += update_loss
-                self._log_tokens += update_tokens
-                self._after_update(lr, grad_norm, end_of_call=False)
-            self._after_update(lr, grad_norm, end_of_call=True)
+            return self._run_call(updates, lambda update: self._update(model, update), samples=len(examples))
         finally:
             self.is_in_train = False
             model.train(was_training)  # generation between calls runs in the mode the caller left
             if args.optimize_device_cache:
                 _clear_device_cache()
-        seconds = time.perf_counter() - start
-        return {
-            "loss": loss_sum / tokens,
-            "learning_rate": float(lr),
-            "grad_norm": float(grad_norm),
-            "num_tokens": int(tokens),
-            "samples": len(examples),
-            "updates": len(updates),
-            "seconds": seconds,
-            "tokens_per_second": seen / seconds if seconds > 0 else float("inf"),
-            "padded_tokens": self._call_padded_tokens,
-            "global_step": int(self.state.global_step),
-            **input_token_stats(args, self.state),
-        }
 
-    def _update(self, model: torch.nn.Module, micro_batches: list[list[Example]]) -> tuple[float, int, float, float]:
-        """One optimizer update over its micro-batches: returns (summed CE, label tokens, LR, pre-clip norm)."""
+    def _prepare_examples(self, **forms) -> list[Example]:
+        return prepare_examples(**forms, tokenizer=self.text_tokenizer, max_length=self.args.max_length,
+                                truncation_mode=self.args.truncation_mode, vocab_size=self.vocab_size,
+                                is_encoder_decoder=self.is_encoder_decoder)
+
+    def _fetch(self, metrics: list[dict]) -> list[dict]:
+        return metrics  # already on the host
+
+    def _update(self, model: torch.nn.Module, micro_batches: list[list[Example]]) -> UpdateRecord:
+        """One optimizer update over its micro-batches, skipped (no optimizer or schedule step, so parameters,
+        optimizer state and schedule stay bit-identical) when its loss or gradient norm is not finite."""
         args, accelerator = self.args, self.accelerator
-        if args.max_steps > 0 and self.state.global_step >= args.max_steps and not self._warned_exhausted:
-            self._warned_exhausted = True
-            logger.warning("max_steps=%d updates reached: the learning-rate schedule is exhausted; step() keeps "
-                           "training at its final learning rate %.3g. Raise `max_steps` to continue the "
-                           "schedule.", args.max_steps, self.optimizer.param_groups[0]["lr"])
+        model.train()
         world, rank = accelerator.num_processes, accelerator.process_index
         per_device = args.per_device_train_batch_size
         update_tokens = sum(_label_tokens(mb, self.is_encoder_decoder) for mb in micro_batches)
         # Each micro-batch contributes sum(CE) / tokens of the whole update, so the accumulated gradient is
         # the gradient of the update's token-weighted mean whatever the split. DDP averages over ranks.
         scale = world / update_tokens
-        pad_id = getattr(self._tokenizer, "pad_token_id", None) or 0
+        pad_id = self._pad_id()
         ce_total = torch.zeros((), device=accelerator.device)
+        input_tokens = padded_tokens = 0
         model.zero_grad(set_to_none=True)
         for i, micro_batch in enumerate(micro_batches):
             shard = micro_batch[rank * per_device:(rank + 1) * per_device]
@@ -380,31 +353,42 @@ class IterativeSFTTrainer(Trainer):
                 shard = [Example(micro_batch[0].input_ids, np.full_like(micro_batch[0].labels, IGNORE_INDEX))]
             sync = world == 1 or i == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                ce_sum = self._micro_batch_ce(model, shard, pad_id)
+                logits, labels, positions = self._forward(model, shard, pad_id, train=True)
+                ce_sum = summed_token_ce(logits, labels, shift=not self.is_encoder_decoder)
                 accelerator.backward(ce_sum * scale)
             ce_total += ce_sum.detach()
-            self.state.num_input_tokens_seen += sum(len(ex.input_ids) for ex in micro_batch)  # all ranks' samples
+            input_tokens += sum(len(ex.input_ids) + (len(ex.labels) if self.is_encoder_decoder else 0)
+                                for ex in micro_batch)  # every rank's samples, like JAX
+            padded_tokens += positions
 
         max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        stepped = not accelerator.optimizer_step_was_skipped  # fp16 overflow skips the step
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.global_step += 1
-        in_schedule = args.max_steps <= 0 or self.state.global_step <= args.max_steps
-        if stepped and in_schedule and not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.lr_scheduler.step()
+        grad_norm = grad_norm.item() if torch.is_tensor(grad_norm) else float(grad_norm)
         if world > 1:
             ce_total = accelerator.reduce(ce_total, reduction="sum")
-        grad_norm = grad_norm.item() if torch.is_tensor(grad_norm) else float(grad_norm)
-        return ce_total.item(), update_tokens, float(lr), grad_norm
+        loss = ce_total.item() / update_tokens
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped or accelerator.scaler is not None:  # fp16: the scaler skips the step and lowers its scale
+            self.optimizer.step()
+            skipped = skipped or accelerator.optimizer_step_was_skipped
+        self.optimizer.zero_grad(set_to_none=True)
+        in_schedule = args.max_steps <= 0 or self.state.global_step < args.max_steps
+        if not skipped and in_schedule and not isinstance(self.lr_scheduler,
+                                                          torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.step()
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": float(lr), "num_tokens": update_tokens,
+                   "skipped": int(skipped)}
+        return UpdateRecord(metrics, input_tokens, padded_tokens)
 
-    def _micro_batch_ce(self, model: torch.nn.Module, shard: list[Example], pad_id: int) -> torch.Tensor:
+    def _pad_id(self) -> int:
+        return getattr(self.text_tokenizer, "pad_token_id", None) or 0
+
+    def _forward(self, model: torch.nn.Module, shard: list[Example], pad_id: int, train: bool = False):
+        """Logits, labels and the number of input positions computed (padding included) of one micro-batch."""
         device = self.accelerator.device
         label_length = max(len(ex.labels) for ex in shard) if self.is_encoder_decoder else None
         arrays = collate([shard], pad_id=pad_id, label_length=label_length)
-        self._call_padded_tokens += arrays["input_ids"].size  # input positions computed, padding included
         input_ids, attention_mask, labels = (torch.from_numpy(arrays[k][0]).to(device, torch.long)
                                              for k in ("input_ids", "attention_mask", "labels"))
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -414,35 +398,40 @@ class IterativeSFTTrainer(Trainer):
                 inputs["decoder_input_ids"] = prepare(labels=labels)
             else:  # the model shifts its labels itself; its own (mean) loss is ignored
                 inputs["labels"] = labels
-        with self.accelerator.autocast(), self._features.noise(attention_mask):
+        noise = self._features.noise(attention_mask) if train else contextlib.nullcontext()  # NEFTune: updates only
+        with self.accelerator.autocast(), noise:
             outputs = model(**inputs)
         logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-        return summed_token_ce(logits, labels, shift=not self.is_encoder_decoder)
+        return logits, labels, arrays["input_ids"].size
 
-    def _after_update(self, lr: float, grad_norm: float, end_of_call: bool) -> None:
-        """Trainer's log / evaluate / save flow, counted in updates. An "epoch" strategy means "at the end of
-        each step() call" (one pass over the call's samples)."""
-        args, state = self.args, self.state
-        step = state.global_step
+    def _save_for_flow(self) -> None:
+        self._save_checkpoint(self.model_wrapped, trial=None)  # Trainer's: pushes to the Hub with push_to_hub
 
-        def due(strategy, every) -> bool:
-            if end_of_call:
-                return strategy == "epoch"
-            return strategy == "steps" and bool(every) and every > 0 and step % every == 0
+    # ------------------------------------------------------------------------------------------------------
+    # Evaluation (the shell's evaluate() calls these)
 
-        should_log = due(args.logging_strategy, state.logging_steps) or (
-            not end_of_call and step == 1 and args.logging_first_step)
-        if should_log and self._log_tokens > 0:
-            self.log({"loss": self._log_loss_sum / self._log_tokens, "grad_norm": grad_norm,
-                      "learning_rate": lr})
-            self._log_loss_sum, self._log_tokens = 0.0, 0
-        should_save = due(args.save_strategy, state.save_steps) or (
-            not end_of_call and args.save_strategy == "steps" and step == args.max_steps)
-        if due(args.eval_strategy, state.eval_steps) and args.eval_delay <= step:
-            metrics = self.evaluate()
-            self.model_wrapped.train()
-            if args.save_strategy == "best":
-                should_save = self._determine_best_metric(metrics=metrics, trial=None)
-        if should_save:
-            self._save_checkpoint(self.model_wrapped, trial=None)
-            self.control = self.callback_handler.on_save(args, state, self.control)
+    def _eval_forwards(self, examples: list[Example]):
+        """(logits, labels) per batch of ``per_device_eval_batch_size`` samples, in eval mode, without gradients."""
+        model = self.model_wrapped
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in self._eval_batches(examples, self.args.per_device_eval_batch_size):
+                    logits, labels, _ = self._forward(model, batch, self._pad_id())
+                    yield logits, labels
+        finally:
+            model.train(was_training)
+
+    def _eval_loss(self, examples: list[Example]) -> tuple[float, int]:
+        loss_sum = sum(float(summed_token_ce(logits, labels, shift=not self.is_encoder_decoder))
+                       for logits, labels in self._eval_forwards(examples))
+        return loss_sum, _label_tokens(examples, self.is_encoder_decoder)
+
+    def _eval_predictions(self, examples: list[Example]):
+        for logits, labels in self._eval_forwards(examples):
+            if self.preprocess_logits_for_metrics is not None:
+                logits = self.preprocess_logits_for_metrics(logits, labels)
+            if logits.is_floating_point():
+                logits = logits.float()  # numpy has no bf16
+            yield logits.cpu().numpy(), labels.cpu().numpy()

@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
+from itersft_jax.shell import StepStats
 
 CALLS = [
     dict(texts=["The quick brown fox jumps over the lazy dog.", "hello world", "a b c d e f",
@@ -35,8 +36,7 @@ def _config(tmp_path, backend):
         report_to="none", disable_tqdm=True)
 
 
-STAT_KEYS = {"loss", "learning_rate", "grad_norm", "num_tokens", "samples", "updates", "global_step", "seconds",
-             "tokens_per_second", "padded_tokens"}
+STAT_KEYS = set(StepStats.KEYS)
 
 
 def _run(model_dir, tokenizer, tmp_path, backend):

@@ -29,8 +29,6 @@ TEXTS = [
     "Rejection sampling keeps only the verified completions.",
     "12 + 30 = 42.",
 ]
-STAT_KEYS = {"loss", "learning_rate", "grad_norm", "num_tokens", "samples", "updates", "seconds",
-             "tokens_per_second", "padded_tokens", "global_step"}
 
 
 def make_trainer(model, tokenizer, tmp_path, optimizers=(None, None), **config):
@@ -39,36 +37,6 @@ def make_trainer(model, tokenizer, tmp_path, optimizers=(None, None), **config):
 
 
 # ----------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_every_input_form_trains(model_type, tokenizer, tmp_path):
-    model = tiny_model(model_type, len(tokenizer))
-    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=2)
-    ids = [torch.tensor(tokenizer(t)["input_ids"]) for t in TEXTS]
-    padded = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)
-    mask = (torch.arange(padded.shape[1])[None] < torch.tensor([len(x) for x in ids])[:, None]).long()
-    before = snapshot(model)
-    results = [
-        trainer.step(input_ids=ids),
-        trainer.step(input_ids=padded, attention_mask=mask),
-        trainer.step(input_ids=[x.tolist() for x in ids], labels=ids),
-        trainer.step(texts=TEXTS),
-        trainer.step(prompts=["Q: two plus two?"] * 3, completions=[" four", " 4", " four."]),
-    ]
-    label_tokens = sum(len(x) - 1 for x in ids)
-    for i, stats in enumerate(results):
-        assert set(stats) == STAT_KEYS
-        assert all(isinstance(v, (int, float)) for v in stats.values())
-        assert 0 < stats["loss"] < 10 and stats["grad_norm"] > 0 and stats["seconds"] > 0
-        assert stats["learning_rate"] == pytest.approx(5e-5)
-        assert stats["tokens_per_second"] > 0
-        if i < 4:  # the same five texts in four forms: same label tokens, 3 updates of batch 2
-            assert (stats["num_tokens"], stats["samples"], stats["updates"]) == (label_tokens, 5, 3)
-    assert results[-1]["updates"] == 2 and results[-1]["global_step"] == 14
-    assert trainer.state.global_step == 14
-    assert max_diff(before, snapshot(model)) > 0
-    assert not model.training, "step() must leave the model in the mode the caller had it in"
 
 
 def test_update_equals_hand_computed_reference(tokenizer, tmp_path):
@@ -138,48 +106,6 @@ def test_global_step_counts_optimizer_updates(tokenizer, tmp_path):
     assert trainer.step(input_ids=samples[:5])["global_step"] == 5
 
 
-def test_logs_every_logging_steps_with_token_weighted_loss(tokenizer, tmp_path):
-    model = tiny_model("llama", len(tokenizer))
-    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=2, logging_steps=2)
-    calls = [trainer.step(input_ids=random_samples(4, len(tokenizer), seed=s)) for s in range(3)]
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert [entry["step"] for entry in logs] == [2, 4, 6]
-    for entry, stats in zip(logs, calls):  # each call is exactly the 2 updates of one log window
-        assert entry["loss"] == pytest.approx(stats["loss"], abs=1e-9)
-        assert entry["grad_norm"] == pytest.approx(stats["grad_norm"], abs=1e-9)
-        assert entry["learning_rate"] == pytest.approx(5e-5)
-
-
-BAD_CALLS = [
-    {},
-    {"input_ids": [[5, 6, 7]], "texts": ["hello"]},
-    {"input_ids": [[5, 6, 10_000]]},
-    {"input_ids": [[5, 6, 7], [8, 9]], "attention_mask": [[1, 1, 1]]},
-    {"input_ids": [[5, 6, 7]], "labels": [[5, 6]]},
-    {"input_ids": []},
-    {"input_ids": "5 6 7"},
-    {"texts": ["hello"], "texts_labels": ["bye"]},
-    {"prompts": ["hello"]},
-]
-
-
-def test_invalid_input_raises_before_any_state_change(tokenizer, tmp_path):
-    model = tiny_model("llama", len(tokenizer))
-    twin = copy.deepcopy(model)
-    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=2)
-    before = snapshot(model)
-    for bad in BAD_CALLS:
-        with pytest.raises((ValueError, TypeError)):
-            trainer.step(**bad)
-    assert max_diff(before, snapshot(model)) == 0
-    assert trainer.state.global_step == 0 and not trainer.optimizer.state and not trainer.state.log_history
-    # The failed calls did not consume a shuffle seed either: the next call equals a fresh trainer's.
-    fresh = make_trainer(twin, tokenizer, tmp_path, per_device_train_batch_size=2)
-    samples = random_samples(5, len(tokenizer), seed=3)
-    assert trainer.step(input_ids=samples)["loss"] == fresh.step(input_ids=samples)["loss"]
-    assert max_diff(snapshot(model), snapshot(twin)) == 0
-
-
 def test_encoder_decoder_trains_on_texts_labels(tokenizer, tmp_path):
     """Tiny BART: `texts` feed the encoder, `texts_labels` are the decoder targets. The call's loss equals
     HF's own (token-mean) loss with those targets at the initial weights (1e-5)."""
@@ -232,29 +158,9 @@ def test_save_model_round_trips_through_auto_model(tokenizer, tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
 
 
-def test_checkpoint_every_save_steps(tokenizer, tmp_path):
-    model = tiny_model("llama", len(tokenizer))
-    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=1, save_steps=2)
-    trainer.step(input_ids=random_samples(5, len(tokenizer), hi=8))
-    saved = sorted(os.listdir(tmp_path / "out"))
-    assert saved == ["checkpoint-2", "checkpoint-4"]
-    files = set(os.listdir(tmp_path / "out" / "checkpoint-4"))
-    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
-
-
-def test_calls_after_max_steps_warn_once_and_hold_the_final_lr(tokenizer, tmp_path, caplog):
-    """max_steps=2, cosine: updates 1-2 follow the schedule; later calls still run, a warning says once that
-    the schedule is exhausted, and the LR stays at its final value (cosine would otherwise climb again)."""
-    model = tiny_model("llama", len(tokenizer))
-    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=4, max_steps=2,
-                           lr_scheduler_type="cosine", learning_rate=1e-3)
+def test_constant_schedule_keeps_training_past_max_steps(tokenizer, tmp_path):
+    # The warning and the held final LR past max_steps are contract tests (test_contract.py).
     samples = random_samples(4, len(tokenizer))
-    caplog.set_level(logging.WARNING, logger="itersft_torch.trainer")
-    lrs = [trainer.step(input_ids=samples)["learning_rate"] for _ in range(4)]
-    assert lrs == pytest.approx([1e-3, 5e-4, 0.0, 0.0], abs=1e-12)
-    assert sum("max_steps=2 updates reached" in r.message for r in caplog.records) == 1
-    assert trainer.state.global_step == 4
-
     constant = make_trainer(tiny_model("llama", len(tokenizer)), tokenizer, tmp_path, max_steps=1,
                             lr_scheduler_type="constant", learning_rate=1e-3)
     constant.step(input_ids=samples)
@@ -293,12 +199,6 @@ def test_model_id_loading_and_dtype_strings(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         IterativeSFTTrainer(tiny_model_dir("llama"), args=IterativeSFTConfig(
             output_dir=str(tmp_path), model_init_kwargs={"dtype": "float77"}))
-
-
-def test_train_points_to_step(tokenizer, tmp_path):
-    trainer = make_trainer(tiny_model("llama", len(tokenizer)), tokenizer, tmp_path)
-    with pytest.raises(NotImplementedError, match="step"):
-        trainer.train()
 
 
 def test_optimize_device_cache_and_training_args(tokenizer, tmp_path):
