@@ -204,11 +204,11 @@ def test_rope_parameters_read_both_config_styles():
 
 
 def test_unsupported_settings_fail_clearly():
-    config = tiny_config("llama", VOCAB, rope_scaling={"rope_type": "yarn", "factor": 2.0})
-    with pytest.raises(ValueError, match="yarn.*backend='torch'"):
+    config = tiny_config("llama", VOCAB, rope_scaling={"rope_type": "proportional", "factor": 2.0})
+    with pytest.raises(ValueError, match="proportional.*backend='torch'"):
         llama.CausalLM(config)
     config = copy.deepcopy(tiny_config("llama", VOCAB))
-    config.hidden_act = "mish"
+    config.hidden_act = "no_such_activation"
     with pytest.raises(ValueError, match="hidden_act"):
         llama.CausalLM(config)
     tensors = weights.state_dict_to_numpy(random_torch_model("llama"))
