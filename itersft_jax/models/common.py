@@ -135,10 +135,15 @@ def _matmul_f32(x_NI, w, transposed: bool):
     cotangent and fall back to fp32 GEMMs. GPU/TPU: the plain dot with ``preferred_element_type``, which XLA
     fuses with its neighbours and lowers to its own mixed-precision GEMMs.
     """
-    if jax.default_backend() == "cpu":
+    if cpu_tuned_matmuls():
         return _matmul_f32_acc(x_NI, w, transposed)
     w16 = w.astype(x_NI.dtype)
     return jnp.dot(x_NI, w16.T if transposed else w16, preferred_element_type=jnp.float32)
+
+
+def cpu_tuned_matmuls() -> bool:
+    """Whether 16-bit matmuls take the CPU-tuned custom VJP: on the CPU backend only (read at trace time)."""
+    return jax.default_backend() == "cpu"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -11,9 +11,12 @@ Llama's). Parameter paths mirror HF names (``model.layers[i].self_attn.q_proj.ke
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from . import mapping
@@ -217,6 +220,30 @@ class DecoderLM(CausalLMBase):
 
     def head_weight(self):
         return embedding_head(self.model.embed_tokens, self.lm_head)
+
+
+def family(spec_of: Callable[[Any], Spec], name: str | None = None):
+    """A decoder family's contract from its config reader: ``(CausalLM, params_from_hf, params_to_hf)``.
+
+    ``CausalLM(config, **kwargs)`` builds ``DecoderLM(spec_of(config), **kwargs)``; the two converters go through
+    ``layout`` (``name`` in error messages; default the config's ``model_type``).
+    """
+
+    class CausalLM(DecoderLM):
+        def __init__(self, config, **kwargs):
+            super().__init__(spec_of(config), **kwargs)
+
+    CausalLM.__module__ = spec_of.__module__
+
+    def params_from_hf(tensors: dict[str, np.ndarray], config) -> dict:
+        """HF state-dict names -> the nested pure dict of ``nnx.state(model, nnx.Param)`` (checkpoint dtype)."""
+        return mapping.params_from_hf(tensors, layout(spec_of(config), name or config.model_type))
+
+    def params_to_hf(params: dict, config) -> dict[str, np.ndarray]:
+        """The inverse of ``params_from_hf``: numpy arrays under HF names (a tied head is not written)."""
+        return mapping.params_to_hf(params, layout(spec_of(config), name or config.model_type))
+
+    return CausalLM, params_from_hf, params_to_hf
 
 
 # ----------------------------------------------------------------------------- HF names

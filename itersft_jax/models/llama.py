@@ -10,9 +10,7 @@ RoPE: every type of ``rope.py`` (default, linear, dynamic, llama3, yarn, longrop
 
 from __future__ import annotations
 
-import numpy as np
-
-from . import decoder, mapping
+from . import decoder
 from .rope import rope_from_config, rope_parameters  # noqa: F401  (rope_parameters: part of this module's API)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -40,18 +38,5 @@ def _spec(config) -> decoder.Spec:
         qk_norm=model_type == "qwen3")
 
 
-class CausalLM(decoder.DecoderLM):
-    """Llama/Mistral/Qwen2/Qwen3 causal LM; see ``models/__init__.py`` for the calling convention."""
-
-    def __init__(self, config, **kwargs):
-        super().__init__(_spec(config), **kwargs)
-
-
-def params_from_hf(tensors: dict[str, np.ndarray], config) -> dict:
-    """HF state-dict names -> the nested pure dict of ``nnx.state(model, nnx.Param)`` (checkpoint dtype)."""
-    return mapping.params_from_hf(tensors, decoder.layout(_spec(config), config.model_type))
-
-
-def params_to_hf(params: dict, config) -> dict[str, np.ndarray]:
-    """The inverse of ``params_from_hf``: numpy arrays under HF names (a tied head is not written)."""
-    return mapping.params_to_hf(params, decoder.layout(_spec(config), config.model_type))
+# CausalLM(config, *, dtype, param_dtype, remat, attn_implementation, rngs); see models/__init__.py.
+CausalLM, params_from_hf, params_to_hf = decoder.family(_spec)
