@@ -171,6 +171,15 @@ def test_remat_policies_keep_what_they_say(llama_hf):
     assert counts[False] > counts["dots"] > counts["full"], counts
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_kwargs` is deprecated")  # TRL's name, still honoured
+def test_trainer_passes_the_remat_policy(tiny_model_dir, tmp_path):
+    from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
+
+    args = IterativeSFTConfig(output_dir=str(tmp_path), report_to="none", gradient_checkpointing=True,
+                              gradient_checkpointing_kwargs={"policy": "dots"})
+    assert IterativeSFTTrainer(tiny_model_dir("gpt2"), args=args).model.remat == "dots"
+
+
 def test_remat_settings_are_checked():
     with pytest.raises(ValueError, match="gradient_checkpointing_kwargs.*polcy"):
         weights.remat_setting(True, {"polcy": "dots"})
