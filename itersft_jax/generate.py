@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from .data import bucket_length
+from .models.common import positions_from_mask
 from .outputs import MAX_EOS_IDS, GenerationOutput, as_id_list, check_generation_args
 from .outputs import eos_id_list as _eos_list
 from .outputs import prompt_rows as read_prompts
@@ -101,7 +102,8 @@ def generate_prefill(params, input_ids_BP, mask_BP, key, knobs, *, graphdef, num
     batch, prompt_len = input_ids_BP.shape
     cache = model.init_cache(batch, prompt_len + num_new)
     mask_BS = _cache_mask(mask_BP, num_new)
-    positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0).astype(jnp.int32)
+    positions_BP = positions_from_mask(mask_BP)
+    # The cache is empty: the prompt attends only its own keys, through the model's attention kernel.
     logits_B1V, cache = model(input_ids_BP, positions_BP, mask_BS, cache=cache, last_only=True)
     state = {"cache": cache, "tokens": jnp.full((batch, num_new), knobs["pad_id"], jnp.int32),
              "last": jnp.zeros((batch,), jnp.int32), "lengths": jnp.zeros((batch,), jnp.int32),

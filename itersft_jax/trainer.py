@@ -73,6 +73,7 @@ class IterativeSFTTrainer(TrainerShell):
         # max logit difference against torch fp32, 2e-7 with "highest"). `tf32=True` opts back in.
         self.matmul_precision = None if (self.args.bf16 or self.args.tf32) else "highest"
         module, self.config = load_model(model, dtype=self.compute_dtype, remat=bool(self.args.gradient_checkpointing),
+                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
                                          model_init_kwargs=self.args.model_init_kwargs)
         self.processing_class = processing_class if processing_class is not None else _load_tokenizer(model)
         self.graphdef, params = nnx.split(module, nnx.Param)

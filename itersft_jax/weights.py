@@ -27,7 +27,7 @@ ALLOW_PATTERNS = [
 ]
 
 # model_init_kwargs that only mean something to a torch model; accepted and ignored here.
-_TORCH_ONLY_KWARGS = ("device_map", "low_cpu_mem_usage", "attn_implementation", "use_cache",
+_TORCH_ONLY_KWARGS = ("device_map", "low_cpu_mem_usage", "use_cache",
                       "max_memory", "offload_folder", "use_safetensors")
 
 _DTYPE_NAMES = {
@@ -46,7 +46,8 @@ _SAFETENSORS_DTYPES = {
 
 
 def _split_kwargs(model_init_kwargs: dict | None) -> tuple[dict, Any, dict]:
-    """-> (hub kwargs, requested dtype or None, remaining config overrides); refuses remote code."""
+    """-> (hub kwargs, requested dtype or None, remaining config overrides); refuses remote code.
+    ``attn_implementation`` stays out of the overrides: ``load_model`` reads it."""
     kwargs = dict(model_init_kwargs or {})
     if kwargs.pop("trust_remote_code", False):
         raise ValueError(
@@ -60,7 +61,7 @@ def _split_kwargs(model_init_kwargs: dict | None) -> tuple[dict, Any, dict]:
     dtype = kwargs.pop("dtype", None)
     torch_dtype = kwargs.pop("torch_dtype", None)
     dtype = dtype if dtype is not None else torch_dtype
-    for key in _TORCH_ONLY_KWARGS:
+    for key in (*_TORCH_ONLY_KWARGS, "attn_implementation"):
         kwargs.pop(key, None)
     return hub, dtype, kwargs
 
@@ -181,12 +182,30 @@ def _is_torch_model(source) -> bool:
 # ----------------------------------------------------------------------------- building
 
 
-def build_abstract(family, hf_config, *, dtype, param_dtype, remat: bool):
+def build_abstract(family, hf_config, *, dtype, param_dtype, remat: bool | str = False,
+                   attn_implementation: str | None = "auto"):
     """The family's module with abstract (shape-only) parameters: nothing random is computed."""
     from flax import nnx
 
     return nnx.eval_shape(lambda: family.CausalLM(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                                  rngs=nnx.Rngs(0)))
+                                                  attn_implementation=attn_implementation, rngs=nnx.Rngs(0)))
+
+
+# gradient_checkpointing_kwargs keys that only mean something to torch's checkpointing.
+_TORCH_ONLY_CHECKPOINTING_KWARGS = ("use_reentrant", "preserve_rng_state", "determinism_check", "debug")
+
+
+def remat_setting(remat: bool | str, gradient_checkpointing_kwargs: dict | None) -> bool | str:
+    """``remat`` with ``gradient_checkpointing_kwargs={"policy": ...}`` applied when remat is on (a policy name
+    given as ``remat`` itself wins). torch-only keys (``use_reentrant``, ...) are accepted and ignored."""
+    kwargs = dict(gradient_checkpointing_kwargs or {})
+    for key in _TORCH_ONLY_CHECKPOINTING_KWARGS:
+        kwargs.pop(key, None)
+    policy = kwargs.pop("policy", None)
+    if kwargs:
+        raise ValueError(f"gradient_checkpointing_kwargs: unknown keys {sorted(kwargs)} for the JAX backend "
+                         "(it takes 'policy': 'full', 'dots' or 'offload').")
+    return policy if remat is True and policy is not None else remat
 
 
 def _checkpoint_dtype(tensors: dict[str, np.ndarray]) -> str:
@@ -196,7 +215,8 @@ def _checkpoint_dtype(tensors: dict[str, np.ndarray]) -> str:
     return "float32"
 
 
-def load_model(source, *, dtype=None, param_dtype=None, remat: bool = False,
+def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = False,
+               gradient_checkpointing_kwargs: dict | None = None, attn_implementation: str | None = None,
                model_init_kwargs: dict | None = None):
     """Load an HF causal LM as a Flax NNX module. Returns ``(model, hf_config)``.
 
@@ -204,7 +224,11 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool = False,
     dtype (default float32). Parameters are stored in ``param_dtype``; when that is ``None``,
     ``model_init_kwargs['dtype' or 'torch_dtype']`` decides ("auto": the checkpoint's own dtype), else
     float32. ``model_init_kwargs`` may also hold ``revision``, ``token``, ``cache_dir`` (passed to
-    ``snapshot_download``) and config overrides; ``trust_remote_code=True`` is refused.
+    ``snapshot_download``), ``attn_implementation`` and config overrides; ``trust_remote_code=True`` is refused.
+    ``remat``: False, True or a policy name ("full", "dots", "offload"); with True,
+    ``gradient_checkpointing_kwargs={"policy": ...}`` picks the policy (default "full").
+    ``attn_implementation`` (or ``model_init_kwargs["attn_implementation"]``): "auto" (default), "xla" or a
+    kernel name; transformers' names are accepted ("eager" is "xla", "sdpa"/"flash_attention_2" are "auto").
     """
     import jax.numpy as jnp
     from flax import nnx
@@ -212,6 +236,9 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool = False,
     from itersft_jax.models import get_family
 
     hub, requested, overrides = _split_kwargs(model_init_kwargs)
+    if attn_implementation is None:
+        attn_implementation = (model_init_kwargs or {}).get("attn_implementation")
+    remat = remat_setting(remat, gradient_checkpointing_kwargs)
     if _is_torch_model(source):
         hf_config = source.config
         family = get_family(hf_config.model_type)
@@ -234,7 +261,8 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool = False,
     dtype = jnp.float32 if dtype is None else dtype
 
     params = family.params_from_hf(tensors, hf_config)
-    model = build_abstract(family, hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    model = build_abstract(family, hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                           attn_implementation=attn_implementation)
     graphdef, state = nnx.split(model)
     expected = nnx.to_pure_dict(state)
     _check_same_tree(expected, params)

@@ -68,6 +68,21 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
         cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
                "qwen3": tf.Qwen3Config}[model_type]
         return cls(**kw)
+    if model_type in ("gemma", "gemma2", "gemma3_text", "phi3"):
+        kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, **common)
+        if model_type == "phi3":
+            kw.update(original_max_position_embeddings=256, resid_pdrop=0.0, embd_pdrop=0.0)
+        else:
+            kw["head_dim"] = 16
+        if model_type in ("gemma2", "gemma3_text"):  # one sliding and one global layer; scale != head_dim**-0.5
+            kw.update(sliding_window=8, query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention"])
+        if model_type == "gemma2":  # soft-caps low enough to bend tiny random logits
+            kw.update(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+        kw.update(overrides)
+        cls = {"gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig,
+               "phi3": tf.Phi3Config}[model_type]
+        return cls(**kw)
     if model_type == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
                   attn_pdrop=0.0, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)
@@ -100,6 +115,22 @@ def tiny_model(model_type: str, vocab_size: int, seed: int = 0, **overrides):
     auto = tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder else tf.AutoModelForCausalLM
     model = auto.from_config(config, attn_implementation="eager")
     return model.float().eval()
+
+
+def perturbed_tiny_model(model_type: str, vocab_size: int, **overrides):
+    """``tiny_model`` whose biases and norm weights are random too (HF initialises them to constants), so a
+    mis-mapped or ignored tensor cannot hide. ``overrides`` are copied: HF edits rope dicts in place."""
+    import copy
+
+    import torch
+
+    model = tiny_model(model_type, vocab_size, **copy.deepcopy(overrides))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model
 
 
 def save_tiny_model(path: str | os.PathLike, model_type: str, tokenizer=None, seed: int = 0, **overrides):

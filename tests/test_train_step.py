@@ -50,8 +50,8 @@ class TinyCausalLM(nnx.Module):
         b, t = input_ids_BT.shape
         h_BTD = self.embed(input_ids_BT) + self.pos_embed(positions_BT)
         q, k, v = jnp.split(self.qkv(h_BTD).reshape(b, t, 3 * self.heads, -1), 3, axis=2)
-        mask_BTS = common.make_attention_mask(attention_mask_BS, t)
-        attn = common.dot_product_attention(q, k, v, mask_BTS, scale=q.shape[-1] ** -0.5)
+        ctx = common.attention_context(attention_mask_BS, t, None)
+        attn, _ = common.attention(q, k, v, None, ctx, scale=q.shape[-1] ** -0.5)
         h_BTD = h_BTD + self.out(attn.reshape(b, t, -1))
         return self.head(self.ln_f(h_BTD)).astype(self.dtype), cache
 

@@ -1,25 +1,30 @@
 """Flax NNX causal-LM families, keyed by Hugging Face ``config.model_type``.
 
-Every family module (``llama.py``, ``gpt2.py``, ``opt.py``) defines:
+The contract (``common.py`` holds what every family shares):
 
-* ``MODEL_TYPES``: the HF ``model_type`` strings it serves.
-* ``CausalLM(config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=False, rngs=nnx.Rngs(0))``:
-  an ``nnx.Module`` built from the HF ``PretrainedConfig``; layers are a plain list (one module per
-  layer, so parameter paths mirror HF's). ``__call__(input_ids_BT, positions_BT, attention_mask_BS,
-  cache=None, last_only=False) -> (logits_BTV, cache)`` — see ``common.py`` for the mask (0/1, or segment
-  ids for packed rows) and cache conventions; logits come back in the compute ``dtype``; ``last_only``
-  returns the logits of the last position only (``T == 1``: generation's prefill). ``init_cache(batch,
-  length, dtype)`` returns an empty ``KVCache`` (``[B, K, S, H]`` per layer). ``__call__`` is
-  ``hidden_states`` followed by ``head``: ``hidden_states(input_ids_BT, positions_BT, attention_mask_BS,
-  cache=None) -> (h_BTD, cache)`` gives the LM head's input (final norm applied), ``head() -> LMHead`` the
-  output projection as data (weight, transposed, final-logit soft-cap, dtype), so a loss can apply the head
-  chunk by chunk (``common.head_logits`` applies it whole).
-* ``params_from_hf(tensors: dict[str, np.ndarray], config) -> dict``: HF state-dict names to the nested
-  pure dict of ``nnx.state(model, nnx.Param)`` (asserting every shape), and ``params_to_hf(params, config)
-  -> dict[str, np.ndarray]``, its inverse (tied weights written once, as HF saves them).
+* ``MODEL_TYPES``: the HF ``model_type`` strings a family module serves.
+* ``CausalLM(config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=False, attn_implementation="auto",
+  rngs=nnx.Rngs(0))``: an ``nnx.Module`` (a ``common.CausalLMBase``) built from the HF ``PretrainedConfig``;
+  layers are a plain list (one module per layer, so parameter paths mirror HF's). ``remat``: False, True
+  (= ``"full"``) or a policy name of ``common.REMAT_POLICIES``; ``attn_implementation``: ``"auto"``, ``"xla"``
+  or a kernel of ``kernels.py`` (or a Hugging Face name), validated when the model is built and resolved
+  per forward (``"auto"`` on a CPU takes ``xla_chunked`` for rows of 4096 tokens and more).
+* ``hidden_states(input_ids_BT, positions_BT, attention_mask_BS, cache=None, neftune=None) -> (h_BTD, cache)``:
+  the LM head's input (final norm applied); ``head() -> LMHead`` the output projection as data (weight,
+  transposed, final-logit soft-cap, dtype), so a loss can apply it chunk by chunk; ``__call__(input_ids_BT,
+  positions_BT, attention_mask_BS, cache=None, last_only=False) -> (logits_BTV, cache)`` is the two together
+  (``last_only``: the last position only, generation's prefill). The mask is 0/1, or segment ids for packed
+  rows (see ``common.py``); ``neftune=(alpha, key)`` adds NEFTune noise to the input embeddings.
+  ``init_cache(batch, length, dtype)`` returns an empty ``KVCache`` (``[B, K, S, H]`` per layer).
+* ``params_from_hf(tensors: dict[str, np.ndarray], config) -> dict``: HF state-dict names to the nested pure
+  dict of ``nnx.state(model, nnx.Param)``, and ``params_to_hf(params, config) -> dict[str, np.ndarray]``, its
+  inverse (tied weights written once, as HF saves them) — both through one table (``mapping.py``).
 
 Parameter naming: biases are called ``bias``; every normalization module's attribute name contains
 ``norm`` or starts with ``ln`` — the optimizer's weight-decay mask relies on it.
+
+Adding a family: its file (a ``decoder.Spec`` reader for RoPE decoders, else modules on ``CausalLMBase``, plus a
+``mapping.Layout``), one line in ``_FAMILY_OF_TYPE``, and its configs in ``tests/test_families.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ _FAMILY_OF_TYPE = {
     "mistral": "llama",
     "qwen2": "llama",
     "qwen3": "llama",
+    "phi3": "phi3",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
     "gpt2": "gpt2",
     "opt": "opt",
 }
