@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerState
 
 from .config import resolve_config
-from .data import bucket_length, count_label_tokens, plan_updates, prepare_examples
+from .data import bucket_length, count_label_tokens, plan_updates, prepare_examples, warn_beyond_positions
 from .optim import resolve_optimizer
 from .packing import pack_update, rows_per_micro_batch
 from .train_step import TrainState, make_eval_step, make_train_step
@@ -114,6 +114,7 @@ class IterativeSFTTrainer:
             texts_labels=texts_labels, prompts=prompts, completions=completions,
             tokenizer=self.processing_class, max_length=self.args.max_length,
             truncation_mode=self.args.truncation_mode, vocab_size=self.config.vocab_size)
+        warn_beyond_positions(examples, getattr(self.config, "max_position_embeddings", None), self)
         updates = plan_updates(examples, micro_batch_size=self.micro_batch_size,
                                gradient_accumulation_steps=self.args.gradient_accumulation_steps,
                                seed=self.args.seed, call_index=self._calls)

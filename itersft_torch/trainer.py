@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -28,6 +29,7 @@ from itersft_jax.data import (
     count_label_tokens,
     plan_updates,
     prepare_examples,
+    warn_beyond_positions,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,12 +62,15 @@ def _dtype_key() -> str:
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
-def load_model(model_id: str, model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
+def load_model(model_id: str | os.PathLike, model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
     """Load ``model_id`` (hub id or directory) as a causal LM, or as a seq2seq LM when its config says
     ``is_encoder_decoder``, with ``model_init_kwargs`` (dtype strings resolved; the caller's dict is not
     changed)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    from itersft_jax.model_source import check_model_path
+
+    model_id = check_model_path(model_id)  # a missing local path: FileNotFoundError, not "invalid repo id"
     kwargs = dict(model_init_kwargs or {})
     dtypes = {k: kwargs.pop(k) for k in ("dtype", "torch_dtype") if k in kwargs}
     if len(dtypes) == 2 and _resolve_dtype(dtypes["dtype"]) != _resolve_dtype(dtypes["torch_dtype"]):
@@ -177,7 +182,7 @@ class IterativeSFTTrainer(Trainer):
         compute_metrics=None,
     ):
         args = resolve_config(args)
-        if isinstance(model, str):
+        if isinstance(model, (str, os.PathLike)):
             model = load_model(model, args.model_init_kwargs)
         elif not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a model id, a directory, a PreTrainedModel or a PeftModel, "
@@ -306,6 +311,7 @@ class IterativeSFTTrainer(Trainer):
             texts_labels=texts_labels, prompts=prompts, completions=completions, tokenizer=self._tokenizer,
             max_length=args.max_length, truncation_mode=args.truncation_mode, vocab_size=vocab_size,
             is_encoder_decoder=self.is_encoder_decoder)
+        warn_beyond_positions(examples, getattr(unwrapped.config, "max_position_embeddings", None), self)
         world = self.accelerator.num_processes
         updates = plan_updates(examples, micro_batch_size=args.per_device_train_batch_size * world,
                                gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed,
