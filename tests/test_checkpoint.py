@@ -170,3 +170,15 @@ def test_save_steps_write_full_checkpoints_and_honour_save_total_limit(tiny_mode
     trainer.step(texts=CALL_2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3"]
     assert os.path.isdir(tmp_path / "checkpoint-3" / "train_state")
+
+
+def test_checkpoint_of_another_model_is_refused_not_skipped(two_checkpoints, tiny_model_dir, tmp_path):
+    _, first, second, pristine, *_ = two_checkpoints
+    shutil.rmtree(second)
+    shutil.copytree(pristine, second)
+    other = _trainer(tiny_model_dir("llama", num_hidden_layers=1), tmp_path)
+    with pytest.raises(ValueError, match="checkpoint-2: train_state/ does not match this trainer's model"):
+        other.resume_from_checkpoint(first)
+    other.args.output_dir = os.path.dirname(second)  # intact checkpoints of another model: an error, no fallback
+    with pytest.raises(ValueError, match="checkpoint-4: train_state/ does not match this trainer's model"):
+        other.resume_from_checkpoint(True)
