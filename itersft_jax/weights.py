@@ -111,13 +111,10 @@ def load_hf_config(model_name_or_path: str | os.PathLike, **model_init_kwargs):
     return AutoConfig.from_pretrained(model_dir, **overrides)
 
 
-def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
-    """One safetensors file as numpy arrays (memory-mapped; BF16 as ``ml_dtypes.bfloat16``).
-
-    Parsed directly — 8-byte header length, JSON header, raw little-endian data — because
-    ``safetensors.numpy`` cannot represent bf16 in every version. A truncated or garbage file raises
-    ``ValueError`` naming it.
-    """
+def _safetensors_layout(path: str) -> tuple[int, list[tuple[str, Any, list[int], int, int]]]:
+    """The checked layout of a safetensors file: ``(data offset, [(name, dtype, shape, start, end), ...])``.
+    A truncated or garbage file (header length beyond the file, header not JSON, data offsets outside the
+    data section or not matching the shape) raises ``ValueError`` naming it."""
     import ml_dtypes
 
     size = os.path.getsize(path)
@@ -136,8 +133,7 @@ def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
     if not isinstance(header, dict):
         raise ValueError(f"{path}: damaged safetensors header (not a JSON object)")
     data_len = size - 8 - header_len
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if data_len else np.zeros(0, np.uint8)
-    out = {}
+    layout = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -153,8 +149,30 @@ def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
         if not 0 <= start <= end <= data_len or end - start != expected:
             raise ValueError(f"{path}: tensor {name} needs bytes [{start}, {end}) of a {data_len}-byte data "
                              f"section ({expected} bytes for {kind}{shape}): truncated or damaged file")
-        out[name] = np.frombuffer(data[start:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
-    return out
+        layout.append((name, dtype, shape, start, end))
+    return 8 + header_len, layout
+
+
+def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
+    """One safetensors file as numpy arrays (memory-mapped; BF16 as ``ml_dtypes.bfloat16``).
+
+    Parsed directly — 8-byte header length, JSON header, raw little-endian data — because
+    ``safetensors.numpy`` cannot represent bf16 in every version. A truncated or garbage file raises
+    ``ValueError`` naming it.
+    """
+    offset, layout = _safetensors_layout(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset) if os.path.getsize(path) > offset else None
+    return {name: np.frombuffer(data[start:end] if data is not None else b"",
+                                dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+            for name, dtype, shape, start, end in layout}
+
+
+def check_safetensors_files(model_dir: str | os.PathLike) -> None:
+    """``ValueError`` naming the first ``*.safetensors`` file of ``model_dir`` that is truncated or damaged
+    (reads headers only; for loaders whose own error does not name the file)."""
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            _safetensors_layout(os.path.join(os.fspath(model_dir), name))
 
 
 def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -79,7 +79,14 @@ def load_model(model_id: str | os.PathLike, model_init_kwargs: dict[str, Any] | 
         kwargs[_dtype_key()] = _resolve_dtype(next(iter(dtypes.values())))
     config = AutoConfig.from_pretrained(model_id, **{k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs})
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return auto.from_pretrained(model_id, **kwargs)
+    try:
+        return auto.from_pretrained(model_id, **kwargs)
+    except Exception as err:  # safetensors' own error does not say which file: name it
+        if type(err).__name__ == "SafetensorError" and os.path.isdir(model_id):
+            from itersft_jax.weights import check_safetensors_files
+
+            check_safetensors_files(model_id)
+        raise
 
 
 def _is_peft_model(model: Any) -> bool:
