@@ -24,7 +24,7 @@ logs a warning for every newer one it skipped, with the reason.
 **Cost.** Hashing reads every file once more: after a save from the page cache, in the pass that fsyncs
 it; at resume before orbax reads the train state, which then comes from the page cache when it fits in
 RAM. Files are hashed in parallel threads (hashlib releases the GIL). ``benchmarks/checkpoint_cost.py``
-measures it: a 485 MB checkpoint on 2 busy CPU cores spends about a quarter of its save hashing and
+measures it: a 485 MB checkpoint on 2 CPU cores (idle to busy) spends 18-30% of its save hashing and
 fsyncing, and a verified resume takes 1.4-2x an unverified one (``load_checkpoint(..., verify=False)``
 skips the check for a checkpoint you trust). Verifying while orbax reads, in a second thread, measured no
 faster there, so the simpler order stays.
