@@ -13,6 +13,7 @@ TRL's extra fields and defaults, plus ``backend``. Differences from TRL 0.23.1 a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import logging
@@ -28,6 +29,13 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("jax", "torch")
 _SECRET_KWARGS = ("token", "use_auth_token", "hub_token")
+
+
+def _mask_secrets(kwargs: Any) -> Any:
+    """``model_init_kwargs`` with token strings replaced by ``<TOKEN>``-style placeholders."""
+    if not isinstance(kwargs, dict):
+        return kwargs
+    return {k: f"<{k.upper()}>" if k in _SECRET_KWARGS and isinstance(v, str) else v for k, v in kwargs.items()}
 
 
 def _torch_bf16_gpu() -> bool:
@@ -90,6 +98,9 @@ class IterativeSFTConfig(TrainingArguments):
     _VALID_DICT_FIELDS: ClassVar[list[str]] = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
 
     def __post_init__(self):
+        if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, (dict, str)):
+            raise TypeError(f"`model_init_kwargs` must be a dict (or a JSON object string), got "
+                            f"{type(self.model_init_kwargs).__name__}")
         validate_truncation(self.max_length, self.truncation_mode)
         validate_hyperparameters(self)
         if self.backend not in BACKENDS:
@@ -115,25 +126,44 @@ class IterativeSFTConfig(TrainingArguments):
         if isinstance(self.model_init_kwargs, str):  # parsed from JSON by TrainingArguments when "{...}"
             raise TypeError("`model_init_kwargs` must be a dict (or a JSON object string)")
 
+    # Secrets (hub_token, model_init_kwargs' token): the live object keeps them for loading and pushing; every
+    # way out of it — str/repr, to_dict/to_json_string, pickling (the torch backend's training_args.bin) —
+    # masks or drops them. A config read back from a pickle has no token: set it again to push or download.
+
     def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        kwargs = d.get("model_init_kwargs")
-        if isinstance(kwargs, dict):
-            d["model_init_kwargs"] = {k: (f"<{k.upper()}>" if k in _SECRET_KWARGS else v)
-                                      for k, v in kwargs.items()}
+        d = super().to_dict()  # masks the *_token fields
+        d["model_init_kwargs"] = _mask_secrets(d.get("model_init_kwargs"))
         return d
 
     def __str__(self) -> str:
-        text = super().__str__()
-        kwargs = self.model_init_kwargs
-        if isinstance(kwargs, dict):
-            for k in _SECRET_KWARGS:
-                if kwargs.get(k):
-                    text = text.replace(repr(kwargs[k]), f"'<{k.upper()}>'").replace(str(kwargs[k]),
-                                                                                    f"<{k.upper()}>")
-        return text
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {k: f"<{k.upper()}>" if k.endswith("_token") and v is not None else v for k, v in d.items()}
+        d["model_init_kwargs"] = _mask_secrets(d["model_init_kwargs"])
+        return f"{type(self).__name__}(\n" + "".join(f"{k}={v},\n" for k, v in sorted(d.items())) + ")"
 
     __repr__ = __str__
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name, value in state.items():
+            if name.endswith("_token") and isinstance(value, str):
+                state[name] = None
+        if isinstance(state.get("model_init_kwargs"), dict):
+            state["model_init_kwargs"] = {k: v for k, v in state["model_init_kwargs"].items()
+                                          if not (k in _SECRET_KWARGS and isinstance(v, str))}
+        return state
+
+    # copy.copy / copy.deepcopy would go through __getstate__: a copy keeps the secrets.
+    def __copy__(self) -> IterativeSFTConfig:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> IterativeSFTConfig:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments, **overrides) -> IterativeSFTConfig:

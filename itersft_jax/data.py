@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -150,6 +151,23 @@ def validate_truncation(max_length: int | None, truncation_mode: str) -> None:
             raise ValueError(f"`max_length` must be positive, got {max_length}")
     if truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"`truncation_mode` must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+
+
+_WARNED_POSITIONS: weakref.WeakSet = weakref.WeakSet()  # trainers already warned about over-long samples
+
+
+def warn_beyond_positions(examples: list[Example], max_positions: int | None, owner: object) -> None:
+    """Warn once per ``owner`` (a trainer) when a sample is longer than the model's ``max_position_embeddings``:
+    a learned position table has no row past it and rotary models were never trained that far, so the
+    tokens beyond are trained on positions the model does not know. ``max_length`` truncates."""
+    if not max_positions or owner in _WARNED_POSITIONS:
+        return
+    longest = max((len(ex.input_ids) for ex in examples), default=0)
+    if longest > max_positions:
+        _WARNED_POSITIONS.add(owner)
+        logger.warning("step(): a sample of %d tokens is longer than the model's max_position_embeddings=%d; "
+                       "its positions past %d are outside what the model knows. Set max_length=%d to truncate. "
+                       "(warned once)", longest, max_positions, max_positions, max_positions)
 
 
 def prepare_examples(

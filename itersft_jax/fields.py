@@ -75,14 +75,18 @@ def _jax_optim_args(value, args) -> str | None:
     return None
 
 
+JAX_REMAT_POLICIES = ("full", "dots", "offload")  # models.common.REMAT_POLICIES, named here without jax
+
+
 def _jax_checkpointing_kwargs(value, args) -> str | None:
-    """nnx.remat of every decoder layer: ``use_reentrant`` (a torch implementation switch) and
-    ``every_n_layers=1`` describe it; nothing else does."""
+    """nnx.remat of every decoder layer with a ``policy`` (what it saves); ``use_reentrant`` (a torch
+    implementation switch) and ``every_n_layers=1`` describe it too; nothing else does."""
     extra = {k: v for k, v in dict(value or {}).items()
-             if k != "use_reentrant" and not (k == "every_n_layers" and v == 1)}
+             if k != "use_reentrant" and not (k == "every_n_layers" and v == 1)
+             and not (k == "policy" and v in JAX_REMAT_POLICIES)}
     if extra:
         return (f"the JAX engine rematerializes every decoder layer (nnx.remat) and has no {sorted(extra)}; "
-                "leave only use_reentrant, or use backend='torch'")
+                f"it takes 'policy' ({', '.join(JAX_REMAT_POLICIES)}) and use_reentrant, or use backend='torch'")
     return None
 
 
@@ -178,9 +182,10 @@ FIELDS: dict[str, dict[str, Rule]] = {
         "step() would train the cast weights)")),
     "tf32": each(honoured("fp32 matmuls at XLA's default precision (TF32 on GPUs) instead of 'highest'"),
                  honoured("TrainingArguments enables TF32 in torch's CUDA backends")),
-    "activation_checkpointing": each(honoured("nnx.remat of every decoder layer"),
+    "activation_checkpointing": each(honoured("nnx.remat of every decoder layer (policy: *_kwargs)"),
                                      honoured("model.activation_checkpointing_enable, non-reentrant")),
-    "activation_checkpointing_kwargs": each(honoured("use_reentrant accepted (no JAX meaning)",
+    "activation_checkpointing_kwargs": each(honoured("'policy': full | dots | offload (models.common); "
+                                                     "use_reentrant accepted (no JAX meaning)",
                                                      refuse=_jax_checkpointing_kwargs),
                                             honoured("passed to the model's checkpointing")),
     "gradient_checkpointing": each(honoured("alias of activation_checkpointing: nnx.remat of every decoder layer"),

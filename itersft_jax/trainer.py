@@ -24,7 +24,7 @@ from transformers import TrainerControl, TrainerState
 from transformers.utils import logging as transformers_logging
 
 from .config import resolve_config
-from .data import bucket_length, collate, plan_updates, prepare_examples
+from .data import bucket_length, collate, plan_updates, prepare_examples, warn_beyond_positions
 from .fields import check_fields, shuffle_seed
 from .optim import resolve_optimizer
 from .packing import pack_update, rows_per_micro_batch
@@ -136,6 +136,7 @@ class IterativeSFTTrainer(TrainerShell):
         examples = self._prepare_examples(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
             texts_labels=texts_labels, prompts=prompts, completions=completions)
+        warn_beyond_positions(examples, getattr(self.config, "max_position_embeddings", None), self)
         updates = plan_updates(examples, micro_batch_size=self.micro_batch_size,
                                gradient_accumulation_steps=self.args.gradient_accumulation_steps,
                                seed=shuffle_seed(self.args), call_index=self._calls)
@@ -250,15 +251,11 @@ class IterativeSFTTrainer(TrainerShell):
 
     def resume_from_checkpoint(self, checkpoint_dir: str | bool = True) -> str:
         """Restore parameters, optimizer state, step and call counters from a checkpoint directory (``True``:
-        the latest ``checkpoint-N`` under ``output_dir``), so the run continues exactly where it was."""
-        from .checkpoint import latest_checkpoint, load_checkpoint
+        the newest complete and intact ``checkpoint-N`` under ``output_dir``), so the run continues exactly
+        where it was. Checkpoints are verified first (``itersft_jax.checkpoint``)."""
+        from .checkpoint import resume_from_checkpoint
 
-        if checkpoint_dir is True:
-            checkpoint_dir = latest_checkpoint(self.args.output_dir)
-            if checkpoint_dir is None:
-                raise ValueError(f"`resume_from_checkpoint`: no checkpoint-N directory in {self.args.output_dir}")
-        load_checkpoint(self, checkpoint_dir)
-        return checkpoint_dir
+        return resume_from_checkpoint(self, checkpoint_dir)
 
     def _hub_pusher(self):
         from .hub import HubPusher
@@ -298,6 +295,24 @@ class IterativeSFTTrainer(TrainerShell):
         if self.matmul_precision is None:
             return contextlib.nullcontext()
         return jax.default_matmul_precision(self.matmul_precision)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Counters (what a checkpoint keeps beside the train state)
+
+    def counters(self) -> dict[str, Any]:
+        """The shell's counters, JSON-serializable: optimizer updates, step() calls (they seed the shuffle),
+        the packed row length (it fixes the summation order), the log history and the tokens seen."""
+        return {"global_step": self.state.global_step, "calls": self._calls, "row_length": self._row_length,
+                "log_history": list(self.state.log_history),
+                "num_input_tokens_seen": self.state.num_input_tokens_seen}
+
+    def restore_counters(self, counters: dict[str, Any]) -> None:
+        """Set the counters from :meth:`counters`' output, so the next call continues where that one was."""
+        self.state.global_step = int(counters["global_step"])
+        self._calls = int(counters["calls"])
+        self._row_length = int(counters.get("row_length", 0))
+        self.state.log_history = list(counters.get("log_history", []))
+        self.state.num_input_tokens_seen = counters.get("num_input_tokens_seen")
 
 
 class CallbackModel:

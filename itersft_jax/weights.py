@@ -90,7 +90,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
                       force_download: bool = False) -> str:
     """A local directory as is; anything else is a hub id fetched (or found in the cache) by
     ``huggingface_hub.snapshot_download`` — config, safetensors, index, tokenizer and generation config."""
-    path = os.fspath(name_or_path)
+    from .model_source import check_model_path
+
+    path = check_model_path(name_or_path)  # a local path that does not exist: FileNotFoundError, not a hub error
     if os.path.isdir(path):
         return path
     from huggingface_hub import snapshot_download
@@ -110,30 +112,68 @@ def load_hf_config(model_name_or_path: str | os.PathLike, **model_init_kwargs):
     return AutoConfig.from_pretrained(model_dir, **overrides)
 
 
+def _safetensors_layout(path: str) -> tuple[int, list[tuple[str, Any, list[int], int, int]]]:
+    """The checked layout of a safetensors file: ``(data offset, [(name, dtype, shape, start, end), ...])``.
+    A truncated or garbage file (header length beyond the file, header not JSON, data offsets outside the
+    data section or not matching the shape) raises ``ValueError`` naming it."""
+    import ml_dtypes
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little")
+        if len(head) < 8 or header_len > size - 8:
+            what = f"the first 8 bytes say its JSON header alone has {header_len}" if len(head) == 8 else "no header"
+            raise ValueError(f"{path}: not a complete safetensors file ({size} bytes, {what}): truncated or not "
+                             f"safetensors")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: damaged safetensors header (not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: damaged safetensors header (not a JSON object)")
+    data_len = size - 8 - header_len
+    layout = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            kind, shape = info["dtype"], [int(n) for n in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{path}: damaged safetensors header entry for tensor {name}: {info!r}") from None
+        dtype = ml_dtypes.bfloat16 if kind == "BF16" else _SAFETENSORS_DTYPES.get(kind)
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {kind}")
+        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if not 0 <= start <= end <= data_len or end - start != expected:
+            raise ValueError(f"{path}: tensor {name} needs bytes [{start}, {end}) of a {data_len}-byte data "
+                             f"section ({expected} bytes for {kind}{shape}): truncated or damaged file")
+        layout.append((name, dtype, shape, start, end))
+    return 8 + header_len, layout
+
+
 def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
     """One safetensors file as numpy arrays (memory-mapped; BF16 as ``ml_dtypes.bfloat16``).
 
     Parsed directly — 8-byte header length, JSON header, raw little-endian data — because
-    ``safetensors.numpy`` cannot represent bf16 in every version.
+    ``safetensors.numpy`` cannot represent bf16 in every version. A truncated or garbage file raises
+    ``ValueError`` naming it.
     """
-    import ml_dtypes
+    offset, layout = _safetensors_layout(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset) if os.path.getsize(path) > offset else None
+    return {name: np.frombuffer(data[start:end] if data is not None else b"",
+                                dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+            for name, dtype, shape, start, end in layout}
 
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        kind = info["dtype"]
-        dtype = ml_dtypes.bfloat16 if kind == "BF16" else _SAFETENSORS_DTYPES.get(kind)
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {kind}")
-        start, end = info["data_offsets"]
-        out[name] = np.frombuffer(data[start:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(
-            info["shape"])
-    return out
+
+def check_safetensors_files(model_dir: str | os.PathLike) -> None:
+    """``ValueError`` naming the first ``*.safetensors`` file of ``model_dir`` that is truncated or damaged
+    (reads headers only; for loaders whose own error does not name the file)."""
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            _safetensors_layout(os.path.join(os.fspath(model_dir), name))
 
 
 def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -141,11 +181,19 @@ def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     model_dir = os.fspath(model_dir)
     index_path = os.path.join(model_dir, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index_path, "rb") as f:
+                weight_map = json.loads(f.read())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index_path}: damaged index (expected JSON with a 'weight_map' object: "
+                             f"{type(err).__name__}: {err})") from None
         tensors: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(_read_safetensors_file(os.path.join(model_dir, shard)))
+        for shard in shards:
+            shard_path = os.path.join(model_dir, shard)
+            if not os.path.isfile(shard_path):
+                raise FileNotFoundError(f"{index_path} lists the shard {shard}, which is not in {model_dir}")
+            tensors.update(_read_safetensors_file(shard_path))
         missing = set(weight_map) - set(tensors)
         if missing:
             raise ValueError(f"{index_path} lists tensors no shard holds, e.g. {sorted(missing)[:5]}")
@@ -235,6 +283,11 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = Fals
 
     from itersft_jax.models import get_family
 
+    if not (isinstance(source, (str, os.PathLike)) or _is_torch_model(source)):
+        raise TypeError(f"`model` must be a hub id, a local directory or a transformers PreTrainedModel, got "
+                        f"{type(source).__name__}")
+    if model_init_kwargs is not None and not isinstance(model_init_kwargs, dict):
+        raise TypeError(f"`model_init_kwargs` must be a dict, got {type(model_init_kwargs).__name__}")
     hub, requested, overrides = _split_kwargs(model_init_kwargs)
     if attn_implementation is None:
         attn_implementation = (model_init_kwargs or {}).get("attn_implementation")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 from typing import Any
 
@@ -29,6 +30,7 @@ from itersft_jax.data import (
     count_label_tokens,
     plan_updates,
     prepare_examples,
+    warn_beyond_positions,
 )
 from itersft_jax.fields import check_fields, shuffle_seed
 from itersft_jax.shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
@@ -65,12 +67,15 @@ def _dtype_key() -> str:
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
-def load_model(model_id: str, model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
+def load_model(model_id: str | os.PathLike, model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
     """Load ``model_id`` (hub id or directory) as a causal LM, or as a seq2seq LM when its config says
     ``is_encoder_decoder``, with ``model_init_kwargs`` (dtype strings resolved; the caller's dict is not
     changed)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    from itersft_jax.model_source import check_model_path
+
+    model_id = check_model_path(model_id)  # a missing local path: FileNotFoundError, not "invalid repo id"
     kwargs = dict(model_init_kwargs or {})
     dtypes = {k: kwargs.pop(k) for k in ("dtype", "torch_dtype") if k in kwargs}
     if len(dtypes) == 2 and _resolve_dtype(dtypes["dtype"]) != _resolve_dtype(dtypes["torch_dtype"]):
@@ -79,7 +84,14 @@ def load_model(model_id: str, model_init_kwargs: dict[str, Any] | None) -> PreTr
         kwargs[_dtype_key()] = _resolve_dtype(next(iter(dtypes.values())))
     config = AutoConfig.from_pretrained(model_id, **{k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs})
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return auto.from_pretrained(model_id, **kwargs)
+    try:
+        return auto.from_pretrained(model_id, **kwargs)
+    except Exception as err:  # safetensors' own error does not say which file: name it
+        if type(err).__name__ == "SafetensorError" and os.path.isdir(model_id):
+            from itersft_jax.weights import check_safetensors_files
+
+            check_safetensors_files(model_id)
+        raise
 
 
 def _is_peft_model(model: Any) -> bool:
@@ -186,7 +198,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         args = resolve_config(args)
         check_fields(args, "torch")
         validate_shell_args(args, eval_dataset)
-        if isinstance(model, str):
+        if isinstance(model, (str, os.PathLike)):
             model = load_model(model, args.model_init_kwargs)
         elif not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a model id, a directory, a PreTrainedModel or a PeftModel, "
@@ -309,6 +321,8 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         examples = self._prepare_examples(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
             texts_labels=texts_labels, prompts=prompts, completions=completions)
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        warn_beyond_positions(examples, getattr(config, "max_position_embeddings", None), self)
         world = self.accelerator.num_processes
         updates = plan_updates(examples, micro_batch_size=args.per_device_train_batch_size * world,
                                gradient_accumulation_steps=args.gradient_accumulation_steps, seed=shuffle_seed(args),

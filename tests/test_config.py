@@ -1,6 +1,8 @@
 """IterativeSFTConfig: TRL's fields and defaults, CPU-safe bf16, ratios, secrets, parsing."""
 
+import copy
 import json
+import pickle
 
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
@@ -45,10 +47,18 @@ def test_fractional_steps_resolve_against_max_steps(tmp_path):
 
 def test_secrets_are_never_printed_or_serialized(tmp_path):
     cfg = IterativeSFTConfig(output_dir=str(tmp_path), hub_token="hf_topsecret1",
-                             model_init_kwargs={"token": "hf_topsecret2", "revision": "main"})
-    for text in (str(cfg), repr(cfg), cfg.to_json_string(), json.dumps(cfg.to_sanitized_dict())):
+                             model_init_kwargs={"token": "hf_topsecret2", "use_auth_token": "hf_topsecret3",
+                                                "revision": "main"})
+    pickled = pickle.dumps(cfg)  # what the torch backend's training_args.bin holds
+    for text in (str(cfg), repr(cfg), cfg.to_json_string(), json.dumps(cfg.to_sanitized_dict()), str(pickled)):
         assert "topsecret" not in text
-    assert cfg.model_init_kwargs["token"] == "hf_topsecret2"  # still usable
+    assert "<HUB_TOKEN>" in str(cfg) and "<TOKEN>" in str(cfg)
+    unpickled = pickle.loads(pickled)  # everything but the secrets survives
+    assert unpickled.hub_token is None and unpickled.model_init_kwargs == {"revision": "main"}
+    assert unpickled.to_dict() == {**cfg.to_dict(), "model_init_kwargs": {"revision": "main"}}
+    assert cfg.model_init_kwargs["token"] == "hf_topsecret2" and cfg.hub_token == "hf_topsecret1"  # still usable
+    for copied in (copy.copy(cfg), copy.deepcopy(cfg)):  # a copy is not a way out: it keeps them
+        assert copied.hub_token == "hf_topsecret1" and copied.model_init_kwargs == cfg.model_init_kwargs
 
 
 def test_hf_argument_parser(tmp_path):

@@ -274,3 +274,12 @@ def test_both_engines_report_the_same_num_input_tokens_seen(tiny_model_dir, toke
         trainer = IterativeSFTTrainer(tiny_model_dir("llama"), args=args, processing_class=tokenizer)
         assert trainer.step(texts=TEXTS)["num_input_tokens_seen"] == expected, backend
         assert trainer.step(texts=TEXTS[:2])["num_input_tokens_seen"] == trainer.state.num_input_tokens_seen
+
+
+def test_remat_policy_names_agree_with_the_models():
+    # fields.py must stay jax-free, so it names the policies itself: they must be the models' own.
+    from itersft_jax.models.common import REMAT_POLICIES
+
+    assert set(fields.JAX_REMAT_POLICIES) == set(REMAT_POLICIES)
+    args = IterativeSFTConfig(output_dir="unused", report_to="none", gradient_checkpointing_kwargs={"policy": "dots"})
+    check_fields(args, "jax")

@@ -1,0 +1,33 @@
+"""The ``model`` argument given as a string, checked the same way by both engines (no jax, no torch).
+
+A hub id is ``name`` or ``org/name``. Anything else that is clearly a filesystem path — absolute, starting
+with ``./``, ``../`` or ``~``, holding a backslash or more than one ``/`` — must exist locally: otherwise
+the loaders would send it to the hub, and the user would read "Repo id must be in the form
+'repo_name' or 'namespace/repo_name'" about a typo in a local path.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` can only mean a local path (no hub id has this form)."""
+    return (os.path.isabs(name) or name in (".", "..") or name.startswith(("./", "../", "~", ".\\", "..\\"))
+            or "\\" in name or name.count("/") > 1 or name.endswith("/"))
+
+
+def check_model_path(name_or_path: str | os.PathLike, argument: str = "model") -> str:
+    """``name_or_path`` as a string (``~`` expanded). Raises ``FileNotFoundError`` naming the path when it is
+    meant as a local path that does not exist, and ``NotADirectoryError`` when it is a file (a model is a
+    directory holding ``config.json``)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"`{argument}` must be a hub id or a local directory, got {type(name_or_path).__name__}")
+    path = os.fspath(name_or_path)
+    local = os.path.expanduser(path)
+    if os.path.isfile(local):
+        raise NotADirectoryError(f"`{argument}`: {path!r} is a file; pass the directory that holds config.json")
+    if not os.path.isdir(local) and (looks_like_local_path(path) or isinstance(name_or_path, os.PathLike)):
+        raise FileNotFoundError(f"`{argument}`: local path {path!r} does not exist (resolved to "
+                                f"{os.path.abspath(local)!r}); a hub id has the form 'name' or 'org/name'")
+    return local if os.path.isdir(local) else path
