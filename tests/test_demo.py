@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
-from itersft_jax import cli
+from itersft_jax import cli, demo_chat
 from itersft_jax.demo import DemoConfig, build_tokenizer, check, run
+from itersft_jax.demo_chat import ChatDemoConfig, Problem
 
 KEYS = {"round", "phase", "pass_rate", "correct", "kept", "sampled", "trained_on", "loss", "seconds"}
 
@@ -66,3 +68,123 @@ def test_help():
                                 text=True, timeout=60, check=False)
         assert result.returncode == 0 and "usage: itersft" in result.stdout
     assert "--samples-per-prompt" in result.stdout and "--backend" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `itersft demo --model`: a pretrained chat model on arithmetic (demo_chat.py)
+
+# ChatML-like, with an end-of-turn token that is NOT the tokenizer's EOS (as in Llama 3 or Qwen chat models),
+# and a BOS written by the template itself, which the tokenizer's post-processor would add a second time.
+CHAT_TEMPLATE = ("{% for m in messages %}<s><|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s><|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from helpers import make_tokenizer
+
+    tok = make_tokenizer("standard")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, chat_tokenizer):
+    from helpers import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-chat-llama"), "llama", chat_tokenizer)
+
+
+def test_arithmetic_checker():
+    p = Problem(47, "+", 85)
+    assert p.answer == 132 and Problem(12, "*", 34).answer == 408 and Problem(3, "-", 9).answer == -6
+    for text in ("132", " 132<|im_end|>", "47 + 85 = 132", "The answer is 132.", "= 132.\n", "**132**"):
+        assert demo_chat.check(p, text), text
+    for text in ("", "47 + 85", "132 + 1 = 133", "13", "1320", "132.5", "answer: 131"):
+        assert not demo_chat.check(p, text), text
+    assert demo_chat.read_answer("12 * 345 = 4,140") == 4140 and demo_chat.read_answer("3 - 9 = -6") == -6
+    rng = __import__("random").Random(0)
+    held_out = demo_chat.sample_problems(rng, 20, 3, "+*")
+    fresh = demo_chat.sample_problems(rng, 200, 3, "+*", exclude=set(held_out))
+    assert not set(fresh) & set(held_out)
+    assert all(100 <= p.a <= 999 and 100 <= p.b <= 999 and p.op in "+*" for p in held_out + fresh)
+
+
+def test_chat_prompts_and_labels(chat_tokenizer, chat_model_dir, tmp_path):
+    """Prompts are the template's own tokens (one BOS); a sample's labels are its completion + end-of-turn
+    token, and input_ids equal the template's rendering of the whole conversation; step() trains on exactly
+    the completion tokens."""
+    tok = chat_tokenizer
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert demo_chat.end_of_turn_id(tok) == eot != tok.eos_token_id
+    problems = [Problem(47, "+", 85), Problem(9, "*", 12)]
+    prompts = demo_chat.encode_prompts(tok, problems)
+    rendered = tok.apply_chat_template([{"role": "user", "content": problems[0].question}],
+                                       add_generation_prompt=True, tokenize=False)
+    assert prompts[0] == tok(rendered, add_special_tokens=False).input_ids
+    assert prompts[0].count(tok.bos_token_id) == 2  # the template's BOS before each turn, none added
+    assert tok(rendered).input_ids[:2] == [tok.bos_token_id] * 2  # what text re-tokenization would add
+
+    answers = ["47 + 85 = 132", "108"]
+    completions = [tok(a, add_special_tokens=False).input_ids + [eot] for a in answers]
+    examples = [demo_chat.training_example(p, c) for p, c in zip(prompts, completions)]
+    for (input_ids, labels), prompt, completion, problem, answer in zip(examples, prompts, completions, problems,
+                                                                        answers):
+        assert labels == [-100] * len(prompt) + completion and len(labels) == len(input_ids)
+        conversation = [{"role": "user", "content": problem.question}, {"role": "assistant", "content": answer}]
+        full = tok.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+        assert full[:len(input_ids)] == input_ids  # the template's conversation, up to its end-of-turn token
+
+    trainer = demo_chat.build_trainer(ChatDemoConfig(model=chat_model_dir, output_dir=str(tmp_path)),
+                                      chat_model_dir, tok)
+    stats = trainer.step(input_ids=[e[0] for e in examples], labels=[e[1] for e in examples])
+    assert stats["num_tokens"] == sum(len(c) for c in completions)  # the prompt carries no loss
+    assert stats["loss"] > 0 and math.isfinite(stats["loss"])
+
+
+def test_demo_model_quick_jax(chat_model_dir, tmp_path):
+    """The whole loop on a tiny random chat model: pretrained eval, sampling, checking, evaluation, outputs
+    (a random model rarely answers, so the pass rate may well be 0)."""
+    lines = []
+    out = str(tmp_path / "demo-model")
+    metrics = demo_chat.run_chat(ChatDemoConfig.quick(model=chat_model_dir, output_dir=out), log=lines.append)
+    assert len(lines) == 3 and lines[-1].startswith("pass rate") and "curve.png" in lines[-1]
+    summary = check_output_dir(out, rounds=1)
+    assert summary["rounds"] == json.loads(json.dumps(metrics))
+    assert metrics[0]["phase"] == "pretrained" and metrics[1]["sampled"] == 4 * 2
+    assert "2-digit" in summary["task"]
+
+
+def test_demo_model_torch_no_plot(chat_model_dir, tmp_path, capsys):
+    """--backend torch runs the same loop; --no-plot writes no curve.png and does not claim one."""
+    out = str(tmp_path / "demo-model-torch")
+    assert cli.main(["demo", "--model", chat_model_dir, "--quick", "--backend", "torch", "--no-plot",
+                     "--digits", "1", "--output-dir", out]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("pass rate") and "curve.png" not in last
+    assert not os.path.exists(os.path.join(out, "curve.png"))
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["config"]["backend"] == "torch"
+
+
+def test_demo_model_errors(tmp_path, tokenizer, capsys):
+    from transformers import GPTNeoXConfig
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--model", missing])
+    assert exc.value.code == 2 and "no such directory" in capsys.readouterr().err
+    neox = str(tmp_path / "neox")
+    GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  vocab_size=len(tokenizer)).save_pretrained(neox)
+    with pytest.raises(demo_chat.ModelSetupError, match="--backend torch"):
+        demo_chat.check_backend_supports(neox, "jax")
+    demo_chat.check_backend_supports(neox, "torch")  # any transformers model there
+    with pytest.raises(demo_chat.ModelSetupError, match="no chat template"):
+        demo_chat.encode_prompts(tokenizer, [Problem(1, "+", 2)])
+    with pytest.raises(SystemExit):  # a --model flag without --model
+        cli.main(["demo", "--digits", "3"])
+    assert "apply to `demo --model` runs only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`ops`"):
+        ChatDemoConfig(model="x", ops="/")
