@@ -104,14 +104,17 @@ class Problem:
         return f"What is {self.a} {self.op} {self.b}? Answer with the number."
 
 
-_INTEGER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?![\d.]*\d)")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
 def read_answer(completion: str) -> int | None:
-    """The last integer of the completion (``1,234`` allowed), or ``None``. A trailing decimal like
-    ``12.5`` is not an integer: its digits after the point are not read as one."""
-    found = _INTEGER.findall(completion.replace(".\n", "\n").rstrip("."))
-    return int(found[-1].replace(",", "")) if found else None
+    """The last number of the completion as an integer (``1,234`` and ``132.0`` allowed), or ``None`` when
+    there is none or it has a fractional part (``132.5``)."""
+    found = _NUMBER.findall(completion)
+    if not found:
+        return None
+    whole, _, fraction = found[-1].replace(",", "").partition(".")
+    return int(whole) if not fraction.strip("0") else None  # exact for any length (no float)
 
 
 def check(problem: Problem, completion: str) -> bool:
@@ -262,6 +265,31 @@ def pass_rate(trainer, cfg: ChatDemoConfig, problems: list[Problem], prompt_ids:
     return sum(check(p, t) for p, t in zip(problems, out.texts)) / len(problems)
 
 
+def expert_iteration_round(trainer, cfg: ChatDemoConfig, tokenizer, problems: list[Problem], eos: list[int], *,
+                           seed: int) -> dict[str, Any]:
+    """Sample, verify, keep the verified completions that ended their turn (one copy per problem and
+    completion), ``step()`` on them. Returns the round's counts, loss and phase timings."""
+    t0 = time.perf_counter()
+    out = trainer.generate(input_ids=encode_prompts(tokenizer, problems), max_new_tokens=cfg.max_new_tokens,
+                           do_sample=True, temperature=cfg.temperature, num_return_sequences=cfg.samples_per_prompt,
+                           eos_token_id=eos, seed=seed)
+    kept, correct = {}, 0
+    for row, text in enumerate(out.texts):
+        i = out.prompt_index(row)
+        if check(problems[i], text):
+            correct += 1
+            if out.finished[row]:  # ended its turn: the end-of-turn token is trained too
+                kept[(i, tuple(out.sequences[row]))] = training_example(out.prompt_ids[row], out.sequences[row])
+    t1 = time.perf_counter()
+    loss = float("nan")
+    if kept:
+        input_ids, labels = (list(x) for x in zip(*kept.values()))
+        for _ in range(cfg.passes_per_round):
+            loss = trainer.step(input_ids=input_ids, labels=labels)["loss"]
+    return {"correct": correct, "kept": len(kept), "sampled": len(out.texts), "trained_on": len(kept), "loss": loss,
+            "sample_seconds": t1 - t0, "train_seconds": time.perf_counter() - t1}
+
+
 def run_chat(cfg: ChatDemoConfig, log=None) -> list[dict[str, Any]]:
     """Run expert iteration on ``cfg.model``; returns the per-round metrics (also in ``metrics.json``)."""
     from transformers import AutoTokenizer
@@ -284,31 +312,17 @@ def run_chat(cfg: ChatDemoConfig, log=None) -> list[dict[str, Any]]:
     metrics = [{"round": 0, "phase": "pretrained", "pass_rate": pass_rate(trainer, cfg, held_out, held_out_ids, eos),
                 "correct": 0, "kept": 0, "sampled": 0, "trained_on": 0, "loss": float("nan"),
                 "seconds": time.perf_counter() - t0}]
+    metrics[0]["eval_seconds"] = metrics[0]["seconds"]
     log(round_line(metrics[-1]))
     excluded = set(held_out)
     for r in range(1, cfg.rounds + 1):
-        t0 = time.perf_counter()
         problems = sample_problems(rng, cfg.prompts_per_round, cfg.digits, cfg.ops, excluded)
-        out = trainer.generate(input_ids=encode_prompts(tokenizer, problems), max_new_tokens=cfg.max_new_tokens,
-                               do_sample=True, temperature=cfg.temperature,
-                               num_return_sequences=cfg.samples_per_prompt, eos_token_id=eos,
-                               seed=cfg.seed * 1000 + r)
-        kept, correct = {}, 0
-        for row, text in enumerate(out.texts):
-            i = out.prompt_index(row)
-            if check(problems[i], text):
-                correct += 1
-                if out.finished[row]:  # ended its turn: the end-of-turn token is trained too
-                    kept[(i, tuple(out.sequences[row]))] = training_example(out.prompt_ids[row], out.sequences[row])
-        loss = float("nan")
-        if kept:
-            input_ids, labels = (list(x) for x in zip(*kept.values()))
-            for _ in range(cfg.passes_per_round):
-                loss = trainer.step(input_ids=input_ids, labels=labels)["loss"]
-        metrics.append({"round": r, "phase": "expert_iteration",
-                        "pass_rate": pass_rate(trainer, cfg, held_out, held_out_ids, eos), "correct": correct,
-                        "kept": len(kept), "sampled": len(out.texts), "trained_on": len(kept), "loss": loss,
-                        "seconds": time.perf_counter() - t0})
+        record = expert_iteration_round(trainer, cfg, tokenizer, problems, eos, seed=cfg.seed * 1000 + r)
+        t0 = time.perf_counter()
+        record["pass_rate"] = pass_rate(trainer, cfg, held_out, held_out_ids, eos)
+        record["eval_seconds"] = time.perf_counter() - t0
+        record["seconds"] = record["sample_seconds"] + record["train_seconds"] + record["eval_seconds"]
+        metrics.append({"round": r, "phase": "expert_iteration", **record})
         log(round_line(metrics[-1]))
 
     task = f"arithmetic: {cfg.digits}-digit operands, ops {cfg.ops!r}, checked on the completion's last integer"
