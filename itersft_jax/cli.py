@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert-gguf":
         from .demo_chat import convert_gguf
 
-        print(convert_gguf(args.gguf_file, args.output_dir))
+        try:
+            print(convert_gguf(args.gguf_file, args.output_dir))
+        except (ValueError, ImportError) as err:  # no such file, or no `gguf` package: one line
+            parser.exit(2, f"itersft convert-gguf: error: {err}\n")
         return 0
     parser.error(f"unknown command {args.command!r}")
     return 2

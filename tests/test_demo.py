@@ -189,6 +189,9 @@ def test_demo_model_errors(tmp_path, tokenizer, capsys):
     assert "apply to `demo --model` runs only" in capsys.readouterr().err
     with pytest.raises(ValueError, match="`ops`"):
         ChatDemoConfig(model="x", ops="/")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["convert-gguf", str(tmp_path / "none.gguf"), str(tmp_path / "out")])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------
