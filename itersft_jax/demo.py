@@ -1,8 +1,10 @@
 """``itersft demo``: expert iteration (rejection-sampling fine-tuning) on a verifiable task, offline.
 
-The task: reverse a short string of letters, ``"abcd="`` -> ``"dcba"``, checked exactly. Everything is
-built in-process, deterministically from ``--seed``: a character-level tokenizer (trained with
-``tokenizers``) and a tiny random Llama (``transformers.LlamaConfig``). Nothing is downloaded.
+The task: reverse a short string of the letters a-j, ``"abcd="`` -> ``"dcba"``, checked exactly. Everything
+is built in-process, deterministically from ``--seed``: a character-level tokenizer (trained with
+``tokenizers``; its vocabulary is a-j, digits and a few symbols, so other letters map to ``<unk>``) and a
+tiny random Llama (``transformers.LlamaConfig``). Nothing is downloaded. ``itersft demo --model M`` runs
+the same loop on a pretrained chat model instead (``demo_chat.py``).
 
 The loop, the one ``IterativeSFTTrainer`` exists for:
 
@@ -202,7 +204,7 @@ def run(cfg: DemoConfig, log=None) -> list[dict[str, Any]]:
     metrics = [{"round": 0, "phase": "sft_warm_start", "pass_rate": pass_rate(trainer, cfg, held_out, 0),
                 "correct": 0, "kept": len(gold), "sampled": 0, "trained_on": len(gold), "loss": losses[-1],
                 "seconds": time.perf_counter() - t0}]
-    log(_line(metrics[-1]))
+    log(round_line(metrics[-1]))
     buffer = dict.fromkeys((w, w[::-1]) for w in gold)  # every verified (prompt, answer) so far
 
     bar = tqdm(range(1, cfg.rounds + 1), desc="expert iteration", unit="round", leave=False)
@@ -230,31 +232,39 @@ def run(cfg: DemoConfig, log=None) -> list[dict[str, Any]]:
                         "kept": len(kept), "sampled": len(texts), "trained_on": len(train), "loss": loss,
                         "seconds": time.perf_counter() - t0})
         bar.set_postfix(pass_rate=f"{metrics[-1]['pass_rate']:.2f}")
-        log(_line(metrics[-1]))
+        log(round_line(metrics[-1]))
     bar.close()
 
-    model_dir = os.path.join(cfg.output_dir, "model")
-    trainer.save_model(model_dir)
-    total = time.perf_counter() - start
-    summary = {"config": dataclasses.asdict(cfg), "task": "reverse a string of letters: 'abcd=' -> 'dcba'",
-               "rounds": metrics, "total_seconds": total, "model_dir": model_dir}
-    with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    if cfg.plot:
-        plot(metrics, os.path.join(cfg.output_dir, "curve.png"))
-    log(f"pass rate {metrics[0]['pass_rate']:.1%} -> {metrics[-1]['pass_rate']:.1%} in {total:.0f}s; "
-        f"model, metrics.json and curve.png in {cfg.output_dir}")
+    finish(trainer, cfg, metrics, task="reverse a string of letters a-j: 'abcd=' -> 'dcba'", start=start, log=log,
+           title="itersft demo: expert iteration on string reversal")
     return metrics
 
 
-def _line(m: dict) -> str:
+def finish(trainer, cfg, metrics: list[dict], *, task: str, start: float, log, title: str) -> None:
+    """Save the model, ``metrics.json`` and (unless ``cfg.plot`` is off) ``curve.png``; log what was written."""
+    model_dir = os.path.join(cfg.output_dir, "model")
+    trainer.save_model(model_dir)
+    total = time.perf_counter() - start
+    summary = {"config": dataclasses.asdict(cfg), "task": task, "rounds": metrics, "total_seconds": total,
+               "model_dir": model_dir}
+    with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    written = "model and metrics.json"
+    if cfg.plot:
+        plot(metrics, os.path.join(cfg.output_dir, "curve.png"), title=title)
+        written = "model, metrics.json and curve.png"
+    log(f"pass rate {metrics[0]['pass_rate']:.1%} -> {metrics[-1]['pass_rate']:.1%} in {total:.0f}s; "
+        f"{written} in {cfg.output_dir}")
+
+
+def round_line(m: dict) -> str:
     return (f"round {m['round']:2d}  held-out pass rate {m['pass_rate']:6.1%} | correct {m['correct']:4d}/"
             f"{m['sampled']:<4d} kept {m['kept']:3d} trained on {m['trained_on']:4d} | "
             f"loss {m['loss']:.4f} | "
             f"{m['seconds']:4.1f}s")
 
 
-def plot(metrics: list[dict], path: str) -> None:
+def plot(metrics: list[dict], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,13 +273,13 @@ def plot(metrics: list[dict], path: str) -> None:
     rounds = [m["round"] for m in metrics]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(rounds, [100 * m["pass_rate"] for m in metrics], "o-", color="tab:blue")
-    ax.set_xlabel("round (0 = SFT warm start)")
+    ax.set_xlabel("round (0 = before expert iteration)")
     ax.set_ylabel("held-out pass rate (%)", color="tab:blue")
     ax.set_ylim(0, 100)
     ax2 = ax.twinx()
     ax2.plot(rounds, [m["loss"] for m in metrics], "s--", color="tab:red")
     ax2.set_ylabel("training loss", color="tab:red")
-    ax.set_title("itersft demo: expert iteration on string reversal")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
