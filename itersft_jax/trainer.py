@@ -73,7 +73,8 @@ class IterativeSFTTrainer:
         self.train_state = jax.device_put(TrainState.create(params, self.tx, seed=self.args.seed),
                                           self._replicated)
         self._train_step = make_train_step(self.graphdef, self.tx, self.schedule,
-                                           state_sharding=self._replicated, batch_sharding=self._batch_sharding)
+                                           state_sharding=self._replicated, batch_sharding=self._batch_sharding,
+                                           label_smoothing=self.args.label_smoothing_factor)
 
         self.state = TrainerState()  # TRL-compatible: global_step, log_history
         # Packed row length: the bucket of the longest sample seen so far. It only grows, so a run whose
@@ -188,7 +189,8 @@ class IterativeSFTTrainer:
         examples = prepare_examples(**forms, tokenizer=self.processing_class, max_length=self.args.max_length,
                                     truncation_mode=self.args.truncation_mode, vocab_size=self.config.vocab_size)
         if self._eval_step is None:
-            self._eval_step = make_eval_step(self.graphdef, batch_sharding=self._batch_sharding)
+            self._eval_step = make_eval_step(self.graphdef, batch_sharding=self._batch_sharding,
+                                             label_smoothing=self.args.label_smoothing_factor)
         pad_id = getattr(self.processing_class, "pad_token_id", None) or 0
         longest = max(len(ex.input_ids) for ex in examples)
         row_length = max(self._row_length, bucket_length(longest, self.args.max_length))

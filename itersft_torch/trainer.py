@@ -124,13 +124,16 @@ def _clear_device_cache() -> None:
 # Loss
 
 
-def summed_token_ce(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, shift: bool) -> torch.Tensor:
+def summed_token_ce(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, shift: bool,
+                    label_smoothing: float = 0.0) -> torch.Tensor:
     """Sum (not mean) of the token cross-entropy over label tokens, in fp32. ``shift``: causal LMs predict
-    token t+1 at position t; seq2seq logits are already aligned with their decoder targets."""
+    token t+1 at position t; seq2seq logits are already aligned with their decoder targets.
+    ``label_smoothing`` eps: each token's loss is ``(1 - eps) * nll + eps * mean_v(-log p_v)``, as
+    transformers' ``LabelSmoother`` (the caller divides the sum by the label-token count once)."""
     if shift:
         logits_BTV, labels_BT = logits_BTV[:, :-1], labels_BT[:, 1:]
     return F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), labels_BT.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+                           ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing)
 
 
 def _label_tokens(examples: list[Example], is_encoder_decoder: bool) -> int:
@@ -411,7 +414,8 @@ class IterativeSFTTrainer(Trainer):
         with self.accelerator.autocast():
             outputs = model(**inputs)
         logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-        return summed_token_ce(logits, labels, shift=not self.is_encoder_decoder)
+        return summed_token_ce(logits, labels, shift=not self.is_encoder_decoder,
+                               label_smoothing=self.args.label_smoothing_factor)
 
     def _after_update(self, lr: float, grad_norm: float, end_of_call: bool) -> None:
         """Trainer's log / evaluate / save flow, counted in updates. An "epoch" strategy means "at the end of
