@@ -124,7 +124,7 @@ def test_chunked_gradient_never_holds_n_by_v_fp32():
 
 
 def test_default_chunk_size_and_bad_options():
-    assert default_chunk_size(128256) == 512 and default_chunk_size(8192) == 8192
+    assert default_chunk_size(128256) == 256 and default_chunk_size(8192) == 4096
     assert default_chunk_size(10**7) == 128  # never below one tile
     h, w, labels = inputs()
     head = LMHead(w, False, None, jnp.float32)
