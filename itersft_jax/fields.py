@@ -210,7 +210,8 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "use_cache": each(not_applicable("training forwards never build a KV cache; generate() always uses one"),
                       honoured("Trainer sets model.config.use_cache (training forwards)")),
     "neftune_noise_alpha": each(
-        honoured("by design: the models' NEFTune hook on the input embeddings, in step() updates only"),
+        honoured("train_step: uniform noise of size alpha/sqrt(L*d) on the input embeddings of step()'s updates "
+                 "only (L = each sample's length; models.common.neftune_noise); never in generate()/evaluate()"),
         honoured("itersft_torch.features: uniform noise of size alpha/sqrt(L*d) on the input embeddings of "
                  "step()'s forwards only (L = each sample's length); never in generate()/evaluate()")),
     "torch_empty_cache_steps": each(

@@ -1,4 +1,4 @@
-"""The pure core of training: ``TrainState``, the causal-LM loss, ``train_step`` and its one ``jax.jit``.
+"""The pure core of training: ``TrainState``, ``train_step`` and its one ``jax.jit``, ``eval_step``.
 
 A batch is one optimizer update: ``input_ids``, ``attention_mask`` and ``labels``, int32, each
 ``[A, M, T]`` — ``A`` micro-batches of ``M`` rows of ``T`` tokens, either one padded sample per row
@@ -7,7 +7,11 @@ A batch is one optimizer update: ``input_ids``, ``attention_mask`` and ``labels`
 accumulated over the ``A`` axis in a loop that stops after the last micro-batch holding a token (so
 all-padding micro-batches at the end cost nothing and the step's shape need not follow the data) and
 divided once by the number of label tokens, so the update is the same however the samples are split
-into micro-batches and rows.
+into micro-batches and rows. The loss is ``itersft_jax.loss.causal_lm_loss`` on the model's hidden states
+(the LM head applied in chunks, never ``[N, V]`` logits).
+
+An update whose loss or gradient norm is not finite is skipped inside the step: the returned state keeps
+the old parameters, optimizer state and step counter (bit for bit) and the metrics say ``skipped=1``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -22,9 +27,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from itersft_jax.loss import causal_lm_loss, check_loss_options
 from itersft_jax.models.common import positions_from_segments
-
-IGNORE_INDEX = -100
 
 
 @jax.tree_util.register_dataclass
@@ -43,134 +47,127 @@ class TrainState:
                    rng=jax.random.key(seed))
 
 
-def causal_lm_loss(logits_BTV: jax.Array, labels_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy and the number of label tokens (HF labels: aligned, -100 ignored).
-
-    The shift happens here: ``logits[:, t]`` predicts ``labels[:, t + 1]``. It is applied to the labels
-    (the last position gets -100), never to the ``[B, T, V]`` logits, so no slice or pad of the largest
-    tensor of the step is materialized. Log-softmax in float32.
-    """
-    ignore_B1 = jnp.full((labels_BT.shape[0], 1), IGNORE_INDEX, labels_BT.dtype)
-    targets_BT = jnp.concatenate([labels_BT[:, 1:], ignore_B1], axis=1)
-    weights_BT = (targets_BT != IGNORE_INDEX).astype(jnp.float32)
-    safe_targets_BT = jnp.where(targets_BT == IGNORE_INDEX, 0, targets_BT)
-    return _weighted_xent_sum(logits_BTV, safe_targets_BT, weights_BT), jnp.sum(weights_BT)
-
-
-@jax.custom_vjp
-def _weighted_xent_sum(logits_BTV, targets_BT, weights_BT):
-    """``sum(weights * (logsumexp(logits) - logits[target]))`` in fp32, with a hand-written gradient.
-
-    The gradient is ``(softmax - one_hot(target)) * weight`` in one elementwise pass over the logits;
-    autodiff of ``take_along_axis`` would scatter into a zero ``[B, T, V]`` buffer and add it.
-    """
-    return _weighted_xent_fwd(logits_BTV, targets_BT, weights_BT)[0]
-
-
-def _weighted_xent_fwd(logits_BTV, targets_BT, weights_BT):
-    logits32_BTV = logits_BTV.astype(jnp.float32)
-    log_z_BT = jax.nn.logsumexp(logits32_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits32_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    loss_sum = jnp.sum((log_z_BT - target_logit_BT) * weights_BT)
-    return loss_sum, (logits_BTV, log_z_BT, targets_BT, weights_BT)
-
-
-def _weighted_xent_bwd(residuals, g):
-    logits_BTV, log_z_BT, targets_BT, weights_BT = residuals
-    probs_BTV = jnp.exp(logits_BTV.astype(jnp.float32) - log_z_BT[..., None])
-    vocab_V = jax.lax.broadcasted_iota(targets_BT.dtype, (1, 1, logits_BTV.shape[-1]), 2)
-    one_hot_BTV = (vocab_V == targets_BT[..., None]).astype(jnp.float32)
-    grad_BTV = (probs_BTV - one_hot_BTV) * (weights_BT * g)[..., None]
-    return grad_BTV.astype(logits_BTV.dtype), None, None
-
-
-_weighted_xent_sum.defvjp(_weighted_xent_fwd, _weighted_xent_bwd)
-
-
-def _summed_loss(params, graphdef, input_ids_BT, attention_mask_BT, labels_BT):
+def _summed_loss(params, graphdef, input_ids_BT, attention_mask_BT, labels_BT, *, label_smoothing=0.0,
+                 chunk_size=None, neftune=None):
+    """Summed token loss and label-token count of one micro-batch: hidden states, then the chunked head + loss.
+    ``neftune``: ``None`` or ``(alpha, key)``, NEFTune noise on the input embeddings (training only)."""
     model = nnx.merge(graphdef, params)
     positions_BT = positions_from_segments(attention_mask_BT)
-    logits_BTV = model(input_ids_BT, positions_BT, attention_mask_BT)[0]
-    return causal_lm_loss(logits_BTV, labels_BT)
+    h_BTD = model.hidden_states(input_ids_BT, positions_BT, attention_mask_BT, neftune=neftune)[0]
+    return causal_lm_loss(h_BTD, model.head(), labels_BT, label_smoothing=label_smoothing, chunk_size=chunk_size)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: optax.GradientTransformation,
-               schedule=None) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule=None, label_smoothing: float = 0.0, loss_chunk_size: int | None = None,
+               neftune_alpha: float | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from ``batch`` (``[A, M, T]`` arrays); pure, jitted by ``make_train_step``.
 
-    Metrics: ``loss`` (mean token cross-entropy of the update), ``grad_norm`` (global norm before
-    clipping), ``learning_rate`` (``schedule(state.step)``, NaN without a schedule), ``num_tokens``.
+    Metrics: ``loss`` (mean token cross-entropy of the update, label-smoothed with ``label_smoothing``),
+    ``grad_norm`` (global norm before clipping), ``learning_rate`` (``schedule(state.step)``, NaN without a
+    schedule), ``num_tokens``, ``skipped`` (int32: 1 when the loss or the gradient norm was not finite and
+    the state was returned unchanged). ``neftune_alpha``: NEFTune's noise on the input embeddings, drawn from
+    ``fold_in(fold_in(state.rng, state.step), micro_batch)`` (a skipped update redraws with the same key).
     """
-    grad_fn = jax.value_and_grad(_summed_loss, has_aux=True)  # d(loss_sum); the token count rides along
+    loss_fn = functools.partial(_summed_loss, label_smoothing=label_smoothing, chunk_size=loss_chunk_size)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)  # d(loss_sum); the token count rides along
 
     micro_batches = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
     def accumulate(i, carry):
         grads_acc, loss_acc, count_acc = carry
         micro = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in micro_batches.items()}
+        neftune = None
+        if neftune_alpha:
+            neftune = (neftune_alpha, jax.random.fold_in(jax.random.fold_in(state.rng, state.step), i))
         (loss_sum, count), grads = grad_fn(state.params, graphdef, micro["input_ids"],
-                                           micro["attention_mask"], micro["labels"])
+                                           micro["attention_mask"], micro["labels"], neftune=neftune)
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
         return grads_acc, loss_acc + loss_sum, count_acc + count
 
-    # Micro-batches after the last one holding a token are padding: the loop stops before them.
-    holds_token_A = jnp.any(micro_batches["attention_mask"] != 0, axis=(1, 2))
-    num_micro = jnp.max(jnp.where(holds_token_A, jnp.arange(1, holds_token_A.shape[0] + 1), 0))
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    grads, loss_sum, count = jax.lax.fori_loop(0, num_micro, accumulate, init)
+    grads, loss_sum, count = jax.lax.fori_loop(0, _micro_batches_holding_tokens(batch), accumulate, init)
 
     # One division for the whole update: token-weighted, whatever the micro-batch split. An update with
     # no label tokens has loss 0 and zero gradients instead of NaN.
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
 
+    # Non-finite guard, no host sync: a NaN/inf update would poison every parameter and Adam moment for good,
+    # so it is skipped (state returned as it came). A cond, not a select per leaf: selecting between the new
+    # and old optimizer state made XLA copy the old Adam moments before updating them in place (+2x the
+    # vocab-sized moments of temporary memory at vocab 128k); the branch costs nothing on the normal path.
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+
+    def apply_update(params, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, apply_update, lambda p, o: (p, o), state.params, state.opt_state)
     lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
-               "learning_rate": jnp.asarray(lr, jnp.float32), "num_tokens": count.astype(jnp.int32)}
-    new_state = dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state)
+               "learning_rate": jnp.asarray(lr, jnp.float32), "num_tokens": count.astype(jnp.int32),
+               "skipped": 1 - finite.astype(jnp.int32)}
+    new_state = dataclasses.replace(state, step=state.step + finite.astype(state.step.dtype), params=params,
+                                    opt_state=opt_state)
     return new_state, metrics
 
 
-def eval_step(params, batch: dict[str, jax.Array], *, graphdef) -> dict[str, jax.Array]:
+def eval_step(params, batch: dict[str, jax.Array], *, graphdef, label_smoothing: float = 0.0,
+              loss_chunk_size: int | None = None) -> dict[str, jax.Array]:
     """Summed token cross-entropy and label-token count of ``batch`` (``[A, M, T]``), no update."""
+    loss_fn = functools.partial(_summed_loss, label_smoothing=label_smoothing, chunk_size=loss_chunk_size)
+
     def accumulate(i, carry):
         # The params ride in the carry: a model merged from values closed over from outside the loop
         # cannot run nnx.remat'd layers (gradient_checkpointing) inside it.
         params_, loss_acc, count_acc = carry
         micro = {k: jax.lax.dynamic_index_in_dim(batch[k], i, keepdims=False)
                  for k in ("input_ids", "attention_mask", "labels")}
-        loss_sum, count = _summed_loss(params_, graphdef, micro["input_ids"], micro["attention_mask"],
-                                       micro["labels"])
+        loss_sum, count = loss_fn(params_, graphdef, micro["input_ids"], micro["attention_mask"], micro["labels"])
         return params_, loss_acc + loss_sum, count_acc + count
 
-    holds_token_A = jnp.any(batch["attention_mask"] != 0, axis=(1, 2))
-    num_micro = jnp.max(jnp.where(holds_token_A, jnp.arange(1, holds_token_A.shape[0] + 1), 0))
     init = (params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    _, loss_sum, count = jax.lax.fori_loop(0, num_micro, accumulate, init)
+    _, loss_sum, count = jax.lax.fori_loop(0, _micro_batches_holding_tokens(batch), accumulate, init)
     return {"loss_sum": loss_sum, "num_tokens": count}
 
 
-def make_eval_step(graphdef, *, batch_sharding=None):
+def _micro_batches_holding_tokens(batch: dict[str, jax.Array]) -> jax.Array:
+    """Micro-batches up to the last one holding a token: the ones after it are padding, never run."""
+    holds_token_A = jnp.any(batch["attention_mask"] != 0, axis=(1, 2))
+    return jnp.max(jnp.where(holds_token_A, jnp.arange(1, holds_token_A.shape[0] + 1), 0))
+
+
+def make_eval_step(graphdef, *, batch_sharding=None, label_smoothing: float = 0.0,
+                   loss_chunk_size: int | None = None):
     """``eval_step`` jitted (parameters are not donated: evaluation leaves them as they are)."""
+    check_loss_options(label_smoothing, loss_chunk_size)
     kwargs: dict[str, Any] = {}
     if batch_sharding is not None:
         kwargs = {"in_shardings": (None, batch_sharding)}
-    return jax.jit(functools.partial(eval_step, graphdef=graphdef), **kwargs)
+    step_fn = functools.partial(eval_step, graphdef=graphdef, label_smoothing=label_smoothing,
+                                loss_chunk_size=loss_chunk_size)
+    return jax.jit(step_fn, **kwargs)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None, *, state_sharding=None,
-                    batch_sharding=None):
+                    batch_sharding=None, label_smoothing: float = 0.0, loss_chunk_size: int | None = None,
+                    neftune_alpha: float | None = None):
     """``train_step`` with its static pieces bound and jitted: the one ``jax.jit`` of training.
 
     The state is donated: its buffers are reused for the new state, so the caller must not touch the
     state it passed in (``TrainState.create`` does not copy ``params``). Shardings, when given, pin the
-    state and batch layout; the metrics are left to the compiler.
+    state and batch layout; the metrics are left to the compiler. ``label_smoothing`` and
+    ``loss_chunk_size`` go to ``loss.causal_lm_loss`` (checked here, before any step runs); ``neftune_alpha``
+    (``neftune_noise_alpha``) adds NEFTune's noise to the input embeddings of training steps only.
     """
-    step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule)
+    check_loss_options(label_smoothing, loss_chunk_size)
+    if neftune_alpha is not None and not (math.isfinite(neftune_alpha) and neftune_alpha >= 0):
+        raise ValueError(f"`neftune_noise_alpha` must be a finite number >= 0, got {neftune_alpha}")
+    step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                                label_smoothing=label_smoothing, loss_chunk_size=loss_chunk_size,
+                                neftune_alpha=neftune_alpha)
     kwargs: dict[str, Any] = {}
     if state_sharding is not None or batch_sharding is not None:
         kwargs = {"in_shardings": (state_sharding, batch_sharding), "out_shardings": (state_sharding, None)}

@@ -88,7 +88,9 @@ class IterativeSFTTrainer(TrainerShell):
         self.train_state = jax.device_put(TrainState.create(params, self.tx, seed=self.args.seed),
                                           self._replicated)
         self._train_step = make_train_step(self.graphdef, self.tx, self.schedule,
-                                           state_sharding=self._replicated, batch_sharding=self._batch_sharding)
+                                           state_sharding=self._replicated, batch_sharding=self._batch_sharding,
+                                           label_smoothing=self.args.label_smoothing_factor,
+                                           neftune_alpha=self.args.neftune_noise_alpha)
 
         # Packed row length: the bucket of the longest sample seen so far. It only grows, so a run whose
         # lengths wander compiles once per new maximum, not once per call.
@@ -176,7 +178,8 @@ class IterativeSFTTrainer(TrainerShell):
     def _eval_loss(self, examples) -> tuple[float, int]:
         """Summed token cross-entropy and label tokens over ``examples``, packed like training updates."""
         if self._eval_step is None:
-            self._eval_step = make_eval_step(self.graphdef, batch_sharding=self._batch_sharding)
+            self._eval_step = make_eval_step(self.graphdef, batch_sharding=self._batch_sharding,
+                                             label_smoothing=self.args.label_smoothing_factor)
         longest = max(len(ex.input_ids) for ex in examples)
         row_length = max(self._row_length, bucket_length(longest, self.args.max_length))
         rows = rows_per_micro_batch(row_length, self.mesh.size, self._rows_per_device)

@@ -141,13 +141,16 @@ def _clear_device_cache() -> None:
 # Loss
 
 
-def summed_token_ce(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, shift: bool) -> torch.Tensor:
+def summed_token_ce(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, shift: bool,
+                    label_smoothing: float = 0.0) -> torch.Tensor:
     """Sum (not mean) of the token cross-entropy over label tokens, in fp32. ``shift``: causal LMs predict
-    token t+1 at position t; seq2seq logits are already aligned with their decoder targets."""
+    token t+1 at position t; seq2seq logits are already aligned with their decoder targets.
+    ``label_smoothing`` eps: each token's loss is ``(1 - eps) * nll + eps * mean_v(-log p_v)``, as
+    transformers' ``LabelSmoother`` (the caller divides the sum by the label-token count once)."""
     if shift:
         logits_BTV, labels_BT = logits_BTV[:, :-1], labels_BT[:, 1:]
     return F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), labels_BT.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+                           ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing)
 
 
 def _label_tokens(examples: list[Example], is_encoder_decoder: bool) -> int:
@@ -368,7 +371,8 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             sync = world == 1 or i == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 logits, labels, positions = self._forward(model, shard, pad_id, train=True)
-                ce_sum = summed_token_ce(logits, labels, shift=not self.is_encoder_decoder)
+                ce_sum = summed_token_ce(logits, labels, shift=not self.is_encoder_decoder,
+                                         label_smoothing=self.args.label_smoothing_factor)
                 accelerator.backward(ce_sum * scale)
             ce_total += ce_sum.detach()
             input_tokens += sum(len(ex.input_ids) + (len(ex.labels) if self.is_encoder_decoder else 0)
@@ -438,7 +442,9 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             model.train(was_training)
 
     def _eval_loss(self, examples: list[Example]) -> tuple[float, int]:
-        loss_sum = sum(float(summed_token_ce(logits, labels, shift=not self.is_encoder_decoder))
+        smoothing = self.args.label_smoothing_factor
+        loss_sum = sum(float(summed_token_ce(logits, labels, shift=not self.is_encoder_decoder,
+                                             label_smoothing=smoothing))
                        for logits, labels in self._eval_forwards(examples))
         return loss_sum, _label_tokens(examples, self.is_encoder_decoder)
 

@@ -208,6 +208,24 @@ def test_neftune_changes_training_but_not_generate_or_evaluate(tokenizer, tmp_pa
     assert abs(losses[0][0] - losses[1][0]) > 1e-4 and abs(losses[0][1] - losses[1][1]) > 1e-4
 
 
+def test_jax_neftune_changes_training_but_not_generate_or_evaluate(tokenizer, tiny_model_dir, tmp_path):
+    from itersft_jax.trainer import IterativeSFTTrainer as JaxTrainer
+
+    def make(**config):
+        args = IterativeSFTConfig(output_dir=str(tmp_path / "jax"), per_device_train_batch_size=2, report_to="none",
+                                  gradient_checkpointing=False, learning_rate=1e-3, **config)
+        return JaxTrainer(tiny_model_dir("llama"), args=args, processing_class=tokenizer)
+
+    plain, noisy = make(), make(neftune_noise_alpha=5.0)
+    gens = [t.generate(TEXTS[:2], max_new_tokens=6).sequences for t in (plain, noisy)]
+    evals = [t.evaluate(texts=TEXTS[3:])["eval_loss"] for t in (plain, noisy)]
+    assert gens[0] == gens[1] and evals[0] == evals[1]
+    losses = [[t.step(texts=TEXTS)["loss"] for _ in range(2)] for t in (plain, noisy)]
+    assert abs(losses[0][0] - losses[1][0]) > 1e-4 and abs(losses[0][1] - losses[1][1]) > 1e-4
+    with pytest.raises(ValueError, match="neftune_noise_alpha"):
+        make(neftune_noise_alpha=float("nan"))
+
+
 def test_neftune_noises_an_encoder_decoders_encoder_inputs(tokenizer, tmp_path):
     # BART's get_input_embeddings() is the decoder's module (weights tied, a different module): a hook there
     # would never see the encoder's inputs.

@@ -20,14 +20,9 @@ import torch
 from flax import nnx
 from helpers import tiny_config, tiny_model
 
+from itersft_jax.loss import causal_lm_loss
 from itersft_jax.models import common
-from itersft_jax.train_step import (
-    TrainState,
-    causal_lm_loss,
-    count_compilations,
-    make_train_step,
-    train_step,
-)
+from itersft_jax.train_step import TrainState, count_compilations, make_train_step, train_step
 
 VOCAB = 41
 
@@ -44,16 +39,23 @@ class TinyCausalLM(nnx.Module):
         self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
         self.out = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
         self.ln_f = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
-        self.head = nnx.Linear(dim, vocab, dtype=dtype, rngs=rngs)
+        self.head_proj = nnx.Linear(dim, vocab, use_bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache=None):
+    def hidden_states(self, input_ids_BT, positions_BT, attention_mask_BS, cache=None, neftune=None):
         b, t = input_ids_BT.shape
-        h_BTD = self.embed(input_ids_BT) + self.pos_embed(positions_BT)
+        h_BTD = common.neftune_noise(neftune, self.embed(input_ids_BT), attention_mask_BS) + self.pos_embed(positions_BT)
         q, k, v = jnp.split(self.qkv(h_BTD).reshape(b, t, 3 * self.heads, -1), 3, axis=2)
         ctx = common.attention_context(attention_mask_BS, t, None)
         attn, _ = common.attention(q, k, v, None, ctx, scale=q.shape[-1] ** -0.5)
         h_BTD = h_BTD + self.out(attn.reshape(b, t, -1))
-        return self.head(self.ln_f(h_BTD)).astype(self.dtype), cache
+        return self.ln_f(h_BTD), cache
+
+    def head(self) -> common.LMHead:
+        return common.LMHead(self.head_proj.kernel[...], False, None, self.dtype)
+
+    def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache=None):
+        h_BTD, cache = self.hidden_states(input_ids_BT, positions_BT, attention_mask_BS, cache)
+        return common.head_logits(self.head(), h_BTD), cache
 
 
 def llama_pair(**overrides):
@@ -93,11 +95,11 @@ def make_batch(rows, accum, micro, length):
             "labels": labels.reshape(shape)}
 
 
-def run(model, tx, batches, schedule=None, params_as_dict=True):
+def run(model, tx, batches, schedule=None, params_as_dict=True, **step_options):
     graphdef, params = nnx.split(model, nnx.Param)
     if params_as_dict:
         params = nnx.to_pure_dict(params)
-    step = make_train_step(graphdef, tx, schedule)
+    step = make_train_step(graphdef, tx, schedule, **step_options)
     state = TrainState.create(jax.tree.map(jnp.copy, params), tx, seed=0)
     metrics = []
     for batch in batches:
@@ -109,22 +111,12 @@ def run(model, tx, batches, schedule=None, params_as_dict=True):
 @nnx.jit
 def per_row_loss(model, ids, mask, labels):
     """Summed loss and label count of each row, from a plain forward pass."""
-    logits = model(ids, common.positions_from_mask(mask), mask)[0]
-    return jax.vmap(lambda lg, lb: causal_lm_loss(lg[None], lb[None]))(logits, labels)
+    h = model.hidden_states(ids, common.positions_from_mask(mask), mask)[0]
+    return jax.vmap(lambda h_TD, lb: causal_lm_loss(h_TD[None], model.head(), lb[None]))(h, labels)
 
 
 def max_diff(a, b):
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def test_causal_lm_loss_shift_and_mask():
-    logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
-    labels = jnp.array([[-100, 3, 4, -100, 6], [1, 2, -100, -100, -100]])
-    loss_sum, count = causal_lm_loss(logits, labels)
-    logp = jax.nn.log_softmax(logits, -1)
-    expected = -(logp[0, 0, 3] + logp[0, 1, 4] + logp[0, 3, 6] + logp[1, 0, 2])
-    assert float(count) == 4
-    assert float(loss_sum) == pytest.approx(float(expected), abs=1e-5)
 
 
 def test_loss_and_grad_norm_match_transformers():
@@ -142,6 +134,25 @@ def test_loss_and_grad_norm_match_transformers():
     assert abs(m["loss"] - out.loss.item()) <= 1e-5
     assert m["grad_norm"] == pytest.approx(torch_norm.item(), rel=1e-4)
     assert m["num_tokens"] == sum(int((y[1:] != -100).sum()) for _, y in rows)
+
+
+def test_label_smoothing_matches_the_torch_backend():
+    """label_smoothing=0.1: the step's loss == the torch backend's summed_token_ce / label tokens on the same
+    micro-batch (1e-4), and differs from the unsmoothed loss (so ignoring the option fails)."""
+    from itersft_torch.trainer import summed_token_ce
+
+    model, torch_model = llama_pair()
+    batch = make_batch(samples(3, 320, seed=8), 1, 4, 16)
+    _, (m,) = run(model, optax.sgd(0.0), [batch], label_smoothing=0.1)
+    ids, mask, labels = (torch.tensor(batch[k][0], dtype=torch.long)
+                         for k in ("input_ids", "attention_mask", "labels"))
+    positions = torch.tensor(np.asarray(common.positions_from_mask(jnp.asarray(batch["attention_mask"][0]))))
+    with torch.no_grad():
+        logits = torch_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        smoothed = summed_token_ce(logits, labels, shift=True, label_smoothing=0.1).item() / m["num_tokens"]
+        plain = summed_token_ce(logits, labels, shift=True).item() / m["num_tokens"]
+    assert abs(m["loss"] - smoothed) <= 1e-4
+    assert abs(smoothed - plain) > 1e-3  # a random model predicts near-uniform: smoothing moves the loss little
 
 
 @pytest.mark.parametrize("family", ["tiny", "llama"])
@@ -194,7 +205,7 @@ def test_update_without_label_tokens_is_finite_and_zero():
     state, m = train_step(TrainState.create(params, tx), batch, graphdef=graphdef, tx=tx)
     assert {k: float(v) for k, v in m.items()} == {
         "loss": 0.0, "grad_norm": 0.0, "learning_rate": pytest.approx(float("nan"), nan_ok=True),
-        "num_tokens": 0.0}
+        "num_tokens": 0.0, "skipped": 0.0}
     assert int(state.step) == 1
     assert max_diff(state.params, params) == 0.0
 
@@ -212,8 +223,9 @@ def test_causality_no_gradient_from_the_future(family):
     @jax.jit
     def embedding_grad_norms(labels):
         def loss(p):
-            logits = nnx.merge(graphdef, p)(ids, common.positions_from_mask(mask), mask)[0]
-            return causal_lm_loss(logits, labels)[0]
+            model = nnx.merge(graphdef, p)
+            h = model.hidden_states(ids, common.positions_from_mask(mask), mask)[0]
+            return causal_lm_loss(h, model.head(), labels)[0]
 
         table = functools.reduce(lambda node, k: node[k], embed_path, jax.grad(loss)(params))["embedding"]
         return jnp.abs(table[...][ids[0]]).sum(axis=-1)
@@ -223,6 +235,31 @@ def test_causality_no_gradient_from_the_future(family):
         per_position = np.asarray(embedding_grad_norms(labels))
         assert np.all(per_position[t + 1:] == 0.0), (t, per_position)
         assert np.all(per_position[:t + 1] > 0.0), (t, per_position)
+
+
+def test_non_finite_update_is_skipped_and_state_bit_identical():
+    """An inf weight: loss NaN, the jitted step returns params, opt_state and step bit-identical, skipped=1;
+    then with finite weights the same step function applies updates again (skipped=0)."""
+    model = TinyCausalLM()
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    params["head_proj"]["kernel"] = params["head_proj"]["kernel"].at[0, 5].set(jnp.inf)
+    tx = optax.adamw(1e-2)
+    step = make_train_step(graphdef, tx, optax.constant_schedule(1e-2))
+    state = TrainState.create(params, tx)
+    before = jax.device_get((state.step, state.params, state.opt_state))  # host copies: the step donates the state
+    batch = make_batch(samples(3, VOCAB, seed=7), 1, 4, 16)
+    state, m = step(state, batch)
+    assert int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"]))
+    after = jax.device_get((state.step, state.params, state.opt_state))
+    assert int(state.step) == 0
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        assert old.dtype == new.dtype and old.tobytes() == new.tobytes()
+
+    state.params["head_proj"]["kernel"] = state.params["head_proj"]["kernel"].at[0, 5].set(0.0)
+    state, m = step(state, batch)
+    assert int(m["skipped"]) == 0 and np.isfinite(float(m["loss"])) and int(state.step) == 1
+    assert max_diff(state.params["qkv"], before[1]["qkv"]) > 0
 
 
 def test_compiles_once_per_shape():
