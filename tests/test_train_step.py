@@ -43,7 +43,8 @@ class TinyCausalLM(nnx.Module):
 
     def hidden_states(self, input_ids_BT, positions_BT, attention_mask_BS, cache=None, neftune=None):
         b, t = input_ids_BT.shape
-        h_BTD = common.neftune_noise(neftune, self.embed(input_ids_BT), attention_mask_BS) + self.pos_embed(positions_BT)
+        embeds_BTD = common.neftune_noise(neftune, self.embed(input_ids_BT), attention_mask_BS)
+        h_BTD = embeds_BTD + self.pos_embed(positions_BT)
         q, k, v = jnp.split(self.qkv(h_BTD).reshape(b, t, 3 * self.heads, -1), 3, axis=2)
         ctx = common.attention_context(attention_mask_BS, t, None)
         attn, _ = common.attention(q, k, v, None, ctx, scale=q.shape[-1] ** -0.5)
