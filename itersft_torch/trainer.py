@@ -11,6 +11,7 @@ shared with the JAX engine. Never imports jax.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -158,6 +159,23 @@ def check_distributed_setup(accelerator, args: TrainingArguments) -> None:
             f"{state.distributed_type} on {state.device}: accelerate enables FSDP only on accelerators (CUDA, XPU, "
             f"NPU, HPU, ...), never on the CPU, where this run would not shard anything. Launch on GPUs, or drop "
             f"the FSDP setting to train data-parallel (DDP).")
+
+
+def check_same_samples(accelerator, examples: list[Example]) -> None:
+    """ValueError on every process unless all processes passed the same samples: a call's samples are split across
+    the processes by the trainer, so each must pass the whole call (else updates silently drop samples, or the
+    processes disagree on the number of updates and wait on each other forever)."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        for array in (ex.input_ids, ex.labels):
+            digest.update(len(array).to_bytes(8, "little"))
+            digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    mine = torch.tensor([int.from_bytes(digest.digest()[:8], "little", signed=True)], device=accelerator.device)
+    if (accelerator.gather(mine) != mine).any():
+        raise ValueError(
+            f"the {accelerator.num_processes} processes passed different samples: every process must pass the same "
+            f"samples (the trainer splits each call's samples across them). Samples made per process (e.g. by "
+            f"generate() on each process's prompts) must be gathered first, e.g. with accelerate.utils.gather_object.")
 
 
 def release_gathered_parameters(model: torch.nn.Module) -> None:
@@ -380,9 +398,12 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                 _clear_device_cache()
 
     def _prepare_examples(self, **forms) -> list[Example]:
-        return prepare_examples(**forms, tokenizer=self.text_tokenizer, max_length=self.args.max_length,
-                                truncation_mode=self.args.truncation_mode, vocab_size=self.vocab_size,
-                                is_encoder_decoder=self.is_encoder_decoder)
+        examples = prepare_examples(**forms, tokenizer=self.text_tokenizer, max_length=self.args.max_length,
+                                    truncation_mode=self.args.truncation_mode, vocab_size=self.vocab_size,
+                                    is_encoder_decoder=self.is_encoder_decoder)
+        if self.accelerator.num_processes > 1:
+            check_same_samples(self.accelerator, examples)
+        return examples
 
     def _fetch(self, metrics: list[dict]) -> list[dict]:
         return metrics  # already on the host

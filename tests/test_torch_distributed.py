@@ -107,6 +107,7 @@ def assert_equals_one_process(ranks: list[dict], final_dir: Path, reference,
             assert stats["padded_tokens"] == ranks[0]["stats"][i]["padded_tokens"], "padded_tokens differ by rank"
         assert result["eval"][0] == pytest.approx(ref["eval"][0], abs=1e-4) and result["eval"][1] == ref["eval"][1]
         assert result["saved_when_returned"], "save_model returned on this rank before the model was written"
+        assert "passed different samples" in (result["mismatch"] or ""), "different samples per rank not refused"
         rank = str(result["rank"])  # each rank generated its own prompts, with its own max_new_tokens
         assert result["generated"] == {rank: ref["generated"][rank]}, f"generate() on rank {rank}"
         # The same checkpoint files as 1 process (one model, optimizer, trainer state), RNG states per process,
@@ -137,6 +138,7 @@ def test_ddp_two_processes_equal_one(llama_dir, reference, tmp_path):
     ranks = results(tmp_path, "ddp")
     assert {r["wrapped"] for r in ranks} == {"DistributedDataParallel"}
     assert_equals_one_process(ranks, tmp_path / "ddp" / "final", reference, checkpoint_files={})
+    assert len(list((tmp_path / "ddp").rglob("events.out.tfevents*"))) == 1, "one tensorboard log"
 
 
 def test_fsdp_two_processes_equal_one(llama_dir, reference, tmp_path):

@@ -76,6 +76,13 @@ def train(trainer, save: bool = True) -> dict:
             checkpoints[path.name] = sorted(f.name for f in path.iterdir())
 
     trainer.add_callback(ListCheckpoint)
+    rank = trainer.args.process_index
+    mismatch = None
+    if trainer.accelerator.num_processes > 1:  # each rank passes its own sample: refused everywhere, nothing changes
+        try:
+            trainer.step(input_ids=[[5, 6, 7 + rank]])
+        except ValueError as err:
+            mismatch = str(err)
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):  # the progress bar (forced on in main) goes to stderr
         stats = [dict(trainer.step(**kwargs)) for kwargs in calls(trainer.processing_class)]
@@ -91,7 +98,6 @@ def train(trainer, save: bool = True) -> dict:
     saved = os.path.exists(os.path.join(final, "model.safetensors"))
     if saved and save:
         AutoModelForCausalLM.from_pretrained(final)
-    rank = trainer.args.process_index
     generated = {}
     for r, (prompts, new_tokens) in enumerate(GENERATE):
         if trainer.accelerator.num_processes == 1 or r == rank:
@@ -102,6 +108,7 @@ def train(trainer, save: bool = True) -> dict:
             "num_tokens": [e["num_tokens"] for e in logs], "global_step": trainer.state.global_step,
             "eval": [evaluation["eval_loss"], evaluation["eval_num_tokens"]], "saved_when_returned": saved,
             "generated": generated, "checkpoints": checkpoints, "progress_bar": "step:" in stderr.getvalue(),
+            "mismatch": mismatch,
             "rank": rank, "world": trainer.accelerator.num_processes, "fsdp": bool(trainer.is_fsdp_enabled),
             "wrapped": type(trainer.model_wrapped).__name__, "local_parameters": local}
 
@@ -176,7 +183,8 @@ def main(mode: str, model_dir: str, out: str) -> None:
     if mode == "ddp":
         # Without use_cpu, accelerate finds no GPU and leaves each process alone although torchrun started two.
         _expect_refusal(out_dir, "no-use-cpu", model_dir, use_cpu=False)
-        _write(out_dir, "ddp", train(_build(model_dir, str(out_dir / "ddp"))))
+        # tensorboard: its writer must exist on the main process only
+        _write(out_dir, "ddp", train(_build(model_dir, str(out_dir / "ddp"), report_to="tensorboard")))
     elif mode == "fsdp":
         _expect_refusal(out_dir, "fsdp-refused", model_dir)  # accelerate would silently run DDP
         lift_accelerate_fsdp_device_gate()
