@@ -1,9 +1,12 @@
 """One process of the torch backend's multi-process test (tests/test_torch_distributed.py).
 
-Launched twice by the test, 2 CPU processes each time (gloo):
+Launched twice by the test, 2 CPU processes each time (gloo), each launch running phases one after the other:
 
-* ``ddp``: ``torchrun --standalone --nproc_per_node 2 torch_distributed_worker.py ddp MODEL_DIR OUT``;
-* ``fsdp``: ``accelerate launch --config_file fsdp.yaml torch_distributed_worker.py fsdp MODEL_DIR OUT``.
+* ``ddp``: ``torchrun --standalone --nproc_per_node 2 torch_distributed_worker.py ddp MODEL_DIR OUT``; phases
+  ``no-use-cpu`` (the trainer must refuse) and ``ddp``;
+* ``fsdp``: ``accelerate launch --config_file fsdp.yaml torch_distributed_worker.py fsdp MODEL_DIR OUT``; phases
+  ``fsdp-refused`` (the trainer must refuse), ``fsdp2`` (the launch's accelerate config) and ``fsdp1``
+  (``TrainingArguments.fsdp``).
 
 The test imports :func:`train` to produce the 1-process reference in its own process, so both sides run the same
 calls on the same samples. Each rank writes ``OUT/<phase>/rank<r>.json`` (statistics, per-update logs, generated
@@ -29,15 +32,15 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-PER_UPDATE_SAMPLES = 4  # per_device_train_batch_size x world size x gradient_accumulation_steps, both sides
 # Generation after training: rank r generates GENERATE[r] (different prompts and lengths per rank: under FSDP the
 # ranks' forwards are collectives, so generate() must keep them in step however long each rank decodes).
 GENERATE = [(["Question: what is", "The quick"], 3), (["def add(a, b):"], 6)]
 
 
 def config(output_dir: str, world: int, **overrides) -> dict:
-    """The run's IterativeSFTConfig fields: GA 2, clipping (norms here are ~5-10), weight decay, a log per update,
-    a checkpoint every 3 updates (one in the middle of a call)."""
+    """The run's IterativeSFTConfig fields: 4 samples per update (2 per micro-batch on 1 process, 1 per process on
+    2), GA 2, clipping (grad norms here are 2-6), weight decay, a log per update, a checkpoint every 3 updates (one
+    in the middle of a call)."""
     fields = dict(output_dir=output_dir, per_device_train_batch_size=2 // world, gradient_accumulation_steps=2,
                   learning_rate=1e-3, weight_decay=0.5, max_grad_norm=1.0, gradient_checkpointing=False,
                   logging_steps=1, save_strategy="steps", save_steps=3, report_to="none", use_cpu=True,
