@@ -246,7 +246,8 @@ class TrainerShell:
         self._call_metrics = []
         padded = seen = ran = 0
         bar = tqdm(total=len(updates), desc="step", unit="update", leave=False,
-                   disable=len(updates) < PROGRESS_BAR_MIN_UPDATES or bool(args.disable_tqdm))
+                   disable=(len(updates) < PROGRESS_BAR_MIN_UPDATES or bool(args.disable_tqdm)
+                            or not self.state.is_world_process_zero))  # one bar per run, not per process
         for k, update in enumerate(updates):
             self.control = handler.on_step_begin(args, self.state, self.control)
             record = run_update(update)

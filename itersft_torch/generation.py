@@ -7,6 +7,7 @@ JAX engine for the same weights (tested).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,19 @@ def _eos_ids(eos_token_id, tokenizer, config) -> list[int]:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids = eos_id_list([*ids, tokenizer.eos_token_id])
     return ids
+
+
+def _root_parameters_gathered(trainer) -> contextlib.AbstractContextManager:
+    """FSDP1: ``generate`` runs the unwrapped model, past the root FSDP unit's forward that would gather the
+    parameters it holds itself (embeddings, final norm, LM head), so they are gathered here; the nested units
+    (decoder layers) gather theirs in their own forward. transformers' ``synced_gpus`` (on for FSDP-managed
+    modules) keeps the processes' forwards in step when they generate different lengths."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = trainer.model_wrapped
+    if isinstance(wrapped, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(wrapped, recurse=False, writeback=False)
+    return contextlib.nullcontext()
 
 
 def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, max_new_tokens: int = 64,
@@ -66,11 +80,15 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
         top_p=top_p if do_sample else None, num_return_sequences=num_return_sequences,
         eos_token_id=eos or None, pad_token_id=pad, use_cache=True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _root_parameters_gathered(trainer):
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     finally:
         model.train(was_training)
         torch.random.set_rng_state(generator_state)
+        if getattr(trainer, "is_fsdp_enabled", False):
+            from .trainer import release_gathered_parameters
+
+            release_gathered_parameters(model)
 
     new = out if model.config.is_encoder_decoder else out[:, longest:]
     sequences, finished = [], []

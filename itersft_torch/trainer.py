@@ -11,6 +11,7 @@ shared with the JAX engine. Never imports jax.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -137,6 +138,57 @@ def _clear_device_cache() -> None:
     clear_device_cache(garbage_collection=True)
 
 
+def check_distributed_setup(accelerator, args: TrainingArguments) -> None:
+    """ValueError when the processes a launcher started would silently not train together: ``torch.distributed``
+    has several processes but accelerate left each one alone (no GPU and no ``use_cpu``), or FSDP is asked for
+    and accelerate did not enable it (it never does on the CPU, where it runs DDP instead)."""
+    import torch.distributed as dist
+
+    state = accelerator.state
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1 and accelerator.num_processes == 1:
+        raise ValueError(
+            f"torch.distributed runs {world} processes, but accelerate set up no distributed training "
+            f"({state.distributed_type}): each process would train alone on all the samples. accelerate found no "
+            f"GPU; on a CPU-only machine pass `use_cpu=True` (or set ACCELERATE_USE_CPU=1) to train data-parallel "
+            f"over gloo.")
+    fsdp_asked = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_asked and getattr(state, "fsdp_plugin", None) is None:
+        raise ValueError(
+            f"FSDP is asked for (`fsdp` or an accelerate config with distributed_type FSDP), but accelerate set up "
+            f"{state.distributed_type} on {state.device}: accelerate enables FSDP only on accelerators (CUDA, XPU, "
+            f"NPU, HPU, ...), never on the CPU, where this run would not shard anything. Launch on GPUs, or drop "
+            f"the FSDP setting to train data-parallel (DDP).")
+
+
+def check_same_samples(accelerator, examples: list[Example]) -> None:
+    """ValueError on every process unless all processes passed the same samples: a call's samples are split across
+    the processes by the trainer, so each must pass the whole call (else updates silently drop samples, or the
+    processes disagree on the number of updates and wait on each other forever)."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        for array in (ex.input_ids, ex.labels):
+            digest.update(len(array).to_bytes(8, "little"))
+            digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    mine = torch.tensor([int.from_bytes(digest.digest()[:8], "little", signed=True)], device=accelerator.device)
+    if (accelerator.gather(mine) != mine).any():
+        raise ValueError(
+            f"the {accelerator.num_processes} processes passed different samples: every process must pass the same "
+            f"samples (the trainer splits each call's samples across them). Samples made per process (e.g. by "
+            f"generate() on each process's prompts) must be gathered first, e.g. with accelerate.utils.gather_object.")
+
+
+def release_gathered_parameters(model: torch.nn.Module) -> None:
+    """Reshard FSDP2 units after forwards without a backward (evaluation, generation): the root unit never reshards
+    after its forward (its parameters are expected back in the backward), so they would stay gathered on every
+    process until the next update."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loss
 
@@ -226,17 +278,8 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         if self.is_deepspeed_enabled:
             raise NotImplementedError("IterativeSFTTrainer (torch) does not support DeepSpeed yet; use FSDP/DDP")
-
-        # Optimizer, accelerate wrapping (DDP/FSDP, mixed-precision forward), then the schedule: the order of
-        # Trainer._prepare_for_training, done once here because step() is the only entry point.
-        if self.is_fsdp_enabled:
-            self.model_wrapped = self.accelerator.prepare(self.model)
-            self.create_optimizer(self.model_wrapped)
-            self.optimizer = self.accelerator.prepare(self.optimizer)
-            self.model = self.model_wrapped
-        else:
-            self.create_optimizer()
-            self.model_wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        check_distributed_setup(self.accelerator, args)
+        self._prepare_model_and_optimizer()
         self.lr_scheduler = scheduler if scheduler is not None else self._create_step_scheduler()
 
         self.state.max_steps = max(args.max_steps, 0)
@@ -249,6 +292,22 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             args, callbacks, model=self.model, processing_class=self.processing_class, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler)
         self.control = self.callback_handler.on_init_end(args, self.state, self.control)
+
+    def _prepare_model_and_optimizer(self) -> None:
+        """Optimizer and accelerate's wrapping (DDP/FSDP, mixed-precision forward) in the order of
+        ``Trainer._prepare_for_training``, done once here because step() is the only entry point: FSDP1 builds the
+        optimizer on the wrapped model's flat parameters; FSDP2 (``fully_shard``) takes model and optimizer in one
+        ``prepare`` call, which swaps the optimizer's parameters for the sharded ones."""
+        accelerator = self.accelerator
+        if self.is_fsdp_enabled and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+            self.model = self.model_wrapped = accelerator.prepare(self.model)
+            self.create_optimizer(self.model_wrapped)
+            self.optimizer = accelerator.prepare(self.optimizer)
+            return
+        self.create_optimizer()
+        self.model_wrapped, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        if self.is_fsdp_enabled:
+            self.model = self.model_wrapped
 
     @staticmethod
     def _load_tokenizer(model: torch.nn.Module, args: IterativeSFTConfig):
@@ -342,9 +401,12 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                 _clear_device_cache()
 
     def _prepare_examples(self, **forms) -> list[Example]:
-        return prepare_examples(**forms, tokenizer=self.text_tokenizer, max_length=self.args.max_length,
-                                truncation_mode=self.args.truncation_mode, vocab_size=self.vocab_size,
-                                is_encoder_decoder=self.is_encoder_decoder)
+        examples = prepare_examples(**forms, tokenizer=self.text_tokenizer, max_length=self.args.max_length,
+                                    truncation_mode=self.args.truncation_mode, vocab_size=self.vocab_size,
+                                    is_encoder_decoder=self.is_encoder_decoder)
+        if self.accelerator.num_processes > 1:
+            check_same_samples(self.accelerator, examples)
+        return examples
 
     def _fetch(self, metrics: list[dict]) -> list[dict]:
         return metrics  # already on the host
@@ -382,8 +444,11 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
         grad_norm = grad_norm.item() if torch.is_tensor(grad_norm) else float(grad_norm)
-        if world > 1:
-            ce_total = accelerator.reduce(ce_total, reduction="sum")
+        if world > 1:  # the global sums on every process: the statistics equal one process's
+            totals = torch.stack([ce_total.double(), torch.tensor(float(padded_tokens), dtype=torch.float64,
+                                                                  device=ce_total.device)])
+            ce_total, padded_tokens = accelerator.reduce(totals, reduction="sum")
+            padded_tokens = int(padded_tokens.item())
         loss = ce_total.item() / update_tokens
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -422,8 +487,15 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
         return logits, labels, arrays["input_ids"].size
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` (the main process writes; under FSDP every process joins the gathering), then
+        every process waits until the files are written, so none reads them too early."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        self.accelerator.wait_for_everyone()
+
     def _save_for_flow(self) -> None:
         self._save_checkpoint(self.model_wrapped, trial=None)  # Trainer's: pushes to the Hub with push_to_hub
+        self.accelerator.wait_for_everyone()  # on_save callbacks see the whole checkpoint on every process
 
     # ------------------------------------------------------------------------------------------------------
     # Evaluation (the shell's evaluate() calls these)
@@ -440,6 +512,8 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                     yield logits, labels
         finally:
             model.train(was_training)
+            if self.is_fsdp_enabled:
+                release_gathered_parameters(model)
 
     def _eval_loss(self, examples: list[Example]) -> tuple[float, int]:
         smoothing = self.args.label_smoothing_factor
