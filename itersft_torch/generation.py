@@ -15,6 +15,8 @@ from transformers import GenerationConfig
 
 from itersft_jax.outputs import GenerationOutput, check_generation_args, eos_id_list, prompt_rows
 
+from .distributed import release_gathered_parameters
+
 
 def _eos_ids(eos_token_id, tokenizer, config) -> list[int]:
     """The given EOS ids, or the model config's plus the tokenizer's (as the JAX engine); at most MAX_EOS_IDS."""
@@ -86,8 +88,6 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
         model.train(was_training)
         torch.random.set_rng_state(generator_state)
         if getattr(trainer, "is_fsdp_enabled", False):
-            from .trainer import release_gathered_parameters
-
             release_gathered_parameters(model)
 
     new = out if model.config.is_encoder_decoder else out[:, longest:]

@@ -11,7 +11,6 @@ shared with the JAX engine. Never imports jax.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from itersft_jax.data import (
 from itersft_jax.fields import check_fields, shuffle_seed
 from itersft_jax.shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
 
+from .distributed import check_distributed_setup, check_same_samples, release_gathered_parameters
 from .features import StepFeatures
 
 logger = logging.getLogger(__name__)
@@ -136,57 +136,6 @@ def _clear_device_cache() -> None:
             torch.cuda.empty_cache()
         return
     clear_device_cache(garbage_collection=True)
-
-
-def check_distributed_setup(accelerator, args: TrainingArguments) -> None:
-    """ValueError when the processes a launcher started would silently not train together: ``torch.distributed``
-    has several processes but accelerate left each one alone (no GPU and no ``use_cpu``), or FSDP is asked for
-    and accelerate did not enable it (it never does on the CPU, where it runs DDP instead)."""
-    import torch.distributed as dist
-
-    state = accelerator.state
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world > 1 and accelerator.num_processes == 1:
-        raise ValueError(
-            f"torch.distributed runs {world} processes, but accelerate set up no distributed training "
-            f"({state.distributed_type}): each process would train alone on all the samples. accelerate found no "
-            f"GPU; on a CPU-only machine pass `use_cpu=True` (or set ACCELERATE_USE_CPU=1) to train data-parallel "
-            f"over gloo.")
-    fsdp_asked = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if fsdp_asked and getattr(state, "fsdp_plugin", None) is None:
-        raise ValueError(
-            f"FSDP is asked for (`fsdp` or an accelerate config with distributed_type FSDP), but accelerate set up "
-            f"{state.distributed_type} on {state.device}: accelerate enables FSDP only on accelerators (CUDA, XPU, "
-            f"NPU, HPU, ...), never on the CPU, where this run would not shard anything. Launch on GPUs, or drop "
-            f"the FSDP setting to train data-parallel (DDP).")
-
-
-def check_same_samples(accelerator, examples: list[Example]) -> None:
-    """ValueError on every process unless all processes passed the same samples: a call's samples are split across
-    the processes by the trainer, so each must pass the whole call (else updates silently drop samples, or the
-    processes disagree on the number of updates and wait on each other forever)."""
-    digest = hashlib.sha256()
-    for ex in examples:
-        for array in (ex.input_ids, ex.labels):
-            digest.update(len(array).to_bytes(8, "little"))
-            digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
-    mine = torch.tensor([int.from_bytes(digest.digest()[:8], "little", signed=True)], device=accelerator.device)
-    if (accelerator.gather(mine) != mine).any():
-        raise ValueError(
-            f"the {accelerator.num_processes} processes passed different samples: every process must pass the same "
-            f"samples (the trainer splits each call's samples across them). Samples made per process (e.g. by "
-            f"generate() on each process's prompts) must be gathered first, e.g. with accelerate.utils.gather_object.")
-
-
-def release_gathered_parameters(model: torch.nn.Module) -> None:
-    """Reshard FSDP2 units after forwards without a backward (evaluation, generation): the root unit never reshards
-    after its forward (its parameters are expected back in the backward), so they would stay gathered on every
-    process until the next update."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 # ----------------------------------------------------------------------------------------------------------
