@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from transformers import TrainingArguments
 
 from .data import resolve_ratio, validate_truncation
+from .mesh import parse_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ class IterativeSFTConfig(TrainingArguments):
 
     Extra fields beside ``TrainingArguments``: ``model_init_kwargs`` (passed when the model is given as
     an id or directory), ``max_length`` and ``truncation_mode`` (sequence-axis truncation),
-    ``optimize_device_cache`` (torch: empty the accelerator cache after each call) and ``backend``.
+    ``optimize_device_cache`` (torch: empty the accelerator cache after each call), ``backend``,
+    ``max_skipped_updates`` and ``mesh`` (JAX: the device mesh, see ``itersft_jax.mesh``).
     """
 
     model_init_kwargs: dict[str, Any] | str | None = field(
@@ -80,6 +82,10 @@ class IterativeSFTConfig(TrainingArguments):
     backend: str = field(
         default="jax", metadata={"help": "Engine of IterativeSFTTrainer: 'jax' or 'torch'.",
                                  "choices": list(BACKENDS)})
+    mesh: str | None = field(
+        default=None, metadata={"help": "JAX engine: the device mesh, comma-separated axis:size items over the axes "
+                                         "data, fsdp, tensor (e.g. 'fsdp:8', 'data:2,fsdp:4', 'fsdp:4,tensor:2'; "
+                                         "one size may be -1 = the rest). Default: every device on fsdp."})
     max_skipped_updates: int | None = field(
         default=None, metadata={"help": "Raise after this many updates in a row were skipped as non-finite "
                                          "(None: never raise; each skip is counted and warned about)."})
@@ -103,6 +109,7 @@ class IterativeSFTConfig(TrainingArguments):
                             f"{type(self.model_init_kwargs).__name__}")
         validate_truncation(self.max_length, self.truncation_mode)
         validate_hyperparameters(self)
+        parse_mesh(self.mesh)  # syntax only; the device count is checked when the trainer builds the mesh
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
         if self.bf16 is None:

@@ -345,6 +345,9 @@ FIELDS: dict[str, dict[str, Rule]] = {
                                   honoured("empties the accelerator cache after each step() call")),
     "backend": both(honoured("picks the engine (IterativeSFTTrainer facade)")),
     "max_skipped_updates": both(honoured("raise after this many non-finite updates in a row (shell.py)")),
+    "mesh": each(honoured("the device mesh: data / fsdp / tensor axes (itersft_jax.mesh, models.sharding)"),
+                 refused("the torch backend's parallelism is set by its launcher (accelerate launch / torchrun, "
+                         "an accelerate config for FSDP)")),
 }
 # transformers 4.x's name for a warmup ratio, still read by optim.get_warmup_steps (JAX) and Trainer (torch).
 FIELDS["warmup_ratio"] = both(honoured("ratio of max_steps (transformers 4.x)"))

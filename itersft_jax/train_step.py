@@ -47,6 +47,20 @@ class TrainState:
                    rng=jax.random.key(seed))
 
 
+def state_shardings(state: TrainState, mesh) -> tuple[TrainState, Any]:
+    """``(shardings of state, shardings of state.params)`` on ``mesh``: the parameters by the rule table of
+    ``models.sharding``, the optimizer state's copies of them alike, counters and the key replicated.
+    ``state`` may be abstract (``jax.eval_shape``)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from itersft_jax.models.sharding import param_shardings, tree_shardings
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = param_shardings(state.params, mesh)
+    opt_state = tree_shardings(state.opt_state, state.params, params, mesh)
+    return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated), params
+
+
 def _summed_loss(params, graphdef, input_ids_BT, attention_mask_BT, labels_BT, *, label_smoothing=0.0,
                  chunk_size=None, neftune=None):
     """Summed token loss and label-token count of one micro-batch: hidden states, then the chunked head + loss.
@@ -59,7 +73,7 @@ def _summed_loss(params, graphdef, input_ids_BT, attention_mask_BT, labels_BT, *
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: optax.GradientTransformation,
                schedule=None, label_smoothing: float = 0.0, loss_chunk_size: int | None = None,
-               neftune_alpha: float | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               neftune_alpha: float | None = None, grad_sharding=None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from ``batch`` (``[A, M, T]`` arrays); pure, jitted by ``make_train_step``.
 
     Metrics: ``loss`` (mean token cross-entropy of the update, label-smoothed with ``label_smoothing``),
@@ -67,7 +81,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
     schedule), ``num_tokens``, ``skipped`` (int32: 1 when the loss or the gradient norm was not finite and
     the state was returned unchanged). ``neftune_alpha``: NEFTune's noise on the input embeddings, drawn from
     ``fold_in(fold_in(state.rng, state.step), micro_batch)`` (a skipped update redraws with the same key).
+    ``grad_sharding``: shardings like ``state.params`` (``models.sharding.param_shardings``) that pin the fp32
+    gradient accumulator, so each device sums only the gradient slices of the parameters it holds.
     """
+
+    def pin(grads):
+        return grads if grad_sharding is None else jax.lax.with_sharding_constraint(grads, grad_sharding)
+
     loss_fn = functools.partial(_summed_loss, label_smoothing=label_smoothing, chunk_size=loss_chunk_size)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)  # d(loss_sum); the token count rides along
 
@@ -81,10 +101,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
             neftune = (neftune_alpha, jax.random.fold_in(jax.random.fold_in(state.rng, state.step), i))
         (loss_sum, count), grads = grad_fn(state.params, graphdef, micro["input_ids"],
                                            micro["attention_mask"], micro["labels"], neftune=neftune)
-        grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+        grads_acc = pin(jax.tree.map(jnp.add, grads_acc, pin(grads)))
         return grads_acc, loss_acc + loss_sum, count_acc + count
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zeros = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
     grads, loss_sum, count = jax.lax.fori_loop(0, _micro_batches_holding_tokens(batch), accumulate, init)
 
@@ -153,12 +173,12 @@ def make_eval_step(graphdef, *, batch_sharding=None, label_smoothing: float = 0.
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None, *, state_sharding=None,
                     batch_sharding=None, label_smoothing: float = 0.0, loss_chunk_size: int | None = None,
-                    neftune_alpha: float | None = None):
+                    neftune_alpha: float | None = None, grad_sharding=None):
     """``train_step`` with its static pieces bound and jitted: the one ``jax.jit`` of training.
 
     The state is donated: its buffers are reused for the new state, so the caller must not touch the
     state it passed in (``TrainState.create`` does not copy ``params``). Shardings, when given, pin the
-    state and batch layout; the metrics are left to the compiler. ``label_smoothing`` and
+    state, batch and gradient-accumulator layout; the metrics are left to the compiler. ``label_smoothing`` and
     ``loss_chunk_size`` go to ``loss.causal_lm_loss`` (checked here, before any step runs); ``neftune_alpha``
     (``neftune_noise_alpha``) adds NEFTune's noise to the input embeddings of training steps only.
     """
@@ -167,7 +187,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None, *
         raise ValueError(f"`neftune_noise_alpha` must be a finite number >= 0, got {neftune_alpha}")
     step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                                 label_smoothing=label_smoothing, loss_chunk_size=loss_chunk_size,
-                                neftune_alpha=neftune_alpha)
+                                neftune_alpha=neftune_alpha, grad_sharding=grad_sharding)
     kwargs: dict[str, Any] = {}
     if state_sharding is not None or batch_sharding is not None:
         kwargs = {"in_shardings": (state_sharding, batch_sharding), "out_shardings": (state_sharding, None)}

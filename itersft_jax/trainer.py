@@ -19,17 +19,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 from transformers import TrainerControl, TrainerState
 from transformers.utils import logging as transformers_logging
 
 from .config import resolve_config
 from .data import bucket_length, collate, plan_updates, prepare_examples, warn_beyond_positions
 from .fields import check_fields, shuffle_seed
+from .mesh import BATCH_AXES, data_parallel_size, make_mesh
 from .optim import resolve_optimizer
 from .packing import pack_update, rows_per_micro_batch
 from .shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
-from .train_step import TrainState, make_eval_step, make_train_step
+from .train_step import TrainState, make_eval_step, make_train_step, state_shardings
 from .weights import load_model, save_pretrained
 
 logger = logging.getLogger(__name__)
@@ -78,17 +79,20 @@ class IterativeSFTTrainer(TrainerShell):
         self.processing_class = processing_class if processing_class is not None else _load_tokenizer(model)
         self.graphdef, params = nnx.split(module, nnx.Param)
 
-        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
-        self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, "data"))
-        self.micro_batch_size = self.args.per_device_train_batch_size * self.mesh.size
+        # The mesh (itersft_jax.mesh): rows split over data x fsdp, parameters and optimizer state by the rule
+        # table of models.sharding. On one device every sharding is that device: the same program as before.
+        self.mesh = make_mesh(self.args.mesh)
+        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES))
+        self._data_parallel = data_parallel_size(self.mesh)
+        self.micro_batch_size = self.args.per_device_train_batch_size * self._data_parallel
 
         num_training_steps = self.args.max_steps if self.args.max_steps > 0 else None
         self.tx, self.schedule = resolve_optimizer(self.args, params, optimizers, num_training_steps)
-        self.train_state = jax.device_put(TrainState.create(params, self.tx, seed=self.args.seed),
-                                          self._replicated)
+        self.train_state, self._state_sharding, self._param_sharding = _create_sharded_state(
+            params, self.tx, self.args.seed, self.mesh)
         self._train_step = make_train_step(self.graphdef, self.tx, self.schedule,
-                                           state_sharding=self._replicated, batch_sharding=self._batch_sharding,
+                                           state_sharding=self._state_sharding, batch_sharding=self._batch_sharding,
+                                           grad_sharding=self._param_sharding,
                                            label_smoothing=self.args.label_smoothing_factor,
                                            neftune_alpha=self.args.neftune_noise_alpha)
 
@@ -146,7 +150,7 @@ class IterativeSFTTrainer(TrainerShell):
         # packing.py); A * R rows hold any update of micro_batch_size * accumulation samples.
         longest = max(len(ex.input_ids) for update in updates for mb in update for ex in mb)
         self._row_length = max(self._row_length, bucket_length(longest, self.args.max_length))
-        rows = rows_per_micro_batch(self._row_length, self.mesh.size, self._rows_per_device)
+        rows = rows_per_micro_batch(self._row_length, self._data_parallel, self._rows_per_device)
         num_micro = math.ceil(self.micro_batch_size * self.args.gradient_accumulation_steps / rows)
 
         def run_update(update) -> UpdateRecord:
@@ -182,8 +186,8 @@ class IterativeSFTTrainer(TrainerShell):
                                              label_smoothing=self.args.label_smoothing_factor)
         longest = max(len(ex.input_ids) for ex in examples)
         row_length = max(self._row_length, bucket_length(longest, self.args.max_length))
-        rows = rows_per_micro_batch(row_length, self.mesh.size, self._rows_per_device)
-        per_batch = self.args.per_device_eval_batch_size * self.mesh.size
+        rows = rows_per_micro_batch(row_length, self._data_parallel, self._rows_per_device)
+        per_batch = self.args.per_device_eval_batch_size * self._data_parallel
         num_micro = math.ceil(per_batch / rows)
         pending = []
         for i in range(0, len(examples), per_batch):
@@ -209,7 +213,7 @@ class IterativeSFTTrainer(TrainerShell):
                 return model(input_ids_BT, positions_from_segments(mask_BT), mask_BT)[0]
 
             self._logits_fn = jax.jit(logits_fn)
-        rows = self.args.per_device_eval_batch_size * self.mesh.size
+        rows = self.args.per_device_eval_batch_size * self._data_parallel
         for batch in self._eval_batches(examples, rows):
             length = bucket_length(max(len(ex.input_ids) for ex in batch), self.args.max_length)
             arrays = {k: v[0] for k, v in collate([batch], pad_id=self._pad_id(), rows=rows, length=length).items()}
@@ -338,6 +342,18 @@ class CallbackModel:
 
     def num_parameters(self) -> int:
         return sum(int(x.size) for x in jax.tree.leaves(self.trainer.params))
+
+
+def _create_sharded_state(params, tx, seed: int, mesh):
+    """``(train state, its shardings, the params' shardings)``: the parameters moved to their slices of the
+    mesh, then the optimizer state created in place by one jitted init whose outputs are sharded alike (no
+    device ever holds a whole copy of the optimizer state)."""
+    def create(p):
+        return TrainState.create(p, tx, seed=seed)
+
+    shardings, param_sharding = state_shardings(jax.eval_shape(create, params), mesh)
+    params = jax.device_put(params, param_sharding)
+    return jax.jit(create, out_shardings=shardings, donate_argnums=0)(params), shardings, param_sharding
 
 
 def _load_tokenizer(model):

@@ -37,6 +37,7 @@ REFUSED_VALUES = {
     ("fp16_full_eval", "both"): True,
     ("activation_checkpointing_kwargs", "jax"): {"use_reentrant": False, "offload": True},
     ("torch_empty_cache_steps", "torch"): 4,
+    ("mesh", "torch"): "fsdp:2",
     ("auto_find_batch_size", "both"): True,
     ("eval_do_concat_batches", "both"): False,
     ("eval_use_gather_object", "both"): True,

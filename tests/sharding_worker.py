@@ -1,0 +1,103 @@
+"""Runs the sharding checks of test_sharding.py in one process of 8 fake CPU devices (or imported: 1 device).
+
+    python tests/sharding_worker.py MODEL_DIR OUT_DIR   # 8 devices: every mesh, checkpoint re-mesh, generate
+
+Writes ``OUT_DIR/results.json``: per mesh the per-update losses of three mixed step() calls, the per-device
+fraction of the state's bytes, the params (``<mesh>.npz``), the losses of a resume under another mesh, and
+greedy generations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import numpy as np  # noqa: E402
+
+GLOBAL_ROWS = 8  # per_device_train_batch_size x data-parallel devices, the same on every mesh
+MESHES = ("data:8", "fsdp:8", "fsdp:4,tensor:2", "data:2,fsdp:2,tensor:2")
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "hello world", "def add(a, b):\n    return a + b",
+         "12 + 30 = 42.", "Rejection sampling keeps only the verified completions.", "JAX and PyTorch",
+         "Question: what is two plus two? Answer: four.", "abc", "Generate, filter, then step."]
+PROMPTS = ["Question: what is two plus two?", "12 + 30 =", "def add(a, b):", "The quick"]
+COMPLETIONS = [" Answer: four.", " 42.", "\n    return a + b", " brown fox"]
+
+
+def make(model_dir: str, out_dir: str, mesh: str | None, **overrides):
+    from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
+    from itersft_jax.mesh import data_parallel_size, make_mesh
+
+    per_device = GLOBAL_ROWS // data_parallel_size(make_mesh(mesh))
+    kwargs = dict(output_dir=out_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=2,
+                  learning_rate=3e-3, max_grad_norm=0.5, weight_decay=0.1, adam_epsilon=1e-6,
+                  gradient_checkpointing=False,
+                  report_to="none", logging_steps=1, save_strategy="no", mesh=mesh, seed=0)
+    kwargs.update(overrides)
+    return IterativeSFTTrainer(model_dir, args=IterativeSFTConfig(**kwargs))
+
+
+def mixed_steps(trainer) -> list[float]:
+    """Three step() calls in the three input forms; the per-update losses (from the log history)."""
+    tok = trainer.processing_class
+    trainer.step(texts=TEXTS * 2)  # 18 samples: updates of 16 and 2
+    trainer.step(prompts=PROMPTS, completions=COMPLETIONS)
+    ids = tok(TEXTS[:6]).input_ids
+    trainer.step(input_ids=ids, labels=[[-100] * 3 + row[3:] for row in ids])
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def flat_params(trainer) -> dict[str, np.ndarray]:
+    import jax
+    from flax import nnx
+
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(trainer.params))[0]
+    return {jax.tree_util.keystr(path): np.asarray(jax.device_get(x)) for path, x in flat}
+
+
+def device_fraction(trainer) -> float:
+    """Largest bytes of params + optimizer state held by one device, over the bytes of one whole copy."""
+    import jax
+
+    whole, per_device = 0, {}
+    for x in jax.tree.leaves((trainer.train_state.params, trainer.train_state.opt_state)):
+        whole += x.nbytes
+        for shard in x.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values()) / whole
+
+
+def generations(trainer) -> list[list[int]]:
+    out = trainer.generate(PROMPTS, max_new_tokens=6, do_sample=False)
+    return [list(map(int, seq)) for seq in out.sequences]
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    import jax
+
+    assert jax.device_count() == 8, jax.devices()
+    results: dict = {"meshes": {}}
+    for mesh in MESHES:
+        trainer = make(model_dir, os.path.join(out_dir, mesh.replace(":", "").replace(",", "_")), mesh)
+        losses = mixed_steps(trainer)
+        np.savez(os.path.join(out_dir, mesh + ".npz"), **flat_params(trainer))
+        results["meshes"][mesh] = {"losses": losses, "fraction": device_fraction(trainer)}
+        if mesh == "fsdp:8":
+            checkpoint = trainer.save_checkpoint(os.path.join(out_dir, "ckpt-fsdp8"))
+            results["continued"] = [trainer.step(texts=TEXTS[:5])["loss"]]
+        if mesh == "fsdp:4,tensor:2":
+            results["generate"] = generations(trainer)
+    resumed = make(model_dir, os.path.join(out_dir, "resumed"), "fsdp:4,tensor:2")
+    resumed.resume_from_checkpoint(checkpoint)
+    spec = resumed.train_state.params["model"] if "model" in resumed.train_state.params else resumed.train_state.params
+    results["resumed_sharding"] = str(jax.tree.leaves(spec)[0].sharding.spec)
+    results["resumed"] = [resumed.step(texts=TEXTS[:5])["loss"]]
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
