@@ -73,15 +73,15 @@ class IterativeSFTTrainer(TrainerShell):
         # fp32 compute means fp32 matmuls: XLA on GPUs would otherwise use TF32 (measured on an H100: 3e-4
         # max logit difference against torch fp32, 2e-7 with "highest"). `tf32=True` opts back in.
         self.matmul_precision = None if (self.args.bf16 or self.args.tf32) else "highest"
-        module, self.config = load_model(model, dtype=self.compute_dtype, remat=bool(self.args.gradient_checkpointing),
-                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-                                         model_init_kwargs=self.args.model_init_kwargs)
-        self.processing_class = processing_class if processing_class is not None else _load_tokenizer(model)
-        self.graphdef, params = nnx.split(module, nnx.Param)
-
         # The mesh (itersft_jax.mesh): rows split over data x fsdp, parameters and optimizer state by the rule
         # table of models.sharding. On one device every sharding is that device: the same program as before.
         self.mesh = make_mesh(self.args.mesh)
+        module, self.config = load_model(model, dtype=self.compute_dtype, remat=bool(self.args.gradient_checkpointing),
+                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                                         model_init_kwargs=self.args.model_init_kwargs, mesh=self.mesh)
+        self.processing_class = processing_class if processing_class is not None else _load_tokenizer(model)
+        self.graphdef, params = nnx.split(module, nnx.Param)
+
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES))
         self._data_parallel = data_parallel_size(self.mesh)
         self.micro_batch_size = self.args.per_device_train_batch_size * self._data_parallel

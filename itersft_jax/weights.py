@@ -265,7 +265,7 @@ def _checkpoint_dtype(tensors: dict[str, np.ndarray]) -> str:
 
 def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = False,
                gradient_checkpointing_kwargs: dict | None = None, attn_implementation: str | None = None,
-               model_init_kwargs: dict | None = None):
+               model_init_kwargs: dict | None = None, mesh=None):
     """Load an HF causal LM as a Flax NNX module. Returns ``(model, hf_config)``.
 
     ``source``: a directory, a hub id, or a ``transformers.PreTrainedModel``. ``dtype`` is the compute
@@ -277,6 +277,8 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = Fals
     ``gradient_checkpointing_kwargs={"policy": ...}`` picks the policy (default "full").
     ``attn_implementation`` (or ``model_init_kwargs["attn_implementation"]``): "auto" (default), "xla" or a
     kernel name; transformers' names are accepted ("eager" is "xla", "sdpa"/"flash_attention_2" are "auto").
+    ``mesh``: a ``jax.sharding.Mesh``; each parameter goes from the host straight to its slices on the mesh
+    (``models.sharding``), so no device ever holds a whole copy of the model.
     """
     import jax.numpy as jnp
     from flax import nnx
@@ -319,9 +321,35 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = Fals
     graphdef, state = nnx.split(model)
     expected = nnx.to_pure_dict(state)
     _check_same_tree(expected, params)
-    params = _tree_map2(lambda abstract, array: jnp.asarray(array, dtype=abstract.dtype), expected, params)
+    if mesh is None:
+        params = _tree_map2(lambda abstract, array: jnp.asarray(array, dtype=abstract.dtype), expected, params)
+    else:
+        params = _place_on_mesh(expected, params, mesh)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state), hf_config
+
+
+def _place_on_mesh(expected: dict, params: dict, mesh) -> dict:
+    """``params`` (host arrays) cast to ``expected``'s dtypes and put on ``mesh`` by the sharding rule table,
+    one parameter at a time (only each device's slice is transferred)."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    from itersft_jax.models.sharding import partition_spec
+
+    mesh_shape = dict(mesh.shape)
+
+    def place(path, abstract, array):
+        spec = partition_spec("/".join(str(k) for k in path if not isinstance(k, int)), tuple(abstract.shape),
+                              mesh_shape)
+        return jax.device_put(np.asarray(array).astype(abstract.dtype), NamedSharding(mesh, spec))
+
+    def walk(a: dict, b: dict, path: tuple) -> dict:
+        return {k: walk(a[k], b[k], (*path, k)) if isinstance(a[k], dict) else place((*path, k), a[k], b[k])
+                for k in a}
+
+    return walk(expected, params, ())
 
 
 def _tree_map2(fn, a: dict, b: dict) -> dict:

@@ -75,6 +75,25 @@ def generations(trainer) -> list[list[int]]:
     return [list(map(int, seq)) for seq in out.sequences]
 
 
+def make_mesh_for(spec: str):
+    from itersft_jax.mesh import make_mesh
+
+    return make_mesh(spec)
+
+
+def loaded_sharded_equals_plain(model_dir: str, mesh) -> dict:
+    """Loading straight onto ``mesh`` gives the plain load's values exactly; how many tensors came out split."""
+    import jax
+    from flax import nnx
+
+    from itersft_jax.weights import load_model
+
+    plain = jax.tree.leaves(nnx.to_pure_dict(nnx.state(load_model(model_dir)[0], nnx.Param)))
+    sharded = jax.tree.leaves(nnx.to_pure_dict(nnx.state(load_model(model_dir, mesh=mesh)[0], nnx.Param)))
+    return {"equal": all(bool((np.asarray(a) == np.asarray(b)).all()) for a, b in zip(plain, sharded)),
+            "split": sum(len({str(s.index) for s in x.addressable_shards}) > 1 for x in sharded), "total": len(sharded)}
+
+
 def main(model_dir: str, out_dir: str) -> None:
     import jax
 
@@ -90,6 +109,7 @@ def main(model_dir: str, out_dir: str) -> None:
             results["continued"] = [trainer.step(texts=TEXTS[:5])["loss"]]
         if mesh == "fsdp:4,tensor:2":
             results["generate"] = generations(trainer)
+    results["loaded_sharded"] = loaded_sharded_equals_plain(model_dir, make_mesh_for("fsdp:4,tensor:2"))
     resumed = make(model_dir, os.path.join(out_dir, "resumed"), "fsdp:4,tensor:2")
     resumed.resume_from_checkpoint(checkpoint)
     spec = resumed.train_state.params["model"] if "model" in resumed.train_state.params else resumed.train_state.params

@@ -97,3 +97,9 @@ def test_bad_mesh_is_refused_naming_the_field(tmp_path):
         resolve_sizes("fsdp:8,tensor:2", 8)
     assert resolve_sizes("data:2,fsdp:-1", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
     assert resolve_sizes(None, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+def test_loading_goes_straight_into_the_sharded_layout(sharded_run):
+    # load_model(mesh=...) puts every parameter on its slices (matrices split, norms whole), same values.
+    loaded = sharded_run[1]["loaded_sharded"]
+    assert loaded["equal"] and loaded["split"] >= loaded["total"] // 2, loaded
