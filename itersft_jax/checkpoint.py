@@ -3,8 +3,9 @@
 A checkpoint directory ``checkpoint-N`` holds
 
 * the model as a Hugging Face directory (config, safetensors, tokenizer, generation config) — what
-  ``save_model`` writes, loadable by ``AutoModelForCausalLM``;
-* ``train_state/``: the whole ``TrainState`` (fp32 master params, optimizer state, step, rng) with orbax;
+  ``save_model`` writes, loadable by ``AutoModelForCausalLM`` (with LoRA: a PEFT adapter directory);
+* ``train_state/``: the ``TrainState`` (fp32 master params, optimizer state, step, rng) with orbax — with
+  LoRA the adapters and their optimizer state, not the frozen base (the resuming trainer loads it);
 * ``itersft_state.json``: the shell's counters (``trainer.counters()``: global step, step() calls that seed
   the shuffle, packed row length, log history), so a resumed run continues exactly where the saved one was;
 * ``itersft_manifest.json``, written last: the size and SHA-256 of every other file.
@@ -64,8 +65,9 @@ class CheckpointError(ValueError):
 
 
 def _storable(train_state):
-    # orbax stores plain arrays; a typed PRNG key becomes its raw key data.
-    return dataclasses.replace(train_state, rng=jax.random.key_data(train_state.rng))
+    # orbax stores plain arrays; a typed PRNG key becomes its raw key data. Frozen parameters (LoRA's base)
+    # are not stored: they never change, and the trainer that resumes has loaded them from the same base.
+    return dataclasses.replace(train_state, rng=jax.random.key_data(train_state.rng), frozen=None)
 
 
 def save_checkpoint(trainer, checkpoint_dir: str) -> str:
@@ -209,7 +211,8 @@ def _read_checkpoint(trainer, checkpoint_dir: str):
         detail = str(err) if len(str(err)) < 600 else str(err)[:600] + " ..."
         raise ValueError(f"checkpoint {checkpoint_dir}: {STATE_DIR}/ does not match this trainer's model and "
                          f"optimizer (saved by another configuration?): {type(err).__name__}: {detail}") from err
-    return counters, dataclasses.replace(restored, rng=jax.random.wrap_key_data(restored.rng))
+    return counters, dataclasses.replace(restored, rng=jax.random.wrap_key_data(restored.rng),
+                                         frozen=trainer.train_state.frozen)
 
 
 def checkpoints(output_dir: str) -> list[str]:

@@ -264,11 +264,9 @@ def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=N
     (batch bucket, prompt bucket) for the prefill and once per (batch bucket, cache bucket) for the decode
     loop, whatever the sampling settings, EOS ids or ``max_new_tokens``.
     """
-    from .trainer import IterativeSFTTrainer
-
-    if isinstance(trainer_or_model, IterativeSFTTrainer):
+    if not isinstance(trainer_or_model, nnx.Module) and hasattr(trainer_or_model, "train_state"):  # a trainer
         trainer = trainer_or_model
-        graphdef, params = trainer.graphdef, trainer.params  # the live params: no copy
+        graphdef, params = trainer.graphdef, trainer.train_state.model_state()  # the live params (LoRA: + base)
         tokenizer = tokenizer if tokenizer is not None else trainer.processing_class
         hf_config = hf_config if hf_config is not None else trainer.config
         unseeded_call = trainer.next_generation_call if seed is None else None

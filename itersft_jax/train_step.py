@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from itersft_jax.loss import causal_lm_loss, check_loss_options
+from itersft_jax.models.adapters import dropout_rng
 from itersft_jax.models.common import positions_from_segments
 
 
@@ -37,14 +38,19 @@ class TrainState:
     """Everything that changes during training, as one pytree (donated to the jitted step)."""
 
     step: jax.Array  # int32 scalar: optimizer updates done
-    params: Any  # nnx.State of nnx.Param, or its pure dict; fp32 master weights
+    params: Any  # the trained parameters (nnx.State or its pure dict): fp32 master weights (with LoRA: adapters)
     opt_state: Any
     rng: jax.Array  # for stochastic layers; per-step keys are fold_in(rng, step)
+    frozen: Any = None  # parameters that are not trained (LoRA: the base model), merged with params; or None
 
     @classmethod
-    def create(cls, params, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    def create(cls, params, tx: optax.GradientTransformation, seed: int = 0, frozen=None) -> TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                   rng=jax.random.key(seed))
+                   rng=jax.random.key(seed), frozen=frozen)
+
+    def model_state(self):
+        """Every parameter of the model (trained and frozen), for ``nnx.merge(graphdef, ...)``."""
+        return self.params if self.frozen is None else nnx.merge_state(self.frozen, self.params)
 
 
 def state_shardings(state: TrainState, mesh) -> tuple[TrainState, Any]:
@@ -58,22 +64,26 @@ def state_shardings(state: TrainState, mesh) -> tuple[TrainState, Any]:
     replicated = NamedSharding(mesh, PartitionSpec())
     params = param_shardings(state.params, mesh)
     opt_state = tree_shardings(state.opt_state, state.params, params, mesh)
-    return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated), params
+    frozen = None if state.frozen is None else param_shardings(state.frozen, mesh)
+    return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated, frozen=frozen), params
 
 
 def _summed_loss(params, graphdef, input_ids_BT, attention_mask_BT, labels_BT, *, label_smoothing=0.0,
-                 chunk_size=None, neftune=None):
+                 chunk_size=None, neftune=None, frozen=None, dropout_key=None):
     """Summed token loss and label-token count of one micro-batch: hidden states, then the chunked head + loss.
-    ``neftune``: ``None`` or ``(alpha, key)``, NEFTune noise on the input embeddings (training only)."""
-    model = nnx.merge(graphdef, params)
+    ``neftune``: ``None`` or ``(alpha, key)``, NEFTune noise on the input embeddings (training only);
+    ``frozen``: the parameters not trained (merged with ``params``); ``dropout_key``: LoRA dropout (training)."""
+    model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
     positions_BT = positions_from_segments(attention_mask_BT)
-    h_BTD = model.hidden_states(input_ids_BT, positions_BT, attention_mask_BT, neftune=neftune)[0]
+    with dropout_rng(dropout_key):
+        h_BTD = model.hidden_states(input_ids_BT, positions_BT, attention_mask_BT, neftune=neftune)[0]
     return causal_lm_loss(h_BTD, model.head(), labels_BT, label_smoothing=label_smoothing, chunk_size=chunk_size)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: optax.GradientTransformation,
                schedule=None, label_smoothing: float = 0.0, loss_chunk_size: int | None = None,
-               neftune_alpha: float | None = None, grad_sharding=None) -> tuple[TrainState, dict[str, jax.Array]]:
+               neftune_alpha: float | None = None, grad_sharding=None,
+               lora_dropout: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from ``batch`` (``[A, M, T]`` arrays); pure, jitted by ``make_train_step``.
 
     Metrics: ``loss`` (mean token cross-entropy of the update, label-smoothed with ``label_smoothing``),
@@ -83,6 +93,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
     ``fold_in(fold_in(state.rng, state.step), micro_batch)`` (a skipped update redraws with the same key).
     ``grad_sharding``: shardings like ``state.params`` (``models.sharding.param_shardings``) that pin the fp32
     gradient accumulator, so each device sums only the gradient slices of the parameters it holds.
+    Gradients are taken for ``state.params`` only; ``state.frozen`` (LoRA's base) rides along unchanged.
+    ``lora_dropout``: the model's adapters have dropout, keyed like NEFTune's noise (another stream).
     """
 
     def pin(grads):
@@ -96,11 +108,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
     def accumulate(i, carry):
         grads_acc, loss_acc, count_acc = carry
         micro = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in micro_batches.items()}
-        neftune = None
-        if neftune_alpha:
-            neftune = (neftune_alpha, jax.random.fold_in(jax.random.fold_in(state.rng, state.step), i))
-        (loss_sum, count), grads = grad_fn(state.params, graphdef, micro["input_ids"],
-                                           micro["attention_mask"], micro["labels"], neftune=neftune)
+        micro_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), i)
+        neftune = (neftune_alpha, micro_key) if neftune_alpha else None
+        dropout_key = jax.random.fold_in(micro_key, _LORA_DROPOUT_STREAM) if lora_dropout else None
+        (loss_sum, count), grads = grad_fn(state.params, graphdef, micro["input_ids"], micro["attention_mask"],
+                                           micro["labels"], neftune=neftune, frozen=state.frozen,
+                                           dropout_key=dropout_key)
         grads_acc = pin(jax.tree.map(jnp.add, grads_acc, pin(grads)))
         return grads_acc, loss_acc + loss_sum, count_acc + count
 
@@ -132,6 +145,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
     new_state = dataclasses.replace(state, step=state.step + finite.astype(state.step.dtype), params=params,
                                     opt_state=opt_state)
     return new_state, metrics
+
+
+_LORA_DROPOUT_STREAM = 0x10A  # folded into a micro-batch's key: LoRA dropout masks apart from NEFTune's noise
 
 
 def eval_step(params, batch: dict[str, jax.Array], *, graphdef, label_smoothing: float = 0.0,
@@ -173,7 +189,7 @@ def make_eval_step(graphdef, *, batch_sharding=None, label_smoothing: float = 0.
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None, *, state_sharding=None,
                     batch_sharding=None, label_smoothing: float = 0.0, loss_chunk_size: int | None = None,
-                    neftune_alpha: float | None = None, grad_sharding=None):
+                    neftune_alpha: float | None = None, grad_sharding=None, lora_dropout: bool = False):
     """``train_step`` with its static pieces bound and jitted: the one ``jax.jit`` of training.
 
     The state is donated: its buffers are reused for the new state, so the caller must not touch the
@@ -187,11 +203,35 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None, *
         raise ValueError(f"`neftune_noise_alpha` must be a finite number >= 0, got {neftune_alpha}")
     step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                                 label_smoothing=label_smoothing, loss_chunk_size=loss_chunk_size,
-                                neftune_alpha=neftune_alpha, grad_sharding=grad_sharding)
+                                neftune_alpha=neftune_alpha, grad_sharding=grad_sharding, lora_dropout=lora_dropout)
     kwargs: dict[str, Any] = {}
     if state_sharding is not None or batch_sharding is not None:
         kwargs = {"in_shardings": (state_sharding, batch_sharding), "out_shardings": (state_sharding, None)}
-    return jax.jit(step_fn, donate_argnums=0, **kwargs)
+    if state_sharding is None or state_sharding.frozen is None:
+        return jax.jit(step_fn, donate_argnums=0, **kwargs)
+    return _FrozenApart(step_fn, state_sharding, batch_sharding)
+
+
+class _FrozenApart:
+    """The jitted step of a state with ``frozen`` parameters (LoRA's base): those travel as a separate argument
+    that is neither donated nor returned, so XLA never copies or rewrites the base; the rest is donated."""
+
+    def __init__(self, step_fn, state_sharding: TrainState, batch_sharding):
+        def split_step(state, frozen, batch):
+            new_state, metrics = step_fn(dataclasses.replace(state, frozen=frozen), batch)
+            return dataclasses.replace(new_state, frozen=None), metrics
+
+        trained = dataclasses.replace(state_sharding, frozen=None)
+        self._jitted = jax.jit(split_step, donate_argnums=0,
+                               in_shardings=(trained, state_sharding.frozen, batch_sharding),
+                               out_shardings=(trained, None))
+
+    def __call__(self, state: TrainState, batch):
+        new_state, metrics = self._jitted(dataclasses.replace(state, frozen=None), state.frozen, batch)
+        return dataclasses.replace(new_state, frozen=state.frozen), metrics
+
+    def lower(self, state: TrainState, batch):
+        return self._jitted.lower(dataclasses.replace(state, frozen=None), state.frozen, batch)
 
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

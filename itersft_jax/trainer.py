@@ -31,6 +31,7 @@ from .optim import resolve_optimizer
 from .packing import pack_update, rows_per_micro_batch
 from .shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
 from .train_step import TrainState, make_eval_step, make_train_step, state_shardings
+from .trainable import make_trainable, resolve_model_source
 from .weights import load_model, save_pretrained
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class IterativeSFTTrainer(TrainerShell):
     _metrics_on_host = False  # update metrics stay on the device until the shell syncs
 
     def __init__(self, model, args=None, data_collator=None, eval_dataset=None, processing_class=None,
-                 optimizers=(None, None), preprocess_logits_for_metrics=None, compute_metrics=None, callbacks=None):
+                 optimizers=(None, None), preprocess_logits_for_metrics=None, compute_metrics=None, callbacks=None,
+                 peft_config=None):
         self.args = resolve_config(args)
         check_fields(self.args, "jax")
         if self.args.log_level != "passive":  # as transformers.Trainer does, plus this package's own logger
@@ -76,11 +78,16 @@ class IterativeSFTTrainer(TrainerShell):
         # The mesh (itersft_jax.mesh): rows split over data x fsdp, parameters and optimizer state by the rule
         # table of models.sharding. On one device every sharding is that device: the same program as before.
         self.mesh = make_mesh(self.args.mesh)
-        module, self.config = load_model(model, dtype=self.compute_dtype, remat=bool(self.args.gradient_checkpointing),
-                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-                                         model_init_kwargs=self.args.model_init_kwargs, mesh=self.mesh)
+        source = resolve_model_source(model, peft_config)  # LoRA: the base and the adapters to put on it
+        module, self.config = load_model(
+            source.base, dtype=self.compute_dtype, remat=bool(self.args.gradient_checkpointing),
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            model_init_kwargs=self.args.model_init_kwargs, mesh=self.mesh)
         self.processing_class = processing_class if processing_class is not None else _load_tokenizer(model)
-        self.graphdef, params = nnx.split(module, nnx.Param)
+        # With LoRA only the adapters train (fp32); the frozen base is stored in the compute dtype (bf16 with
+        # bf16=True: no fp32 master copy and no optimizer state for it).
+        self.graphdef, params, frozen, self.adapters = make_trainable(
+            module, self.config, source, seed=self.args.seed, frozen_dtype=self.compute_dtype)
 
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES))
         self._data_parallel = data_parallel_size(self.mesh)
@@ -89,12 +96,13 @@ class IterativeSFTTrainer(TrainerShell):
         num_training_steps = self.args.max_steps if self.args.max_steps > 0 else None
         self.tx, self.schedule = resolve_optimizer(self.args, params, optimizers, num_training_steps)
         self.train_state, self._state_sharding, self._param_sharding = _create_sharded_state(
-            params, self.tx, self.args.seed, self.mesh)
+            params, frozen, self.tx, self.args.seed, self.mesh)
         self._train_step = make_train_step(self.graphdef, self.tx, self.schedule,
                                            state_sharding=self._state_sharding, batch_sharding=self._batch_sharding,
                                            grad_sharding=self._param_sharding,
                                            label_smoothing=self.args.label_smoothing_factor,
-                                           neftune_alpha=self.args.neftune_noise_alpha)
+                                           neftune_alpha=self.args.neftune_noise_alpha,
+                                           lora_dropout=bool(self.adapters and self.adapters.settings.dropout))
 
         # Packed row length: the bucket of the longest sample seen so far. It only grows, so a run whose
         # lengths wander compiles once per new maximum, not once per call.
@@ -125,13 +133,13 @@ class IterativeSFTTrainer(TrainerShell):
 
     @property
     def params(self) -> nnx.State:
-        """The current parameters (on device; no copy)."""
+        """The current trained parameters (on device; no copy): every parameter, or with LoRA the adapters."""
         return self.train_state.params
 
     @property
     def model(self) -> nnx.Module:
-        """An NNX module holding the current parameters (shares their buffers)."""
-        return nnx.merge(self.graphdef, self.train_state.params)
+        """An NNX module holding the current parameters (shares their buffers; with LoRA, base + adapters)."""
+        return nnx.merge(self.graphdef, self.train_state.model_state())
 
     # ------------------------------------------------------------------------------------------------------
     # Training
@@ -195,7 +203,7 @@ class IterativeSFTTrainer(TrainerShell):
                                    num_micro_batches=num_micro, pad_id=self._pad_id())
             batch = jax.device_put(batch, self._batch_sharding)
             with self._precision():
-                pending.append(self._eval_step(self.train_state.params, batch))
+                pending.append(self._eval_step(self.train_state.model_state(), batch))
         host = jax.device_get(pending)
         return sum(float(m["loss_sum"]) for m in host), sum(int(m["num_tokens"]) for m in host)
 
@@ -218,7 +226,8 @@ class IterativeSFTTrainer(TrainerShell):
             length = bucket_length(max(len(ex.input_ids) for ex in batch), self.args.max_length)
             arrays = {k: v[0] for k, v in collate([batch], pad_id=self._pad_id(), rows=rows, length=length).items()}
             with self._precision():
-                logits_BTV = self._logits_fn(self.train_state.params, arrays["input_ids"], arrays["attention_mask"])
+                logits_BTV = self._logits_fn(self.train_state.model_state(), arrays["input_ids"],
+                                             arrays["attention_mask"])
             logits_BTV = np.asarray(jax.device_get(logits_BTV))[:len(batch)]
             labels_BT = arrays["labels"][:len(batch)]
             if self.preprocess_logits_for_metrics is not None:
@@ -230,10 +239,28 @@ class IterativeSFTTrainer(TrainerShell):
 
     def save_model(self, output_dir: str | None = None, max_shard_size: str | int = "5GB") -> str:
         """Write an HF directory (config, safetensors, tokenizer, generation config) that
-        ``AutoModelForCausalLM.from_pretrained`` loads."""
+        ``AutoModelForCausalLM.from_pretrained`` loads; with LoRA, a PEFT adapter directory
+        (``adapter_config.json``, ``adapter_model.safetensors``, tokenizer) that ``PeftModel.from_pretrained(base,
+        dir)`` loads (see ``merge_and_save`` for a merged model)."""
         output_dir = output_dir or self.args.output_dir
+        if self.adapters is not None:
+            from .peft_io import save_adapter
+
+            return save_adapter(self.model, self.adapters.targets, self.adapters.settings.peft_config, self.config,
+                                output_dir, tokenizer=self.processing_class)
         return save_pretrained(self.train_state.params, self.config, output_dir, tokenizer=self.processing_class,
                                max_shard_size=max_shard_size)
+
+    def merge_and_save(self, output_dir: str, max_shard_size: str | int = "5GB") -> str:
+        """Write a full HF model directory with the LoRA adapters folded into the base weights (``W + scale * A
+        @ B``, in the base's dtype), loadable by ``AutoModelForCausalLM.from_pretrained``. Without LoRA it is
+        ``save_model``."""
+        if self.adapters is None:
+            return self.save_model(output_dir, max_shard_size=max_shard_size)
+        from .peft_io import merged_params
+
+        return save_pretrained(merged_params(self.model, self.adapters.targets), self.config, output_dir,
+                               tokenizer=self.processing_class, max_shard_size=max_shard_size)
 
     def save_checkpoint(self, checkpoint_dir: str | None = None) -> str:
         """A full checkpoint (HF model directory + orbax train state + counters), by default
@@ -344,16 +371,17 @@ class CallbackModel:
         return sum(int(x.size) for x in jax.tree.leaves(self.trainer.params))
 
 
-def _create_sharded_state(params, tx, seed: int, mesh):
-    """``(train state, its shardings, the params' shardings)``: the parameters moved to their slices of the
-    mesh, then the optimizer state created in place by one jitted init whose outputs are sharded alike (no
-    device ever holds a whole copy of the optimizer state)."""
-    def create(p):
-        return TrainState.create(p, tx, seed=seed)
+def _create_sharded_state(params, frozen, tx, seed: int, mesh):
+    """``(train state, its shardings, the params' shardings)``: the parameters (and the frozen ones) moved to
+    their slices of the mesh, then the optimizer state created in place by one jitted init whose outputs are
+    sharded alike (no device ever holds a whole copy of the optimizer state)."""
+    def create(p, f):
+        return TrainState.create(p, tx, seed=seed, frozen=f)
 
-    shardings, param_sharding = state_shardings(jax.eval_shape(create, params), mesh)
-    params = jax.device_put(params, param_sharding)
-    return jax.jit(create, out_shardings=shardings, donate_argnums=0)(params), shardings, param_sharding
+    shardings, param_sharding = state_shardings(jax.eval_shape(create, params, frozen), mesh)
+    params, frozen = jax.device_put((params, frozen), (param_sharding, shardings.frozen))
+    state = jax.jit(create, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
+    return state, shardings, param_sharding
 
 
 def _load_tokenizer(model):

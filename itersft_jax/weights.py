@@ -285,7 +285,10 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = Fals
 
     from itersft_jax.models import get_family
 
-    if not (isinstance(source, (str, os.PathLike)) or _is_torch_model(source)):
+    if isinstance(source, tuple) and len(source) == 2:  # (hf_config, HF-named numpy tensors): a PEFT model's base
+        hf_config, tensors = source
+        source = None
+    elif not (isinstance(source, (str, os.PathLike)) or _is_torch_model(source)):
         raise TypeError(f"`model` must be a hub id, a local directory or a transformers PreTrainedModel, got "
                         f"{type(source).__name__}")
     if model_init_kwargs is not None and not isinstance(model_init_kwargs, dict):
@@ -294,7 +297,9 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = Fals
     if attn_implementation is None:
         attn_implementation = (model_init_kwargs or {}).get("attn_implementation")
     remat = remat_setting(remat, gradient_checkpointing_kwargs)
-    if _is_torch_model(source):
+    if source is None:
+        family = get_family(hf_config.model_type)
+    elif _is_torch_model(source):
         hf_config = source.config
         family = get_family(hf_config.model_type)
         tensors = state_dict_to_numpy(source)

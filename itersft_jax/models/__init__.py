@@ -18,7 +18,8 @@ The contract (``common.py`` holds what every family shares):
   ``init_cache(batch, length, dtype)`` returns an empty ``KVCache`` (``[B, K, S, H]`` per layer).
 * ``params_from_hf(tensors: dict[str, np.ndarray], config) -> dict``: HF state-dict names to the nested pure
   dict of ``nnx.state(model, nnx.Param)``, and ``params_to_hf(params, config) -> dict[str, np.ndarray]``, its
-  inverse (tied weights written once, as HF saves them) — both through one table (``mapping.py``).
+  inverse (tied weights written once, as HF saves them) — both through one table (``mapping.py``), which
+  ``hf_layout(config) -> mapping.Layout`` returns (LoRA names its target modules by it).
 
 Parameter naming: biases are called ``bias``; every normalization module's attribute name contains
 ``norm`` or starts with ``ln`` — the optimizer's weight-decay mask relies on it.

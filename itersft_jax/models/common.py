@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import kernels
+from .adapters import adapter_delta
 
 # ----------------------------------------------------------------------------- KV cache
 
@@ -108,6 +109,9 @@ def dense(layer, x_NI: jax.Array) -> jax.Array:
     x_NI = x_NI.reshape(-1, x_NI.shape[-1])
     y = _low_precision_dense(layer, x_NI)
     y = layer(x_NI) if y is None else y
+    delta = adapter_delta(layer, x_NI, y.dtype)  # LoRA (models.adapters), when the layer holds adapters
+    if delta is not None:
+        y = y + delta
     return y.reshape(*lead, y.shape[-1])
 
 

@@ -223,7 +223,7 @@ class DecoderLM(CausalLMBase):
 
 
 def family(spec_of: Callable[[Any], Spec], name: str | None = None):
-    """A decoder family's contract from its config reader: ``(CausalLM, params_from_hf, params_to_hf)``.
+    """A decoder family's contract from its config reader: ``(CausalLM, params_from_hf, params_to_hf, hf_layout)``.
 
     ``CausalLM(config, **kwargs)`` builds ``DecoderLM(spec_of(config), **kwargs)``; the two converters go through
     ``layout`` (``name`` in error messages; default the config's ``model_type``).
@@ -243,7 +243,11 @@ def family(spec_of: Callable[[Any], Spec], name: str | None = None):
         """The inverse of ``params_from_hf``: numpy arrays under HF names (a tied head is not written)."""
         return mapping.params_to_hf(params, layout(spec_of(config), name or config.model_type))
 
-    return CausalLM, params_from_hf, params_to_hf
+    def hf_layout(config) -> mapping.Layout:
+        """The family's HF checkpoint table for ``config`` (HF names <-> parameter paths)."""
+        return layout(spec_of(config), name or config.model_type)
+
+    return CausalLM, params_from_hf, params_to_hf, hf_layout
 
 
 # ----------------------------------------------------------------------------- HF names

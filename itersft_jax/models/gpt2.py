@@ -130,6 +130,9 @@ def _layout(config) -> mapping.Layout:
     return mapping.Layout("GPT-2", tuple(rows), aliases=(("", "transformer."),), ignore=ignore)
 
 
+hf_layout = _layout  # the HF checkpoint table (HF names <-> parameter paths)
+
+
 def params_from_hf(tensors: dict[str, np.ndarray], config) -> dict:
     """HF GPT-2 state dict (with or without the ``transformer.`` prefix) -> pure params dict."""
     return mapping.params_from_hf(tensors, _layout(config))

@@ -39,4 +39,4 @@ def _spec(config) -> decoder.Spec:
 
 
 # CausalLM(config, *, dtype, param_dtype, remat, attn_implementation, rngs); see models/__init__.py.
-CausalLM, params_from_hf, params_to_hf = decoder.family(_spec)
+CausalLM, params_from_hf, params_to_hf, hf_layout = decoder.family(_spec)

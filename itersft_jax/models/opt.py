@@ -151,6 +151,9 @@ def _layout(config) -> mapping.Layout:
                           ignore=("lm_head.weight",) if tied else ())
 
 
+hf_layout = _layout  # the HF checkpoint table (HF names <-> parameter paths)
+
+
 def params_from_hf(tensors: dict[str, np.ndarray], config) -> dict:
     """HF OPT state dict (``model.decoder.*`` or ``decoder.*``) -> pure params dict."""
     return mapping.params_from_hf(tensors, _layout(config))

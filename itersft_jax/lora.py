@@ -1,0 +1,146 @@
+"""LoRA on the JAX engine: adapters attached to a family's linear layers, named as PEFT names them.
+
+``LoRASettings.from_peft(peft_config)`` reads a ``peft.LoraConfig`` (or its dict); ``attach_adapters(model,
+hf_config, settings, seed)`` puts two ``LoRAParam`` matrices on every targeted ``nnx.Linear`` —
+``lora_a [in, r]`` (PEFT's kaiming-uniform init) and ``lora_b [r, out]`` (zeros) — and ``common.dense`` adds
+``scale * dropout(x) @ lora_a @ lora_b`` to the layer's output. Targets are resolved through the family's HF
+checkpoint table (``models.<family>.hf_layout``), so ``target_modules`` takes the Hugging Face module names
+(``q_proj``, GPT-2's ``c_attn``, a regex, or ``"all-linear"`` = every linear layer but the LM head, as in PEFT).
+
+``LoRAParam`` (``models.adapters``, with the forward) is an ``nnx.Param`` subclass: ``nnx.split(model, LoRAParam,
+nnx.Param)`` separates the trainable adapters from the frozen base (``trainable.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from itersft_jax.models.adapters import LoRAParam, dropout_rng
+
+__all__ = ["LoRAParam", "LoRASettings", "attach_adapters", "dropout_rng", "linear_modules", "resolve_targets"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASettings:
+    """What the JAX engine honours of a ``LoraConfig``."""
+
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    target_modules: Any  # a list of names, a regex string, or "all-linear"
+    peft_config: Any = None  # the LoraConfig itself (written back as adapter_config.json)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @classmethod
+    def from_peft(cls, peft_config) -> LoRASettings:
+        """Validate ``peft_config`` (a ``peft.LoraConfig`` or a dict of its fields); ValueError naming the field
+        for what the JAX engine does not implement."""
+        from peft import LoraConfig
+
+        if isinstance(peft_config, dict):
+            peft_config = LoraConfig(**peft_config)
+        if not isinstance(peft_config, LoraConfig):
+            raise TypeError(f"`peft_config` must be a peft.LoraConfig (or its dict) on the JAX engine, got "
+                            f"{type(peft_config).__name__}; other PEFT methods need backend='torch'")
+        if peft_config.r is None or int(peft_config.r) < 1:
+            raise ValueError(f"`peft_config.r` must be a positive integer, got {peft_config.r}")
+        if not 0.0 <= float(peft_config.lora_dropout) < 1.0:
+            raise ValueError(f"`peft_config.lora_dropout` must be in [0, 1), got {peft_config.lora_dropout}")
+        unsupported = {
+            "bias": peft_config.bias != "none",
+            "use_dora": bool(getattr(peft_config, "use_dora", False)),
+            "modules_to_save": bool(peft_config.modules_to_save),
+            "layers_to_transform": peft_config.layers_to_transform is not None,
+            "rank_pattern": bool(peft_config.rank_pattern),
+            "alpha_pattern": bool(peft_config.alpha_pattern),
+            "init_lora_weights": peft_config.init_lora_weights not in (True, False),
+            "exclude_modules": bool(getattr(peft_config, "exclude_modules", None)),
+        }
+        bad = [name for name, refused in unsupported.items() if refused]
+        if bad:
+            raise ValueError(f"`peft_config.{bad[0]}`={getattr(peft_config, bad[0])!r} is not supported by the JAX "
+                             f"engine (it trains plain LoRA: bias='none', no DoRA, no modules_to_save, no per-layer "
+                             f"patterns, init_lora_weights True/False); use backend='torch' for it")
+        if peft_config.target_modules is None:
+            raise ValueError("`peft_config.target_modules` must name the modules to adapt (e.g. ['q_proj', "
+                             "'v_proj'] or 'all-linear'); the JAX engine has no per-architecture default")
+        targets = peft_config.target_modules
+        targets = targets if isinstance(targets, str) else sorted(targets)
+        return cls(r=int(peft_config.r), alpha=float(peft_config.lora_alpha), dropout=float(peft_config.lora_dropout),
+                   use_rslora=bool(peft_config.use_rslora), target_modules=targets, peft_config=peft_config)
+
+
+def linear_modules(hf_config) -> dict[str, tuple]:
+    """HF module name -> parameter path of the ``nnx.Linear`` for every linear layer of the family (fused HF
+    modules map to a tuple of paths)."""
+    from itersft_jax.models import get_family
+
+    layout = get_family(hf_config.model_type).hf_layout(hf_config)
+    out: dict[str, tuple] = {}
+    for row in layout.tensors:
+        if row.name.endswith(".weight") and all(path[-1] == "kernel" for path in row.paths):
+            paths = tuple(path[:-1] for path in row.paths)
+            out[row.name.removesuffix(".weight")] = paths[0] if len(paths) == 1 else paths
+    return out
+
+
+def resolve_targets(hf_config, target_modules) -> dict[str, tuple]:
+    """HF module name -> parameter path of each targeted linear layer, by PEFT's matching rules: a string is a
+    full-match regex over the module name (``"all-linear"``: every linear layer but the output head), a list
+    matches a module whose name is an item or ends with ``"." + item``."""
+    modules = linear_modules(hf_config)
+    if target_modules == "all-linear":
+        chosen = [name for name in modules if name.split(".")[-1] != "lm_head"]
+    elif isinstance(target_modules, str):
+        chosen = [name for name in modules if re.fullmatch(target_modules, name)]
+    else:
+        wanted = list(target_modules)
+        chosen = [name for name in modules if any(name == t or name.endswith("." + t) for t in wanted)]
+    if not chosen:
+        kinds = sorted({name.split(".")[-1] for name in modules})
+        raise ValueError(f"`peft_config.target_modules`={target_modules!r} matches no linear layer of this "
+                         f"{hf_config.model_type} model; its linear layers are named {kinds}")
+    fused = [name for name in chosen if isinstance(modules[name][0], tuple)]
+    if fused:
+        raise ValueError(f"`peft_config.target_modules` selects {fused[0]!r}, which the JAX engine splits into "
+                         f"several layers (a fused Hugging Face projection): LoRA on it needs backend='torch'; "
+                         f"target the other modules")
+    return {name: modules[name] for name in chosen}
+
+
+def _layer_at(model, path: tuple):
+    node = model
+    for key in path:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    return node
+
+
+def attach_adapters(model, hf_config, settings: LoRASettings, seed: int = 0) -> dict[str, tuple]:
+    """Put ``lora_a``/``lora_b`` on every targeted linear layer of ``model`` (in place), initialized as PEFT does:
+    ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (kaiming-uniform, a=sqrt(5)), ``B = 0`` (``init_lora_weights=False``:
+    both random, as PEFT's test init). Returns the targets (HF module name -> path)."""
+    targets = resolve_targets(hf_config, settings.target_modules)
+    key = jax.random.key(seed)
+    init_b = settings.peft_config is not None and settings.peft_config.init_lora_weights is False
+    for i, (_, path) in enumerate(sorted(targets.items())):
+        layer = _layer_at(model, path)
+        d_in, d_out = layer.kernel.shape
+        key_a, key_b = jax.random.split(jax.random.fold_in(key, i))
+        bound = 1.0 / math.sqrt(d_in)
+        layer.lora_a = LoRAParam(jax.random.uniform(key_a, (d_in, settings.r), jnp.float32, -bound, bound))
+        b = (jax.random.uniform(key_b, (settings.r, d_out), jnp.float32, -bound, bound) if init_b
+             else jnp.zeros((settings.r, d_out), jnp.float32))
+        layer.lora_b = LoRAParam(b)
+        layer.lora_scale = settings.scale
+        layer.lora_dropout = settings.dropout
+    return targets
