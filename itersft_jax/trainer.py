@@ -387,6 +387,14 @@ def _create_sharded_state(params, frozen, tx, seed: int, mesh):
 def _load_tokenizer(model):
     from transformers import AutoTokenizer
 
+    from .peft_io import ADAPTER_CONFIG, is_adapter_dir
+
+    if is_adapter_dir(model) and not any(os.path.isfile(os.path.join(model, f))
+                                         for f in ("tokenizer.json", "tokenizer_config.json")):
+        import json
+
+        with open(os.path.join(model, ADAPTER_CONFIG)) as f:  # no tokenizer beside the adapter: the base's
+            model = json.load(f).get("base_model_name_or_path") or model
     source = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
     if not source:
         raise ValueError("`processing_class` is required when the model object has no name_or_path")

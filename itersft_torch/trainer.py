@@ -95,6 +95,10 @@ def load_model(model_id: str | os.PathLike, model_init_kwargs: dict[str, Any] | 
         raise
 
 
+def _is_adapter_dir(model: Any) -> bool:
+    return isinstance(model, (str, os.PathLike)) and os.path.isfile(os.path.join(model, "adapter_config.json"))
+
+
 def _is_peft_model(model: Any) -> bool:
     peft = sys.modules.get("peft")  # peft is an optional extra: a PeftModel means it is imported already
     return peft is not None and isinstance(model, peft.PeftModel)
@@ -198,17 +202,29 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         preprocess_logits_for_metrics=None,
         compute_metrics=None,
         callbacks=None,
+        peft_config=None,
     ):
         args = resolve_config(args)
         check_fields(args, "torch")
         validate_shell_args(args, eval_dataset)
-        if isinstance(model, (str, os.PathLike)):
+        if peft_config is not None and (_is_peft_model(model) or _is_adapter_dir(model)):
+            raise ValueError("`peft_config` given with a model that already holds a PEFT adapter (a PeftModel or an "
+                             "adapter directory): its own adapter config is used; drop `peft_config`")
+        if _is_adapter_dir(model):  # a PEFT adapter directory: its base plus the adapter, trainable
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(model, is_trainable=True, **(args.model_init_kwargs or {}))
+        elif isinstance(model, (str, os.PathLike)):
             model = load_model(model, args.model_init_kwargs)
         elif not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a model id, a directory, a PreTrainedModel or a PeftModel, "
                             f"got {type(model).__name__}")
         elif args.model_init_kwargs:
             logger.warning("`model_init_kwargs` are ignored: the model is already instantiated")
+        if peft_config is not None:  # TRL's trainers wrap the model with peft the same way
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
         if processing_class is None:
             processing_class = self._load_tokenizer(model, args)
         optimizer, scheduler = optimizers
