@@ -69,18 +69,32 @@ def worker(backend: str, model_dir: str, batch: int, seq: int, vocab: int) -> di
 
 
 def save_model(path: str, hidden: int, vocab: int, seq: int) -> int:
+    return save_random_llama(path, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=4, intermediate_size=int(hidden * 2.75), vocab_size=vocab,
+                             max_position_embeddings=seq, tie_word_embeddings=False)
+
+
+def save_random_llama(path: str, **config_kwargs) -> int:
+    """Save a random fp32 Llama of ``config_kwargs`` (and a tiny tokenizer) to ``path``; its parameter count."""
     import torch
     from helpers import make_tokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         intermediate_size=int(hidden * 2.75), vocab_size=vocab, max_position_embeddings=seq,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **config_kwargs)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float()
     model.save_pretrained(path)
     make_tokenizer().save_pretrained(path)  # ids are fed directly; the tokenizer only has to exist
     return sum(p.numel() for p in model.parameters())
+
+
+def run_worker(script: str, name: str, model_dir: str, *extra: str) -> dict:
+    """Run ``script --worker name --model-dir model_dir *extra`` in a fresh interpreter; its last JSON line."""
+    proc = subprocess.run([sys.executable, script, "--worker", name, "--model-dir", model_dir, *extra],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -100,12 +114,8 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         n_params = save_model(workdir, args.hidden, args.vocab, args.seq)
         for backend in ("torch", "jax"):
-            proc = subprocess.run([sys.executable, __file__, "--worker", backend, "--model-dir", workdir,
-                                   "--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{backend} worker failed:\n{proc.stderr[-3000:]}")
-            results[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[backend] = run_worker(__file__, backend, workdir, "--batch", str(args.batch), "--seq",
+                                          str(args.seq), "--vocab", str(args.vocab))
     if not all(r["peak_reset"] for r in results.values()):
         print("warning: /proc/self/clear_refs refused; 'added' counts from the process's earlier peak")
     adam_mib = 2 * n_params * 4 / 2**20

@@ -45,7 +45,10 @@ class LoRASettings:
     def from_peft(cls, peft_config) -> LoRASettings:
         """Validate ``peft_config`` (a ``peft.LoraConfig`` or a dict of its fields); ValueError naming the field
         for what the JAX engine does not implement."""
-        from peft import LoraConfig
+        try:
+            from peft import LoraConfig
+        except ImportError as err:
+            raise ImportError("`peft_config` needs the peft package: pip install 'itersft[peft]'") from err
 
         if isinstance(peft_config, dict):
             peft_config = LoraConfig(**peft_config)
@@ -143,4 +146,5 @@ def attach_adapters(model, hf_config, settings: LoRASettings, seed: int = 0) -> 
         layer.lora_b = LoRAParam(b)
         layer.lora_scale = settings.scale
         layer.lora_dropout = settings.dropout
+        layer.lora_id = i  # keys the layer's dropout masks (models.adapters)
     return targets

@@ -100,15 +100,19 @@ def adapter_tensors(model, targets: dict[str, tuple]) -> dict[str, np.ndarray]:
     return out
 
 
-def save_adapter(model, targets: dict[str, tuple], peft_config, hf_config, output_dir: str, tokenizer=None) -> str:
-    """Write ``model``'s adapters as a PEFT adapter directory that ``PeftModel.from_pretrained(base, dir)`` loads."""
+def save_adapter(model, targets: dict[str, tuple], peft_config, hf_config, output_dir: str, tokenizer=None,
+                 base_name: str | None = None) -> str:
+    """Write ``model``'s adapters as a PEFT adapter directory that ``PeftModel.from_pretrained(base, dir)`` loads;
+    ``base_model_name_or_path``: the config's own, else ``base_name`` (the hub id or directory the base came
+    from), else the HF config's ``_name_or_path``."""
     import copy
 
     import safetensors.numpy
 
     os.makedirs(output_dir, exist_ok=True)
     config = copy.deepcopy(peft_config)
-    config.base_model_name_or_path = config.base_model_name_or_path or getattr(hf_config, "_name_or_path", None)
+    config.base_model_name_or_path = (config.base_model_name_or_path or base_name
+                                      or getattr(hf_config, "_name_or_path", None))
     config.inference_mode = True
     config.save_pretrained(output_dir)
     safetensors.numpy.save_file(adapter_tensors(model, targets), os.path.join(output_dir, ADAPTER_WEIGHTS),

@@ -73,6 +73,10 @@ def _summed_loss(params, graphdef, input_ids_BT, attention_mask_BT, labels_BT, *
     """Summed token loss and label-token count of one micro-batch: hidden states, then the chunked head + loss.
     ``neftune``: ``None`` or ``(alpha, key)``, NEFTune noise on the input embeddings (training only);
     ``frozen``: the parameters not trained (merged with ``params``); ``dropout_key``: LoRA dropout (training)."""
+    if frozen is not None:
+        # Fresh Variables made here, inside the differentiated function: ones made at the loop's trace level
+        # cannot be updated by the nnx.remat'd layers (gradient_checkpointing) run under value_and_grad.
+        frozen = jax.tree.map(lambda x: x, frozen)
     model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
     positions_BT = positions_from_segments(attention_mask_BT)
     with dropout_rng(dropout_key):

@@ -83,6 +83,7 @@ class IterativeSFTTrainer(TrainerShell):
             source.base, dtype=self.compute_dtype, remat=bool(self.args.gradient_checkpointing),
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             model_init_kwargs=self.args.model_init_kwargs, mesh=self.mesh)
+        self._base_name = os.fspath(source.base) if isinstance(source.base, (str, os.PathLike)) else None
         self.processing_class = processing_class if processing_class is not None else _load_tokenizer(model)
         # With LoRA only the adapters train (fp32); the frozen base is stored in the compute dtype (bf16 with
         # bf16=True: no fp32 master copy and no optimizer state for it).
@@ -247,7 +248,7 @@ class IterativeSFTTrainer(TrainerShell):
             from .peft_io import save_adapter
 
             return save_adapter(self.model, self.adapters.targets, self.adapters.settings.peft_config, self.config,
-                                output_dir, tokenizer=self.processing_class)
+                                output_dir, tokenizer=self.processing_class, base_name=self._base_name)
         return save_pretrained(self.train_state.params, self.config, output_dir, tokenizer=self.processing_class,
                                max_shard_size=max_shard_size)
 

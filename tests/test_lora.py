@@ -183,3 +183,21 @@ def test_bad_peft_config_is_refused_naming_the_field(existing_adapter, tmp_path)
             IterativeSFTTrainer(base_dir, args=_args(tmp_path, "jax"), peft_config=config)
     with pytest.raises(ValueError, match="drop `peft_config`"):
         IterativeSFTTrainer(adapter_dir, args=_args(tmp_path, "jax"), peft_config=LoraConfig(target_modules=["q_proj"]))
+
+
+def test_remat_with_adapters_equals_no_remat(existing_adapter, tmp_path):
+    # gradient_checkpointing (TRL's default) with adapters and dropout: the same loss and adapters (1e-5, fp32);
+    # the rematerialized forward replays the same dropout masks.
+    from peft import LoraConfig
+
+    base_dir, _ = existing_adapter
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], lora_dropout=0.2)
+    runs = []
+    for remat in (False, True):
+        trainer = IterativeSFTTrainer(base_dir, args=_args(tmp_path, "jax", gradient_checkpointing=remat),
+                                      peft_config=config)
+        losses = [trainer.step(texts=TEXTS)["loss"] for _ in range(2)]
+        runs.append((losses, [np.asarray(x) for x in __import__("jax").tree.leaves(trainer.params)]))
+    np.testing.assert_allclose(runs[1][0], runs[0][0], atol=1e-5)
+    for a, b in zip(runs[1][1], runs[0][1]):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -2,8 +2,9 @@
 ``common.dense`` adds to a layer's output (``itersft_jax.lora`` attaches adapters and reads ``LoraConfig``).
 
 Dropout on the adapters' input runs only inside ``dropout_rng(key)`` (the train step); evaluation and
-generation never set it. Each adapter call draws its mask from ``fold_in(key, call_index)``, the index counting
-adapter calls in trace order (the same in the rematerialized forward, which replays the traced program).
+generation never set it. Each adapted layer draws its mask from ``fold_in(key, layer.lora_id)`` (a number fixed
+when the adapters are attached), so masks do not depend on how often a transform traces the forward
+(``nnx.remat`` traces it more than once) and the rematerialized forward sees the same masks.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ class LoRAParam(nnx.Param):
     """A trainable LoRA adapter matrix (the base parameters stay ``nnx.Param``)."""
 
 
-_DROPOUT: contextvars.ContextVar[list | None] = contextvars.ContextVar("itersft_lora_dropout", default=None)
+_DROPOUT: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("itersft_lora_dropout", default=None)
 
 
 @contextlib.contextmanager
 def dropout_rng(key: jax.Array | None):
     """Within the block, adapters apply their ``lora_dropout`` with masks drawn from ``key`` (training only)."""
-    token = _DROPOUT.set(None if key is None else [key, 0])
+    token = _DROPOUT.set(key)
     try:
         yield
     finally:
@@ -40,10 +41,9 @@ def adapter_delta(layer, x_NI: jax.Array, dtype) -> jax.Array | None:
     if lora_a is None:
         return None
     rate = float(getattr(layer, "lora_dropout", 0.0))
-    state = _DROPOUT.get()
-    if rate > 0.0 and state is not None:
-        key = jax.random.fold_in(state[0], state[1])
-        state[1] += 1
+    key = _DROPOUT.get()
+    if rate > 0.0 and key is not None:
+        key = jax.random.fold_in(key, layer.lora_id)
         keep = jax.random.bernoulli(key, 1.0 - rate, x_NI.shape)
         x_NI = jnp.where(keep, x_NI / (1.0 - rate), 0).astype(x_NI.dtype)
     a = lora_a[...].astype(dtype)
