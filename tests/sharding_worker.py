@@ -27,7 +27,7 @@ PROMPTS = ["Question: what is two plus two?", "12 + 30 =", "def add(a, b):", "Th
 COMPLETIONS = [" Answer: four.", " 42.", "\n    return a + b", " brown fox"]
 
 
-def make(model_dir: str, out_dir: str, mesh: str | None, **overrides):
+def make(model_dir: str, out_dir: str, mesh: str | None, peft_config=None, **overrides):
     from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
     from itersft_jax.mesh import data_parallel_size, make_mesh
 
@@ -37,7 +37,7 @@ def make(model_dir: str, out_dir: str, mesh: str | None, **overrides):
                   gradient_checkpointing=False,
                   report_to="none", logging_steps=1, save_strategy="no", mesh=mesh, seed=0)
     kwargs.update(overrides)
-    return IterativeSFTTrainer(model_dir, args=IterativeSFTConfig(**kwargs))
+    return IterativeSFTTrainer(model_dir, args=IterativeSFTConfig(**kwargs), peft_config=peft_config)
 
 
 def mixed_steps(trainer) -> list[float]:
@@ -75,6 +75,17 @@ def generations(trainer) -> list[list[int]]:
     return [list(map(int, seq)) for seq in out.sequences]
 
 
+def lora_losses(model_dir: str, out_dir: str, mesh: str | None) -> list[float]:
+    """Two step() calls with LoRA adapters (B random) on every linear layer: the per-update losses."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    trainer = make(model_dir, out_dir, mesh, peft_config=config, gradient_accumulation_steps=1)
+    trainer.step(texts=TEXTS)
+    trainer.step(prompts=PROMPTS, completions=COMPLETIONS)
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
 def make_mesh_for(spec: str):
     from itersft_jax.mesh import make_mesh
 
@@ -110,6 +121,7 @@ def main(model_dir: str, out_dir: str) -> None:
         if mesh == "fsdp:4,tensor:2":
             results["generate"] = generations(trainer)
     results["loaded_sharded"] = loaded_sharded_equals_plain(model_dir, make_mesh_for("fsdp:4,tensor:2"))
+    results["lora"] = lora_losses(model_dir, os.path.join(out_dir, "lora"), "fsdp:4,tensor:2")
     resumed = make(model_dir, os.path.join(out_dir, "resumed"), "fsdp:4,tensor:2")
     resumed.resume_from_checkpoint(checkpoint)
     spec = resumed.train_state.params["model"] if "model" in resumed.train_state.params else resumed.train_state.params

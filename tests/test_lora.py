@@ -201,3 +201,17 @@ def test_remat_with_adapters_equals_no_remat(existing_adapter, tmp_path):
     np.testing.assert_allclose(runs[1][0], runs[0][0], atol=1e-5)
     for a, b in zip(runs[1][1], runs[0][1]):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_torch_backend_wraps_the_model_with_peft_config(tmp_path, tokenizer):
+    # TRL's behaviour: peft_config= wraps a plain model with get_peft_model; only the adapters train.
+    from peft import LoraConfig, PeftModel
+
+    base_dir = save_tiny_model(tmp_path / "base", "llama", tokenizer)
+    trainer = IterativeSFTTrainer(base_dir, args=_args(tmp_path, "torch"),
+                                  peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert isinstance(trainer.model, PeftModel)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.step(texts=TEXTS)
+    changed = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("lora_" in k for k in changed)

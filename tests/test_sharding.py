@@ -78,6 +78,15 @@ def test_checkpoint_resumes_onto_another_mesh(sharded_run):
     np.testing.assert_allclose(results["resumed"], results["continued"], atol=1e-5)
 
 
+def test_lora_under_a_mesh_equals_one_device(sharded_run):
+    # Adapters on every linear layer, sharded by the same rule table as the base (fsdp:4,tensor:2): 1e-5.
+    import sharding_worker as worker
+
+    root, results, *_ = sharded_run
+    np.testing.assert_allclose(results["lora"], worker.lora_losses(str(root / "model"), str(root / "lora-1"), None),
+                               atol=1e-5)
+
+
 def test_generate_under_a_mesh_equals_one_device(sharded_run):
     *_, generations_1 = sharded_run
     assert sharded_run[1]["generate"] == generations_1
