@@ -185,7 +185,10 @@ def make_eval_step(graphdef, *, batch_sharding=None, label_smoothing: float = 0.
     check_loss_options(label_smoothing, loss_chunk_size)
     kwargs: dict[str, Any] = {}
     if batch_sharding is not None:
-        kwargs = {"in_shardings": (None, batch_sharding)}
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())  # readable on every host
+        kwargs = {"in_shardings": (None, batch_sharding), "out_shardings": replicated}
     step_fn = functools.partial(eval_step, graphdef=graphdef, label_smoothing=label_smoothing,
                                 loss_chunk_size=loss_chunk_size)
     return jax.jit(step_fn, **kwargs)
@@ -210,7 +213,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None, *
                                 neftune_alpha=neftune_alpha, grad_sharding=grad_sharding, lora_dropout=lora_dropout)
     kwargs: dict[str, Any] = {}
     if state_sharding is not None or batch_sharding is not None:
-        kwargs = {"in_shardings": (state_sharding, batch_sharding), "out_shardings": (state_sharding, None)}
+        metrics = None if state_sharding is None else state_sharding.step  # replicated: readable on every host
+        kwargs = {"in_shardings": (state_sharding, batch_sharding), "out_shardings": (state_sharding, metrics)}
     if state_sharding is None or state_sharding.frozen is None:
         return jax.jit(step_fn, donate_argnums=0, **kwargs)
     return _FrozenApart(step_fn, state_sharding, batch_sharding)
@@ -228,7 +232,7 @@ class _FrozenApart:
         trained = dataclasses.replace(state_sharding, frozen=None)
         self._jitted = jax.jit(split_step, donate_argnums=0,
                                in_shardings=(trained, state_sharding.frozen, batch_sharding),
-                               out_shardings=(trained, None))
+                               out_shardings=(trained, state_sharding.step))
 
     def __call__(self, state: TrainState, batch):
         new_state, metrics = self._jitted(dataclasses.replace(state, frozen=None), state.frozen, batch)

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from transformers import TrainerControl, TrainerState
 from transformers.utils import logging as transformers_logging
 
+from . import distributed
 from .config import resolve_config
 from .data import bucket_length, collate, plan_updates, prepare_examples, warn_beyond_positions
 from .fields import check_fields, shuffle_seed
@@ -77,6 +78,7 @@ class IterativeSFTTrainer(TrainerShell):
         self.matmul_precision = None if (self.args.bf16 or self.args.tf32) else "highest"
         # The mesh (itersft_jax.mesh): rows split over data x fsdp, parameters and optimizer state by the rule
         # table of models.sharding. On one device every sharding is that device: the same program as before.
+        distributed.initialize()  # several processes when the environment asks (itersft_jax.distributed)
         self.mesh = make_mesh(self.args.mesh)
         source = resolve_model_source(model, peft_config)  # LoRA: the base and the adapters to put on it
         module, self.config = load_model(
@@ -166,7 +168,7 @@ class IterativeSFTTrainer(TrainerShell):
             batch, used = pack_update(update, row_length=self._row_length, rows=rows,
                                       num_micro_batches=num_micro, pad_id=self._pad_id())
             input_tokens = int(np.count_nonzero(batch["attention_mask"]))
-            batch = jax.device_put(batch, self._batch_sharding)
+            batch = distributed.global_batch(batch, self._batch_sharding)
             with self._precision():
                 self.train_state, metrics = self._train_step(self.train_state, batch)
             # Computed tokens: micro-batches after the last one holding a token are skipped by the step.
@@ -202,7 +204,7 @@ class IterativeSFTTrainer(TrainerShell):
         for i in range(0, len(examples), per_batch):
             batch, _ = pack_update([examples[i:i + per_batch]], row_length=row_length, rows=rows,
                                    num_micro_batches=num_micro, pad_id=self._pad_id())
-            batch = jax.device_put(batch, self._batch_sharding)
+            batch = distributed.global_batch(batch, self._batch_sharding)
             with self._precision():
                 pending.append(self._eval_step(self.train_state.model_state(), batch))
         host = jax.device_get(pending)
@@ -249,7 +251,10 @@ class IterativeSFTTrainer(TrainerShell):
 
             return save_adapter(self.model, self.adapters.targets, self.adapters.settings.peft_config, self.config,
                                 output_dir, tokenizer=self.processing_class, base_name=self._base_name)
-        return save_pretrained(self.train_state.params, self.config, output_dir, tokenizer=self.processing_class,
+        params = distributed.host_copy(nnx.to_pure_dict(self.train_state.params))  # every process takes part
+        if not distributed.is_main_process():
+            return output_dir
+        return save_pretrained(params, self.config, output_dir, tokenizer=self.processing_class,
                                max_shard_size=max_shard_size)
 
     def merge_and_save(self, output_dir: str, max_shard_size: str | int = "5GB") -> str:
@@ -268,6 +273,10 @@ class IterativeSFTTrainer(TrainerShell):
         ``output_dir/checkpoint-<global_step>``; older ones beyond ``save_total_limit`` are removed.
         ``save_strategy`` calls this."""
         from .checkpoint import rotate_checkpoints, save_checkpoint
+
+        if jax.process_count() > 1:
+            raise NotImplementedError("checkpoints of a run over several processes are not supported yet (the "
+                                      "atomic checkpoint directory is written by one process); save_model() works")
 
         checkpoint_dir = checkpoint_dir or os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         path = save_checkpoint(self, checkpoint_dir)

@@ -1,0 +1,92 @@
+"""Several processes (hosts) on the JAX engine: ``jax.distributed`` from the environment, and the host side of
+arrays that span processes.
+
+``initialize()`` — called by the trainer before it touches a device, or by a script at its very start — runs
+``jax.distributed.initialize`` when the environment asks for it:
+
+- ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
+  (optionally ``JAX_LOCAL_DEVICE_IDS``): an explicit launch, e.g. one process per host or per GPU;
+- ``ITERSFT_JAX_DISTRIBUTED=auto``: JAX detects the cluster itself (SLURM, TPU pod slices, Open MPI, ...).
+
+Otherwise it does nothing (one process). Every process builds the same trainer and passes the same samples to
+each ``step()`` (like the torch engine's same-samples rule): each process packs the whole update and transfers
+only the rows its own devices hold (``global_batch``), so the updates are the same whatever the process count.
+Logging, ``save_model`` files and the Hub happen on process 0; parameters are gathered from every process first
+(``host_copy``), so every process must call ``save_model`` too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def requested() -> bool:
+    """Whether the environment asks for several processes."""
+    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or os.environ.get("ITERSFT_JAX_DISTRIBUTED") == "auto"
+
+
+def initialize() -> bool:
+    """``jax.distributed.initialize`` from the environment (see the module docstring), once; True when this run
+    has several processes. ValueError naming the variable for incomplete settings."""
+    import jax
+    from jax._src import distributed as _state
+
+    if _state.global_state.client is not None:  # already initialized (by us or the user)
+        return jax.process_count() > 1
+    if not requested():
+        return False
+    if os.environ.get("ITERSFT_JAX_DISTRIBUTED") == "auto" and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+    else:
+        missing = [name for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not os.environ.get(name)]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not: set all three "
+                             f"(or ITERSFT_JAX_DISTRIBUTED=auto on SLURM / TPU pods)")
+        try:
+            num_processes, process_id = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except ValueError:
+            raise ValueError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
+        try:
+            jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], num_processes, process_id)
+        except RuntimeError as err:
+            if "before" in str(err).lower():
+                raise RuntimeError("jax.distributed must start before JAX uses a device: construct the trainer (or "
+                                   "call itersft_jax.distributed.initialize()) before any other JAX work") from err
+            raise
+    logger.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+                jax.process_count(), jax.local_device_count(), jax.device_count())
+    return jax.process_count() > 1
+
+
+def global_batch(arrays: dict[str, Any], sharding) -> dict[str, Any]:
+    """Host arrays that are the same on every process -> global ``jax.Array``s with ``sharding``; each process
+    transfers only the slices its devices hold."""
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return jax.device_put(arrays, sharding)
+    return {k: jax.make_array_from_callback(np.shape(v), sharding, lambda index, v=v: np.asarray(v)[index])
+            for k, v in arrays.items()}
+
+
+def host_copy(tree: Any) -> Any:
+    """Numpy copies of every array of ``tree`` on this host, gathered from all processes when they are sharded
+    across processes (every process must call it)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
