@@ -56,12 +56,15 @@ class Plan:
 
     @property
     def device(self) -> str:
-        """The torch device of the PyTorch workers (decided inside the worker: the parent never touches CUDA)."""
+        """The torch device of the PyTorch workers: the CPU in a smoke run, else CUDA or an error (never a silent
+        CPU run of a 1B model). Asked inside the worker: the parent never touches CUDA."""
         if self.smoke:
             return "cpu"
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device (a CPU run is `--smoke`)")
+        return "cuda"
 
 
 def iterative_model(plan: Plan) -> dict:

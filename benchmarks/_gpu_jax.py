@@ -36,9 +36,13 @@ def _setup(plan: Plan, rec: Recorder):
 
     import jax
 
-    if plan.smoke:
-        jax.config.update("jax_platforms", "cpu")
-    device = jax.devices()[0]
+    # A smoke run on the CPU; otherwise CUDA or an error (never a silent CPU fallback of a 1B model).
+    jax.config.update("jax_platforms", "cpu" if plan.smoke else "cuda")
+    try:
+        device = jax.devices()[0]
+    except Exception as err:  # jax 0.10 says only AssertionError when the platform cannot start
+        raise RuntimeError("JAX could not start its CUDA backend (is jax[cuda] installed? a CPU run is `--smoke`)"
+                           ) from err
     plugins = sorted(f"{d.metadata['Name']} {d.version}" for d in md.distributions()
                      if d.metadata["Name"].lower().replace("_", "-").startswith(("jax-cuda", "jax-rocm")))
     rec.row("env", engine="jax", device=device.device_kind, platform=device.platform, jax=jax.__version__,

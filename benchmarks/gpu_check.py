@@ -35,7 +35,9 @@ targets), so even a run cut short leaves its numbers. It prints the same tables 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import importlib
 import json
 import os
 import re
@@ -87,10 +89,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=480, help="skip the remaining jobs once this is spent")
     p.add_argument("--out-dir", default=None,
                    help="where the .jsonl and .md go (default benchmarks/; smoke: a temp dir)")
+    p.add_argument("--spawn", nargs="*", default=None, metavar="JOB",
+                   help="run these jobs (all when none is named) in fresh interpreters instead of forked processes")
+    p.add_argument("--job", help=argparse.SUPPRESS)  # a spawned job: run it and exit
+    p.add_argument("--plan", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:  # one shape per part; [2, 256] is what step() packs on a CPU too (no recompilation)
         args.preset, args.seq, args.batches, args.long, args.prompt = "tiny", 256, [2], [512], 256
         args.new_tokens, args.warmup, args.steps = 4, 1, 1
+    if set(args.spawn or ()) - {job[0] for job in JOBS}:
+        raise SystemExit(f"--spawn: job names of {[job[0] for job in JOBS]}, got {args.spawn}")
     unknown = set(args.parts) - set(PARTS)
     if unknown or not args.parts:
         raise SystemExit(f"--parts: letters of {PARTS}, got {args.parts!r}")
@@ -149,27 +157,42 @@ def jax_environment(smoke: bool) -> None:
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.95"  # the name jax 0.4-0.11 all read
 
 
-def run_job(job: tuple, plan: Plan, timeout_s: float) -> str:
-    """Fork, run the worker in the child, wait at most ``timeout_s``. Returns "ok", "error (...)" or "timeout"."""
+def run_worker(job: tuple, plan: Plan) -> int:
+    """A job's body, in its own process (forked or spawned); returns its exit code."""
     name, part, engine, worker, _ = job
+    try:
+        if engine == "jax":
+            jax_environment(plan.smoke)
+        getattr(importlib.import_module(f"_gpu_{engine}"), worker)(plan, Recorder(plan.results, part, name))
+        return 0
+    except BaseException as err:  # noqa: BLE001 - recorded; the parent goes on with the next job
+        traceback.print_exc()
+        Recorder(plan.results, part, name).failure(name, err, False, engine=engine)
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def run_job(job: tuple, plan: Plan, timeout_s: float, spawn: bool) -> str:
+    """Run one job in its own process, at most ``timeout_s``: forked from this one (the libraries already imported),
+    or with ``spawn`` a fresh interpreter. Returns "ok", "error (exit N)" or "timeout (N s)"."""
     sys.stdout.flush()
     sys.stderr.flush()
+    if spawn:
+        with open(os.path.join(plan.workdir, "plan.json"), "w") as f:
+            json.dump(dataclasses.asdict(plan), f)
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--job", job[0], "--plan", f.name])
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return f"timeout ({timeout_s:.0f} s)"
+        return "ok" if code == 0 else f"error (exit {code})"
     pid = os.fork()
     if pid == 0:  # the child: never returns
-        code = 0
-        try:
-            if engine == "jax":
-                jax_environment(plan.smoke)
-            module = __import__(f"_gpu_{engine}")
-            getattr(module, worker)(plan, Recorder(plan.results, part, name))
-        except BaseException as err:  # noqa: BLE001 - recorded; the parent goes on with the next job
-            traceback.print_exc()
-            Recorder(plan.results, part, name).failure(name, err, False, engine=engine)
-            code = 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        os._exit(run_worker(job, plan))
     deadline = time.monotonic() + timeout_s
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -181,6 +204,19 @@ def run_job(job: tuple, plan: Plan, timeout_s: float) -> str:
             os.waitpid(pid, 0)
             return f"timeout ({timeout_s:.0f} s)"
         time.sleep(0.2)
+
+
+def fork_keeps_cuda() -> bool:
+    """Whether a forked child can still use CUDA: false if an import initialised the driver in this process (then
+    the jobs are spawned instead). Costs the child's cuInit, about a second."""
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        import torch
+
+        os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # ask the CUDA runtime itself
+        os._exit(0 if torch.cuda.is_available() else 1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
 def read_rows(path: str) -> list[dict]:
@@ -197,8 +233,15 @@ def read_rows(path: str) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.job:
+        with open(args.plan) as f:
+            plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
+        return run_worker(next(job for job in JOBS if job[0] == args.job), plan)
     started = time.monotonic()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers train tokenizers after the fork
+    # torch.cuda.is_available() in this process would initialise the CUDA driver, and no forked child could use
+    # the GPU after that; with this set it asks NVML instead (accelerate does the same).
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="gpu_check_") if args.smoke else os.path.dirname(
         os.path.abspath(__file__)))
     os.makedirs(out_dir, exist_ok=True)
@@ -218,7 +261,12 @@ def main(argv=None) -> int:
     title = f"benchmarks/gpu_check.py on {device}, {datetime.date.today().isoformat()}"
     print(f"{title}\nresults: {results}\nreport:  {md_path}", flush=True)
     preload()
-    print(f"imports: {time.monotonic() - started:.1f} s", flush=True)
+    spawn = {job[0] for job in JOBS} if args.spawn == [] else set(args.spawn or ())
+    if not args.smoke and not spawn and not fork_keeps_cuda():
+        print("a forked process cannot use CUDA here (or torch sees no GPU): every job runs in a fresh interpreter",
+              flush=True)
+        spawn = {job[0] for job in JOBS}
+    print(f"imports: {time.monotonic() - started:.1f} s; spawned jobs: {sorted(spawn) or 'none'}", flush=True)
 
     def write_report() -> str:
         rows = [r for r in read_rows(results) if r.get("part") != "e"]
@@ -240,7 +288,7 @@ def main(argv=None) -> int:
         timeout = SMOKE_TIMEOUT_S if args.smoke else min(job[4], left)
         print(f"\n=== {name} (part {part}), at most {timeout:.0f} s ===", flush=True)
         t0 = time.monotonic()
-        status = run_job(job, plan, timeout)
+        status = run_job(job, plan, timeout, spawn=name in spawn)
         Recorder(results, part, name).row("job", status=status, seconds=time.monotonic() - t0)
         write_report()
     if "e" in args.parts:

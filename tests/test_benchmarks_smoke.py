@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 def test_gpu_check_smoke(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--smoke", "--out-dir",
-                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+                           str(tmp_path), "--spawn", "parity_torch"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (jsonl,) = tmp_path.glob("results_cpu_*.jsonl")
     (md,) = tmp_path.glob("results_cpu_*.md")
@@ -22,7 +22,8 @@ def test_gpu_check_smoke(tmp_path):
     errors = [r for r in rows if r.get("status") == "error"]
     assert not errors, errors
     jobs = [r for r in rows if r["kind"] == "job"]
-    assert len(jobs) == 9 and all(r["status"] == "ok" for r in jobs), jobs
+    assert len(jobs) == 9 and all(r["status"] == "ok" for r in jobs), jobs  # parity_torch in a fresh interpreter
+    assert "spawned jobs: ['parity_torch']" in proc.stdout
     results = [r for r in rows if r["kind"] == "result" and r["status"] == "ok"]
     assert {r["part"] for r in results} == set("abcdefg"), sorted({r["part"] for r in results})
     engines = {(r["part"], r["engine"]) for r in results if "engine" in r}
