@@ -142,14 +142,14 @@ def time_train_step(trainer, batch: dict, warmup: int, steps: int) -> tuple[floa
     return first, timer.lap() / steps, jax.device_get(metrics)
 
 
-def _train_row(plan: Plan, rec: Recorder, trainer, hf_config, device: str, b: int, t: int, *, remat: bool,
+def _train_row(plan: Plan, rec: Recorder, trainer, hf_config, device: str, b: int, t: int, *,
                api_steps: int = 0) -> bool:
     """One ``[b, t]`` row: ``_train_step`` tokens/s, MFU, peak memory (the process's high-water mark: callers go
     from small to large shapes); with ``api_steps`` also a ``trainer.step()`` row. False when it did not run."""
     from itersft_jax.train_step import count_compilations
 
     label = f"{b} x {t}"
-    common = dict(engine="jax", batch=b, seq=t, remat=(plan.remat_policy or "full") if remat else "no")
+    common = dict(engine="jax", batch=b, seq=t, remat=trainer.model.remat or "no")  # the policy the model applies
     try:
         ids_BT = np.random.default_rng(t + b).integers(3, hf_config.vocab_size, size=(b, t))
         first, per_step, metrics = time_train_step(trainer, update_batch(trainer, ids_BT), plan.warmup, plan.steps)
@@ -187,8 +187,7 @@ def fixed(plan: Plan, rec: Recorder) -> None:
         if b == plan.batches[0]:
             rec.row("model", engine="jax", params=sum(int(x.size) for x in jax.tree.leaves(trainer.params)),
                     expected_params=param_count(hf_config))
-        ok = _train_row(plan, rec, trainer, hf_config, device, b, plan.seq, remat=False,
-                        api_steps=max(1, plan.steps // 2))
+        ok = _train_row(plan, rec, trainer, hf_config, device, b, plan.seq, api_steps=max(1, plan.steps // 2))
         del trainer
         gc.collect()
         if not ok:
@@ -201,7 +200,7 @@ def long_context(plan: Plan, rec: Recorder) -> None:
     hf_config = llama_config(PRESETS[plan.preset])
     trainer = make_trainer(plan, hf_config, batch=1, remat=True, name="long")
     for t in plan.long_lengths:
-        if not _train_row(plan, rec, trainer, hf_config, device, 1, t, remat=True):
+        if not _train_row(plan, rec, trainer, hf_config, device, 1, t):
             return
 
 

@@ -49,7 +49,7 @@ import tempfile
 import time
 import traceback
 
-from _gpu_common import Plan, Recorder
+from _gpu_common import Plan, Recorder, peak_flops
 from _gpu_report import memory_per_token, report
 
 # (job, part, engine, worker function, timeout on a GPU in s), in running order: issue 9's targets first.
@@ -256,8 +256,10 @@ def main(argv=None) -> int:
         plan.iterative = (2, 8, 16, 64, 4)
     command = "python benchmarks/gpu_check.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     now = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    peak = peak_flops(device, args.peak_tflops)
     header = [f"`{command}`; preset {args.preset}; {now} UTC; device {device}; budget {args.budget_s:.0f} s; "
-              f"{args.warmup} warm-up and {args.steps} timed updates per shape."]
+              f"{args.warmup} warm-up and {args.steps} timed updates per shape; MFU against "
+              f"{f'{peak:.4g} FLOP/s (bf16 dense)' if peak else 'no known peak (--peak-tflops)'}."]
     title = f"benchmarks/gpu_check.py on {device}, {datetime.date.today().isoformat()}"
     print(f"{title}\nresults: {results}\nreport:  {md_path}", flush=True)
     preload()
