@@ -53,7 +53,12 @@ def training_table(rows: list[dict]) -> list[str]:
     for r in rows:
         if r.get("kind") != "result" or r.get("part") not in ("b", "c", "d"):
             continue
-        head = [r["part"], r.get("engine", ""), r.get("path", ""), r["label"], r.get("remat", "")]
+        path = r.get("path", "")
+        if r.get("recompiles") is not None:
+            path += f" ({r['recompiles']} recompilations)"
+        if r.get("skipped"):  # the last update was skipped as non-finite: the optimizer did not run
+            path += " (**update skipped: non-finite**)"
+        head = [r["part"], r.get("engine", ""), path, r["label"], r.get("remat", "")]
         if r["status"] != "ok":
             what = "out of memory" if r["status"] == "oom" else "error"
             cells.append(head + ["", f"**{what}**: {r['error'][:120]}"] + [""] * 5)

@@ -12,8 +12,9 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 def test_gpu_check_smoke(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--smoke", "--out-dir",
-                           str(tmp_path), "--spawn", "parity_torch"], capture_output=True, text=True, env=env, timeout=600)
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--smoke", "--out-dir", str(tmp_path),
+               "--spawn", "parity_torch"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (jsonl,) = tmp_path.glob("results_cpu_*.jsonl")
     (md,) = tmp_path.glob("results_cpu_*.md")
@@ -44,6 +45,7 @@ def test_gpu_check_smoke(tmp_path):
     for heading in ("## Training, bf16", "## Part e", "## Part f", "## Part a", "## Part g", "## Issue 9's targets"):
         assert heading in text and heading in proc.stdout
     assert "| b | jax | trainer._train_step | 2 x 256 | no | xla |" in text
+    assert "| b | jax | trainer.step() (0 recompilations) | 2 x 256 | no |" in text
 
 
 def test_parameter_count_of_the_1b_preset():
