@@ -90,9 +90,11 @@ def run_iterative(plan: Plan, rec: Recorder, backend: str) -> None:
 
 
 def llama_config(overrides: dict):
+    import copy
+
     from transformers import LlamaConfig
 
-    return LlamaConfig(**overrides)
+    return LlamaConfig(**copy.deepcopy(overrides))  # transformers edits rope dicts in place
 
 
 def param_count(config) -> int:
