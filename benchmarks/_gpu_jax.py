@@ -63,7 +63,7 @@ def _random_model_loader(hf_config):
     """Stands in for ``itersft_jax.weights.load_model`` in the trainer: the same module, random weights (the
     family's own initializers: normal(initializer_range)), built directly on the default device."""
     def load_model(source, *, dtype=None, param_dtype=None, remat=False, gradient_checkpointing_kwargs=None,
-                   attn_implementation=None, model_init_kwargs=None, **unknown):
+                   attn_implementation=None, model_init_kwargs=None, mesh=None, **unknown):
         import jax.numpy as jnp
         from flax import nnx
 
@@ -78,6 +78,7 @@ def _random_model_loader(hf_config):
             hf_config, dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32,
             remat=remat_setting(remat, gradient_checkpointing_kwargs), attn_implementation=attn_implementation,
             rngs=nnx.Rngs(0))
+        del mesh  # one device here: the trainer puts the parameters on its mesh (the same device)
         return model, hf_config
     return load_model
 
