@@ -335,8 +335,9 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = Fals
 
 
 def _place_on_mesh(expected: dict, params: dict, mesh) -> dict:
-    """``params`` (host arrays) cast to ``expected``'s dtypes and put on ``mesh`` by the sharding rule table,
-    one parameter at a time (only each device's slice is transferred)."""
+    """``params`` (host arrays: views of the memory-mapped safetensors files) cast to ``expected``'s dtypes and
+    put on ``mesh`` by the sharding rule table: each device's slice is read from the mapped file and cast on its
+    own, so no whole tensor is copied on the host and a process touches only the slices its devices hold."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
@@ -348,7 +349,10 @@ def _place_on_mesh(expected: dict, params: dict, mesh) -> dict:
     def place(path, abstract, array):
         spec = partition_spec("/".join(str(k) for k in path if not isinstance(k, int)), tuple(abstract.shape),
                               mesh_shape)
-        return jax.device_put(np.asarray(array).astype(abstract.dtype), NamedSharding(mesh, spec))
+        def read(index):
+            return np.asarray(array[index]).astype(abstract.dtype)
+
+        return jax.make_array_from_callback(tuple(abstract.shape), NamedSharding(mesh, spec), read)
 
     def walk(a: dict, b: dict, path: tuple) -> dict:
         return {k: walk(a[k], b[k], (*path, k)) if isinstance(a[k], dict) else place((*path, k), a[k], b[k])
