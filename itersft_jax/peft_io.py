@@ -87,35 +87,39 @@ def load_adapter_tensors(model, targets: dict[str, tuple], tensors: dict[str, np
 
 def adapter_tensors(model, targets: dict[str, tuple]) -> dict[str, np.ndarray]:
     """The PEFT tensors of ``model``'s adapters (fp32, contiguous)."""
-    import jax
-
+    from itersft_jax.distributed import host_copy
     from itersft_jax.lora import _layer_at
 
-    out = {}
+    arrays = {}
     for module, path in targets.items():
         layer = _layer_at(model, path)
         for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
-            array = np.asarray(jax.device_get(getattr(layer, ours)[...]), dtype=np.float32)
-            out[f"{_PREFIX}{module}.{theirs}.weight"] = np.ascontiguousarray(array.T)
-    return out
+            arrays[f"{_PREFIX}{module}.{theirs}.weight"] = getattr(layer, ours)[...]
+    return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32).T) for k, v in host_copy(arrays).items()}
 
 
 def save_adapter(model, targets: dict[str, tuple], peft_config, hf_config, output_dir: str, tokenizer=None,
                  base_name: str | None = None) -> str:
-    """Write ``model``'s adapters as a PEFT adapter directory that ``PeftModel.from_pretrained(base, dir)`` loads;
+    """Write ``model``'s adapters as a PEFT adapter directory that ``PeftModel.from_pretrained(base, dir)`` loads
+    (every process gathers; process 0 writes);
     ``base_model_name_or_path``: the config's own, else ``base_name`` (the hub id or directory the base came
     from), else the HF config's ``_name_or_path``."""
     import copy
 
     import safetensors.numpy
 
+    from itersft_jax.distributed import is_main_process
+
+    tensors = adapter_tensors(model, targets)
+    if not is_main_process():
+        return output_dir
     os.makedirs(output_dir, exist_ok=True)
     config = copy.deepcopy(peft_config)
     config.base_model_name_or_path = (config.base_model_name_or_path or base_name
                                       or getattr(hf_config, "_name_or_path", None))
     config.inference_mode = True
     config.save_pretrained(output_dir)
-    safetensors.numpy.save_file(adapter_tensors(model, targets), os.path.join(output_dir, ADAPTER_WEIGHTS),
+    safetensors.numpy.save_file(tensors, os.path.join(output_dir, ADAPTER_WEIGHTS),
                                 metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
@@ -125,7 +129,6 @@ def save_adapter(model, targets: dict[str, tuple], peft_config, hf_config, outpu
 def merged_params(model, targets: dict[str, tuple]):
     """The base parameters with every adapter folded in (``kernel + scale * A @ B``), as the pure dict of
     ``nnx.state(model, nnx.Param)`` without the adapters (what ``weights.save_pretrained`` writes)."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -141,4 +144,6 @@ def merged_params(model, targets: dict[str, tuple]):
         for key in path:
             node = node[key]
         node["kernel"] = (jnp.asarray(node["kernel"], jnp.float32) + delta).astype(node["kernel"].dtype)
-    return jax.device_get(pure)
+    from itersft_jax.distributed import host_copy
+
+    return host_copy(pure)

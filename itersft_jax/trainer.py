@@ -42,7 +42,9 @@ class IterativeSFTTrainer(TrainerShell):
     """Iterative SFT on the JAX engine, with TRL's constructor signature (plus ``callbacks``).
 
     ``model``: a hub id, a local HF directory, or a ``transformers.PreTrainedModel`` (its weights are
-    copied). ``processing_class`` defaults to the tokenizer stored with the model. ``optimizers`` takes
+    copied); a ``peft.PeftModel`` or a PEFT adapter directory continues training its LoRA adapters.
+    ``peft_config``: a ``peft.LoraConfig`` to train LoRA adapters instead of the whole model (``itersft_jax.lora``).
+    ``processing_class`` defaults to the tokenizer stored with the model. ``optimizers`` takes
     ``(optax_transformation, schedule_or_None)``; by default the optimizer and schedule follow ``args``
     like ``transformers.Trainer``. ``data_collator`` is accepted for signature compatibility and unused:
     the shared data layer pads. ``eval_dataset`` feeds ``evaluate()`` and ``eval_strategy``;
@@ -265,8 +267,11 @@ class IterativeSFTTrainer(TrainerShell):
             return self.save_model(output_dir, max_shard_size=max_shard_size)
         from .peft_io import merged_params
 
-        return save_pretrained(merged_params(self.model, self.adapters.targets), self.config, output_dir,
-                               tokenizer=self.processing_class, max_shard_size=max_shard_size)
+        params = merged_params(self.model, self.adapters.targets)  # every process takes part
+        if not distributed.is_main_process():
+            return output_dir
+        return save_pretrained(params, self.config, output_dir, tokenizer=self.processing_class,
+                               max_shard_size=max_shard_size)
 
     def save_checkpoint(self, checkpoint_dir: str | None = None) -> str:
         """A full checkpoint (HF model directory + orbax train state + counters), by default
@@ -377,8 +382,10 @@ class CallbackModel:
     def params(self) -> nnx.State:
         return self.trainer.params
 
-    def num_parameters(self) -> int:
-        return sum(int(x.size) for x in jax.tree.leaves(self.trainer.params))
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        """Parameters of the model (``only_trainable``: those the optimizer updates — with LoRA, the adapters)."""
+        state = self.trainer.params if only_trainable else self.trainer.train_state.model_state()
+        return sum(int(x.size) for x in jax.tree.leaves(state))
 
 
 def _create_sharded_state(params, frozen, tx, seed: int, mesh):
