@@ -72,37 +72,71 @@ def _storable(train_state):
 
 def save_checkpoint(trainer, checkpoint_dir: str) -> str:
     """Write a full checkpoint of ``trainer`` to ``checkpoint_dir``, atomically (see the module docstring);
-    an existing checkpoint there is replaced."""
+    an existing checkpoint there is replaced.
+
+    Several processes (``jax.distributed``): every process calls it with the same directory on a filesystem
+    they share; each writes its own shards of the train state (orbax), process 0 the model files, counters and
+    manifest, and renames the directory once every process has finished (barriers between the phases)."""
     import orbax.checkpoint as ocp
 
+    main = jax.process_index() == 0
     checkpoint_dir = os.path.abspath(checkpoint_dir)
     parent, name = os.path.split(checkpoint_dir)
-    os.makedirs(parent, exist_ok=True)
-    remove_leftovers(parent)
-    tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = os.path.join(parent, f".tmp-{name}-{_main_pid()}")
+    if main:
+        os.makedirs(parent, exist_ok=True)
+        remove_leftovers(parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier("itersft-checkpoint-start")
     try:
-        trainer.save_model(tmp)
+        trainer.save_model(tmp)  # every process takes part (parameters are gathered); process 0 writes
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, STATE_DIR), _storable(trainer.train_state))
             checkpointer.wait_until_finished()
-        counters = json.dumps(trainer.counters(), indent=2).encode()
-        written = {SHELL_FILE: _write_synced(os.path.join(tmp, SHELL_FILE), counters)}  # hashed while writing
-        files = _hash_tree(tmp, skip=set(written), fsync=True)
-        files.update(written)
-        manifest = {"format": MANIFEST_FORMAT, "global_step": trainer.state.global_step,
-                    "files": dict(sorted(files.items()))}
-        _write_synced(os.path.join(tmp, MANIFEST_FILE), json.dumps(manifest, indent=1).encode())
-        for root, _, _ in os.walk(tmp):  # directory entries too: a rename must not outlive its files
-            _fsync_dir(root)
-        if os.path.exists(checkpoint_dir):
-            _remove(checkpoint_dir)
-        os.rename(tmp, checkpoint_dir)
-        _fsync_dir(parent)
+        _barrier("itersft-checkpoint-state")
+        if main:
+            _finish(trainer, tmp, checkpoint_dir)
+        _barrier("itersft-checkpoint-done")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return checkpoint_dir
+
+
+def _finish(trainer, tmp: str, checkpoint_dir: str) -> None:
+    """Counters and manifest into ``tmp``, everything fsynced, then renamed to ``checkpoint_dir``."""
+    counters = json.dumps(trainer.counters(), indent=2).encode()
+    written = {SHELL_FILE: _write_synced(os.path.join(tmp, SHELL_FILE), counters)}  # hashed while writing
+    files = _hash_tree(tmp, skip=set(written), fsync=True)
+    files.update(written)
+    manifest = {"format": MANIFEST_FORMAT, "global_step": trainer.state.global_step,
+                "files": dict(sorted(files.items()))}
+    _write_synced(os.path.join(tmp, MANIFEST_FILE), json.dumps(manifest, indent=1).encode())
+    for root, _, _ in os.walk(tmp):  # directory entries too: a rename must not outlive its files
+        _fsync_dir(root)
+    if os.path.exists(checkpoint_dir):
+        _remove(checkpoint_dir)
+    os.rename(tmp, checkpoint_dir)
+    _fsync_dir(os.path.dirname(checkpoint_dir))
+
+
+def _main_pid() -> int:
+    """Process 0's pid on every process (names the shared temporary directory; leftovers of dead runs are
+    recognised by it)."""
+    if jax.process_count() == 1:
+        return os.getpid()
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(os.getpid())))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _write_synced(path: str, data: bytes) -> dict[str, Any]:

@@ -279,13 +279,11 @@ class IterativeSFTTrainer(TrainerShell):
         ``save_strategy`` calls this."""
         from .checkpoint import rotate_checkpoints, save_checkpoint
 
-        if jax.process_count() > 1:
-            raise NotImplementedError("checkpoints of a run over several processes are not supported yet (the "
-                                      "atomic checkpoint directory is written by one process); save_model() works")
 
         checkpoint_dir = checkpoint_dir or os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         path = save_checkpoint(self, checkpoint_dir)
-        rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        if distributed.is_main_process():
+            rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
         return path
 
     def _save_for_flow(self) -> None:

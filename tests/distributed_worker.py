@@ -4,7 +4,8 @@
         MODEL_DIR OUT_DIR
 
 Trains the three mixed step() calls of sharding_worker on the default mesh (fsdp over the 4 devices of both
-processes), saves the model (process 0 writes it) and writes process 0's per-update losses to OUT_DIR.
+processes), saves the model (process 0 writes it), writes a checkpoint from both processes and resumes it in a
+new trainer; process 0 writes the per-update losses and the next loss of both trainers to OUT_DIR.
 """
 
 from __future__ import annotations
@@ -28,9 +29,17 @@ def main(model_dir: str, out_dir: str) -> None:
     trainer = worker.make(model_dir, out_dir, None)
     losses = worker.mixed_steps(trainer)
     trainer.save_model(os.path.join(out_dir, "saved"))  # every process takes part; process 0 writes
+    # A checkpoint written by both processes (each its shards), then resumed by a new trainer in both.
+    checkpoint = trainer.save_checkpoint(os.path.join(out_dir, "checkpoint-4"))
+    continued = trainer.step(texts=worker.TEXTS[:5])["loss"]
+    resumed = worker.make(model_dir, os.path.join(out_dir, "resumed"), None)
+    resumed.resume_from_checkpoint(checkpoint)
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, "losses.json"), "w") as f:
-            json.dump({"losses": losses, "mesh": dict(trainer.mesh.shape)}, f)
+            json.dump({"losses": losses, "mesh": dict(trainer.mesh.shape), "continued": continued,
+                       "resumed": resumed.step(texts=worker.TEXTS[:5])["loss"]}, f)
+    else:
+        resumed.step(texts=worker.TEXTS[:5])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Two jax.distributed processes on localhost (CPU, 2 fake devices each) equal one process on one device:
-per-update losses within 1e-5, the saved model's tensors within 1e-5 relative (per tensor, in norm; fp32)."""
+per-update losses within 1e-5, the saved model's tensors within 1e-5 relative (per tensor, in norm; fp32); a
+checkpoint both processes write resumes bit-identically."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def test_two_processes_equal_one(tmp_path, tokenizer):
     with open(out / "losses.json") as f:
         two = json.load(f)
     assert two["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert two["resumed"] == two["continued"]  # the 2-process checkpoint resumes bit-identically
+    assert os.path.isfile(out / "checkpoint-4" / "itersft_manifest.json")
 
     single = worker.make(model_dir, str(tmp_path / "one"), None)
     np.testing.assert_allclose(two["losses"], worker.mixed_steps(single), atol=1e-5)
