@@ -201,9 +201,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None, *
 
     The state is donated: its buffers are reused for the new state, so the caller must not touch the
     state it passed in (``TrainState.create`` does not copy ``params``). Shardings, when given, pin the
-    state, batch and gradient-accumulator layout; the metrics are left to the compiler. ``label_smoothing`` and
-    ``loss_chunk_size`` go to ``loss.causal_lm_loss`` (checked here, before any step runs); ``neftune_alpha``
-    (``neftune_noise_alpha``) adds NEFTune's noise to the input embeddings of training steps only.
+    state, batch and gradient-accumulator layout, and the metrics come back replicated (readable on every
+    host); a state with ``frozen`` parameters (LoRA) passes them beside the donated rest (``_FrozenApart``).
+    ``label_smoothing`` and ``loss_chunk_size`` go to ``loss.causal_lm_loss`` (checked here, before any step
+    runs); ``neftune_alpha`` (``neftune_noise_alpha``) adds NEFTune's noise to the input embeddings of training
+    steps only.
     """
     check_loss_options(label_smoothing, loss_chunk_size)
     if neftune_alpha is not None and not (math.isfinite(neftune_alpha) and neftune_alpha >= 0):
