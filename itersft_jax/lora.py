@@ -34,7 +34,7 @@ class LoRASettings:
     alpha: float
     dropout: float
     use_rslora: bool
-    target_modules: Any  # a list of names, a regex string, or "all-linear"
+    target_modules: Any  # a list of names, a regex string, "all-linear", or None (PEFT's default)
     peft_config: Any = None  # the LoraConfig itself (written back as adapter_config.json)
 
     @property
@@ -74,11 +74,8 @@ class LoRASettings:
             raise ValueError(f"`peft_config.{bad[0]}`={getattr(peft_config, bad[0])!r} is not supported by the JAX "
                              f"engine (it trains plain LoRA: bias='none', no DoRA, no modules_to_save, no per-layer "
                              f"patterns, init_lora_weights True/False); use backend='torch' for it")
-        if peft_config.target_modules is None:
-            raise ValueError("`peft_config.target_modules` must name the modules to adapt (e.g. ['q_proj', "
-                             "'v_proj'] or 'all-linear'); the JAX engine has no per-architecture default")
-        targets = peft_config.target_modules
-        targets = targets if isinstance(targets, str) else sorted(targets)
+        targets = peft_config.target_modules  # None: PEFT's default for the architecture (resolve_targets)
+        targets = targets if targets is None or isinstance(targets, str) else sorted(targets)
         return cls(r=int(peft_config.r), alpha=float(peft_config.lora_alpha), dropout=float(peft_config.lora_dropout),
                    use_rslora=bool(peft_config.use_rslora), target_modules=targets, peft_config=peft_config)
 
@@ -102,6 +99,13 @@ def resolve_targets(hf_config, target_modules) -> dict[str, tuple]:
     full-match regex over the module name (``"all-linear"``: every linear layer but the output head), a list
     matches a module whose name is an item or ends with ``"." + item``."""
     modules = linear_modules(hf_config)
+    if target_modules is None:  # what get_peft_model does on the torch backend: PEFT's default per architecture
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+        target_modules = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(hf_config.model_type)
+        if target_modules is None:
+            raise ValueError(f"`peft_config.target_modules` is not set and PEFT has no default for model_type "
+                             f"{hf_config.model_type!r}: name the modules to adapt (e.g. 'all-linear')")
     if target_modules == "all-linear":
         chosen = [name for name in modules if name.split(".")[-1] != "lm_head"]
     elif isinstance(target_modules, str):
@@ -131,7 +135,8 @@ def _layer_at(model, path: tuple):
 def attach_adapters(model, hf_config, settings: LoRASettings, seed: int = 0) -> dict[str, tuple]:
     """Put ``lora_a``/``lora_b`` on every targeted linear layer of ``model`` (in place), initialized as PEFT does:
     ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (kaiming-uniform, a=sqrt(5)), ``B = 0`` (``init_lora_weights=False``:
-    both random, as PEFT's test init). Returns the targets (HF module name -> path)."""
+    B is left as PEFT leaves it, ``nn.Linear(r, out)``'s default init ``U(-1/sqrt(r), 1/sqrt(r))``). Returns the
+    targets (HF module name -> path)."""
     targets = resolve_targets(hf_config, settings.target_modules)
     key = jax.random.key(seed)
     init_b = settings.peft_config is not None and settings.peft_config.init_lora_weights is False
@@ -141,7 +146,8 @@ def attach_adapters(model, hf_config, settings: LoRASettings, seed: int = 0) -> 
         key_a, key_b = jax.random.split(jax.random.fold_in(key, i))
         bound = 1.0 / math.sqrt(d_in)
         layer.lora_a = LoRAParam(jax.random.uniform(key_a, (d_in, settings.r), jnp.float32, -bound, bound))
-        b = (jax.random.uniform(key_b, (settings.r, d_out), jnp.float32, -bound, bound) if init_b
+        bound_b = 1.0 / math.sqrt(settings.r)  # B's fan-in is r
+        b = (jax.random.uniform(key_b, (settings.r, d_out), jnp.float32, -bound_b, bound_b) if init_b
              else jnp.zeros((settings.r, d_out), jnp.float32))
         layer.lora_b = LoRAParam(b)
         layer.lora_scale = settings.scale

@@ -118,6 +118,8 @@ def save_adapter(model, targets: dict[str, tuple], peft_config, hf_config, outpu
     config.base_model_name_or_path = (config.base_model_name_or_path or base_name
                                       or getattr(hf_config, "_name_or_path", None))
     config.inference_mode = True
+    if config.target_modules is None:  # PEFT's per-architecture default, as get_peft_model records it
+        config.target_modules = sorted({module.rsplit(".", 1)[-1] for module in targets})
     config.save_pretrained(output_dir)
     safetensors.numpy.save_file(tensors, os.path.join(output_dir, ADAPTER_WEIGHTS),
                                 metadata={"format": "pt"})

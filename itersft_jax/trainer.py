@@ -83,10 +83,17 @@ class IterativeSFTTrainer(TrainerShell):
         distributed.initialize()  # several processes when the environment asks (itersft_jax.distributed)
         self.mesh = make_mesh(self.args.mesh)
         source = resolve_model_source(model, peft_config)  # LoRA: the base and the adapters to put on it
+        init_kwargs = self.args.model_init_kwargs
+        dtype_asked = isinstance(init_kwargs, dict) and any(init_kwargs.get(k) is not None
+                                                           for k in ("dtype", "torch_dtype"))
+        # LoRA's frozen base is built in the compute dtype directly: loading it in fp32 and casting it afterwards
+        # held both copies at once (an 8B base: 32 GB fp32 beside its 16 GB bf16 copy).
+        base_dtype = self.compute_dtype if source.settings is not None and not dtype_asked else None
         module, self.config = load_model(
-            source.base, dtype=self.compute_dtype, remat=bool(self.args.gradient_checkpointing),
+            source.base, dtype=self.compute_dtype, param_dtype=base_dtype,
+            remat=bool(self.args.gradient_checkpointing),
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            model_init_kwargs=self.args.model_init_kwargs, mesh=self.mesh)
+            model_init_kwargs=init_kwargs, mesh=self.mesh)
         self._base_name = os.fspath(source.base) if isinstance(source.base, (str, os.PathLike)) else None
         self.processing_class = processing_class if processing_class is not None else _load_tokenizer(model)
         # With LoRA only the adapters train (fp32); the frozen base is stored in the compute dtype (bf16 with

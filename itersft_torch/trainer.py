@@ -232,6 +232,10 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             raise ValueError("`optimizers` gives a scheduler without its optimizer; pass (optimizer, scheduler)")
 
         self.is_peft_model = _is_peft_model(model)
+        if not any(p.requires_grad for p in model.parameters()):  # else step() fails deep inside backward()
+            hint = (" PeftModel.from_pretrained loads adapters frozen unless is_trainable=True." if self.is_peft_model
+                    else "")
+            raise ValueError(f"`model` has no trainable parameter (every requires_grad is False).{hint}")
         self.is_encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         if _checkpointing_requested(args):  # before Trainer.__init__: DDP's find_unused_parameters reads it
             enable_checkpointing(model, args)

@@ -183,6 +183,13 @@ def test_bad_peft_config_is_refused_naming_the_field(existing_adapter, tmp_path)
             IterativeSFTTrainer(base_dir, args=_args(tmp_path, "jax"), peft_config=config)
     with pytest.raises(ValueError, match="drop `peft_config`"):
         IterativeSFTTrainer(adapter_dir, args=_args(tmp_path, "jax"), peft_config=LoraConfig(target_modules=["q_proj"]))
+    # A PeftModel loaded for inference (PeftModel.from_pretrained's default) has nothing to train on torch.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    frozen = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    with pytest.raises(ValueError, match="is_trainable=True"):
+        IterativeSFTTrainer(frozen, args=_args(tmp_path, "torch"))
 
 
 def test_remat_with_adapters_equals_no_remat(existing_adapter, tmp_path):
@@ -215,3 +222,34 @@ def test_torch_backend_wraps_the_model_with_peft_config(tmp_path, tokenizer):
     trainer.step(texts=TEXTS)
     changed = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all("lora_" in k for k in changed)
+
+
+def test_peft_defaults_and_a_base_built_in_the_compute_dtype(tmp_path, tokenizer):
+    # As get_peft_model on the torch backend: target_modules=None takes PEFT's default for the architecture, and
+    # init_lora_weights=False leaves B at nn.Linear(r, out)'s init, U(-1/sqrt(r), 1/sqrt(r)). With bf16 the frozen
+    # base is built in bf16 directly (no fp32 copy beside it while loading), with the values of the fp32 checkpoint
+    # rounded to bf16, bit for bit.
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+    from flax import nnx
+    from peft import LoraConfig
+
+    from itersft_jax.models import get_family
+    from itersft_jax.weights import read_safetensors
+
+    base_dir = save_tiny_model(tmp_path / "base", "llama", tokenizer)
+    trainer = IterativeSFTTrainer(base_dir, args=_args(tmp_path, "jax", bf16=True),
+                                  peft_config=LoraConfig(r=4, init_lora_weights=False))
+    assert sorted({name.split(".")[-1] for name in trainer.adapters.targets}) == ["q_proj", "v_proj"]
+    assert trainer.model.model.layers[0].self_attn.q_proj.param_dtype == jnp.bfloat16
+    frozen = get_family("llama").params_to_hf(jax.device_get(nnx.to_pure_dict(trainer.train_state.frozen)),
+                                              trainer.config)
+    for name, array in read_safetensors(base_dir).items():
+        assert np.array_equal(frozen[name], array.astype(ml_dtypes.bfloat16)), name
+    b = np.concatenate([np.ravel(layer.lora_b[...]) for layer in
+                        (trainer.model.model.layers[i].self_attn.v_proj for i in range(2))])
+    assert 0.125 < np.abs(b).max() <= 0.5  # 1/sqrt(r) = 0.5; 1/sqrt(hidden) would be 0.125
+    saved = trainer.save_model(str(tmp_path / "adapter"))
+    with open(os.path.join(saved, "adapter_config.json")) as f:
+        assert sorted(json.load(f)["target_modules"]) == ["q_proj", "v_proj"]
