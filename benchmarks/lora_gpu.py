@@ -7,8 +7,8 @@ whose peak is that run's own):
 
 * ``jax``: the ``IterativeSFTTrainer`` users build — ``peft_config=LoraConfig(r=16, lora_alpha=32,
   target_modules="all-linear")``, ``bf16=True``, ``gradient_checkpointing`` per ``--remat`` — with the base loaded
-  in bf16 (``model_init_kwargs={"dtype": "bfloat16"}``: without it the base is built in fp32 and cast, a
-  transient fp32 copy of 32 GB). Random weights from the family's initializers on the device
+  in bf16 (``model_init_kwargs={"dtype": "bfloat16"}``: never materialized in fp32, whatever the trainer's default
+  for a LoRA base; an fp32 copy would be 32 GB). Random weights from the family's initializers on the device
   (``_gpu_jax._random_model_loader``, standing in for reading 16 GB of safetensors). Timed: the trainer's own
   jitted ``_train_step`` on a pre-built ``[1, B, T]`` update, then ``trainer.step()`` on the same shape.
 * ``torch``: ``LlamaForCausalLM.from_config`` in bf16 on the GPU with SDPA, ``peft.get_peft_model`` with the same
