@@ -60,15 +60,15 @@ def _peak_gib() -> float | None:
 
 
 def _random_model_loader(hf_config):
-    """Stands in for ``itersft_jax.weights.load_model`` in the trainer: the same module, random weights (the
+    """Stands in for ``itersft_jax.io.weights.load_model`` in the trainer: the same module, random weights (the
     family's own initializers: normal(initializer_range)), built directly on the default device."""
     def load_model(source, *, dtype=None, param_dtype=None, remat=False, gradient_checkpointing_kwargs=None,
                    attn_implementation=None, model_init_kwargs=None, mesh=None, **unknown):
         import jax.numpy as jnp
         from flax import nnx
 
+        from itersft_jax.io.weights import remat_setting
         from itersft_jax.models import get_family
-        from itersft_jax.weights import remat_setting
 
         if any(v not in (None, False) for v in unknown.values()):
             raise TypeError(f"the trainer passed load_model arguments this benchmark does not know: {sorted(unknown)}")
@@ -147,7 +147,7 @@ def _train_row(plan: Plan, rec: Recorder, trainer, hf_config, device: str, b: in
                api_steps: int = 0) -> bool:
     """One ``[b, t]`` row: ``_train_step`` tokens/s, MFU, peak memory (the process's high-water mark: callers go
     from small to large shapes); with ``api_steps`` also a ``trainer.step()`` row. False when it did not run."""
-    from itersft_jax.train_step import count_compilations
+    from itersft_jax.core.train_step import count_compilations
 
     label = f"{b} x {t}"
     common = dict(engine="jax", batch=b, seq=t, remat=trainer.model.remat or "no")  # the policy the model applies
@@ -236,8 +236,8 @@ def parity(plan: Plan, rec: Recorder) -> None:
     """Part a, JAX side: fp32 logits at 'highest' matmul precision against the PyTorch worker's (same weights)."""
     import jax
 
+    from itersft_jax.io.weights import load_model
     from itersft_jax.models.common import positions_from_mask
-    from itersft_jax.weights import load_model
 
     _setup(plan, rec)
     path = os.path.join(plan.workdir, "parity")

@@ -56,8 +56,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from itersft_jax import checkpoint
-
+    from itersft_jax.io import checkpoint
     workdir = tempfile.mkdtemp(prefix="checkpoint_cost-")
     trainer = build_trainer(workdir)
     path = os.path.join(workdir, "checkpoint-1")

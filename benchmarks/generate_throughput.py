@@ -23,7 +23,7 @@ def build_models(vocab: int, seed: int = 0, bf16: bool = False):
     from flax import nnx
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from itersft_jax.weights import load_model
+    from itersft_jax.io.weights import load_model
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
@@ -70,7 +70,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from itersft_jax.generate import generate_ids
+    from itersft_jax.sampler.generate import generate_ids
 
     hf, graphdef, params, bf16_graphdef = build_models(args.vocab, bf16=args.bf16)
     n_params = sum(p.numel() for p in hf.parameters())

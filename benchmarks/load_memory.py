@@ -27,8 +27,8 @@ def worker(mode: str, model_dir: str) -> dict:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax
 
-    from itersft_jax.mesh import make_mesh
-    from itersft_jax.weights import load_model
+    from itersft_jax.io.weights import load_model
+    from itersft_jax.parallel.mesh import make_mesh
 
     mesh = make_mesh("fsdp:8") if mode == "fsdp:8" else None
     jax.numpy.zeros(1).block_until_ready()  # the runtime up before the baseline

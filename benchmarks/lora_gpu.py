@@ -86,8 +86,8 @@ def jax_worker(model: str, smoke: bool, remat: bool, b: int, t: int, rank: int, 
 
     import itersft_jax.trainer as trainer_module
     from itersft_jax import IterativeSFTConfig
-    from itersft_jax.train_step import count_compilations
-    from itersft_jax.weights import _jnp_dtype
+    from itersft_jax.core.train_step import count_compilations
+    from itersft_jax.io.weights import _jnp_dtype
 
     tests_on_path()
     from helpers import make_tokenizer

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import BACKENDS, resolve_config
+from itersft_jax.shared.config import BACKENDS, resolve_config
 
 
 class IterativeSFTTrainer:
@@ -25,7 +25,7 @@ class IterativeSFTTrainer:
         if backend == "torch":
             from itersft_torch import IterativeSFTTrainer as engine
         else:
-            from .trainer import IterativeSFTTrainer as engine
+            from itersft_jax.trainer import IterativeSFTTrainer as engine
         return engine(model, args=args, data_collator=data_collator, eval_dataset=eval_dataset,
                       processing_class=processing_class, optimizers=optimizers,
                       preprocess_logits_for_metrics=preprocess_logits_for_metrics,

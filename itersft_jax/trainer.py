@@ -1,7 +1,7 @@
 """The JAX ``IterativeSFTTrainer``: a thin stateful shell around the pure ``train_step``.
 
 The engine-independent half — statistics, the log / evaluate / save cadence, transformers' callback protocol,
-``evaluate()`` — is ``itersft_jax.shell.TrainerShell``, shared with the PyTorch engine. This module adds what is
+``evaluate()`` — is ``itersft_jax.shared.shell.TrainerShell``, shared with the PyTorch engine. This module adds what is
 particular to JAX: the host-side packing of each update, the one jitted ``train_step`` per update, and metrics
 that stay on the device until the shell needs them (a log, an evaluation, a checkpoint, or the end of the call),
 so the host never waits on the device between them.
@@ -23,17 +23,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 from transformers import TrainerControl, TrainerState
 from transformers.utils import logging as transformers_logging
 
-from . import distributed
-from .config import resolve_config
-from .data import bucket_length, collate, plan_updates, prepare_examples, warn_beyond_positions
-from .fields import check_fields, shuffle_seed
-from .mesh import BATCH_AXES, data_parallel_size, make_mesh
-from .optim import resolve_optimizer
-from .packing import pack_update, rows_per_micro_batch
-from .shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
-from .train_step import TrainState, make_eval_step, make_train_step, state_shardings
-from .trainable import make_trainable, resolve_model_source
-from .weights import load_model, save_pretrained
+from itersft_jax.core.optim import resolve_optimizer
+from itersft_jax.core.packing import pack_update, rows_per_micro_batch
+from itersft_jax.core.train_step import TrainState, make_eval_step, make_train_step, state_shardings
+from itersft_jax.core.trainable import split_trainable
+from itersft_jax.io.peft_io import attach_from_source, resolve_model_source
+from itersft_jax.io.weights import load_model, save_pretrained
+from itersft_jax.parallel import distributed
+from itersft_jax.parallel.mesh import BATCH_AXES, data_parallel_size, make_mesh
+from itersft_jax.shared.config import resolve_config
+from itersft_jax.shared.data import bucket_length, collate, plan_updates, prepare_examples, warn_beyond_positions
+from itersft_jax.shared.fields import check_fields, shuffle_seed
+from itersft_jax.shared.shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +44,15 @@ class IterativeSFTTrainer(TrainerShell):
 
     ``model``: a hub id, a local HF directory, or a ``transformers.PreTrainedModel`` (its weights are
     copied); a ``peft.PeftModel`` or a PEFT adapter directory continues training its LoRA adapters.
-    ``peft_config``: a ``peft.LoraConfig`` to train LoRA adapters instead of the whole model (``itersft_jax.lora``).
+    ``peft_config``: a ``peft.LoraConfig`` to train LoRA adapters instead of the whole model
+    (``itersft_jax.models.lora``).
     ``processing_class`` defaults to the tokenizer stored with the model. ``optimizers`` takes
     ``(optax_transformation, schedule_or_None)``; by default the optimizer and schedule follow ``args``
     like ``transformers.Trainer``. ``data_collator`` is accepted for signature compatibility and unused:
     the shared data layer pads. ``eval_dataset`` feeds ``evaluate()`` and ``eval_strategy``;
     ``compute_metrics`` / ``preprocess_logits_for_metrics`` work as in ``transformers.Trainer`` (see
     ``evaluate``). ``callbacks``: ``transformers.TrainerCallback`` instances or classes, run after the
-    ``report_to`` integrations (see ``itersft_jax.shell`` for the events). Callbacks receive as ``model`` a
+    ``report_to`` integrations (see ``itersft_jax.shared.shell`` for the events). Callbacks receive as ``model`` a
     :class:`CallbackModel` (the HF config and the live parameters), as ``optimizer`` the optax transformation
     and as ``lr_scheduler`` the optax schedule.
     """
@@ -78,9 +80,9 @@ class IterativeSFTTrainer(TrainerShell):
         # fp32 compute means fp32 matmuls: XLA on GPUs would otherwise use TF32 (measured on an H100: 3e-4
         # max logit difference against torch fp32, 2e-7 with "highest"). `tf32=True` opts back in.
         self.matmul_precision = None if (self.args.bf16 or self.args.tf32) else "highest"
-        # The mesh (itersft_jax.mesh): rows split over data x fsdp, parameters and optimizer state by the rule
+        # The mesh (itersft_jax.parallel.mesh): rows split over data x fsdp, parameters and optimizer state by the rule
         # table of models.sharding. On one device every sharding is that device: the same program as before.
-        distributed.initialize()  # several processes when the environment asks (itersft_jax.distributed)
+        distributed.initialize()  # several processes when the environment asks (itersft_jax.parallel.distributed)
         self.mesh = make_mesh(self.args.mesh)
         source = resolve_model_source(model, peft_config)  # LoRA: the base and the adapters to put on it
         init_kwargs = self.args.model_init_kwargs
@@ -98,8 +100,8 @@ class IterativeSFTTrainer(TrainerShell):
         self.processing_class = processing_class if processing_class is not None else _load_tokenizer(model)
         # With LoRA only the adapters train (fp32); the frozen base is stored in the compute dtype (bf16 with
         # bf16=True: no fp32 master copy and no optimizer state for it).
-        self.graphdef, params, frozen, self.adapters = make_trainable(
-            module, self.config, source, seed=self.args.seed, frozen_dtype=self.compute_dtype)
+        self.adapters = attach_from_source(module, self.config, source, seed=self.args.seed)
+        self.graphdef, params, frozen = split_trainable(module, self.adapters, frozen_dtype=self.compute_dtype)
 
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES))
         self._data_parallel = data_parallel_size(self.mesh)
@@ -126,7 +128,7 @@ class IterativeSFTTrainer(TrainerShell):
         # the user's memory budget, and big enough GEMMs to keep the chip busy.
         on_cpu = jax.devices()[0].platform == "cpu"
         self._rows_per_device = None if on_cpu else self.args.per_device_train_batch_size
-        self._hub = None  # itersft_jax.hub.HubPusher, made at the first push
+        self._hub = None  # itersft_jax.io.hub.HubPusher, made at the first push
 
         first = jax.process_index() == 0
         self.state = TrainerState(is_local_process_zero=first, is_world_process_zero=first,
@@ -224,7 +226,7 @@ class IterativeSFTTrainer(TrainerShell):
         ``[B, T, V]`` (or ``preprocess_logits_for_metrics(logits, labels)``) and labels ``[B, T]``, on the
         host as numpy. Rows are padded to the length ladder, so a few shapes compile."""
         if self._logits_fn is None:
-            from .models.common import positions_from_segments
+            from itersft_jax.models.common import positions_from_segments
 
             graphdef = self.graphdef
 
@@ -256,7 +258,7 @@ class IterativeSFTTrainer(TrainerShell):
         dir)`` loads (see ``merge_and_save`` for a merged model)."""
         output_dir = output_dir or self.args.output_dir
         if self.adapters is not None:
-            from .peft_io import save_adapter
+            from itersft_jax.io.peft_io import save_adapter
 
             return save_adapter(self.model, self.adapters.targets, self.adapters.settings.peft_config, self.config,
                                 output_dir, tokenizer=self.processing_class, base_name=self._base_name)
@@ -272,7 +274,7 @@ class IterativeSFTTrainer(TrainerShell):
         ``save_model``."""
         if self.adapters is None:
             return self.save_model(output_dir, max_shard_size=max_shard_size)
-        from .peft_io import merged_params
+        from itersft_jax.io.peft_io import merged_params
 
         params = merged_params(self.model, self.adapters.targets)  # every process takes part
         if not distributed.is_main_process():
@@ -284,7 +286,7 @@ class IterativeSFTTrainer(TrainerShell):
         """A full checkpoint (HF model directory + orbax train state + counters), by default
         ``output_dir/checkpoint-<global_step>``; older ones beyond ``save_total_limit`` are removed.
         ``save_strategy`` calls this."""
-        from .checkpoint import rotate_checkpoints, save_checkpoint
+        from itersft_jax.io.checkpoint import rotate_checkpoints, save_checkpoint
 
 
         checkpoint_dir = checkpoint_dir or os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
@@ -306,13 +308,13 @@ class IterativeSFTTrainer(TrainerShell):
     def resume_from_checkpoint(self, checkpoint_dir: str | bool = True) -> str:
         """Restore parameters, optimizer state, step and call counters from a checkpoint directory (``True``:
         the newest complete and intact ``checkpoint-N`` under ``output_dir``), so the run continues exactly
-        where it was. Checkpoints are verified first (``itersft_jax.checkpoint``)."""
-        from .checkpoint import resume_from_checkpoint
+        where it was. Checkpoints are verified first (``itersft_jax.io.checkpoint``)."""
+        from itersft_jax.io.checkpoint import resume_from_checkpoint
 
         return resume_from_checkpoint(self, checkpoint_dir)
 
     def _hub_pusher(self):
-        from .hub import HubPusher
+        from itersft_jax.io.hub import HubPusher
 
         if self._hub is None:
             self._hub = HubPusher(self.args)
@@ -322,7 +324,7 @@ class IterativeSFTTrainer(TrainerShell):
                           tags: str | list[str] | None = None, model_name: str | None = None,
                           finetuned_from: str | None = None, **unused) -> str:
         """Write ``output_dir/README.md``: metadata (``library_name``, tags, base model) and the training summary."""
-        from .hub import write_model_card
+        from itersft_jax.io.hub import write_model_card
 
         return write_model_card(self.args, self.config, self.state.log_history, language=language,
                                 license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from)
@@ -339,8 +341,8 @@ class IterativeSFTTrainer(TrainerShell):
                                               revision=revision, private=private, blocking=blocking)
 
     def generate(self, *args, **kwargs):
-        """Sample completions with the current parameters; see ``itersft_jax.generate``."""
-        from .generate import generate
+        """Sample completions with the current parameters; see ``itersft_jax.sampler.generate``."""
+        from itersft_jax.sampler.generate import generate
 
         with self._precision():
             return generate(self, *args, **kwargs)
@@ -409,7 +411,7 @@ def _create_sharded_state(params, frozen, tx, seed: int, mesh):
 def _load_tokenizer(model):
     from transformers import AutoTokenizer
 
-    from .peft_io import ADAPTER_CONFIG, is_adapter_dir
+    from itersft_jax.shared.model_source import ADAPTER_CONFIG, is_adapter_dir
 
     if is_adapter_dir(model) and not any(os.path.isfile(os.path.join(model, f))
                                          for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -422,6 +424,6 @@ def _load_tokenizer(model):
         raise ValueError("`processing_class` is required when the model object has no name_or_path")
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         return AutoTokenizer.from_pretrained(source)
-    from .weights import resolve_model_dir
+    from itersft_jax.io.weights import resolve_model_dir
 
     return AutoTokenizer.from_pretrained(resolve_model_dir(source))

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import TrainingArguments
 
-from itersft_jax.data import Example
+from itersft_jax.shared.data import Example
 
 
 def check_distributed_setup(accelerator, args: TrainingArguments) -> None:

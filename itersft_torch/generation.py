@@ -1,6 +1,6 @@
 """``generate`` for the PyTorch backend: ``transformers`` ``model.generate`` behind the JAX engine's signature.
 
-Same arguments and the same ``GenerationOutput`` as ``itersft_jax.generate.generate``, so a
+Same arguments and the same ``GenerationOutput`` as ``itersft_jax.sampler.generate.generate``, so a
 generate -> filter -> step loop runs unchanged on either backend. Greedy decoding is token-identical to the
 JAX engine for the same weights (tested).
 """
@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig
 
-from itersft_jax.outputs import GenerationOutput, check_generation_args, eos_id_list, prompt_rows
-
-from .distributed import release_gathered_parameters
+from itersft_jax.shared.outputs import GenerationOutput, check_generation_args, eos_id_list, prompt_rows
+from itersft_torch.distributed import release_gathered_parameters
 
 
 def _eos_ids(eos_token_id, tokenizer, config) -> list[int]:
@@ -45,7 +44,7 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_return_sequences: int = 1, eos_token_id: int | Sequence[int] | None = None,
              seed: int | None = None, return_text: bool = True) -> GenerationOutput:
-    """Generate completions with the trainer's current model (see ``itersft_jax.generate.generate``).
+    """Generate completions with the trainer's current model (see ``itersft_jax.sampler.generate.generate``).
 
     ``seed=None`` draws fresh samples on every call (a per-trainer counter folded into ``args.seed``);
     a fixed seed reproduces them.

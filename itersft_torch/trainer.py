@@ -1,10 +1,10 @@
-"""The PyTorch ``IterativeSFTTrainer``: TRL's API on ``transformers.Trainer``, fed by ``itersft_jax.data``.
+"""The PyTorch ``IterativeSFTTrainer``: TRL's API on ``transformers.Trainer``, fed by ``itersft_jax.shared.data``.
 
 One ``step()`` call: validate and prepare the samples (``data.prepare_examples``), plan the optimizer updates
 (``data.plan_updates``, the very plan the JAX engine gets), then per update accumulate the gradient of the
 summed token cross-entropy over its micro-batches, divided once by the update's label-token count, clip,
 and step the optimizer and the schedule — or skip the update when its loss or gradient norm is not finite.
-Statistics, the log / evaluate / save cadence and the callback flow are ``itersft_jax.shell.TrainerShell``,
+Statistics, the log / evaluate / save cadence and the callback flow are ``itersft_jax.shared.shell.TrainerShell``,
 shared with the JAX engine. Never imports jax.
 """
 
@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -22,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from itersft_jax.config import IterativeSFTConfig, resolve_config
-from itersft_jax.data import (
+from itersft_jax.shared.config import IterativeSFTConfig, resolve_config
+from itersft_jax.shared.data import (
     IGNORE_INDEX,
     Example,
     collate,
@@ -32,11 +31,11 @@ from itersft_jax.data import (
     prepare_examples,
     warn_beyond_positions,
 )
-from itersft_jax.fields import check_fields, shuffle_seed
-from itersft_jax.shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
-
-from .distributed import check_distributed_setup, check_same_samples, release_gathered_parameters
-from .features import StepFeatures
+from itersft_jax.shared.fields import check_fields, shuffle_seed
+from itersft_jax.shared.model_source import is_adapter_dir, is_peft_model
+from itersft_jax.shared.shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
+from itersft_torch.distributed import check_distributed_setup, check_same_samples, release_gathered_parameters
+from itersft_torch.features import StepFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def load_model(model_id: str | os.PathLike, model_init_kwargs: dict[str, Any] | 
     changed)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from itersft_jax.model_source import check_model_path
+    from itersft_jax.shared.model_source import check_model_path
 
     model_id = check_model_path(model_id)  # a missing local path: FileNotFoundError, not "invalid repo id"
     kwargs = dict(model_init_kwargs or {})
@@ -89,19 +88,10 @@ def load_model(model_id: str | os.PathLike, model_init_kwargs: dict[str, Any] | 
         return auto.from_pretrained(model_id, **kwargs)
     except Exception as err:  # safetensors' own error does not say which file: name it
         if type(err).__name__ == "SafetensorError" and os.path.isdir(model_id):
-            from itersft_jax.weights import check_safetensors_files
+            from itersft_jax.shared.safetensors_files import check_safetensors_files
 
             check_safetensors_files(model_id)
         raise
-
-
-def _is_adapter_dir(model: Any) -> bool:
-    return isinstance(model, (str, os.PathLike)) and os.path.isfile(os.path.join(model, "adapter_config.json"))
-
-
-def _is_peft_model(model: Any) -> bool:
-    peft = sys.modules.get("peft")  # peft is an optional extra: a PeftModel means it is imported already
-    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _checkpointing_requested(args: TrainingArguments) -> bool:
@@ -176,7 +166,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
     LM when its config is encoder-decoder), a ``PreTrainedModel`` or a ``peft.PeftModel``.
     ``processing_class`` defaults to ``AutoTokenizer`` of the model's ``name_or_path``; it is read, never
     changed. ``data_collator`` is unused (the shared data layer batches); ``eval_dataset``, ``compute_metrics``,
-    ``preprocess_logits_for_metrics`` and ``callbacks`` work as on the JAX engine (``itersft_jax.shell``).
+    ``preprocess_logits_for_metrics`` and ``callbacks`` work as on the JAX engine (``itersft_jax.shared.shell``).
     ``optimizers`` replaces the optimizer and/or the schedule (default: ``Trainer``'s optimizer with its
     weight-decay mask).
 
@@ -207,10 +197,10 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         args = resolve_config(args)
         check_fields(args, "torch")
         validate_shell_args(args, eval_dataset)
-        if peft_config is not None and (_is_peft_model(model) or _is_adapter_dir(model)):
+        if peft_config is not None and (is_peft_model(model) or is_adapter_dir(model)):
             raise ValueError("`peft_config` given with a model that already holds a PEFT adapter (a PeftModel or an "
                              "adapter directory): its own adapter config is used; drop `peft_config`")
-        if _is_adapter_dir(model):  # a PEFT adapter directory: its base plus the adapter, trainable
+        if is_adapter_dir(model):  # a PEFT adapter directory: its base plus the adapter, trainable
             from peft import AutoPeftModelForCausalLM
 
             model = AutoPeftModelForCausalLM.from_pretrained(model, is_trainable=True, **(args.model_init_kwargs or {}))
@@ -231,7 +221,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         if scheduler is not None and optimizer is None:
             raise ValueError("`optimizers` gives a scheduler without its optimizer; pass (optimizer, scheduler)")
 
-        self.is_peft_model = _is_peft_model(model)
+        self.is_peft_model = is_peft_model(model)
         if not any(p.requires_grad for p in model.parameters()):  # else step() fails deep inside backward()
             hint = (" PeftModel.from_pretrained loads adapters frozen unless is_trainable=True." if self.is_peft_model
                     else "")
@@ -316,7 +306,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
     def generate(self, prompts=None, input_ids=None, **kwargs):
         """Sample completions with the current model; the JAX engine's signature and ``GenerationOutput``
         (see ``itersft_torch.generation.generate``)."""
-        from .generation import generate
+        from itersft_torch.generation import generate
 
         return generate(self, prompts, input_ids, **kwargs)
 
@@ -340,7 +330,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
 
     def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None,
              prompts=None, completions=None) -> dict[str, float]:
-        """Train on one batch of samples; returns the call's ``StepStats`` (see ``itersft_jax.shell``).
+        """Train on one batch of samples; returns the call's ``StepStats`` (see ``itersft_jax.shared.shell``).
 
         Exactly one input form: ``input_ids`` (+ ``attention_mask``, ``labels`` with -100 = no loss),
         ``texts`` (+ ``texts_labels`` as decoder targets for encoder-decoder models), or ``prompts`` +

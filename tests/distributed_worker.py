@@ -19,8 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(model_dir: str, out_dir: str) -> None:
-    from itersft_jax import distributed
-
+    from itersft_jax.parallel import distributed
     assert distributed.initialize()  # before any JAX work: the environment names the coordinator
     import jax
     import sharding_worker as worker

@@ -29,7 +29,7 @@ COMPLETIONS = [" Answer: four.", " 42.", "\n    return a + b", " brown fox"]
 
 def make(model_dir: str, out_dir: str, mesh: str | None, peft_config=None, **overrides):
     from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
-    from itersft_jax.mesh import data_parallel_size, make_mesh
+    from itersft_jax.parallel.mesh import data_parallel_size, make_mesh
 
     per_device = GLOBAL_ROWS // data_parallel_size(make_mesh(mesh))
     kwargs = dict(output_dir=out_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=2,
@@ -87,7 +87,7 @@ def lora_losses(model_dir: str, out_dir: str, mesh: str | None) -> list[float]:
 
 
 def make_mesh_for(spec: str):
-    from itersft_jax.mesh import make_mesh
+    from itersft_jax.parallel.mesh import make_mesh
 
     return make_mesh(spec)
 
@@ -97,7 +97,7 @@ def loaded_sharded_equals_plain(model_dir: str, mesh) -> dict:
     import jax
     from flax import nnx
 
-    from itersft_jax.weights import load_model
+    from itersft_jax.io.weights import load_model
 
     plain = jax.tree.leaves(nnx.to_pure_dict(nnx.state(load_model(model_dir)[0], nnx.Param)))
     sharded = jax.tree.leaves(nnx.to_pure_dict(nnx.state(load_model(model_dir, mesh=mesh)[0], nnx.Param)))

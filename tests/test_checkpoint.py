@@ -15,7 +15,7 @@ from flax import nnx
 from transformers import AutoModelForCausalLM
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
-from itersft_jax.checkpoint import (
+from itersft_jax.io.checkpoint import (
     MANIFEST_FILE,
     SHELL_FILE,
     CheckpointError,
@@ -156,7 +156,7 @@ def test_damaged_checkpoint_raises_naming_the_file_and_latest_falls_back(two_che
     for x, y in zip(before, _params(trainer)):  # a refused checkpoint changes nothing
         np.testing.assert_array_equal(x, y)
 
-    with caplog.at_level(logging.WARNING, logger="itersft_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="itersft_jax.io.checkpoint"):
         assert trainer.resume_from_checkpoint(True) == first
     assert re.search(f"skipping checkpoint-4: checkpoint {second}.*{expected}", caplog.text)  # which, and why
     assert trainer.counters() == counters_first

@@ -7,7 +7,7 @@ import pickle
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
-from itersft_jax.config import IterativeSFTConfig, resolve_config
+from itersft_jax.shared.config import IterativeSFTConfig, resolve_config
 
 
 def test_trl_quick_start_config_constructs_on_cpu(tmp_path):

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from itersft_jax.data import (
+from itersft_jax.shared.data import (
     IGNORE_INDEX,
     Example,
     bucket_length,
@@ -311,12 +311,12 @@ def test_encoder_decoder_needs_targets():
 
 
 @pytest.mark.parametrize("module,forbidden", [
-    ("itersft_jax.data", ("jax", "torch")),
+    ("itersft_jax.shared.data", ("jax", "torch")),
     ("itersft_jax", ("jax", "torch")),
     ("itersft_torch", ("jax",)),
-    ("itersft_jax.config", ("jax",)),
+    ("itersft_jax.shared.config", ("jax",)),
     ("itersft_torch.generation", ("jax",)),
-    ("itersft_jax.outputs", ("jax", "torch")),
+    ("itersft_jax.shared.outputs", ("jax", "torch")),
 ])
 def test_import_hygiene(module, forbidden):
     code = (f"import sys, {module}; bad = [m for m in {forbidden!r} if m in sys.modules]; "
@@ -326,7 +326,7 @@ def test_import_hygiene(module, forbidden):
 
 
 def test_handed_arrays_are_converted_without_importing_their_framework_otherwise():
-    code = ("import sys, numpy as np; from itersft_jax.data import prepare_examples; "
+    code = ("import sys, numpy as np; from itersft_jax.shared.data import prepare_examples; "
             "prepare_examples(input_ids=np.array([[1, 2, 3]])); "
             "sys.exit(1 if ('torch' in sys.modules or 'jax' in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

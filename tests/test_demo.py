@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from itersft_jax import cli, demo_chat
-from itersft_jax.demo import DemoConfig, build_tokenizer, check, run
-from itersft_jax.demo_chat import ChatDemoConfig, Problem
+from itersft_jax.apps import cli, demo_chat
+from itersft_jax.apps.demo import DemoConfig, build_tokenizer, check, run
+from itersft_jax.apps.demo_chat import ChatDemoConfig, Problem
 
 KEYS = {"round", "phase", "pass_rate", "correct", "kept", "sampled", "trained_on", "loss", "seconds"}
 
@@ -64,7 +64,7 @@ def test_checker_and_tokenizer():
 
 def test_help():
     for argv in (["--help"], ["demo", "--help"]):
-        result = subprocess.run([sys.executable, "-m", "itersft_jax.cli", *argv], capture_output=True,
+        result = subprocess.run([sys.executable, "-m", "itersft_jax.apps.cli", *argv], capture_output=True,
                                 text=True, timeout=60, check=False)
         assert result.returncode == 0 and "usage: itersft" in result.stdout
     assert "--samples-per-prompt" in result.stdout and "--backend" in result.stdout
@@ -222,8 +222,8 @@ def test_smollm2_conversion(smollm2_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from itersft_jax.generate import generate
-    from itersft_jax.weights import load_model
+    from itersft_jax.io.weights import load_model
+    from itersft_jax.sampler.generate import generate
 
     directory, name = os.path.split(demo_chat.smollm2_gguf())
     with open(os.path.join(smollm2_dir, "config.json")) as f:

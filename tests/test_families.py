@@ -28,11 +28,12 @@ import torch
 from flax import nnx
 from helpers import perturbed_tiny_model, tiny_config
 
-from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer, weights
-from itersft_jax.generate import generate_ids
+from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
+from itersft_jax.io import weights
 from itersft_jax.models import get_family
 from itersft_jax.models.common import positions_from_mask, positions_from_segments
-from itersft_jax.shell import StepStats
+from itersft_jax.sampler.generate import generate_ids
+from itersft_jax.shared.shell import StepStats
 
 VOCAB = 320
 ATOL = 1e-4

@@ -1,4 +1,4 @@
-"""Every TrainingArguments field is honoured, refused or not applicable, per engine (itersft_jax.fields), and the
+"""Every TrainingArguments field is honoured, refused or not applicable, per engine (itersft_jax.shared.fields), and the
 torch-side features (NEFTune, Liger, torch_compile) plus the shared data_seed / num_input_tokens_seen.
 
 Tolerances: fp32 on CPU. Runs that must be identical (same model, data, RNG sequence) compare exactly or to 1e-6
@@ -17,9 +17,9 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from itersft_jax import fields
-from itersft_jax.config import IterativeSFTConfig
-from itersft_jax.fields import FIELDS, REFUSED, check_fields, markdown_table, refusals
+from itersft_jax.shared import fields
+from itersft_jax.shared.config import IterativeSFTConfig
+from itersft_jax.shared.fields import FIELDS, REFUSED, check_fields, markdown_table, refusals
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Question: what is two plus two? Answer: four.",
          "def add(a, b):\n    return a + b\n", "12 + 30 = 42.", "Rejection sampling keeps only the verified."]
@@ -76,7 +76,7 @@ def with_value(args, name, value):
 def test_every_field_has_a_decision_on_both_engines():
     # A new transformers release adds fields: each needs a decision here before it can be trusted.
     missing = [f.name for f in dataclasses.fields(IterativeSFTConfig) if f.init and f.name not in FIELDS]
-    assert not missing, f"fields without a decision in itersft_jax/fields.py: {missing}"
+    assert not missing, f"fields without a decision in itersft_jax/shared/fields.py: {missing}"
     for name, rules in FIELDS.items():
         assert set(rules) == {"jax", "torch"}, name
         for rule in rules.values():
@@ -87,7 +87,7 @@ def test_every_field_has_a_decision_on_both_engines():
 def test_fields_module_imports_neither_jax_nor_torch():
     import subprocess
 
-    code = "import sys, itersft_jax.fields; print(sorted({'jax', 'torch'} & set(sys.modules)))"
+    code = "import sys, itersft_jax.shared.fields; print(sorted({'jax', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -150,7 +150,7 @@ def test_readme_shows_the_generated_table():
         text = f.read()
     found = re.search(r"<!-- fields-table:start -->\n(.*?)<!-- fields-table:end -->", text, flags=re.S)
     assert found, "README.md lacks the field table markers"
-    assert found.group(1) == markdown_table(), "regenerate: python -m itersft_jax.fields --markdown"
+    assert found.group(1) == markdown_table(), "regenerate: python -m itersft_jax.shared.fields --markdown"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""itersft_jax.generate: cache == full forward, sampling semantics, EOS, seeds, compile counts, and generation
+"""itersft_jax.sampler.generate: cache == full forward, sampling semantics, EOS, seeds, compile counts, and generation
 reading the live (just updated) parameters (greedy == transformers for every family: ``test_families``).
 
 Tolerance: cached decoding vs a full forward pass, fp32 on CPU: <= 1e-4 max abs on the logits (they are
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from itersft_jax import IterativeSFTConfig
-from itersft_jax.generate import GenerationOutput, _cache_mask, _filter_logits, generate, generate_ids
-from itersft_jax.train_step import count_compilations
+from itersft_jax.core.train_step import count_compilations
+from itersft_jax.sampler.generate import GenerationOutput, _cache_mask, _filter_logits, generate, generate_ids
 from itersft_jax.trainer import IterativeSFTTrainer
 
 PROMPTS = ["The quick brown fox", "hello", "12 + 30 = 42. 7 * 6 ="]

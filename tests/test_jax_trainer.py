@@ -12,8 +12,8 @@ from flax import nnx
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
-from itersft_jax.data import prepare_examples
-from itersft_jax.train_step import count_compilations
+from itersft_jax.core.train_step import count_compilations
+from itersft_jax.shared.data import prepare_examples
 
 TEXTS = ["hello world", "The quick brown fox jumps", "a b c", "Iterative supervised fine-tuning",
          "Rejection sampling keeps only", "12 + 30 = 42."]
@@ -141,7 +141,7 @@ def test_fp32_training_uses_full_precision_matmuls(llama_dir, tmp_path):
     # XLA runs fp32 matmuls as TF32 on GPUs unless told otherwise: measured on an H100, 3e-4 max logit
     # difference against torch fp32 (2e-7 at "highest"). fp32 training must ask for full precision;
     # bf16 (or tf32=True) leaves XLA's default.
-    from itersft_jax.data import collate, prepare_examples
+    from itersft_jax.shared.data import collate, prepare_examples
 
     batch = collate([prepare_examples(input_ids=[[5, 6, 7, 8]])], rows=2, length=16)
     for kwargs, expected in ((dict(), True), (dict(bf16=True), False)):  # tf32=True needs a GPU to construct

@@ -97,7 +97,7 @@ def test_both_backends_train_an_existing_adapter_alike(existing_adapter, tmp_pat
     import jax
     from flax import nnx
 
-    from itersft_jax.weights import read_safetensors
+    from itersft_jax.io.weights import read_safetensors
 
     original = read_safetensors(base_dir)
     family_params = jax.device_get(nnx.to_pure_dict(jax_trainer.train_state.frozen))
@@ -235,8 +235,8 @@ def test_peft_defaults_and_a_base_built_in_the_compute_dtype(tmp_path, tokenizer
     from flax import nnx
     from peft import LoraConfig
 
+    from itersft_jax.io.weights import read_safetensors
     from itersft_jax.models import get_family
-    from itersft_jax.weights import read_safetensors
 
     base_dir = save_tiny_model(tmp_path / "base", "llama", tokenizer)
     trainer = IterativeSFTTrainer(base_dir, args=_args(tmp_path, "jax", bf16=True),

@@ -20,7 +20,7 @@ import torch
 from flax import nnx
 from helpers import perturbed_tiny_model, tiny_config, tiny_model
 
-from itersft_jax import weights
+from itersft_jax.io import weights
 from itersft_jax.models import common, get_family, supported_model_types
 from itersft_jax.models.common import positions_from_segments
 from itersft_jax.models.rope import rope_parameters

@@ -17,7 +17,7 @@ import torch
 from flax import nnx
 from transformers import TrainingArguments, get_scheduler
 
-from itersft_jax.optim import build_optimizer, build_schedule, decay_mask, resolve_optimizer
+from itersft_jax.core.optim import build_optimizer, build_schedule, decay_mask, resolve_optimizer
 
 IN, HIDDEN, OUT, BATCH = 5, 8, 3, 4
 

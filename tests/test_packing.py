@@ -16,10 +16,10 @@ from flax import nnx
 from helpers import tiny_config, tiny_model
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
-from itersft_jax.data import IGNORE_INDEX, Example, collate
+from itersft_jax.core.packing import first_fit_decreasing, pack_update
+from itersft_jax.core.train_step import TrainState, count_compilations, make_train_step
 from itersft_jax.models import common, llama
-from itersft_jax.packing import first_fit_decreasing, pack_update
-from itersft_jax.train_step import TrainState, count_compilations, make_train_step
+from itersft_jax.shared.data import IGNORE_INDEX, Example, collate
 
 VOCAB = 320
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
-from itersft_jax.checkpoint import MANIFEST_FILE
+from itersft_jax.io.checkpoint import MANIFEST_FILE
 
 # ----------------------------------------------------------------------------------------------------------
 # kill -9 during saves (the whole 10-kill run: `python tests/kill_resume.py`)
@@ -127,7 +127,7 @@ def test_samples_longer_than_the_position_table_warn_once(backend, tiny_model_di
     args = IterativeSFTConfig(output_dir=str(tmp_path), backend=backend, per_device_train_batch_size=2,
                               gradient_checkpointing=False, report_to="none")
     trainer = IterativeSFTTrainer(tiny_model_dir("llama", max_position_embeddings=24), args=args)
-    with caplog.at_level(logging.WARNING, logger="itersft_jax.data"):
+    with caplog.at_level(logging.WARNING, logger="itersft_jax.shared.data"):
         trainer.step(input_ids=[list(range(3, 33)), list(range(3, 10))])  # 30 tokens, 24 positions
         trainer.step(input_ids=[list(range(3, 34))])
     assert caplog.text.count("max_position_embeddings") == 1
@@ -135,10 +135,10 @@ def test_samples_longer_than_the_position_table_warn_once(backend, tiny_model_di
 
 
 def test_position_warning_threshold(caplog):
-    from itersft_jax.data import Example, warn_beyond_positions
+    from itersft_jax.shared.data import Example, warn_beyond_positions
 
     samples = [Example(np.arange(n), np.arange(n)) for n in (5, 24)]
-    with caplog.at_level(logging.WARNING, logger="itersft_jax.data"):
+    with caplog.at_level(logging.WARNING, logger="itersft_jax.shared.data"):
         class Owner:  # stands for a trainer
             pass
 
@@ -160,10 +160,10 @@ def test_generate_compilations_stay_within_the_ladder_bound(tiny_model_dir):
     generate_decode once per (batch, cache) bucket, the cache copy once per triple, and nothing else
     compiles after the first call. Before, prefill and decode compiled once per (batch, prompt, new-token)
     bucket each."""
-    from itersft_jax.data import bucket_length
-    from itersft_jax.generate import _batch_bucket, generate
-    from itersft_jax.train_step import count_compilations
-    from itersft_jax.weights import load_model
+    from itersft_jax.core.train_step import count_compilations
+    from itersft_jax.io.weights import load_model
+    from itersft_jax.sampler.generate import _batch_bucket, generate
+    from itersft_jax.shared.data import bucket_length
 
     model, _ = load_model(tiny_model_dir("llama", num_hidden_layers=1, hidden_size=32, intermediate_size=32,
                                          num_attention_heads=2, num_key_value_heads=1))

@@ -94,7 +94,7 @@ def test_generate_under_a_mesh_equals_one_device(sharded_run):
 
 def test_bad_mesh_is_refused_naming_the_field(tmp_path):
     from itersft_jax import IterativeSFTConfig
-    from itersft_jax.mesh import resolve_sizes
+    from itersft_jax.shared.mesh_spec import resolve_sizes
 
     for bad, match in (("fsdp8", "axis:size"), ("model:2", "unknown axis"), ("fsdp:-1,data:-1", "at most one"),
                        ("fsdp:0", ">= 1"), ("fsdp:2,fsdp:2", "twice")):

@@ -20,9 +20,9 @@ import torch
 from flax import nnx
 from helpers import tiny_config, tiny_model
 
-from itersft_jax.loss import causal_lm_loss
+from itersft_jax.core.loss import causal_lm_loss
+from itersft_jax.core.train_step import TrainState, count_compilations, make_train_step, train_step
 from itersft_jax.models import common
-from itersft_jax.train_step import TrainState, count_compilations, make_train_step, train_step
 
 VOCAB = 41
 
@@ -293,7 +293,7 @@ def test_bf16_compute_keeps_fp32_master_params():
 def test_overfits_a_repeated_batch():
     from types import SimpleNamespace
 
-    from itersft_jax.optim import build_optimizer
+    from itersft_jax.core.optim import build_optimizer
 
     args = SimpleNamespace(optim="adamw_torch", learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999,
                            adam_epsilon=1e-8, weight_decay=0.01, max_grad_norm=1.0, max_steps=-1,

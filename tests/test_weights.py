@@ -18,7 +18,7 @@ import torch
 from flax import nnx
 from helpers import tiny_config, tiny_model
 
-from itersft_jax import weights
+from itersft_jax.io import weights
 from itersft_jax.models import llama
 from itersft_jax.models.common import positions_from_mask
 

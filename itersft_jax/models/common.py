@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import kernels
-from .adapters import adapter_delta
+from itersft_jax.models import kernels
+from itersft_jax.models.lora import adapter_delta
 
 # ----------------------------------------------------------------------------- KV cache
 
@@ -73,7 +73,7 @@ class LMHead(NamedTuple):
 
     ``weight`` is ``[D, V]`` (an ``nnx.Linear`` kernel) or, with ``transposed``, ``[V, D]`` (a tied embedding
     table); ``softcap`` is Gemma's final-logit soft-capping ``c * tanh(logits / c)`` or ``None``; ``dtype`` is
-    the compute dtype of the product. The loss (``itersft_jax.loss``) takes this instead of logits, so it can
+    the compute dtype of the product. The loss (``itersft_jax.core.loss``) takes this instead of logits, so it can
     compute the head chunk by chunk and never hold ``[N, V]``.
     """
 
@@ -109,7 +109,7 @@ def dense(layer, x_NI: jax.Array) -> jax.Array:
     x_NI = x_NI.reshape(-1, x_NI.shape[-1])
     y = _low_precision_dense(layer, x_NI)
     y = layer(x_NI) if y is None else y
-    delta = adapter_delta(layer, x_NI, y.dtype)  # LoRA (models.adapters), when the layer holds adapters
+    delta = adapter_delta(layer, x_NI, y.dtype)  # LoRA (models.lora), when the layer holds adapters
     if delta is not None:
         y = y + delta
     return y.reshape(*lead, y.shape[-1])

@@ -19,9 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import mapping
-from .common import CausalLMBase, KVCache, activation, attention, dense, embedding_head, neftune_noise, untied_head
-from .rope import Rope, apply_rope, cos_sin
+from itersft_jax.models import mapping
+from itersft_jax.models.common import (
+    CausalLMBase,
+    KVCache,
+    activation,
+    attention,
+    dense,
+    embedding_head,
+    neftune_noise,
+    untied_head,
+)
+from itersft_jax.models.rope import Rope, apply_rope, cos_sin
 
 
 @dataclasses.dataclass(frozen=True)

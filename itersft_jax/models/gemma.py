@@ -12,8 +12,8 @@ with these switches:
 
 from __future__ import annotations
 
-from . import decoder
-from .rope import rope_from_config
+from itersft_jax.models import decoder
+from itersft_jax.models.rope import rope_from_config
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 

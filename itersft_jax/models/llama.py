@@ -10,8 +10,8 @@ RoPE: every type of ``rope.py`` (default, linear, dynamic, llama3, yarn, longrop
 
 from __future__ import annotations
 
-from . import decoder
-from .rope import rope_from_config, rope_parameters  # noqa: F401  (rope_parameters: part of this module's API)
+from itersft_jax.models import decoder
+from itersft_jax.models.rope import rope_from_config, rope_parameters  # noqa: F401  (rope_parameters: part of this module's API)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -14,8 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import mapping
-from .common import CausalLMBase, KVCache, activation, attention, dense, embedding_head, neftune_noise, untied_head
+from itersft_jax.models import mapping
+from itersft_jax.models.common import (
+    CausalLMBase,
+    KVCache,
+    activation,
+    attention,
+    dense,
+    embedding_head,
+    neftune_noise,
+    untied_head,
+)
 
 MODEL_TYPES = ("opt",)
 

@@ -7,8 +7,8 @@ switch and what it means for generation).
 
 from __future__ import annotations
 
-from . import decoder
-from .rope import rope_from_config
+from itersft_jax.models import decoder
+from itersft_jax.models.rope import rope_from_config
 
 MODEL_TYPES = ("phi3",)
 

@@ -55,7 +55,8 @@ def initialize() -> bool:
         except RuntimeError as err:
             if "before" in str(err).lower():
                 raise RuntimeError("jax.distributed must start before JAX uses a device: construct the trainer (or "
-                                   "call itersft_jax.distributed.initialize()) before any other JAX work") from err
+                                   "call itersft_jax.parallel.distributed.initialize()) before any other JAX work"
+                                   ) from err
             raise
     logger.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                 jax.process_count(), jax.local_device_count(), jax.device_count())

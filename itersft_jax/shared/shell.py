@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from transformers import EvalPrediction
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerCallback
 
-from .data import Example
-from .fields import input_token_stats
+from itersft_jax.shared.data import Example
+from itersft_jax.shared.fields import input_token_stats
 
 logger = logging.getLogger(__name__)
 

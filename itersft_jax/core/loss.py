@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .data import IGNORE_INDEX
-from .models.common import LMHead
+from itersft_jax.models.common import LMHead
+from itersft_jax.shared.data import IGNORE_INDEX
 
 CHUNK_BYTES = 128 * 2**20  # fp32 logits of one chunk (its gradient reuses the buffer)
 CHUNK_ROW_MULTIPLE = 128  # chunk rows: a multiple of this (GEMM tiles on accelerators)

@@ -235,7 +235,7 @@ def check_backend_supports(model: str, backend: str) -> None:
         return
     from transformers import AutoConfig
 
-    from .models import supported_model_types
+    from itersft_jax.models import supported_model_types
 
     model_type = AutoConfig.from_pretrained(model).model_type
     if model_type not in supported_model_types():
@@ -248,7 +248,8 @@ def check_backend_supports(model: str, backend: str) -> None:
 
 
 def build_trainer(cfg: ChatDemoConfig, model: str, tokenizer):
-    from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
+    from itersft_jax.facade import IterativeSFTTrainer
+    from itersft_jax.shared.config import IterativeSFTConfig
 
     args = IterativeSFTConfig(
         output_dir=cfg.output_dir, learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
@@ -294,7 +295,7 @@ def run_chat(cfg: ChatDemoConfig, log=None) -> list[dict[str, Any]]:
     """Run expert iteration on ``cfg.model``; returns the per-round metrics (also in ``metrics.json``)."""
     from transformers import AutoTokenizer
 
-    from .demo import finish, round_line
+    from itersft_jax.apps.demo import finish, round_line
 
     log = log or (lambda line: print(line, flush=True))
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 
 A parameter's path (``model/layers/3/self_attn/q_proj/kernel``; layer indices dropped) is matched against
 ``PARAM_RULES`` in order; the first match gives one *logical* axis per dimension, and ``LOGICAL_TO_MESH`` turns
-each logical axis into a mesh axis (``itersft_jax.mesh``): the model width (``embed``) over ``fsdp``; attention
+each logical axis into a mesh axis (``itersft_jax.parallel.mesh``): the model width (``embed``) over ``fsdp``; attention
 heads, the MLP hidden dimension and the vocabulary over ``tensor``. Column-parallel projections (q/k/v, gate/up,
 fc1) split their output features over ``tensor``, row-parallel ones (o, down, fc2) their input features, so an
 attention block or an MLP needs one reduction of its output, as in Megatron.

@@ -7,12 +7,20 @@ hf_config, settings, seed)`` puts two ``LoRAParam`` matrices on every targeted `
 checkpoint table (``models.<family>.hf_layout``), so ``target_modules`` takes the Hugging Face module names
 (``q_proj``, GPT-2's ``c_attn``, a regex, or ``"all-linear"`` = every linear layer but the LM head, as in PEFT).
 
-``LoRAParam`` (``models.adapters``, with the forward) is an ``nnx.Param`` subclass: ``nnx.split(model, LoRAParam,
-nnx.Param)`` separates the trainable adapters from the frozen base (``trainable.py``).
+``LoRAParam`` is an ``nnx.Param`` subclass: ``nnx.split(model, LoRAParam,
+nnx.Param)`` separates the trainable adapters from the frozen base (``core/trainable.py``).
+
+The forward half (``LoRAParam``, ``dropout_rng``, ``adapter_delta``) sits at the top of this file: the model layers
+import it. Dropout on the adapters' input runs only inside ``dropout_rng(key)`` (the train step); evaluation and
+generation never set it. Each adapted layer draws its mask from ``fold_in(key, layer.lora_id)`` (a number fixed
+when the adapters are attached), so masks do not depend on how often a transform traces the forward
+(``nnx.remat`` traces it more than once).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
@@ -20,10 +28,46 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from itersft_jax.models.adapters import LoRAParam, dropout_rng
+__all__ = ["Adapters", "LoRAParam", "LoRASettings", "adapter_delta", "attach_adapters", "dropout_rng", "layer_at",
+           "linear_modules", "resolve_targets"]
 
-__all__ = ["LoRAParam", "LoRASettings", "attach_adapters", "dropout_rng", "linear_modules", "resolve_targets"]
+
+
+class LoRAParam(nnx.Param):
+    """A trainable LoRA adapter matrix (the base parameters stay ``nnx.Param``)."""
+
+
+_DROPOUT: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("itersft_lora_dropout", default=None)
+
+
+@contextlib.contextmanager
+def dropout_rng(key: jax.Array | None):
+    """Within the block, adapters apply their ``lora_dropout`` with masks drawn from ``key`` (training only)."""
+    token = _DROPOUT.set(key)
+    try:
+        yield
+    finally:
+        _DROPOUT.reset(token)
+
+
+def adapter_delta(layer, x_NI: jax.Array, dtype) -> jax.Array | None:
+    """``scale * dropout(x) @ A @ B`` for a layer holding adapters (``None`` otherwise), in ``dtype`` with
+    fp32 accumulation."""
+    lora_a = getattr(layer, "lora_a", None)
+    if lora_a is None:
+        return None
+    rate = float(getattr(layer, "lora_dropout", 0.0))
+    key = _DROPOUT.get()
+    if rate > 0.0 and key is not None:
+        key = jax.random.fold_in(key, layer.lora_id)
+        keep = jax.random.bernoulli(key, 1.0 - rate, x_NI.shape)
+        x_NI = jnp.where(keep, x_NI / (1.0 - rate), 0).astype(x_NI.dtype)
+    a = lora_a[...].astype(dtype)
+    b = layer.lora_b[...].astype(dtype)
+    low_NR = jnp.dot(x_NI.astype(dtype), a, preferred_element_type=jnp.float32).astype(dtype)
+    return (jnp.dot(low_NR, b, preferred_element_type=jnp.float32) * layer.lora_scale).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +124,14 @@ class LoRASettings:
                    use_rslora=bool(peft_config.use_rslora), target_modules=targets, peft_config=peft_config)
 
 
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """The LoRA adapters of a trainer: their settings and the HF module name -> path of each adapted layer."""
+
+    settings: LoRASettings
+    targets: dict[str, tuple]
+
+
 def linear_modules(hf_config) -> dict[str, tuple]:
     """HF module name -> parameter path of the ``nnx.Linear`` for every linear layer of the family (fused HF
     modules map to a tuple of paths)."""
@@ -125,7 +177,7 @@ def resolve_targets(hf_config, target_modules) -> dict[str, tuple]:
     return {name: modules[name] for name in chosen}
 
 
-def _layer_at(model, path: tuple):
+def layer_at(model, path: tuple):
     node = model
     for key in path:
         node = node[key] if isinstance(key, int) else getattr(node, key)
@@ -141,7 +193,7 @@ def attach_adapters(model, hf_config, settings: LoRASettings, seed: int = 0) -> 
     key = jax.random.key(seed)
     init_b = settings.peft_config is not None and settings.peft_config.init_lora_weights is False
     for i, (_, path) in enumerate(sorted(targets.items())):
-        layer = _layer_at(model, path)
+        layer = layer_at(model, path)
         d_in, d_out = layer.kernel.shape
         key_a, key_b = jax.random.split(jax.random.fold_in(key, i))
         bound = 1.0 / math.sqrt(d_in)
@@ -152,5 +204,5 @@ def attach_adapters(model, hf_config, settings: LoRASettings, seed: int = 0) -> 
         layer.lora_b = LoRAParam(b)
         layer.lora_scale = settings.scale
         layer.lora_dropout = settings.dropout
-        layer.lora_id = i  # keys the layer's dropout masks (models.adapters)
+        layer.lora_id = i  # keys the layer's dropout masks (models.lora)
     return targets

@@ -8,22 +8,52 @@ adapters are ``lora_a [in, r]`` and ``lora_b [r, out]`` on the layer at the modu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import numpy as np
 
-ADAPTER_CONFIG = "adapter_config.json"
+from itersft_jax.models.lora import Adapters, LoRASettings, attach_adapters, layer_at
+from itersft_jax.shared.model_source import ADAPTER_CONFIG, is_adapter_dir, is_peft_model
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 
-def is_adapter_dir(source: Any) -> bool:
-    return isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.join(source, ADAPTER_CONFIG))
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where the base comes from (``load_model``'s source), and the adapters to attach (or ``None``)."""
+
+    base: Any
+    settings: LoRASettings | None = None
+    adapter_tensors: dict | None = None  # existing PEFT adapter weights to start from
 
 
-def is_peft_model(source: Any) -> bool:
-    return hasattr(source, "peft_config") and hasattr(source, "get_base_model")
+def resolve_model_source(model: Any, peft_config: Any = None) -> ModelSource:
+    """The base and the adapters of ``model`` (a model, a ``PeftModel`` or an adapter directory) with
+    ``peft_config``; ValueError/TypeError naming the argument for conflicts, before anything is loaded."""
+    existing = is_peft_model(model) or is_adapter_dir(model)
+    if existing and peft_config is not None:
+        raise ValueError("`peft_config` given with a model that already holds a PEFT adapter (a PeftModel or an "
+                         "adapter directory): its own adapter config is used; drop `peft_config`")
+    if existing:
+        base, config, tensors = read_adapter(model)
+        return ModelSource(base, LoRASettings.from_peft(config), tensors)
+    if peft_config is None:
+        return ModelSource(model)
+    return ModelSource(model, LoRASettings.from_peft(peft_config))
+
+
+def attach_from_source(module, hf_config, source: ModelSource, *, seed: int = 0) -> Adapters | None:
+    """The adapters ``source`` asks for, attached to ``module`` (and set from its PEFT tensors when it holds
+    some); ``None`` for full fine-tuning."""
+    if source.settings is None:
+        return None
+    targets = attach_adapters(module, hf_config, source.settings, seed=seed)
+    if source.adapter_tensors is not None:
+        load_adapter_tensors(module, targets, source.adapter_tensors)
+    return Adapters(source.settings, targets)
 
 
 def read_adapter(source) -> tuple[Any, Any, dict[str, np.ndarray]]:
@@ -32,7 +62,7 @@ def read_adapter(source) -> tuple[Any, Any, dict[str, np.ndarray]]:
     if is_peft_model(source):
         from peft.utils import get_peft_model_state_dict
 
-        from itersft_jax.weights import state_dict_to_numpy
+        from itersft_jax.io.weights import state_dict_to_numpy
 
         name = source.active_adapter if isinstance(source.active_adapter, str) else source.active_adapter[0]
         config = source.peft_config[name]
@@ -63,11 +93,9 @@ def _base_name(key: str) -> str:
 def load_adapter_tensors(model, targets: dict[str, tuple], tensors: dict[str, np.ndarray]) -> None:
     """Set the adapters of ``model`` (attached for ``targets``) from PEFT tensors; ValueError naming the tensor
     on a missing, extra or misshapen one."""
-    from itersft_jax.lora import _layer_at
-
     wanted = set()
     for module, path in targets.items():
-        layer = _layer_at(model, path)
+        layer = layer_at(model, path)
         for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
             key = f"{_PREFIX}{module}.{theirs}.weight"
             wanted.add(key)
@@ -87,12 +115,10 @@ def load_adapter_tensors(model, targets: dict[str, tuple], tensors: dict[str, np
 
 def adapter_tensors(model, targets: dict[str, tuple]) -> dict[str, np.ndarray]:
     """The PEFT tensors of ``model``'s adapters (fp32, contiguous)."""
-    from itersft_jax.distributed import host_copy
-    from itersft_jax.lora import _layer_at
-
+    from itersft_jax.parallel.distributed import host_copy
     arrays = {}
     for module, path in targets.items():
-        layer = _layer_at(model, path)
+        layer = layer_at(model, path)
         for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
             arrays[f"{_PREFIX}{module}.{theirs}.weight"] = getattr(layer, ours)[...]
     return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32).T) for k, v in host_copy(arrays).items()}
@@ -108,7 +134,7 @@ def save_adapter(model, targets: dict[str, tuple], peft_config, hf_config, outpu
 
     import safetensors.numpy
 
-    from itersft_jax.distributed import is_main_process
+    from itersft_jax.parallel.distributed import is_main_process
 
     tensors = adapter_tensors(model, targets)
     if not is_main_process():
@@ -134,18 +160,18 @@ def merged_params(model, targets: dict[str, tuple]):
     import jax.numpy as jnp
     from flax import nnx
 
-    from itersft_jax.lora import LoRAParam, _layer_at
+    from itersft_jax.models.lora import LoRAParam
 
     _, _, base = nnx.split(model, LoRAParam, nnx.Param)
     pure = nnx.to_pure_dict(base)
     for path in targets.values():
-        layer = _layer_at(model, path)
+        layer = layer_at(model, path)
         delta = (jnp.asarray(layer.lora_a[...], jnp.float32) @ jnp.asarray(layer.lora_b[...], jnp.float32)
                  * layer.lora_scale)
         node = pure
         for key in path:
             node = node[key]
         node["kernel"] = (jnp.asarray(node["kernel"], jnp.float32) + delta).astype(node["kernel"].dtype)
-    from itersft_jax.distributed import host_copy
+    from itersft_jax.parallel.distributed import host_copy
 
     return host_copy(pure)

@@ -7,7 +7,7 @@ A batch is one optimizer update: ``input_ids``, ``attention_mask`` and ``labels`
 accumulated over the ``A`` axis in a loop that stops after the last micro-batch holding a token (so
 all-padding micro-batches at the end cost nothing and the step's shape need not follow the data) and
 divided once by the number of label tokens, so the update is the same however the samples are split
-into micro-batches and rows. The loss is ``itersft_jax.loss.causal_lm_loss`` on the model's hidden states
+into micro-batches and rows. The loss is ``itersft_jax.core.loss.causal_lm_loss`` on the model's hidden states
 (the LM head applied in chunks, never ``[N, V]`` logits).
 
 An update whose loss or gradient norm is not finite is skipped inside the step: the returned state keeps
@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from itersft_jax.loss import causal_lm_loss, check_loss_options
-from itersft_jax.models.adapters import dropout_rng
+from itersft_jax.core.loss import causal_lm_loss, check_loss_options
 from itersft_jax.models.common import positions_from_segments
+from itersft_jax.models.lora import dropout_rng
 
 
 @jax.tree_util.register_dataclass
@@ -59,7 +59,7 @@ def state_shardings(state: TrainState, mesh) -> tuple[TrainState, Any]:
     ``state`` may be abstract (``jax.eval_shape``)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from itersft_jax.models.sharding import param_shardings, tree_shardings
+    from itersft_jax.parallel.sharding import param_shardings, tree_shardings
 
     replicated = NamedSharding(mesh, PartitionSpec())
     params = param_shardings(state.params, mesh)

@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
-from .data import resolve_ratio, validate_truncation
-from .mesh import parse_mesh
+from itersft_jax.shared.data import resolve_ratio, validate_truncation
+from itersft_jax.shared.mesh_spec import parse_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class IterativeSFTConfig(TrainingArguments):
     Extra fields beside ``TrainingArguments``: ``model_init_kwargs`` (passed when the model is given as
     an id or directory), ``max_length`` and ``truncation_mode`` (sequence-axis truncation),
     ``optimize_device_cache`` (torch: empty the accelerator cache after each call), ``backend``,
-    ``max_skipped_updates`` and ``mesh`` (JAX: the device mesh, see ``itersft_jax.mesh``).
+    ``max_skipped_updates`` and ``mesh`` (JAX: the device mesh, see ``itersft_jax.parallel.mesh``).
     """
 
     model_init_kwargs: dict[str, Any] | str | None = field(

@@ -33,8 +33,7 @@ class HubPusher:
     def api():
         from huggingface_hub import HfApi
 
-        from . import __version__
-
+        from itersft_jax._version import __version__
         return HfApi(library_name="itersft", library_version=__version__)
 
     def ensure_repo(self, token: str | None = None, private: bool | None = None) -> str:

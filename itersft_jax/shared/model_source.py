@@ -9,6 +9,10 @@ the loaders would send it to the hub, and the user would read "Repo id must be i
 from __future__ import annotations
 
 import os
+import sys
+from typing import Any
+
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT adapter directory
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -31,3 +35,14 @@ def check_model_path(name_or_path: str | os.PathLike, argument: str = "model") -
         raise FileNotFoundError(f"`{argument}`: local path {path!r} does not exist (resolved to "
                                 f"{os.path.abspath(local)!r}); a hub id has the form 'name' or 'org/name'")
     return local if os.path.isdir(local) else path
+
+
+def is_adapter_dir(source: Any) -> bool:
+    """Whether ``source`` is a PEFT adapter directory (it holds ``adapter_config.json``)."""
+    return isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.join(source, ADAPTER_CONFIG))
+
+
+def is_peft_model(source: Any) -> bool:
+    """Whether ``source`` is a ``peft.PeftModel`` (peft is an optional extra: a PeftModel means it is imported)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(source, peft.PeftModel)

@@ -39,11 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .data import bucket_length
-from .models.common import positions_from_mask
-from .outputs import MAX_EOS_IDS, GenerationOutput, as_id_list, check_generation_args
-from .outputs import eos_id_list as _eos_list
-from .outputs import prompt_rows as read_prompts
+from itersft_jax.models.common import positions_from_mask
+from itersft_jax.shared.data import bucket_length
+from itersft_jax.shared.outputs import MAX_EOS_IDS, GenerationOutput, as_id_list, check_generation_args
+from itersft_jax.shared.outputs import eos_id_list as _eos_list
+from itersft_jax.shared.outputs import prompt_rows as read_prompts
 
 _UNSEEDED_STREAM = 0x5EED  # folded into the base key for calls without a seed; explicit seeds never collide
 

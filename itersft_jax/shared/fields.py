@@ -10,7 +10,7 @@ every field has an explicit decision here, per engine:
 
 ``check_fields(args, engine)`` runs in each trainer's constructor. A field missing from the table (a newer
 transformers) is refused when set, and ``tests/test_fields.py`` fails on it. The README's table is
-``python -m itersft_jax.fields --markdown``. jax- and torch-free at import time.
+``python -m itersft_jax.shared.fields --markdown``. jax- and torch-free at import time.
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ FIELDS: dict[str, dict[str, Rule]] = {
                                   honoured("empties the accelerator cache after each step() call")),
     "backend": both(honoured("picks the engine (IterativeSFTTrainer facade)")),
     "max_skipped_updates": both(honoured("raise after this many non-finite updates in a row (shell.py)")),
-    "mesh": each(honoured("the device mesh: data / fsdp / tensor axes (itersft_jax.mesh, models.sharding)"),
+    "mesh": each(honoured("the device mesh: data / fsdp / tensor axes (itersft_jax.parallel.mesh, parallel.sharding)"),
                  refused("the torch backend's parallelism is set by its launcher (accelerate launch / torchrun, "
                          "an accelerate config for FSDP)")),
 }

@@ -21,9 +21,9 @@ MODEL_FLAGS = [
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .demo import DemoConfig
-    from .demo_chat import ChatDemoConfig
+    from itersft_jax._version import __version__
+    from itersft_jax.apps.demo import DemoConfig
+    from itersft_jax.apps.demo_chat import ChatDemoConfig
 
     parser = argparse.ArgumentParser(
         prog="itersft",
@@ -89,11 +89,11 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in {**given, **model_only}.items() if v is not None}
     overrides.update(seed=args.seed, backend=args.backend, output_dir=args.output_dir, plot=not args.no_plot)
     if args.model is None:
-        from .demo import DemoConfig, run
+        from itersft_jax.apps.demo import DemoConfig, run
 
         run(DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides))
         return
-    from .demo_chat import ChatDemoConfig, ModelSetupError, run_chat
+    from itersft_jax.apps.demo_chat import ChatDemoConfig, ModelSetupError, run_chat
 
     overrides.update(model=args.model, bf16=args.bf16)
     try:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         _demo(parser, args)
         return 0
     if args.command == "convert-gguf":
-        from .demo_chat import convert_gguf
+        from itersft_jax.apps.demo_chat import convert_gguf
 
         try:
             print(convert_gguf(args.gguf_file, args.output_dir))

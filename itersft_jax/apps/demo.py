@@ -126,7 +126,8 @@ def build_model(tokenizer, cfg: DemoConfig):
 
 
 def build_trainer(cfg: DemoConfig, tokenizer, model):
-    from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
+    from itersft_jax.facade import IterativeSFTTrainer
+    from itersft_jax.shared.config import IterativeSFTConfig
 
     args = IterativeSFTConfig(
         output_dir=cfg.output_dir, learning_rate=cfg.learning_rate,

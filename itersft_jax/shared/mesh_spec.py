@@ -11,14 +11,13 @@ over); a bare ``"-1"`` means ``"fsdp:-1"``. Unset (``None``): every device on ``
   devices of one tensor group see the same rows.
 
 The batch's rows are split over ``data`` x ``fsdp`` (``BATCH_AXES``); ``models.sharding`` says how each
-parameter is split. This module parses without JAX (``parse_mesh``, used by the config) and builds the
-``jax.sharding.Mesh`` lazily (``make_mesh``).
+parameter is split. This module parses the spec without JAX (the config checks it); ``parallel.mesh`` builds the
+``jax.sharding.Mesh``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the row axis of a batch is split over these
@@ -70,28 +69,3 @@ def resolve_sizes(spec: str | None, num_devices: int) -> dict[str, int]:
         raise ValueError(f"`mesh`={spec!r} takes {known} devices, but {num_devices} are available (jax.devices()); "
                          f"the sizes must multiply to the device count (use -1 for 'the rest')")
     return sizes
-
-
-def make_mesh(spec: str | None, devices: list[Any] | None = None):
-    """A ``jax.sharding.Mesh`` with axes ``("data", "fsdp", "tensor")`` over ``devices`` (default: all of
-    ``jax.devices()``, every process's), laid out by ``jax.make_mesh``'s topology-aware ordering when it can
-    (tensor groups on the closest devices), else in device order."""
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_sizes(spec, len(devices))
-    shape = tuple(sizes[a] for a in AXES)
-    try:
-        from jax.experimental import mesh_utils
-
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # noqa: BLE001 - unusual topologies: a plain reshape is always valid
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, AXES)
-
-
-def data_parallel_size(mesh) -> int:
-    """How many different row groups one micro-batch is split into (``data`` x ``fsdp``)."""
-    return int(math.prod(mesh.shape[a] for a in BATCH_AXES))

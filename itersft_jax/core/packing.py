@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from .data import IGNORE_INDEX, Example
+from itersft_jax.shared.data import IGNORE_INDEX, Example
 
 MIN_TOKENS_PER_ROW_GROUP = 512  # per device: rows of short samples are grouped so a micro-batch stays a GEMM
 

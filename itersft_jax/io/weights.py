@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from itersft_jax.shared.safetensors_files import read_safetensors_file
+
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
@@ -35,12 +37,6 @@ _DTYPE_NAMES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float16": "float16", "fp16": "float16", "half": "float16",
 }
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -90,7 +86,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
                       force_download: bool = False) -> str:
     """A local directory as is; anything else is a hub id fetched (or found in the cache) by
     ``huggingface_hub.snapshot_download`` — config, safetensors, index, tokenizer and generation config."""
-    from .model_source import check_model_path
+    from itersft_jax.shared.model_source import check_model_path
 
     path = check_model_path(name_or_path)  # a local path that does not exist: FileNotFoundError, not a hub error
     if os.path.isdir(path):
@@ -112,70 +108,6 @@ def load_hf_config(model_name_or_path: str | os.PathLike, **model_init_kwargs):
     return AutoConfig.from_pretrained(model_dir, **overrides)
 
 
-def _safetensors_layout(path: str) -> tuple[int, list[tuple[str, Any, list[int], int, int]]]:
-    """The checked layout of a safetensors file: ``(data offset, [(name, dtype, shape, start, end), ...])``.
-    A truncated or garbage file (header length beyond the file, header not JSON, data offsets outside the
-    data section or not matching the shape) raises ``ValueError`` naming it."""
-    import ml_dtypes
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        header_len = int.from_bytes(head, "little")
-        if len(head) < 8 or header_len > size - 8:
-            what = f"the first 8 bytes say its JSON header alone has {header_len}" if len(head) == 8 else "no header"
-            raise ValueError(f"{path}: not a complete safetensors file ({size} bytes, {what}): truncated or not "
-                             f"safetensors")
-        raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: damaged safetensors header (not JSON: {err})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: damaged safetensors header (not a JSON object)")
-    data_len = size - 8 - header_len
-    layout = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            kind, shape = info["dtype"], [int(n) for n in info["shape"]]
-            start, end = (int(x) for x in info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{path}: damaged safetensors header entry for tensor {name}: {info!r}") from None
-        dtype = ml_dtypes.bfloat16 if kind == "BF16" else _SAFETENSORS_DTYPES.get(kind)
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {kind}")
-        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if not 0 <= start <= end <= data_len or end - start != expected:
-            raise ValueError(f"{path}: tensor {name} needs bytes [{start}, {end}) of a {data_len}-byte data "
-                             f"section ({expected} bytes for {kind}{shape}): truncated or damaged file")
-        layout.append((name, dtype, shape, start, end))
-    return 8 + header_len, layout
-
-
-def _read_safetensors_file(path: str) -> dict[str, np.ndarray]:
-    """One safetensors file as numpy arrays (memory-mapped; BF16 as ``ml_dtypes.bfloat16``).
-
-    Parsed directly — 8-byte header length, JSON header, raw little-endian data — because
-    ``safetensors.numpy`` cannot represent bf16 in every version. A truncated or garbage file raises
-    ``ValueError`` naming it.
-    """
-    offset, layout = _safetensors_layout(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset) if os.path.getsize(path) > offset else None
-    return {name: np.frombuffer(data[start:end] if data is not None else b"",
-                                dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
-            for name, dtype, shape, start, end in layout}
-
-
-def check_safetensors_files(model_dir: str | os.PathLike) -> None:
-    """``ValueError`` naming the first ``*.safetensors`` file of ``model_dir`` that is truncated or damaged
-    (reads headers only; for loaders whose own error does not name the file)."""
-    for name in sorted(os.listdir(model_dir)):
-        if name.endswith(".safetensors"):
-            _safetensors_layout(os.path.join(os.fspath(model_dir), name))
-
-
 def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
     model_dir = os.fspath(model_dir)
@@ -193,14 +125,14 @@ def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
             shard_path = os.path.join(model_dir, shard)
             if not os.path.isfile(shard_path):
                 raise FileNotFoundError(f"{index_path} lists the shard {shard}, which is not in {model_dir}")
-            tensors.update(_read_safetensors_file(shard_path))
+            tensors.update(read_safetensors_file(shard_path))
         missing = set(weight_map) - set(tensors)
         if missing:
             raise ValueError(f"{index_path} lists tensors no shard holds, e.g. {sorted(missing)[:5]}")
         return tensors
     single = os.path.join(model_dir, SAFE_WEIGHTS_NAME)
     if os.path.isfile(single):
-        return _read_safetensors_file(single)
+        return read_safetensors_file(single)
     found = sorted(os.listdir(model_dir))
     raise FileNotFoundError(
         f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {model_dir} (found: {found[:10]}). The JAX "
@@ -342,7 +274,7 @@ def _place_on_mesh(expected: dict, params: dict, mesh) -> dict:
     import numpy as np
     from jax.sharding import NamedSharding
 
-    from itersft_jax.models.sharding import partition_spec
+    from itersft_jax.parallel.sharding import partition_spec
 
     mesh_shape = dict(mesh.shape)
 

@@ -1,0 +1,2 @@
+"""Applications on top of the library: the `itersft` command and its demos.
+"""

@@ -1,0 +1,2 @@
+"""Meshes, several processes, and the sharding rule table.
+"""

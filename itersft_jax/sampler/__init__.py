@@ -1,0 +1,2 @@
+"""Generation from the trainer's live parameters.
+"""

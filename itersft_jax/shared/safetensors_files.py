@@ -1,0 +1,79 @@
+"""Safetensors files read with numpy alone (no jax, no torch): the checked header layout, memory-mapped tensors
+(bf16 as ``ml_dtypes.bfloat16``), and a check that names a truncated or damaged file — for both engines."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def safetensors_layout(path: str) -> tuple[int, list[tuple[str, Any, list[int], int, int]]]:
+    """The checked layout of a safetensors file: ``(data offset, [(name, dtype, shape, start, end), ...])``.
+    A truncated or garbage file (header length beyond the file, header not JSON, data offsets outside the
+    data section or not matching the shape) raises ``ValueError`` naming it."""
+    import ml_dtypes
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little")
+        if len(head) < 8 or header_len > size - 8:
+            what = f"the first 8 bytes say its JSON header alone has {header_len}" if len(head) == 8 else "no header"
+            raise ValueError(f"{path}: not a complete safetensors file ({size} bytes, {what}): truncated or not "
+                             f"safetensors")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: damaged safetensors header (not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: damaged safetensors header (not a JSON object)")
+    data_len = size - 8 - header_len
+    layout = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            kind, shape = info["dtype"], [int(n) for n in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{path}: damaged safetensors header entry for tensor {name}: {info!r}") from None
+        dtype = ml_dtypes.bfloat16 if kind == "BF16" else SAFETENSORS_DTYPES.get(kind)
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {kind}")
+        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if not 0 <= start <= end <= data_len or end - start != expected:
+            raise ValueError(f"{path}: tensor {name} needs bytes [{start}, {end}) of a {data_len}-byte data "
+                             f"section ({expected} bytes for {kind}{shape}): truncated or damaged file")
+        layout.append((name, dtype, shape, start, end))
+    return 8 + header_len, layout
+
+
+def read_safetensors_file(path: str) -> dict[str, np.ndarray]:
+    """One safetensors file as numpy arrays (memory-mapped; BF16 as ``ml_dtypes.bfloat16``).
+
+    Parsed directly — 8-byte header length, JSON header, raw little-endian data — because
+    ``safetensors.numpy`` cannot represent bf16 in every version. A truncated or garbage file raises
+    ``ValueError`` naming it.
+    """
+    offset, layout = safetensors_layout(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset) if os.path.getsize(path) > offset else None
+    return {name: np.frombuffer(data[start:end] if data is not None else b"",
+                                dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+            for name, dtype, shape, start, end in layout}
+
+
+def check_safetensors_files(model_dir: str | os.PathLike) -> None:
+    """``ValueError`` naming the first ``*.safetensors`` file of ``model_dir`` that is truncated or damaged
+    (reads headers only; for loaders whose own error does not name the file)."""
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            safetensors_layout(os.path.join(os.fspath(model_dir), name))
