@@ -104,7 +104,7 @@ def make_trainer(plan: Plan, hf_config, *, batch: int, remat: bool, name: str):
 
 def attention_used(module, seq: int) -> str:
     """The attention implementation ``module`` resolves for rows of ``seq`` tokens (its "auto" is per length)."""
-    from itersft_jax.models.common import resolve_attention_implementation
+    from itersft_jax.models.attention import resolve_attention_implementation
 
     return resolve_attention_implementation(module.attn_requested, seq_len=seq, **dict(module.attn_case))
 
@@ -237,7 +237,7 @@ def parity(plan: Plan, rec: Recorder) -> None:
     import jax
 
     from itersft_jax.io.weights import load_model
-    from itersft_jax.models.common import positions_from_mask
+    from itersft_jax.models.attention.masks import positions_from_mask
 
     _setup(plan, rec)
     path = os.path.join(plan.workdir, "parity")

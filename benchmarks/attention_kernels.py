@@ -4,7 +4,7 @@ the accelerator at hand.
 Timing table (default): one causal self-attention of packed rows (4 samples per row), forward + backward w.r.t.
 q, k, v, median of ``--iters`` runs after a warm-up; memory is XLA's own figure for the compiled program
 (``memory_analysis()``: temporaries + arguments + outputs), the same on every backend. Ratios are against the
-first row of each shape: ``xla``, the materializing path of ``models/common.py`` (``make_attention_mask`` +
+first row of each shape: ``xla``, the materializing path of ``models/attention/xla.py`` (``make_attention_mask`` +
 ``grouped_attention``), where it runs.
 
 * CPU: ``xla`` vs ``xla_chunked``, ``[1, T, 4 heads / 1 kv head, 32]`` fp32, T in 512, 2048, 8192.
@@ -13,8 +13,9 @@ first row of each shape: ``xla``, the materializing path of ``models/common.py``
 
 ``--check``: every implementation that can run on this backend against a materialized fp32 reference (packed
 rows, left padding, an empty row, GQA, sliding window, soft-cap), outputs and q/k/v gradients, plus exact
-isolation across samples; on GPU also jax's cuDNN packed-GQA offsets (the workaround in ``kernels.py``) and
-a row cuDNN cannot express (NaN). Prints one line per case with the max errors and PASS/FAIL.
+isolation across samples; on GPU also jax's cuDNN packed-GQA offsets (the workaround in
+``models/attention/cudnn.py``) and a row cuDNN cannot express (NaN). Prints one line per case with the max errors
+and PASS/FAIL.
 
     python benchmarks/attention_kernels.py [--check | --sweep] [--iters 3]
 """
@@ -35,8 +36,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from itersft_jax.models import kernels  # noqa: E402
-from itersft_jax.models.common import grouped_attention, make_attention_mask  # noqa: E402
+from itersft_jax.models.attention import pallas_gpu  # noqa: E402
+from itersft_jax.models.attention.cudnn import cudnn_segment_layout  # noqa: E402
+from itersft_jax.models.attention.flash import flash_attention  # noqa: E402
+from itersft_jax.models.attention.masks import make_attention_mask
+from itersft_jax.models.attention.select import KERNELS, unsupported_reason  # noqa: E402
+from itersft_jax.models.attention.xla import grouped_attention
 
 
 def packed_ids(b: int, t: int, samples: int = 4) -> np.ndarray:
@@ -50,7 +55,7 @@ def packed_ids(b: int, t: int, samples: int = 4) -> np.ndarray:
 
 
 def xla_attention(q, k, v, seg, *, scale, window=None, softcap=None):
-    """The materializing path of models/common.py (it has no soft-cap)."""
+    """The materializing path of models/attention/xla.py (it has no soft-cap)."""
     assert softcap is None
     mask = make_attention_mask(seg, q.shape[1], 0, window)
     out = grouped_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale=scale)
@@ -74,7 +79,7 @@ def implementation(name: str, **kw):
         return xla_attention
     if name == "jax_pallas_mha":
         return jax_pallas_mha
-    return lambda q, k, v, seg, **a: kernels.flash_attention(q, k, v, seg, implementation=name, **a, **kw)
+    return lambda q, k, v, seg, **a: flash_attention(q, k, v, seg, implementation=name, **a, **kw)
 
 
 def fwd_bwd(fn, seg, **attn):
@@ -200,7 +205,7 @@ def run_checks(platform: str, only: list[str] | None = None):
     bf16, f32 = jnp.bfloat16, jnp.float32
     cases = [(None, None), (64, None), (None, 30.0), (64, 5.0)]
     results = []
-    names = [n for n in kernels.KERNELS if kernels._unsupported(n, platform=platform, dtype=bf16, head_dim=64,
+    names = [n for n in KERNELS if unsupported_reason(n, platform=platform, dtype=bf16, head_dim=64,
                                                                  softcap=None, max_segments=4) is None
              and (not only or n in only)]
     for name in names:
@@ -238,14 +243,14 @@ def check_cudnn_specifics():
     q, k, v, _ = inputs(seg.shape[0], t, n, kv, h, jnp.bfloat16, seed=2)
     ref = reference(q, k, v, seg, scale=0.125)
     # without the workaround: GQA keys with K heads straight into the packed layout
-    seqlens, offsets, _ = kernels.cudnn_segment_layout(seg, 4)
+    seqlens, offsets, _ = cudnn_segment_layout(seg, 4)
     raw = fas.dot_product_attention(q, k, v, None, None, seqlens, seqlens, offsets, offsets, scale=0.125,
                                     mask_type=fas.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
     raw = jnp.where((seg != 0)[:, :, None, None], raw.astype(jnp.float32), 0)
     print(f"packed GQA without repeating kv heads: max err {float(jnp.max(jnp.abs(raw - ref))):.2e} "
           "(large = this jax still has the kv-offset bug, the repeat is needed)")
     bad = jnp.asarray(np.array([[1] * 100 + [2] * 100 + [1] * 56]))  # id 1 in two runs
-    out = kernels.flash_attention(q[:1], k[:1], v[:1], bad, scale=0.125, implementation="cudnn", max_segments=4)
+    out = flash_attention(q[:1], k[:1], v[:1], bad, scale=0.125, implementation="cudnn", max_segments=4)
     nan = bool(jnp.all(jnp.isnan(out)))
     print(f"{'PASS' if nan else 'FAIL'} cudnn row it cannot express -> NaN: {nan}")
     return nan
@@ -253,20 +258,20 @@ def check_cudnn_specifics():
 
 def _fixed_cfg(config, t, head_dim, **kw):
     bq, bk, bqb, bkb, warps, stages = config
-    return kernels._GpuCfg(block_q=bq, block_k=bk, block_q_bwd=bqb, block_k_bwd=bkb, num_warps=warps,
+    return pallas_gpu.GpuConfig(block_q=bq, block_k=bk, block_q_bwd=bqb, block_k_bwd=bkb, num_warps=warps,
                            num_stages=stages, **kw)
 
 
 def sweep_pallas_blocks(iters: int):
     """fwd+bwd time of pallas_gpu per block configuration (block_q, block_k, bwd block_q, bwd block_k, warps,
-    stages) at the two GPU shapes: the data behind ``kernels._gpu_cfg``'s defaults."""
-    default = kernels._gpu_cfg
+    stages) at the two GPU shapes: the data behind ``pallas_gpu.gpu_config``'s defaults."""
+    default = pallas_gpu.gpu_config
     configs = [(128, 64, 64, 64, 4, 2), (128, 128, 64, 64, 8, 2), (128, 64, 64, 64, 4, 3), (64, 64, 64, 64, 4, 2),
                (128, 64, 64, 128, 8, 2), (128, 64, 128, 64, 8, 2)]
     print("\npallas_gpu block sweep, bf16, packed rows (ms, fwd+bwd)")
     for config in configs:
         bq, bk, bqb, bkb, warps, stages = config
-        kernels._gpu_cfg = functools.partial(_fixed_cfg, config)
+        pallas_gpu.gpu_config = functools.partial(_fixed_cfg, config)
         row = []
         for shape in [(8, 2048, 32, 8, 64), (1, 16384, 32, 8, 64)]:
             try:
@@ -274,7 +279,7 @@ def sweep_pallas_blocks(iters: int):
             except Exception as err:  # noqa: BLE001
                 row.append(f"failed {type(err).__name__}")
         print(f"blocks {bq}x{bk} bwd {bqb}x{bkb} warps {warps} stages {stages}: " + "  ".join(row), flush=True)
-    kernels._gpu_cfg = default
+    pallas_gpu.gpu_config = default
 
 
 def main():

@@ -1,8 +1,8 @@
 """16-bit dense layers, forward + backward: the CPU-tuned custom-VJP product vs the plain dot, on this backend.
 
-``common.dense`` runs a bf16 ``nnx.Linear`` as a bf16 x bf16 -> fp32 product. On the CPU backend it takes a
+``dense`` runs a bf16 ``nnx.Linear`` as a bf16 x bf16 -> fp32 product. On the CPU backend it takes a
 hand-written VJP (so the backward products are bf16 x bf16 -> fp32 too); elsewhere the plain
-``jnp.dot(..., preferred_element_type=float32)``, left to XLA's autodiff and fusion (``common.cpu_tuned_matmuls``).
+``jnp.dot(..., preferred_element_type=float32)``, left to XLA's autodiff and fusion (``cpu_tuned_matmuls``).
 This script times one gated MLP (gate, up, down: Llama's) forward + backward in bf16 three ways on the default
 backend: each of those two paths forced, and nnx's own bf16 -> bf16 dot. Shapes: Llama-3.2-1B's MLP on 8192 tokens
 on an accelerator, the README's CPU shape (512 x 256 x 704) on a CPU.
@@ -22,7 +22,7 @@ def main() -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from itersft_jax.models import common
+    from itersft_jax.models import layers as model_layers
 
     on_cpu = jax.default_backend() == "cpu"
     parser = argparse.ArgumentParser()
@@ -48,12 +48,12 @@ def main() -> None:
 
     def forced(cpu_tuned: bool):
         def matmul(layer, x):
-            saved = common.cpu_tuned_matmuls
-            common.cpu_tuned_matmuls = lambda: cpu_tuned  # read while tracing only
+            saved = model_layers.cpu_tuned_matmuls
+            model_layers.cpu_tuned_matmuls = lambda: cpu_tuned  # read while tracing only
             try:
-                return common.dense(layer, x)
+                return model_layers.dense(layer, x)
             finally:
-                common.cpu_tuned_matmuls = saved
+                model_layers.cpu_tuned_matmuls = saved
         return matmul
 
     variants = [("custom VJP, bf16 x bf16 -> fp32 (the CPU path)", forced(True)),

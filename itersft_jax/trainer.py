@@ -226,7 +226,7 @@ class IterativeSFTTrainer(TrainerShell):
         ``[B, T, V]`` (or ``preprocess_logits_for_metrics(logits, labels)``) and labels ``[B, T]``, on the
         host as numpy. Rows are padded to the length ladder, so a few shapes compile."""
         if self._logits_fn is None:
-            from itersft_jax.models.common import positions_from_segments
+            from itersft_jax.models.attention.masks import positions_from_segments
 
             graphdef = self.graphdef
 

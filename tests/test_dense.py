@@ -1,4 +1,4 @@
-"""common.dense: the 2-D matmul wrapper and its bf16 path (16-bit products accumulated in fp32).
+"""models.layers.dense: the 2-D matmul wrapper and its bf16 path (16-bit products accumulated in fp32).
 
 Tolerances: fp32 dense == the layer itself <= 1e-6; bf16 dense and its gradients vs autodiff of the same
 16-bit x 16-bit -> fp32 product <= 1e-2 relative (bf16 rounding of the cotangent only).
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from itersft_jax.models.common import dense
+from itersft_jax.models.layers import dense
 
 
 def _reference(x, kernel, bias, dtype):

@@ -31,7 +31,7 @@ from helpers import perturbed_tiny_model, tiny_config
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.io import weights
 from itersft_jax.models import get_family
-from itersft_jax.models.common import positions_from_mask, positions_from_segments
+from itersft_jax.models.attention.masks import positions_from_mask, positions_from_segments
 from itersft_jax.sampler.generate import generate_ids
 from itersft_jax.shared.shell import StepStats
 

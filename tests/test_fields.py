@@ -297,7 +297,7 @@ def test_both_engines_report_the_same_num_input_tokens_seen(tiny_model_dir, toke
 
 def test_remat_policy_names_agree_with_the_models():
     # fields.py must stay jax-free, so it names the policies itself: they must be the models' own.
-    from itersft_jax.models.common import REMAT_POLICIES
+    from itersft_jax.models.remat import REMAT_POLICIES
 
     assert set(fields.JAX_REMAT_POLICIES) == set(REMAT_POLICIES)
     args = IterativeSFTConfig(output_dir="unused", report_to="none", gradient_checkpointing_kwargs={"policy": "dots"})

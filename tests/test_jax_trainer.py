@@ -97,7 +97,7 @@ def test_save_model_round_trip(llama_dir, tmp_path, tokenizer):
         expected = hf(**batch).logits.numpy()
     ids = batch["input_ids"].numpy()
     mask = batch["attention_mask"].numpy()
-    from itersft_jax.models.common import positions_from_mask
+    from itersft_jax.models.attention.masks import positions_from_mask
 
     logits, _ = trainer.model(ids, positions_from_mask(mask), mask)
     assert np.abs(np.asarray(logits) - expected).max() <= 1e-4  # fp32 tolerance

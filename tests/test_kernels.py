@@ -1,5 +1,5 @@
-"""models/kernels.py: every flash-attention implementation that runs on CPU against a plain reference, the cuDNN
-segment mapping, and the resolver.
+"""models/attention/ (flash.py and one file per kernel): every flash-attention implementation that runs on CPU against
+a plain reference, the cuDNN segment mapping, and the resolver.
 
 The reference (``_reference``) materializes fp32 scores with the contract's mask written out independently of the
 kernels: query t attends key s iff s <= t, same non-zero segment, t - s < window; soft-cap before masking;
@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from itersft_jax.models.kernels import (
+from itersft_jax.models.attention.cudnn import cudnn_segment_layout
+from itersft_jax.models.attention.flash import flash_attention
+from itersft_jax.models.attention.select import (
     ATTENTION_IMPLEMENTATIONS,
     IMPLEMENTATIONS,
     KERNELS,
-    cudnn_segment_layout,
-    flash_attention,
-    resolve_attention_implementation,
+    choose_implementation,
 )
 
 ATOL = 2e-5
@@ -188,7 +188,7 @@ def test_cudnn_segment_layout_round_trips_random_packed_rows():
 
 def test_resolver_picks_the_best_kernel_for_the_case():
     bf16, f32 = jnp.bfloat16, jnp.float32
-    r = lambda req, **kw: resolve_attention_implementation(req, **{"dtype": bf16, "head_dim": 64, **kw})
+    r = lambda req, **kw: choose_implementation(req, **{"dtype": bf16, "head_dim": 64, **kw})
     assert r("auto", platform="cpu") == "xla"
     assert r(None, platform="cpu") == "xla"
     assert r("auto", platform="cpu", seq_len=2048) == "xla"
@@ -213,13 +213,13 @@ def test_resolver_picks_the_best_kernel_for_the_case():
 
 def test_resolver_skips_cudnn_before_hopper(monkeypatch):
     """jax refuses cuDNN's packed layout below sm90: an A100 gets the Pallas kernel, an explicit cudnn an error."""
-    from itersft_jax.models import kernels
+    from itersft_jax.models.attention import select
 
-    monkeypatch.setattr(kernels, "_gpu_compute_capability", lambda: (8, 0))
+    monkeypatch.setattr(select, "gpu_compute_capability", lambda: (8, 0))
     case = dict(platform="gpu", dtype=jnp.bfloat16, head_dim=64, max_segments=8)
-    assert resolve_attention_implementation("auto", **case) == "pallas_gpu"
+    assert choose_implementation("auto", **case) == "pallas_gpu"
     with pytest.raises(ValueError, match="Hopper"):
-        resolve_attention_implementation("cudnn", **case)
+        choose_implementation("cudnn", **case)
 
 
 @pytest.mark.parametrize("requested, case, why", [
@@ -233,7 +233,7 @@ def test_resolver_skips_cudnn_before_hopper(monkeypatch):
 ])
 def test_resolver_refuses_what_cannot_run(requested, case, why):
     with pytest.raises(ValueError, match="attn_implementation") as err:
-        resolve_attention_implementation(requested, **{"dtype": jnp.bfloat16, "head_dim": 64, **case})
+        choose_implementation(requested, **{"dtype": jnp.bfloat16, "head_dim": 64, **case})
     assert why in str(err.value)
     if "not one of" not in why:
         assert "xla_chunked" in str(err.value), "the error lists the alternatives"

@@ -62,7 +62,7 @@ def existing_adapter(tmp_path_factory, tokenizer):
 def _logits_jax(trainer, ids):
     import jax
 
-    from itersft_jax.models.common import positions_from_mask
+    from itersft_jax.models.attention.masks import positions_from_mask
 
     mask = np.ones_like(ids)
     logits = trainer.model(ids, positions_from_mask(mask), mask)[0]

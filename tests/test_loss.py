@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from itersft_jax.core.loss import causal_lm_loss, default_chunk_size
-from itersft_jax.models.common import LMHead
+from itersft_jax.models.layers import LMHead
 
 B, T, D, V = 3, 7, 12, 50  # N = 21 tokens: chunks of 8 leave a ragged last chunk of 5
 

@@ -1,6 +1,7 @@
-"""The model contract every family shares (``models/common.py``, ``mapping.py``, ``rope.py``): weight-mapping errors,
-activations, parameter naming, RoPE config reading, remat policies, attention implementations and the soft-capped
-attention's gradients, NEFTune, the GPU/TPU matmul path, bf16 compute, and cached decoding.
+"""The model contract every family shares (``models/base.py``, ``layers.py``, ``attention/``, ``mapping.py``,
+``rope.py``): weight-mapping errors, activations, parameter naming, RoPE config reading, remat policies, attention
+implementations and the soft-capped attention's gradients, NEFTune, the GPU/TPU matmul path, bf16 compute, and
+cached decoding.
 
 Tolerances: fp32 vs transformers <= 1e-4 (as in ``test_families``); remat vs no remat, fp32, values and
 gradients <= 1e-6 (the same computation, rescheduled); the XLA attention's custom VJP vs autodiff of a plain
@@ -21,8 +22,10 @@ from flax import nnx
 from helpers import perturbed_tiny_model, tiny_config, tiny_model
 
 from itersft_jax.io import weights
-from itersft_jax.models import common, get_family, supported_model_types
-from itersft_jax.models.common import positions_from_segments
+from itersft_jax.models import get_family, layers, supported_model_types
+from itersft_jax.models.attention import attention, attention_context, resolve_attention_implementation
+from itersft_jax.models.attention.masks import make_attention_mask, positions_from_mask, positions_from_segments
+from itersft_jax.models.layers import ACTIVATIONS, LMHead, dense, head_logits, neftune_noise
 from itersft_jax.models.rope import rope_parameters
 
 VOCAB = 320
@@ -33,7 +36,7 @@ def right_padded(lengths, seed=0):
     total = max(lengths)
     mask = (np.arange(total)[None] < np.asarray(lengths)[:, None]).astype(np.int64)
     ids = np.where(mask, rng.integers(3, VOCAB, (len(lengths), total)), 0)
-    return ids, mask, np.asarray(common.positions_from_mask(jnp.asarray(mask)))
+    return ids, mask, np.asarray(positions_from_mask(jnp.asarray(mask)))
 
 
 def hf_logits(model, ids, mask, positions):
@@ -77,7 +80,7 @@ def test_activations_match_transformers():
     from transformers.activations import ACT2FN
 
     x = np.linspace(-12, 12, 2001, dtype=np.float32)
-    for name, fn in common.ACTIVATIONS.items():
+    for name, fn in ACTIVATIONS.items():
         ref = ACT2FN[name](torch.tensor(x)).numpy()
         np.testing.assert_allclose(np.asarray(fn(jnp.asarray(x))), ref, atol=1e-5, err_msg=name)
 
@@ -195,18 +198,18 @@ def test_remat_settings_are_checked():
 def test_attention_implementation_resolution():
     kw = {"dtype": jnp.float32, "head_dim": 16, "window": None, "softcap": None}
     for requested in (None, "auto", "xla", "eager", "sdpa"):
-        assert common.resolve_attention_implementation(requested, **kw) == "xla"  # CPU, short rows
-    assert common.resolve_attention_implementation("auto", seq_len=8192, **kw) == "xla_chunked"  # long rows
-    assert common.resolve_attention_implementation("flash_attention_2", **kw) == "xla_chunked"  # never xla
+        assert resolve_attention_implementation(requested, **kw) == "xla"  # CPU, short rows
+    assert resolve_attention_implementation("auto", seq_len=8192, **kw) == "xla_chunked"  # long rows
+    assert resolve_attention_implementation("flash_attention_2", **kw) == "xla_chunked"  # never xla
     with pytest.raises(ValueError, match="attn_implementation='pallas'"):
-        common.resolve_attention_implementation("pallas", **kw)
+        resolve_attention_implementation("pallas", **kw)
     with pytest.raises(TypeError, match="attn_implementation"):
-        common.resolve_attention_implementation(3, **kw)
+        resolve_attention_implementation(3, **kw)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "gemma2"])
 def test_kernel_path_equals_the_xla_path(model_type, tiny_model_dir):
-    """The model's forward through kernels.flash_attention (xla_chunked, the kernel that runs on CPUs) equals
+    """The model's forward through attention.flash.flash_attention (xla_chunked, the kernel that runs on CPUs) equals
     the materializing path on packed rows with sliding windows (and Gemma 2's soft-cap): logits and gradients,
     fp32: logits 1e-5, each parameter's gradient 1e-5 relative (norm)."""
     overrides = {"qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=0),
@@ -251,14 +254,14 @@ def test_xla_attention_with_softcap_and_window_matches_autodiff_of_the_plain_for
     scale, window, softcap = 0.7, 3, 1.5
 
     def ours(q, k, v):
-        ctx = common.attention_context(seg, 7, None, "xla")
-        out, _ = common.attention(q, k, v, None, ctx, scale=scale, window=window, softcap=softcap)
+        ctx = attention_context(seg, 7, None, "xla")
+        out, _ = attention(q, k, v, None, ctx, scale=scale, window=window, softcap=softcap)
         return jnp.sum(out * w)
 
     def plain(q, k, v):
         k_n, v_n = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)  # query head n uses kv head n // 2
         logits = softcap * jnp.tanh(jnp.einsum("btnh,bsnh->bnts", q, k_n) * scale / softcap)
-        mask = common.make_attention_mask(seg, 7, window=window)[:, None]
+        mask = make_attention_mask(seg, 7, window=window)[:, None]
         probs = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1)
         return jnp.sum(jnp.einsum("bnts,bsnh->btnh", probs, v_n) * w)
 
@@ -275,7 +278,7 @@ def test_cached_decode_equals_full_forward_with_windows_and_softcaps():
     rng = np.random.default_rng(0)
     mask = (np.arange(total)[None] >= total - np.array([[16], [11], [5]])).astype(np.int32)
     ids = np.where(mask, rng.integers(3, VOCAB, (3, total)), 0)
-    positions = common.positions_from_mask(jnp.asarray(mask))
+    positions = positions_from_mask(jnp.asarray(mask))
     full = np.asarray(model(jnp.asarray(ids), positions, jnp.asarray(mask))[0])
 
     cache_mask = np.concatenate([mask, np.ones((3, cache_len - total), np.int32)], axis=1)
@@ -300,7 +303,7 @@ def test_neftune_noise_lands_where_transformers_hook_adds_it(model_type, overrid
     ids, mask, positions = right_padded([12, 7])
     alpha, key = 5.0, jax.random.key(3)
     width = hf.get_input_embeddings().weight.shape[1]
-    noise = np.asarray(common.neftune_noise((alpha, key), jnp.zeros((2, 12, width)), jnp.asarray(mask)))
+    noise = np.asarray(neftune_noise((alpha, key), jnp.zeros((2, 12, width)), jnp.asarray(mask)))
     handle = hf.get_input_embeddings().register_forward_hook(lambda module, args, out: out + torch.tensor(noise))
     try:
         expected = hf_logits(hf, ids, mask, positions)
@@ -316,13 +319,13 @@ def test_neftune_noise_lands_where_transformers_hook_adds_it(model_type, overrid
 def test_neftune_noise_is_scaled_per_sample_and_zero_on_padding():
     seg = jnp.array([[1, 1, 1, 2, 2, 0, 0, 0], [1] * 8])
     alpha, dim = 5.0, 64
-    noise = np.asarray(common.neftune_noise((alpha, jax.random.key(0)), jnp.zeros((2, 8, dim)), seg))
+    noise = np.asarray(neftune_noise((alpha, jax.random.key(0)), jnp.zeros((2, 8, dim)), seg))
     assert not noise[0, 5:].any()
     for row, cols, length in [(0, slice(0, 3), 3), (0, slice(3, 5), 2), (1, slice(0, 8), 8)]:
         bound = alpha / np.sqrt(length * dim)  # HF's alpha / sqrt(L * D), L the sample's own length
         assert 0.9 * bound < np.abs(noise[row, cols]).max() <= bound
     embeds = jnp.ones((1, 2, 3))
-    assert common.neftune_noise(None, embeds, seg[:1, :2]) is embeds  # None: no noise
+    assert neftune_noise(None, embeds, seg[:1, :2]) is embeds  # None: no noise
 
 
 # ----------------------------------------------------------------------------- matmul paths and bf16
@@ -337,19 +340,19 @@ def test_plain_dot_path_equals_the_cpu_tuned_path(monkeypatch):
     head_w = jax.random.normal(jax.random.key(2), (30, 16))
 
     def dense_loss(state, x):
-        return jnp.sum(jnp.sin(common.dense(nnx.merge(graphdef, state), x).astype(jnp.float32)))
+        return jnp.sum(jnp.sin(dense(nnx.merge(graphdef, state), x).astype(jnp.float32)))
 
     def head_loss(head_w, x):
-        return jnp.sum(jnp.sin(common.head_logits(common.LMHead(head_w, True, 2.0, jnp.bfloat16), x)
+        return jnp.sum(jnp.sin(head_logits(LMHead(head_w, True, 2.0, jnp.bfloat16), x)
                                .astype(jnp.float32)))
 
     def both():
         return [jax.value_and_grad(dense_loss, argnums=(0, 1))(state, x),
                 jax.value_and_grad(head_loss, argnums=(0, 1))(head_w, x)]
 
-    monkeypatch.setattr(common, "cpu_tuned_matmuls", lambda: True)  # forced both ways: the test runs on any backend
+    monkeypatch.setattr(layers, "cpu_tuned_matmuls", lambda: True)  # forced both ways: the test runs on any backend
     tuned = both()
-    monkeypatch.setattr(common, "cpu_tuned_matmuls", lambda: False)
+    monkeypatch.setattr(layers, "cpu_tuned_matmuls", lambda: False)
     for (value_a, grads_a), (value_b, grads_b) in zip(tuned, both()):
         assert float(value_a) == float(value_b)
         for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):

@@ -18,7 +18,8 @@ from helpers import tiny_config, tiny_model
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.core.packing import first_fit_decreasing, pack_update
 from itersft_jax.core.train_step import TrainState, count_compilations, make_train_step
-from itersft_jax.models import common, llama
+from itersft_jax.models import llama
+from itersft_jax.models.attention.masks import make_attention_mask, positions_from_mask, positions_from_segments
 from itersft_jax.shared.data import IGNORE_INDEX, Example, collate
 
 VOCAB = 320
@@ -55,12 +56,12 @@ def test_first_fit_decreasing_fills_rows():
 
 def test_segment_ids_mask_and_positions():
     seg = jnp.array([[1, 1, 2, 2, 2, 0]])
-    mask = np.asarray(common.make_attention_mask(seg, 6))[0]
+    mask = np.asarray(make_attention_mask(seg, 6))[0]
     assert mask[3].tolist() == [False, False, True, True, False, False]  # own segment, causal
     assert not mask[5].any()  # padding attends nothing
-    assert common.positions_from_segments(seg).tolist() == [[0, 1, 0, 1, 2, 0]]
+    assert positions_from_segments(seg).tolist() == [[0, 1, 0, 1, 2, 0]]
     plain = jnp.array([[1, 1, 1, 0, 0]])
-    assert common.positions_from_segments(plain)[0, :3].tolist() == common.positions_from_mask(plain)[0, :3].tolist()
+    assert positions_from_segments(plain)[0, :3].tolist() == positions_from_mask(plain)[0, :3].tolist()
 
 
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}])
@@ -69,7 +70,7 @@ def test_packed_forward_equals_each_sample_alone(overrides):
     examples = _examples([5, 9, 3, 12, 7])
     batch, used = pack_update([examples], row_length=16, rows=1, num_micro_batches=5)
     ids, seg = jnp.asarray(batch["input_ids"][:used, 0]), jnp.asarray(batch["attention_mask"][:used, 0])
-    logits = model(ids, common.positions_from_segments(seg), seg)[0]
+    logits = model(ids, positions_from_segments(seg), seg)[0]
     for r in range(used):
         for s in range(1, int(seg[r].max()) + 1):
             cols = np.flatnonzero(np.asarray(seg[r]) == s)

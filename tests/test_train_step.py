@@ -22,7 +22,9 @@ from helpers import tiny_config, tiny_model
 
 from itersft_jax.core.loss import causal_lm_loss
 from itersft_jax.core.train_step import TrainState, count_compilations, make_train_step, train_step
-from itersft_jax.models import common
+from itersft_jax.models.attention import attention, attention_context
+from itersft_jax.models.attention.masks import positions_from_mask
+from itersft_jax.models.layers import LMHead, head_logits, neftune_noise
 
 VOCAB = 41
 
@@ -43,20 +45,20 @@ class TinyCausalLM(nnx.Module):
 
     def hidden_states(self, input_ids_BT, positions_BT, attention_mask_BS, cache=None, neftune=None):
         b, t = input_ids_BT.shape
-        embeds_BTD = common.neftune_noise(neftune, self.embed(input_ids_BT), attention_mask_BS)
+        embeds_BTD = neftune_noise(neftune, self.embed(input_ids_BT), attention_mask_BS)
         h_BTD = embeds_BTD + self.pos_embed(positions_BT)
         q, k, v = jnp.split(self.qkv(h_BTD).reshape(b, t, 3 * self.heads, -1), 3, axis=2)
-        ctx = common.attention_context(attention_mask_BS, t, None)
-        attn, _ = common.attention(q, k, v, None, ctx, scale=q.shape[-1] ** -0.5)
+        ctx = attention_context(attention_mask_BS, t, None)
+        attn, _ = attention(q, k, v, None, ctx, scale=q.shape[-1] ** -0.5)
         h_BTD = h_BTD + self.out(attn.reshape(b, t, -1))
         return self.ln_f(h_BTD), cache
 
-    def head(self) -> common.LMHead:
-        return common.LMHead(self.head_proj.kernel[...], False, None, self.dtype)
+    def head(self) -> LMHead:
+        return LMHead(self.head_proj.kernel[...], False, None, self.dtype)
 
     def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache=None):
         h_BTD, cache = self.hidden_states(input_ids_BT, positions_BT, attention_mask_BS, cache)
-        return common.head_logits(self.head(), h_BTD), cache
+        return head_logits(self.head(), h_BTD), cache
 
 
 def llama_pair(**overrides):
@@ -112,7 +114,7 @@ def run(model, tx, batches, schedule=None, params_as_dict=True, **step_options):
 @nnx.jit
 def per_row_loss(model, ids, mask, labels):
     """Summed loss and label count of each row, from a plain forward pass."""
-    h = model.hidden_states(ids, common.positions_from_mask(mask), mask)[0]
+    h = model.hidden_states(ids, positions_from_mask(mask), mask)[0]
     return jax.vmap(lambda h_TD, lb: causal_lm_loss(h_TD[None], model.head(), lb[None]))(h, labels)
 
 
@@ -128,7 +130,7 @@ def test_loss_and_grad_norm_match_transformers():
 
     ids, mask, labels = (torch.tensor(batch[k][0], dtype=torch.long)
                          for k in ("input_ids", "attention_mask", "labels"))
-    positions = torch.tensor(np.asarray(common.positions_from_mask(jnp.asarray(batch["attention_mask"][0]))))
+    positions = torch.tensor(np.asarray(positions_from_mask(jnp.asarray(batch["attention_mask"][0]))))
     out = torch_model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels)
     out.loss.backward()
     torch_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in torch_model.parameters()))
@@ -147,7 +149,7 @@ def test_label_smoothing_matches_the_torch_backend():
     _, (m,) = run(model, optax.sgd(0.0), [batch], label_smoothing=0.1)
     ids, mask, labels = (torch.tensor(batch[k][0], dtype=torch.long)
                          for k in ("input_ids", "attention_mask", "labels"))
-    positions = torch.tensor(np.asarray(common.positions_from_mask(jnp.asarray(batch["attention_mask"][0]))))
+    positions = torch.tensor(np.asarray(positions_from_mask(jnp.asarray(batch["attention_mask"][0]))))
     with torch.no_grad():
         logits = torch_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         smoothed = summed_token_ce(logits, labels, shift=True, label_smoothing=0.1).item() / m["num_tokens"]
@@ -225,7 +227,7 @@ def test_causality_no_gradient_from_the_future(family):
     def embedding_grad_norms(labels):
         def loss(p):
             model = nnx.merge(graphdef, p)
-            h = model.hidden_states(ids, common.positions_from_mask(mask), mask)[0]
+            h = model.hidden_states(ids, positions_from_mask(mask), mask)[0]
             return causal_lm_loss(h, model.head(), labels)[0]
 
         table = functools.reduce(lambda node, k: node[k], embed_path, jax.grad(loss)(params))["embedding"]

@@ -20,7 +20,7 @@ from helpers import tiny_config, tiny_model
 
 from itersft_jax.io import weights
 from itersft_jax.models import llama
-from itersft_jax.models.common import positions_from_mask
+from itersft_jax.models.attention.masks import positions_from_mask
 
 VOCAB = 320
 

@@ -1,7 +1,7 @@
 """The causal-LM loss from hidden states: LM head and cross-entropy fused, computed in chunks of tokens.
 
 ``causal_lm_loss(h_BTD, head, labels_BT)`` takes the LM head's input and the head as data
-(``models.common.LMHead``), never logits: the ``N = B * T`` tokens are cut into chunks of ``chunk_size``
+(``models.layers.LMHead``), never logits: the ``N = B * T`` tokens are cut into chunks of ``chunk_size``
 rows and each chunk's ``[C, V]`` logits live only inside the chunk, so neither the forward nor the
 backward pass ever holds ``[N, V]`` (with a 128k vocabulary, 2,048 tokens of fp32 logits are 1 GB; the
 logits, their softmax and their gradient made three such buffers).
@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from itersft_jax.models.common import LMHead
+from itersft_jax.models.layers import LMHead
 from itersft_jax.shared.data import IGNORE_INDEX
 
 CHUNK_BYTES = 128 * 2**20  # fp32 logits of one chunk (its gradient reuses the buffer)

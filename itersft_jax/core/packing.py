@@ -12,7 +12,7 @@ as attention never crosses samples and positions restart per sample. Packing the
   needs never changes the shape.
 
 A packed row carries segment ids in ``attention_mask`` (1, 2, ... per sample, 0 for padding; see
-``models/common.make_attention_mask``), and each sample's first label is set to -100: the token before
+``models.attention.masks.make_attention_mask``), and each sample's first label is set to -100: the token before
 it belongs to another sample and must not be trained to predict it (it never carries loss unpacked
 either, where the shift drops position 0).
 """

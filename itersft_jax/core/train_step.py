@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from itersft_jax.core.loss import causal_lm_loss, check_loss_options
-from itersft_jax.models.common import positions_from_segments
+from itersft_jax.models.attention.masks import positions_from_segments
 from itersft_jax.models.lora import dropout_rng
 
 

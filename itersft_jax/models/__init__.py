@@ -1,20 +1,21 @@
 """Flax NNX causal-LM families, keyed by Hugging Face ``config.model_type``.
 
-The contract (``common.py`` holds what every family shares):
+The contract (``base.py``, ``layers.py``, ``cache.py``, ``remat.py`` and ``attention/`` hold what every family
+shares):
 
 * ``MODEL_TYPES``: the HF ``model_type`` strings a family module serves.
 * ``CausalLM(config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=False, attn_implementation="auto",
-  rngs=nnx.Rngs(0))``: an ``nnx.Module`` (a ``common.CausalLMBase``) built from the HF ``PretrainedConfig``;
+  rngs=nnx.Rngs(0))``: an ``nnx.Module`` (a ``base.CausalLMBase``) built from the HF ``PretrainedConfig``;
   layers are a plain list (one module per layer, so parameter paths mirror HF's). ``remat``: False, True
-  (= ``"full"``) or a policy name of ``common.REMAT_POLICIES``; ``attn_implementation``: ``"auto"``, ``"xla"``
-  or a kernel of ``kernels.py`` (or a Hugging Face name), validated when the model is built and resolved
+  (= ``"full"``) or a policy name of ``remat.REMAT_POLICIES``; ``attn_implementation``: ``"auto"``, ``"xla"``
+  or a kernel of ``attention/`` (or a Hugging Face name), validated when the model is built and resolved
   per forward (``"auto"`` on a CPU takes ``xla_chunked`` for rows of 4096 tokens and more).
 * ``hidden_states(input_ids_BT, positions_BT, attention_mask_BS, cache=None, neftune=None) -> (h_BTD, cache)``:
   the LM head's input (final norm applied); ``head() -> LMHead`` the output projection as data (weight,
   transposed, final-logit soft-cap, dtype), so a loss can apply it chunk by chunk; ``__call__(input_ids_BT,
   positions_BT, attention_mask_BS, cache=None, last_only=False) -> (logits_BTV, cache)`` is the two together
   (``last_only``: the last position only, generation's prefill). The mask is 0/1, or segment ids for packed
-  rows (see ``common.py``); ``neftune=(alpha, key)`` adds NEFTune noise to the input embeddings.
+  rows (see ``attention/__init__.py``); ``neftune=(alpha, key)`` adds NEFTune noise to the input embeddings.
   ``init_cache(batch, length, dtype)`` returns an empty ``KVCache`` (``[B, K, S, H]`` per layer).
 * ``params_from_hf(tensors: dict[str, np.ndarray], config) -> dict``: HF state-dict names to the nested pure
   dict of ``nnx.state(model, nnx.Param)``, and ``params_to_hf(params, config) -> dict[str, np.ndarray]``, its

@@ -20,16 +20,10 @@ import numpy as np
 from flax import nnx
 
 from itersft_jax.models import mapping
-from itersft_jax.models.common import (
-    CausalLMBase,
-    KVCache,
-    activation,
-    attention,
-    dense,
-    embedding_head,
-    neftune_noise,
-    untied_head,
-)
+from itersft_jax.models.attention import attention
+from itersft_jax.models.base import CausalLMBase
+from itersft_jax.models.cache import KVCache
+from itersft_jax.models.layers import activation, dense, embedding_head, neftune_noise, untied_head
 from itersft_jax.models.rope import Rope, apply_rope, cos_sin
 
 

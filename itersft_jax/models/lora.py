@@ -2,7 +2,7 @@
 
 ``LoRASettings.from_peft(peft_config)`` reads a ``peft.LoraConfig`` (or its dict); ``attach_adapters(model,
 hf_config, settings, seed)`` puts two ``LoRAParam`` matrices on every targeted ``nnx.Linear`` —
-``lora_a [in, r]`` (PEFT's kaiming-uniform init) and ``lora_b [r, out]`` (zeros) — and ``common.dense`` adds
+``lora_a [in, r]`` (PEFT's kaiming-uniform init) and ``lora_b [r, out]`` (zeros) — and ``layers.dense`` adds
 ``scale * dropout(x) @ lora_a @ lora_b`` to the layer's output. Targets are resolved through the family's HF
 checkpoint table (``models.<family>.hf_layout``), so ``target_modules`` takes the Hugging Face module names
 (``q_proj``, GPT-2's ``c_attn``, a regex, or ``"all-linear"`` = every linear layer but the LM head, as in PEFT).

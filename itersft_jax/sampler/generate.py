@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from itersft_jax.models.common import positions_from_mask
+from itersft_jax.models.attention.masks import positions_from_mask
 from itersft_jax.shared.data import bucket_length
 from itersft_jax.shared.outputs import MAX_EOS_IDS, GenerationOutput, as_id_list, check_generation_args
 from itersft_jax.shared.outputs import eos_id_list as _eos_list

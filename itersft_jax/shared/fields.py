@@ -75,7 +75,7 @@ def _jax_optim_args(value, args) -> str | None:
     return None
 
 
-JAX_REMAT_POLICIES = ("full", "dots", "offload")  # models.common.REMAT_POLICIES, named here without jax
+JAX_REMAT_POLICIES = ("full", "dots", "offload")  # models.remat.REMAT_POLICIES, named here without jax
 
 
 def _jax_checkpointing_kwargs(value, args) -> str | None:
@@ -211,7 +211,7 @@ FIELDS: dict[str, dict[str, Rule]] = {
                       honoured("Trainer sets model.config.use_cache (training forwards)")),
     "neftune_noise_alpha": each(
         honoured("train_step: uniform noise of size alpha/sqrt(L*d) on the input embeddings of step()'s updates "
-                 "only (L = each sample's length; models.common.neftune_noise); never in generate()/evaluate()"),
+                 "only (L = each sample's length; models.layers.neftune_noise); never in generate()/evaluate()"),
         honoured("itersft_torch.features: uniform noise of size alpha/sqrt(L*d) on the input embeddings of "
                  "step()'s forwards only (L = each sample's length); never in generate()/evaluate()")),
     "torch_empty_cache_steps": each(
