@@ -218,11 +218,12 @@ def remove_flax_files(output_dir: str | os.PathLike) -> None:
             os.remove(os.path.join(output_dir, name))
 
 
-def save_flax(tensors: dict[str, np.ndarray], hf_config, output_dir: str | os.PathLike) -> str:
-    """Write ``flax_model.msgpack`` (the arrays' own dtype) that transformers 4.x's Flax class loads; its path."""
+def save_flax(flax_tree: dict, output_dir: str | os.PathLike) -> str:
+    """Write ``flax_tree`` (from ``hf_to_flax``; the arrays' own dtype) as ``output_dir/flax_model.msgpack``, the
+    file transformers 4.x's Flax classes load; returns its path."""
     from flax.serialization import msgpack_serialize
 
     path = os.path.join(os.fspath(output_dir), FLAX_WEIGHTS_NAME)
     with open(path, "wb") as f:
-        f.write(msgpack_serialize(hf_to_flax(tensors, hf_config)))
+        f.write(msgpack_serialize(flax_tree))
     return path

@@ -444,6 +444,9 @@ def save_pretrained(params_or_model, hf_config, output_dir: str | os.PathLike, t
     params = jax.device_get(_to_params_dict(params_or_model))
     tensors = {name: np.ascontiguousarray(array)
                for name, array in family.params_to_hf(params, hf_config).items()}
+    from . import flax_weights
+
+    flax_tree = flax_weights.hf_to_flax(tensors, hf_config) if flax_format else None  # refusals before any write
 
     config = copy.deepcopy(hf_config)
     config.dtype = _checkpoint_dtype(tensors)
@@ -470,11 +473,9 @@ def save_pretrained(params_or_model, hf_config, output_dir: str | os.PathLike, t
         index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
         with open(os.path.join(output_dir, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
-    from . import flax_weights
-
     flax_weights.remove_flax_files(output_dir)  # an earlier save's would disagree with these weights
-    if flax_format:
-        flax_weights.save_flax(tensors, config, output_dir)
+    if flax_tree is not None:
+        flax_weights.save_flax(flax_tree, output_dir)
 
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
