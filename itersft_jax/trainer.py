@@ -251,12 +251,17 @@ class IterativeSFTTrainer(TrainerShell):
     # ------------------------------------------------------------------------------------------------------
     # Saving, the Hub and generation
 
-    def save_model(self, output_dir: str | None = None, max_shard_size: str | int = "5GB") -> str:
+    def save_model(self, output_dir: str | None = None, max_shard_size: str | int = "5GB",
+                   flax_format: bool = False) -> str:
         """Write an HF directory (config, safetensors, tokenizer, generation config) that
         ``AutoModelForCausalLM.from_pretrained`` loads; with LoRA, a PEFT adapter directory
         (``adapter_config.json``, ``adapter_model.safetensors``, tokenizer) that ``PeftModel.from_pretrained(base,
-        dir)`` loads (see ``merge_and_save`` for a merged model)."""
+        dir)`` loads (see ``merge_and_save`` for a merged model). ``flax_format=True`` also writes
+        ``flax_model.msgpack`` for transformers 4.x's Flax classes (Llama, Mistral, Gemma, GPT-2, OPT)."""
         output_dir = output_dir or self.args.output_dir
+        if flax_format and self.adapters is not None:
+            raise ValueError("flax_format=True writes a full model: with LoRA, merge the adapters first "
+                             "(merge_and_save) and load that directory")
         if self.adapters is not None:
             from itersft_jax.io.peft_io import save_adapter
 
@@ -266,7 +271,7 @@ class IterativeSFTTrainer(TrainerShell):
         if not distributed.is_main_process():
             return output_dir
         return save_pretrained(params, self.config, output_dir, tokenizer=self.processing_class,
-                               max_shard_size=max_shard_size)
+                               max_shard_size=max_shard_size, flax_format=flax_format)
 
     def merge_and_save(self, output_dir: str, max_shard_size: str | int = "5GB") -> str:
         """Write a full HF model directory with the LoRA adapters folded into the base weights (``W + scale * A

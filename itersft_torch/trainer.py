@@ -76,6 +76,11 @@ def load_model(model_id: str | os.PathLike, model_init_kwargs: dict[str, Any] | 
     from itersft_jax.shared.model_source import check_model_path
 
     model_id = check_model_path(model_id)  # a missing local path: FileNotFoundError, not "invalid repo id"
+    from itersft_jax.shared.weight_files import is_flax_only
+
+    if is_flax_only(model_id):  # transformers v5 has no Flax classes and no from_flax
+        raise ValueError(f"{model_id} holds only Flax weights (flax_model.msgpack), which transformers v5 cannot "
+                         "load; use backend=\"jax\", which reads them (and can save safetensors for this backend)")
     kwargs = dict(model_init_kwargs or {})
     dtypes = {k: kwargs.pop(k) for k in ("dtype", "torch_dtype") if k in kwargs}
     if len(dtypes) == 2 and _resolve_dtype(dtypes["dtype"]) != _resolve_dtype(dtypes["torch_dtype"]):
@@ -88,7 +93,7 @@ def load_model(model_id: str | os.PathLike, model_init_kwargs: dict[str, Any] | 
         return auto.from_pretrained(model_id, **kwargs)
     except Exception as err:  # safetensors' own error does not say which file: name it
         if type(err).__name__ == "SafetensorError" and os.path.isdir(model_id):
-            from itersft_jax.shared.safetensors_files import check_safetensors_files
+            from itersft_jax.shared.weight_files import check_safetensors_files
 
             check_safetensors_files(model_id)
         raise

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from itersft_jax.shared.safetensors_files import read_safetensors_file
+from itersft_jax.shared.weight_files import read_safetensors_file
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -85,7 +85,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
                       cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                       force_download: bool = False) -> str:
     """A local directory as is; anything else is a hub id fetched (or found in the cache) by
-    ``huggingface_hub.snapshot_download`` — config, safetensors, index, tokenizer and generation config."""
+    ``huggingface_hub.snapshot_download`` — config, safetensors, index, tokenizer and generation config; the Flax
+    msgpack files only when the repository has no safetensors (a second, fallback download)."""
     from itersft_jax.shared.model_source import check_model_path
 
     path = check_model_path(name_or_path)  # a local path that does not exist: FileNotFoundError, not a hub error
@@ -93,9 +94,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
         return path
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(path, revision=revision, token=token, cache_dir=cache_dir,
-                             local_files_only=local_files_only, force_download=force_download,
-                             allow_patterns=ALLOW_PATTERNS)
+    from itersft_jax.io.flax_weights import hub_fallback_patterns
+
+    kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+                  force_download=force_download)
+    model_dir = snapshot_download(path, allow_patterns=ALLOW_PATTERNS, **kwargs)
+    patterns = hub_fallback_patterns(os.listdir(model_dir), ALLOW_PATTERNS)
+    return model_dir if patterns is None else snapshot_download(path, allow_patterns=patterns, **kwargs)
 
 
 def load_hf_config(model_name_or_path: str | os.PathLike, **model_init_kwargs):
@@ -136,8 +141,8 @@ def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     found = sorted(os.listdir(model_dir))
     raise FileNotFoundError(
         f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {model_dir} (found: {found[:10]}). The JAX "
-        "backend reads safetensors only: re-save the model with transformers' save_pretrained, or pass the "
-        "loaded transformers model object instead of its path.")
+        "backend reads safetensors or Flax msgpack (flax_model.msgpack): re-save the model with transformers' "
+        "save_pretrained, or pass the loaded transformers model object instead of its path.")
 
 
 def state_dict_to_numpy(torch_model) -> dict[str, np.ndarray]:
@@ -240,8 +245,12 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = Fals
 
         model_dir = resolve_model_dir(source, **hub)
         hf_config = AutoConfig.from_pretrained(model_dir, **overrides)
+        from itersft_jax.io import flax_weights
+
+        flax_weights.check_flax_family(model_dir, hf_config.model_type)
         family = get_family(hf_config.model_type)
-        tensors = read_safetensors(model_dir)
+        tensors = (flax_weights.read_flax_as_hf(model_dir, hf_config) if flax_weights.is_flax_only(model_dir)
+                   else read_safetensors(model_dir))  # safetensors win when both are there
 
     if param_dtype is None:
         if requested is None:
@@ -347,9 +356,10 @@ def _to_params_dict(params_or_model) -> dict:
 
 
 def save_pretrained(params_or_model, hf_config, output_dir: str | os.PathLike, tokenizer=None,
-                    generation_config=None, max_shard_size: int | str = "5GB") -> str:
+                    generation_config=None, max_shard_size: int | str = "5GB", flax_format: bool = False) -> str:
     """Write an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads: ``config.json``,
-    safetensors (sharded with an index above ``max_shard_size``), tokenizer files, ``generation_config.json``.
+    safetensors (sharded with an index above ``max_shard_size``), tokenizer files, ``generation_config.json``;
+    with ``flax_format`` also ``flax_model.msgpack`` (one file), which transformers 4.x's Flax classes load.
 
     ``params_or_model``: an NNX module, its ``nnx.Param`` state, or that state's pure dict. Tensors are
     written in the parameters' own dtype. Returns ``output_dir``.
@@ -366,6 +376,9 @@ def save_pretrained(params_or_model, hf_config, output_dir: str | os.PathLike, t
     params = jax.device_get(_to_params_dict(params_or_model))
     tensors = {name: np.ascontiguousarray(array)
                for name, array in family.params_to_hf(params, hf_config).items()}
+    from itersft_jax.io import flax_weights
+
+    flax_tree = flax_weights.hf_to_flax(tensors, hf_config) if flax_format else None  # refusals before any write
 
     config = copy.deepcopy(hf_config)
     config.dtype = _checkpoint_dtype(tensors)
@@ -392,6 +405,9 @@ def save_pretrained(params_or_model, hf_config, output_dir: str | os.PathLike, t
         index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
         with open(os.path.join(output_dir, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
+    flax_weights.remove_flax_files(output_dir)  # an earlier save's would disagree with these weights
+    if flax_tree is not None:
+        flax_weights.save_flax(flax_tree, output_dir)
 
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)

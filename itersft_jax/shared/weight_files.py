@@ -1,5 +1,6 @@
-"""Safetensors files read with numpy alone (no jax, no torch): the checked header layout, memory-mapped tensors
-(bf16 as ``ml_dtypes.bfloat16``), and a check that names a truncated or damaged file — for both engines."""
+"""Weight files on disk, for both engines, with numpy alone (no jax, no torch): which weights a directory holds
+(safetensors, or Flax msgpack files only) and safetensors read directly — the checked header layout,
+memory-mapped tensors (bf16 as ``ml_dtypes.bfloat16``), a check that names a truncated or damaged file."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import os
 from typing import Any
 
 import numpy as np
+
+FLAX_WEIGHTS_NAME = "flax_model.msgpack"
+FLAX_WEIGHTS_INDEX_NAME = "flax_model.msgpack.index.json"
+FLAX_ALLOW_PATTERNS = ["flax_model*.msgpack", FLAX_WEIGHTS_INDEX_NAME]
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -77,3 +82,21 @@ def check_safetensors_files(model_dir: str | os.PathLike) -> None:
     for name in sorted(os.listdir(model_dir)):
         if name.endswith(".safetensors"):
             safetensors_layout(os.path.join(os.fspath(model_dir), name))
+
+
+# ----------------------------------------------------------------------------- what a directory holds
+
+
+def has_safetensors(model_dir: str | os.PathLike) -> bool:
+    return any(name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
+               for name in os.listdir(model_dir))
+
+
+def has_flax_weights(model_dir: str | os.PathLike) -> bool:
+    return any(name.startswith("flax_model") and (name.endswith(".msgpack") or name == FLAX_WEIGHTS_INDEX_NAME)
+               for name in os.listdir(model_dir))
+
+
+def is_flax_only(model_dir: str | os.PathLike) -> bool:
+    """A directory whose weights are Flax msgpack files and no safetensors (safetensors win when both exist)."""
+    return os.path.isdir(model_dir) and has_flax_weights(model_dir) and not has_safetensors(model_dir)
