@@ -15,6 +15,7 @@ from .cli_checks import (
     fail,
     flag_errors,
     gguf_file_problem,
+    gguf_package_problem,
     integer,
     model_problem,
     number,
@@ -27,7 +28,7 @@ from .cli_checks import (
 MODEL_FLAGS = [
     ("--eval-prompts", "eval_prompts", integer(1), "held-out problems for the greedy pass rate"),
     ("--digits", "digits", integer(1, 9), "digits of each operand: the difficulty knob"),
-    ("--ops", "ops", ops_string, "operators to draw from, any of '+-*'"),
+    ("--ops", "ops", ops_string, "operators to draw from"),
     ("--max-new-tokens", "max_new_tokens", integer(1), "tokens generated per completion at most"),
     ("--temperature", "temperature", number(0, inclusive=False), "sampling temperature"),
     ("--batch-size", "batch_size", integer(1), "samples per optimizer update"),
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "convert-gguf":
         prog = f"{parser.prog} convert-gguf"
-        problem = gguf_file_problem(args.gguf_file) or conversion_target_problem(args.output_dir)
+        problem = (gguf_file_problem(args.gguf_file) or conversion_target_problem(args.output_dir)
+                   or gguf_package_problem())
         if problem:
             fail(prog, problem)
         from .demo_chat import convert_gguf

@@ -55,6 +55,14 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         fail(self.prog, message.removeprefix("argument "))
 
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        """As argparse's, but unknown flags are refused by the subcommand that got them (``itersft demo: ...``)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            fail(f"{self.prog} {command}" if command else self.prog, f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
 
 def fail(prog: str, message: str) -> NoReturn:
     """Refuse the command: one line on stderr, exit status 2."""
@@ -109,7 +117,7 @@ def ops_string(text: str) -> str:
     return text
 
 
-ops_string.span = "any of '+-*' (write --ops='-+' when it starts with '-')"
+ops_string.span = "a non-empty string of '+-*' (write --ops='-+' when it starts with '-')"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,7 +206,7 @@ def problem_space_problem(eval_prompts: int, digits: int, ops: str) -> str | Non
 
 
 def gguf_file_problem(path: str) -> str | None:
-    """``convert-gguf``'s input: an existing GGUF file (its magic bytes), and the ``gguf`` package to read it."""
+    """``convert-gguf``'s input: an existing GGUF file (its magic bytes)."""
     if not os.path.exists(path):
         return f"gguf_file {path!r} does not exist"
     if not os.path.isfile(path):
@@ -210,6 +218,10 @@ def gguf_file_problem(path: str) -> str | None:
         return f"gguf_file {path!r} cannot be read ({err.strerror})"
     if magic != b"GGUF":
         return f"gguf_file {path!r} is not a GGUF file (it does not start with the bytes 'GGUF')"
+    return None
+
+
+def gguf_package_problem() -> str | None:
     if importlib.util.find_spec("gguf") is None:
         return "gguf_file: reading GGUF needs the `gguf` package: pip install gguf   # or: pip install -e '.[demo]'"
     return None
