@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -159,8 +160,16 @@ def model_problem(name: str) -> str | None:
     except ModelSetupError as err:
         return str(err)
     if os.path.isdir(resolved):
-        if not os.path.isfile(os.path.join(resolved, "config.json")):
+        config = os.path.join(resolved, "config.json")
+        if not os.path.isfile(config):
             return f"--model {name!r} is a directory without config.json, not a Hugging Face model directory"
+        try:
+            with open(config) as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError) as err:
+            return f"--model {name!r}: its config.json cannot be read as a JSON object ({err})"
+        if not model_type:
+            return f"--model {name!r}: its config.json has no model_type, so transformers cannot load it"
         return None
     return hub_model_problem(name)
 

@@ -63,6 +63,7 @@ DEMO = [
     ("--model", "--model"),
     ("--model {tmp}/no-such-dir", "--model"),
     ("--model {tmp}/empty-dir", "--model"),  # a directory without config.json
+    ("--model {tmp}/no-type", "--model"),  # a config.json transformers cannot load
     ("--model a_b%c", "--model"),  # not a valid Hub id
     ("--model {tmp}/empty-dir --eval-prompts 0", "--eval-prompts"),
     ("--model {tmp}/empty-dir --eval-prompts 100 --digits 1", "--eval-prompts"),  # no problem left to train on
@@ -92,6 +93,8 @@ CONVERT = [
 def places(tmp_path):
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "no-type").mkdir()
+    (tmp_path / "no-type" / "config.json").write_text('{"hidden_size": 8}')
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("keep")
     (tmp_path / "not-gguf.gguf").write_bytes(b"PK\x03\x04 not a gguf file")
