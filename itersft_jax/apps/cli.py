@@ -9,14 +9,29 @@ import logging
 import os
 import sys
 
+from itersft_jax.apps.cli_checks import (
+    OneLineParser,
+    conversion_target_problem,
+    fail,
+    flag_errors,
+    gguf_file_problem,
+    gguf_package_problem,
+    integer,
+    model_problem,
+    number,
+    ops_string,
+    output_dir_problem,
+    problem_space_problem,
+)
+
 # Flags of `demo --model` runs only: (flag, ChatDemoConfig field, type, help).
 MODEL_FLAGS = [
-    ("--eval-prompts", "eval_prompts", int, "held-out problems for the greedy pass rate"),
-    ("--digits", "digits", int, "digits of each operand: the difficulty knob"),
-    ("--ops", "ops", str, "operators to draw from, any of '+-*'"),
-    ("--max-new-tokens", "max_new_tokens", int, "tokens generated per completion at most"),
-    ("--temperature", "temperature", float, "sampling temperature"),
-    ("--batch-size", "batch_size", int, "samples per optimizer update"),
+    ("--eval-prompts", "eval_prompts", integer(1), "held-out problems for the greedy pass rate"),
+    ("--digits", "digits", integer(1, 9), "digits of each operand: the difficulty knob"),
+    ("--ops", "ops", ops_string, "operators to draw from"),
+    ("--max-new-tokens", "max_new_tokens", integer(1), "tokens generated per completion at most"),
+    ("--temperature", "temperature", number(0, inclusive=False), "sampling temperature"),
+    ("--batch-size", "batch_size", integer(1), "samples per optimizer update"),
 ]
 
 
@@ -25,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     from itersft_jax.apps.demo import DemoConfig
     from itersft_jax.apps.demo_chat import ChatDemoConfig
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="itersft",
         description="Iterative SFT (TRL's IterativeSFTTrainer) for JAX, with a PyTorch backend.")
     parser.add_argument("--version", action="version", version=f"itersft {__version__}")
@@ -47,24 +62,29 @@ def _parser() -> argparse.ArgumentParser:
     d, c = DemoConfig(), ChatDemoConfig(model="")
     demo.add_argument("--model", default=None,
                       help="a chat model: HF directory, hub id, or 'smollm2' (default: the built-in task)")
-    demo.add_argument("--rounds", type=int, default=None,
-                      help=f"expert-iteration rounds (default {d.rounds}; {c.rounds} with --model)")
-    demo.add_argument("--samples-per-prompt", type=int, default=None,
-                      help=f"completions sampled per training prompt (default {d.samples_per_prompt}; "
+    rounds, count, rate, seed = integer(0), integer(1), number(0, inclusive=True), integer(0, 2**32 - 1)
+    demo.add_argument("--rounds", type=rounds, default=None,
+                      help=f"expert-iteration rounds after round 0, {rounds.span} (0: round 0 only) "
+                           f"(default {d.rounds}; {c.rounds} with --model)")
+    demo.add_argument("--samples-per-prompt", type=count, default=None,
+                      help=f"completions sampled per training prompt, {count.span} (default {d.samples_per_prompt}; "
                            f"{c.samples_per_prompt} with --model)")
-    demo.add_argument("--prompts-per-round", type=int, default=None,
-                      help=f"training prompts per round (default {d.prompts_per_round}; "
+    demo.add_argument("--prompts-per-round", type=count, default=None,
+                      help=f"training prompts per round, {count.span} (default {d.prompts_per_round}; "
                            f"{c.prompts_per_round} with --model)")
-    demo.add_argument("--learning-rate", type=float, default=None,
-                      help=f"constant learning rate (default {d.learning_rate:g}; {c.learning_rate:g} with --model)")
-    demo.add_argument("--seed", type=int, default=d.seed, help="seed of model, data and sampling")
+    demo.add_argument("--learning-rate", type=rate, default=None,
+                      help=f"constant learning rate, {rate.span} (default {d.learning_rate:g}; "
+                           f"{c.learning_rate:g} with --model)")
+    demo.add_argument("--seed", type=seed, default=d.seed,
+                      help=f"seed of model, data and sampling, {seed.span} (default {d.seed})")
     demo.add_argument("--backend", choices=("jax", "torch"), default=d.backend, help="training engine")
-    demo.add_argument("--output-dir", default=d.output_dir, help="where the model, metrics and plot go")
+    demo.add_argument("--output-dir", default=d.output_dir,
+                      help="where the model, metrics and plot go; created if missing, must be writable")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (for tests)")
     demo.add_argument("--no-plot", action="store_true", help="skip curve.png")
     only = demo.add_argument_group("with --model only")
     for flag, field, kind, text in MODEL_FLAGS:
-        only.add_argument(flag, type=kind, default=None, help=f"{text} (default {getattr(c, field)})")
+        only.add_argument(flag, type=kind, default=None, help=f"{text}, {kind.span} (default {getattr(c, field)})")
     only.add_argument("--bf16", action="store_true", help="compute in bf16 (fp32 master weights)")
 
     convert = commands.add_parser(
@@ -73,11 +93,13 @@ def _parser() -> argparse.ArgumentParser:
                     "tokenizer and chat template, as a Hugging Face safetensors directory that "
                     "`itersft demo --model DIR` and IterativeSFTTrainer load.")
     convert.add_argument("gguf_file", help="the .gguf file")
-    convert.add_argument("output_dir", help="the directory to write")
+    convert.add_argument("output_dir", help="the directory to write: new or empty (an existing one with files in it "
+                                            "is refused), in a writable place")
     return parser
 
 
 def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    prog = f"{parser.prog} demo"
     given = {"rounds": args.rounds, "samples_per_prompt": args.samples_per_prompt,
              "prompts_per_round": args.prompts_per_round, "learning_rate": args.learning_rate}
     model_only = {field: getattr(args, field) for _, field, _, _ in MODEL_FLAGS}
@@ -85,25 +107,31 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         wrong = [flag for flag, field, _, _ in MODEL_FLAGS if model_only[field] is not None]
         wrong += ["--bf16"] if args.bf16 else []
         if wrong:
-            parser.error(f"{', '.join(wrong)} apply to `demo --model` runs only")
+            fail(prog, f"{', '.join(wrong)} apply to `demo --model` runs only")
     overrides = {k: v for k, v in {**given, **model_only}.items() if v is not None}
     overrides.update(seed=args.seed, backend=args.backend, output_dir=args.output_dir, plot=not args.no_plot)
     if args.model is None:
         from itersft_jax.apps.demo import DemoConfig, run
 
-        run(DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides))
+        cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+        problem = output_dir_problem(cfg.output_dir)
+        if problem:
+            fail(prog, problem)
+        with flag_errors(prog):  # a library error that slips through the checks still names the flag
+            run(cfg)
         return
-    from itersft_jax.apps.demo_chat import ChatDemoConfig, ModelSetupError, run_chat
+    from itersft_jax.apps.demo_chat import ChatDemoConfig, run_chat
 
     overrides.update(model=args.model, bf16=args.bf16)
-    try:
+    with flag_errors(prog):  # the config's own checks, under the flags' names
         cfg = ChatDemoConfig.quick(**overrides) if args.quick else ChatDemoConfig(**overrides)
-    except ValueError as err:
-        parser.error(str(err))
-    try:
+    # Cheap checks first: the model check may ask the Hub (one request, short timeout).
+    problem = (problem_space_problem(cfg.eval_prompts, cfg.digits, cfg.ops) or output_dir_problem(cfg.output_dir)
+               or model_problem(cfg.model))
+    if problem:
+        fail(prog, problem)
+    with flag_errors(prog):  # ModelSetupError (the model cannot run) and library errors: one line naming the flag
         run_chat(cfg)
-    except ModelSetupError as err:  # the model cannot run: one line, not a traceback
-        parser.exit(2, f"itersft demo: error: {err}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,12 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         _demo(parser, args)
         return 0
     if args.command == "convert-gguf":
+        prog = f"{parser.prog} convert-gguf"
+        problem = (gguf_file_problem(args.gguf_file) or conversion_target_problem(args.output_dir)
+                   or gguf_package_problem())
+        if problem:
+            fail(prog, problem)
         from itersft_jax.apps.demo_chat import convert_gguf
 
         try:
             print(convert_gguf(args.gguf_file, args.output_dir))
-        except (ValueError, ImportError) as err:  # no such file, or no `gguf` package: one line
-            parser.exit(2, f"itersft convert-gguf: error: {err}\n")
+        except (ValueError, ImportError) as err:  # what the checks cannot see (a broken GGUF): one line
+            fail(prog, str(err))
         return 0
     parser.error(f"unknown command {args.command!r}")
     return 2

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import string
@@ -261,20 +262,36 @@ def finish(trainer, cfg, metrics: list[dict], *, task: str, start: float, log, t
 def round_line(m: dict) -> str:
     return (f"round {m['round']:2d}  held-out pass rate {m['pass_rate']:6.1%} | correct {m['correct']:4d}/"
             f"{m['sampled']:<4d} kept {m['kept']:3d} trained on {m['trained_on']:4d} | "
-            f"loss {m['loss']:.4f} | "
+            f"loss {loss_text(m['loss'])} | "
             f"{m['seconds']:4.1f}s")
 
 
+def loss_text(loss: float) -> str:
+    """The loss as six characters; a dash when nothing was trained (the NaN of round 0 of ``--model``)."""
+    return f"{'-':>6}" if math.isnan(loss) else f"{loss:.4f}"
+
+
 def plot(metrics: list[dict], path: str, title: str) -> None:
+    fig = curve_figure(metrics, title)
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def curve_figure(metrics: list[dict], title: str):
+    """The pass rate (left axis) and the training loss (right axis) per round; ticks at whole rounds only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [m["round"] for m in metrics]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(rounds, [100 * m["pass_rate"] for m in metrics], "o-", color="tab:blue")
     ax.set_xlabel("round (0 = before expert iteration)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("held-out pass rate (%)", color="tab:blue")
     ax.set_ylim(0, 100)
     ax2 = ax.twinx()
@@ -282,5 +299,4 @@ def plot(metrics: list[dict], path: str, title: str) -> None:
     ax2.set_ylabel("training loss", color="tab:red")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

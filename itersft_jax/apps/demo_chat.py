@@ -212,11 +212,16 @@ def convert_gguf(gguf_path: str, output_dir: str) -> str:
     return output_dir
 
 
+def smollm2_dir() -> str:
+    """Where ``--model smollm2`` is converted to (once) and read from."""
+    return os.path.join(cache_dir(), "SmolLM2-135M-Instruct-Q4_1")
+
+
 def resolve_model(name: str) -> str:
     """``--model``'s value as something ``IterativeSFTTrainer`` loads: ``smollm2`` -> the converted cache
     directory (converted on first use), an existing directory as is, a hub id as is."""
     if name.lower() == "smollm2":
-        target = os.path.join(cache_dir(), "SmolLM2-135M-Instruct-Q4_1")
+        target = smollm2_dir()
         if not os.path.isfile(os.path.join(target, "config.json")):
             gguf_path = smollm2_gguf()
             print(f"converting {gguf_path} to {target} (once; about a minute)", flush=True)
