@@ -12,6 +12,9 @@ chunk, ``dlogits = weight * (softmax - target distribution)`` right after the so
 scales them by the incoming cotangent, so no chunk's head matmul is recomputed and a single chunk costs
 what an unfused head + cross-entropy costs (three ``N x D x V`` matmuls). Without differentiation
 (evaluation) only the loss is computed.
+
+``token_logprobs(h_BTD, head, targets_BT)`` gives each token's log-probability through the same chunked head —
+the one definition the low-level API's losses, ``compute_logprobs`` and the sampler's logprobs share.
 """
 
 from __future__ import annotations
@@ -137,13 +140,7 @@ def _over_chunks(h_ND, w, targets_N, weights_N, spec, with_grads):
 
 def _chunk(h_CD, targets_C, weights_C, w_c, spec: _Spec, with_grads: bool):
     """One chunk: its weighted loss sum and, ``with_grads``, ``dh`` ([C, D], h's dtype) and ``dW`` (fp32)."""
-    x_CD = h_CD.astype(spec.dtype)
-    logits_CV = jnp.dot(x_CD, w_c.T if spec.transposed else w_c, preferred_element_type=jnp.float32)
-    if spec.softcap is not None:
-        logits_CV = spec.softcap * jnp.tanh(logits_CV / spec.softcap)
-    max_C1 = jnp.max(logits_CV, axis=-1, keepdims=True)
-    log_z_C1 = max_C1 + jnp.log(jnp.sum(jnp.exp(logits_CV - max_C1), axis=-1, keepdims=True))
-    target_C = jnp.take_along_axis(logits_CV, targets_C[:, None], axis=-1)[:, 0]
+    x_CD, logits_CV, log_z_C1, target_C = _chunk_logits(h_CD, targets_C, w_c, spec)
     eps = spec.label_smoothing
     loss_C = log_z_C1[:, 0] - target_C
     if eps:  # (1 - eps) * (log_z - z_target) + eps * (log_z - mean_v z_v)
@@ -151,7 +148,25 @@ def _chunk(h_CD, targets_C, weights_C, w_c, spec: _Spec, with_grads: bool):
     loss = jnp.sum(loss_C * weights_C)
     if not with_grads:
         return loss, None, None
+    d_h_CD, d_w = _chunk_grads(x_CD, logits_CV, log_z_C1, targets_C, weights_C, w_c, spec)
+    return loss, d_h_CD.astype(h_CD.dtype), d_w
 
+
+def _chunk_logits(h_CD, targets_C, w_c, spec: _Spec):
+    """``(x, logits [C, V] fp32, log Z [C, 1], the targets' logits [C])`` of one chunk (soft-capped)."""
+    x_CD = h_CD.astype(spec.dtype)
+    logits_CV = jnp.dot(x_CD, w_c.T if spec.transposed else w_c, preferred_element_type=jnp.float32)
+    if spec.softcap is not None:
+        logits_CV = spec.softcap * jnp.tanh(logits_CV / spec.softcap)
+    max_C1 = jnp.max(logits_CV, axis=-1, keepdims=True)
+    log_z_C1 = max_C1 + jnp.log(jnp.sum(jnp.exp(logits_CV - max_C1), axis=-1, keepdims=True))
+    target_C = jnp.take_along_axis(logits_CV, targets_C[:, None], axis=-1)[:, 0]
+    return x_CD, logits_CV, log_z_C1, target_C
+
+
+def _chunk_grads(x_CD, logits_CV, log_z_C1, targets_C, weights_C, w_c, spec: _Spec):
+    """``dh`` ([C, D], h's dtype) and ``dW`` (fp32) of ``sum(weights * smoothed_xent)`` over one chunk."""
+    eps = spec.label_smoothing
     vocab_1V = jax.lax.broadcasted_iota(targets_C.dtype, (1, logits_CV.shape[-1]), 1)
     target_dist_CV = (vocab_1V == targets_C[:, None]).astype(jnp.float32)
     if eps:  # the smoothed target distribution: (1 - eps) * one_hot + eps / V
@@ -166,4 +181,69 @@ def _chunk(h_CD, targets_C, weights_C, w_c, spec: _Spec, with_grads: bool):
     else:  # w_c is [D, V]
         d_h_CD = jnp.dot(g_CV, w_c.T, preferred_element_type=jnp.float32)
         d_w = jnp.dot(x_CD.T, g_CV, preferred_element_type=jnp.float32)
-    return loss, d_h_CD.astype(h_CD.dtype), d_w
+    return d_h_CD, d_w  # d_h in fp32: the caller casts it to h's dtype
+
+
+# ----------------------------------------------------------------------------- per-token log-probabilities
+
+
+def token_logprobs(h_BTD: jax.Array, head: LMHead, targets_BT: jax.Array, *,
+                   chunk_size: int | None = None) -> jax.Array:
+    """``log p(targets[b, t] | h[b, t])`` under ``softmax(softcap(h @ W))`` at temperature 1, fp32 ``[B, T]``.
+
+    The one definition of a token's log-probability that every part shares: the low-level API's losses
+    (``forward_backward``), ``compute_logprobs`` and the sampler's ``return_logprobs`` (whose decode steps
+    compute the same quantity over the KV cache). ``targets_BT`` are already aligned (position ``t``'s own
+    target, any id in ``[0, V)``; mask unwanted positions afterwards). Computed in chunks like the loss, never
+    holding ``[B*T, V]``; differentiable in ``h`` and the head's weight (the backward recomputes each chunk's
+    logits once: ``d logp / d logits = onehot - softmax``).
+    """
+    check_loss_options(0.0, chunk_size)
+    b, t, d = h_BTD.shape
+    n = b * t
+    vocab = head.weight.shape[0 if head.transposed else 1]
+    chunk = min(chunk_size or default_chunk_size(vocab), n)
+    padded = -(-n // chunk) * chunk
+    h_ND, targets_N = h_BTD.reshape(n, d), targets_BT.reshape(n).astype(jnp.int32)
+    if padded > n:
+        h_ND, targets_N = jnp.pad(h_ND, ((0, padded - n), (0, 0))), jnp.pad(targets_N, (0, padded - n))
+    spec = _Spec(head.transposed, head.softcap, jnp.dtype(head.dtype), 0.0, chunk)
+    return _logprobs(h_ND, head.weight, targets_N, spec)[:n].reshape(b, t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _logprobs(h_ND, w, targets_N, spec: _Spec):
+    return _logprobs_fwd(h_ND, w, targets_N, spec)[0]
+
+
+def _chunks_of(spec: _Spec, *arrays):
+    return tuple(a.reshape(a.shape[0] // spec.chunk, spec.chunk, *a.shape[1:]) for a in arrays)
+
+
+def _logprobs_fwd(h_ND, w, targets_N, spec):
+    w_c = w.astype(spec.dtype)
+
+    def one(_, x):
+        h_CD, targets_C = x
+        _, _, log_z_C1, target_C = _chunk_logits(h_CD, targets_C, w_c, spec)
+        return None, target_C - log_z_C1[:, 0]
+
+    _, logp_KC = jax.lax.scan(one, None, _chunks_of(spec, h_ND, targets_N))
+    return logp_KC.reshape(-1), (h_ND, w, targets_N)
+
+
+def _logprobs_bwd(spec, residuals, g_N):
+    h_ND, w, targets_N = residuals
+    w_c = w.astype(spec.dtype)
+
+    def one(d_w_acc, x):  # d(sum g * logp) = the weighted cross-entropy's gradient with weights -g
+        h_CD, targets_C, g_C = x
+        x_CD, logits_CV, log_z_C1, _ = _chunk_logits(h_CD, targets_C, w_c, spec)
+        d_h_CD, d_w = _chunk_grads(x_CD, logits_CV, log_z_C1, targets_C, -g_C.astype(jnp.float32), w_c, spec)
+        return d_w_acc + d_w, d_h_CD.astype(h_CD.dtype)
+
+    d_w, d_h_KCD = jax.lax.scan(one, jnp.zeros(w.shape, jnp.float32), _chunks_of(spec, h_ND, targets_N, g_N))
+    return d_h_KCD.reshape(h_ND.shape), d_w.astype(w.dtype), None
+
+
+_logprobs.defvjp(_logprobs_fwd, _logprobs_bwd)
