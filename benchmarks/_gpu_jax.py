@@ -3,8 +3,8 @@
 Training is measured through the trainer users run: an ``IterativeSFTTrainer`` whose weights are random,
 built on the device by the model family from the preset's ``LlamaConfig`` (``load_model`` replaced for the
 construction only: reading 5 GB of random safetensors would measure the disk). Everything else is the
-trainer's own: its optimizer, its train state, its mesh and shardings and its one jitted ``_train_step``.
-Headline numbers call ``trainer._train_step`` on a pre-built ``[1, B, T]`` update (exactly what ``step()``
+trainer's own: its optimizer, its train state, its mesh and shardings and its one jitted ``train_step``.
+Headline numbers call ``trainer.train_step`` on a pre-built ``[1, B, T]`` update (exactly what ``step()``
 builds for B samples of T tokens: one micro-batch of B rows, segment id 1, each row's first label -100), so
 host-side packing does not enter; a second row per batch size times ``trainer.step()`` itself on the same
 shape (no recompilation: it is counted).
@@ -51,7 +51,7 @@ def _setup(plan: Plan, rec: Recorder):
     return device.device_kind
 
 
-def _peak_gib() -> float | None:
+def peak_gib() -> float | None:
     import jax
 
     stats = jax.devices()[0].memory_stats() or {}
@@ -59,7 +59,7 @@ def _peak_gib() -> float | None:
     return None if peak is None else peak / 2**30
 
 
-def _random_model_loader(hf_config):
+def random_model_loader(hf_config):
     """Stands in for ``itersft_jax.io.weights.load_model`` in the trainer: the same module, random weights (the
     family's own initializers: normal(initializer_range)), built directly on the default device."""
     def load_model(source, *, dtype=None, param_dtype=None, remat=False, gradient_checkpointing_kwargs=None,
@@ -97,7 +97,7 @@ def make_trainer(plan: Plan, hf_config, *, batch: int, remat: bool, name: str):
                               bf16=True, gradient_checkpointing=remat, gradient_checkpointing_kwargs=ckpt_kwargs,
                               model_init_kwargs=init_kwargs, learning_rate=1e-4, report_to="none",
                               logging_steps=10**6, disable_tqdm=True, save_strategy="no")
-    with mock.patch.object(trainer_module, "load_model", _random_model_loader(hf_config)):
+    with mock.patch.object(trainer_module, "load_model", random_model_loader(hf_config)):
         return trainer_module.IterativeSFTTrainer(f"random {plan.preset}", args=args,
                                                   processing_class=make_tokenizer())
 
@@ -117,16 +117,16 @@ def update_batch(trainer, ids_BT: np.ndarray) -> dict:
     labels[:, 0] = -100  # pack_update: a row's first label is never trained
     batch = {"input_ids": ids_BT.astype(np.int32)[None], "attention_mask": np.ones((1, *ids_BT.shape), np.int32),
              "labels": labels[None]}
-    return jax.device_put(batch, trainer._batch_sharding)
+    return jax.device_put(batch, trainer.batch_sharding)
 
 
 def time_train_step(trainer, batch: dict, warmup: int, steps: int) -> tuple[float, float, dict]:
-    """``(first call s, seconds per update, last metrics)`` of ``trainer._train_step`` on one fixed update."""
+    """``(first call s, seconds per update, last metrics)`` of ``trainer.train_step`` on one fixed update."""
     import jax
 
     def update():
-        with trainer._precision():  # what step() wraps the call in (a no-op for bf16)
-            trainer.train_state, metrics = trainer._train_step(trainer.train_state, batch)
+        with trainer.precision():  # what step() wraps the call in (a no-op for bf16)
+            trainer.train_state, metrics = trainer.train_step(trainer.train_state, batch)
         return metrics
 
     timer = Timer()
@@ -145,7 +145,7 @@ def time_train_step(trainer, batch: dict, warmup: int, steps: int) -> tuple[floa
 
 def _train_row(plan: Plan, rec: Recorder, trainer, hf_config, device: str, b: int, t: int, *,
                api_steps: int = 0) -> bool:
-    """One ``[b, t]`` row: ``_train_step`` tokens/s, MFU, peak memory (the process's high-water mark: callers go
+    """One ``[b, t]`` row: ``train_step`` tokens/s, MFU, peak memory (the process's high-water mark: callers go
     from small to large shapes); with ``api_steps`` also a ``trainer.step()`` row. False when it did not run."""
     from itersft_jax.core.train_step import count_compilations
 
@@ -155,8 +155,8 @@ def _train_row(plan: Plan, rec: Recorder, trainer, hf_config, device: str, b: in
         ids_BT = np.random.default_rng(t + b).integers(3, hf_config.vocab_size, size=(b, t))
         first, per_step, metrics = time_train_step(trainer, update_batch(trainer, ids_BT), plan.warmup, plan.steps)
         tps = b * t / per_step
-        rec.row(label=label, status="ok", path="trainer._train_step", attention=attention_used(trainer.model, t),
-                tokens_per_s=tps, mfu=mfu(tps, hf_config, t, device, plan), peak_gib=_peak_gib(), first_s=first,
+        rec.row(label=label, status="ok", path="trainer.train_step", attention=attention_used(trainer.model, t),
+                tokens_per_s=tps, mfu=mfu(tps, hf_config, t, device, plan), peak_gib=peak_gib(), first_s=first,
                 loss=float(metrics["loss"]), skipped=int(metrics.get("skipped", 0)), **common)
         if api_steps:
             with count_compilations() as compiles:
@@ -227,7 +227,7 @@ def generate(plan: Plan, rec: Recorder) -> None:
                 first_s=first, prefill_s=prefill, prefill_tokens_per_s=plan.prompt / prefill,
                 decode_tokens_per_s=(plan.new_tokens - 1) / (total - prefill) if total > prefill else None,
                 new_tokens=plan.new_tokens,
-                peak_gib=_peak_gib())
+                peak_gib=peak_gib())
     except Exception as err:  # noqa: BLE001
         rec.failure(label, err, is_out_of_memory(err))
 

@@ -18,10 +18,10 @@ def _best(rows: list[dict]) -> dict | None:
 
 
 def memory_per_token(rows: list[dict]) -> list[dict]:
-    """Part e: peak device memory per token, JAX ``_train_step`` vs the PyTorch loop, wherever both ran the same
+    """Part e: peak device memory per token, JAX ``train_step`` vs the PyTorch loop, wherever both ran the same
     ``[B, T]`` with the same remat setting class (none / checkpointing)."""
     out = []
-    for jax_row in _ok(rows, engine="jax", path="trainer._train_step"):
+    for jax_row in _ok(rows, engine="jax", path="trainer.train_step"):
         for torch_row in _ok(rows, engine="torch", batch=jax_row["batch"], seq=jax_row["seq"]):
             if (jax_row["remat"] == "no") != (torch_row["remat"] == "no"):
                 continue
@@ -107,7 +107,7 @@ def iterative_table(rows: list[dict]) -> list[str]:
 
 def targets_table(rows: list[dict], batches, seq: int, long_lengths) -> list[str]:
     """Issue 9's "Done when" on this run's shapes: measured value and whether it meets the target."""
-    jax_fixed = _ok(rows, part="b", path="trainer._train_step")
+    jax_fixed = _ok(rows, part="b", path="trainer.train_step")
     jax_best, torch_best = _best(jax_fixed), _best(_ok(rows, part="c"))
     checks = []
     big = next((r for r in jax_fixed if r["batch"] == max(batches)), None)

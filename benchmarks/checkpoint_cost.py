@@ -64,7 +64,7 @@ def main() -> None:
     for _ in range(args.repeats):
         shutil.rmtree(path, ignore_errors=True)
         save.append(timed(lambda: checkpoint.save_checkpoint(trainer, path)))
-        hashing.append(timed(lambda: checkpoint._hash_tree(path, skip=set(), fsync=True)))
+        hashing.append(timed(lambda: checkpoint.hash_tree(path, skip=set(), fsync=True)))
         verify.append(timed(lambda: checkpoint.verify_checkpoint(path)))
         load.append(timed(lambda: checkpoint.load_checkpoint(trainer, path, verify=False)))
         resume.append(timed(lambda: checkpoint.load_checkpoint(trainer, path)))

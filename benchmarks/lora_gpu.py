@@ -9,8 +9,8 @@ whose peak is that run's own):
   target_modules="all-linear")``, ``bf16=True``, ``gradient_checkpointing`` per ``--remat`` — with the base loaded
   in bf16 (``model_init_kwargs={"dtype": "bfloat16"}``: never materialized in fp32, whatever the trainer's default
   for a LoRA base; an fp32 copy would be 32 GB). Random weights from the family's initializers on the device
-  (``_gpu_jax._random_model_loader``, standing in for reading 16 GB of safetensors). Timed: the trainer's own
-  jitted ``_train_step`` on a pre-built ``[1, B, T]`` update, then ``trainer.step()`` on the same shape.
+  (``_gpu_jax.random_model_loader``, standing in for reading 16 GB of safetensors). Timed: the trainer's own
+  jitted ``train_step`` on a pre-built ``[1, B, T]`` update, then ``trainer.step()`` on the same shape.
 * ``torch``: ``LlamaForCausalLM.from_config`` in bf16 on the GPU with SDPA, ``peft.get_peft_model`` with the same
   ``LoraConfig`` (PEFT keeps the adapters in fp32), non-reentrant gradient checkpointing per ``--remat``, bf16
   autocast, fused AdamW over the adapters, clipping at 1.0, the model's own loss.
@@ -82,24 +82,24 @@ def jax_worker(model: str, smoke: bool, remat: bool, b: int, t: int, rank: int, 
 
     import numpy as np
     from _gpu_common import tests_on_path
-    from _gpu_jax import _peak_gib, _random_model_loader, time_train_step, update_batch
+    from _gpu_jax import peak_gib, random_model_loader, time_train_step, update_batch
 
     import itersft_jax.trainer as trainer_module
     from itersft_jax import IterativeSFTConfig
     from itersft_jax.core.train_step import count_compilations
-    from itersft_jax.io.weights import _jnp_dtype
+    from itersft_jax.io.weights import jnp_dtype
 
     tests_on_path()
     from helpers import make_tokenizer
 
     device = jax.devices()[0].device_kind
     hf_config = llama_config(MODELS[model])
-    random_loader = _random_model_loader(hf_config)
+    random_loader = random_model_loader(hf_config)
 
     def load_model(source, **kwargs):  # the real load_model's dtype rule: model_init_kwargs["dtype"] -> param_dtype
         requested = (kwargs.get("model_init_kwargs") or {}).get("dtype")
         if kwargs.get("param_dtype") is None and requested is not None:
-            kwargs["param_dtype"] = _jnp_dtype(requested)
+            kwargs["param_dtype"] = jnp_dtype(requested)
         return random_loader(source, **kwargs)
 
     args = IterativeSFTConfig(output_dir=os.path.join(workdir, "jax"), per_device_train_batch_size=b, bf16=True,
@@ -122,13 +122,13 @@ def jax_worker(model: str, smoke: bool, remat: bool, b: int, t: int, rank: int, 
             for _ in range(max(1, steps // 2)):
                 stats = trainer.step(input_ids=ids_BT)
             api_seconds = timer.lap() / max(1, steps // 2)
-        return _result("jax", remat, hf_config, b, t, per_update, adapters, device, _peak_gib(), batch=b, seq=t,
+        return _result("jax", remat, hf_config, b, t, per_update, adapters, device, peak_gib(), batch=b, seq=t,
                        first_s=first, loss=float(metrics["loss"]), step_api_tokens_per_s=b * t / api_seconds,
                        step_api_loss=float(stats["loss"]), recompiles=compiles.count, state_gib=state_gib,
                        frozen_dtypes=sorted({str(x.dtype) for x in frozen}), base_params=param_count(hf_config))
     except Exception as err:  # noqa: BLE001 - out of memory is a result
         return dict(common, status="oom" if is_out_of_memory(err) else "error",
-                    error=f"{type(err).__name__}: {str(err).strip()[:300]}", peak_gib=_peak_gib())
+                    error=f"{type(err).__name__}: {str(err).strip()[:300]}", peak_gib=peak_gib())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def report(results: list[dict], model: str, b: int, t: int, rank: int) -> str:
              "notes |", "|---|---|---|---|---|---|---|---|---|"]
     torch_tps = {r["remat"]: r["tokens_per_s"] for r in results if r["engine"] == "torch" and r["status"] == "ok"}
     for r in results:
-        name = "itersft JAX (trainer._train_step)" if r["engine"] == "jax" else "PyTorch + PEFT loop"
+        name = "itersft JAX (trainer.train_step)" if r["engine"] == "jax" else "PyTorch + PEFT loop"
         remat = "yes" if r["remat"] else "no"
         if r["status"] != "ok":
             peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "—"

@@ -33,7 +33,7 @@ from itersft_jax.parallel import distributed
 from itersft_jax.parallel.mesh import BATCH_AXES, data_parallel_size, make_mesh
 from itersft_jax.shared.config import resolve_config
 from itersft_jax.shared.data import bucket_length, collate, plan_updates, prepare_examples, warn_beyond_positions
-from itersft_jax.shared.fields import check_fields, shuffle_seed
+from itersft_jax.shared.fields import check_fields, enum_name, shuffle_seed
 from itersft_jax.shared.shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class IterativeSFTTrainer(TrainerShell):
             logging.getLogger("itersft_jax").setLevel(level)
             transformers_logging.set_verbosity(level)
         validate_shell_args(self.args, eval_dataset)
-        if str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) == "best":
+        if enum_name(self.args.save_strategy) == "best":
             raise ValueError("`save_strategy`='best' is not supported by the JAX engine; use 'steps' or 'epoch'")
         self.data_collator = data_collator
         self.eval_dataset = eval_dataset
@@ -103,7 +103,7 @@ class IterativeSFTTrainer(TrainerShell):
         self.adapters = attach_from_source(module, self.config, source, seed=self.args.seed)
         self.graphdef, params, frozen = split_trainable(module, self.adapters, frozen_dtype=self.compute_dtype)
 
-        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES))
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES))
         self._data_parallel = data_parallel_size(self.mesh)
         self.micro_batch_size = self.args.per_device_train_batch_size * self._data_parallel
 
@@ -111,8 +111,10 @@ class IterativeSFTTrainer(TrainerShell):
         self.tx, self.schedule = resolve_optimizer(self.args, params, optimizers, num_training_steps)
         self.train_state, self._state_sharding, self._param_sharding = _create_sharded_state(
             params, frozen, self.tx, self.args.seed, self.mesh)
-        self._train_step = make_train_step(self.graphdef, self.tx, self.schedule,
-                                           state_sharding=self._state_sharding, batch_sharding=self._batch_sharding,
+        # Public: the compiled pure step, `(train_state, batch) -> (train_state, metrics)`, that step() calls for
+        # each update (batches placed with `batch_sharding`, called inside `precision()`) — for benchmarks and tools.
+        self.train_step = make_train_step(self.graphdef, self.tx, self.schedule,
+                                           state_sharding=self._state_sharding, batch_sharding=self.batch_sharding,
                                            grad_sharding=self._param_sharding,
                                            label_smoothing=self.args.label_smoothing_factor,
                                            neftune_alpha=self.args.neftune_noise_alpha,
@@ -179,9 +181,9 @@ class IterativeSFTTrainer(TrainerShell):
             batch, used = pack_update(update, row_length=self._row_length, rows=rows,
                                       num_micro_batches=num_micro, pad_id=self._pad_id())
             input_tokens = int(np.count_nonzero(batch["attention_mask"]))
-            batch = distributed.global_batch(batch, self._batch_sharding)
-            with self._precision():
-                self.train_state, metrics = self._train_step(self.train_state, batch)
+            batch = distributed.global_batch(batch, self.batch_sharding)
+            with self.precision():
+                self.train_state, metrics = self.train_step(self.train_state, batch)
             # Computed tokens: micro-batches after the last one holding a token are skipped by the step.
             return UpdateRecord(metrics, input_tokens, used * rows * self._row_length)
 
@@ -204,7 +206,7 @@ class IterativeSFTTrainer(TrainerShell):
     def _eval_loss(self, examples) -> tuple[float, int]:
         """Summed token cross-entropy and label tokens over ``examples``, packed like training updates."""
         if self._eval_step is None:
-            self._eval_step = make_eval_step(self.graphdef, batch_sharding=self._batch_sharding,
+            self._eval_step = make_eval_step(self.graphdef, batch_sharding=self.batch_sharding,
                                              label_smoothing=self.args.label_smoothing_factor)
         longest = max(len(ex.input_ids) for ex in examples)
         row_length = max(self._row_length, bucket_length(longest, self.args.max_length))
@@ -215,8 +217,8 @@ class IterativeSFTTrainer(TrainerShell):
         for i in range(0, len(examples), per_batch):
             batch, _ = pack_update([examples[i:i + per_batch]], row_length=row_length, rows=rows,
                                    num_micro_batches=num_micro, pad_id=self._pad_id())
-            batch = distributed.global_batch(batch, self._batch_sharding)
-            with self._precision():
+            batch = distributed.global_batch(batch, self.batch_sharding)
+            with self.precision():
                 pending.append(self._eval_step(self.train_state.model_state(), batch))
         host = jax.device_get(pending)
         return sum(float(m["loss_sum"]) for m in host), sum(int(m["num_tokens"]) for m in host)
@@ -239,7 +241,7 @@ class IterativeSFTTrainer(TrainerShell):
         for batch in self._eval_batches(examples, rows):
             length = bucket_length(max(len(ex.input_ids) for ex in batch), self.args.max_length)
             arrays = {k: v[0] for k, v in collate([batch], pad_id=self._pad_id(), rows=rows, length=length).items()}
-            with self._precision():
+            with self.precision():
                 logits_BTV = self._logits_fn(self.train_state.model_state(), arrays["input_ids"],
                                              arrays["attention_mask"])
             logits_BTV = np.asarray(jax.device_get(logits_BTV))[:len(batch)]
@@ -349,10 +351,12 @@ class IterativeSFTTrainer(TrainerShell):
         """Sample completions with the current parameters; see ``itersft_jax.sampler.generate``."""
         from itersft_jax.sampler.generate import generate
 
-        with self._precision():
+        with self.precision():
             return generate(self, *args, **kwargs)
 
-    def _precision(self):
+    def precision(self):
+        """The matmul-precision context every device call of this trainer runs in (``"highest"`` for fp32 compute
+        unless ``tf32``; a no-op for bf16): wrap direct calls of ``train_step`` in it."""
         if self.matmul_precision is None:
             return contextlib.nullcontext()
         return jax.default_matmul_precision(self.matmul_precision)

@@ -31,7 +31,7 @@ from itersft_jax.shared.data import (
     prepare_examples,
     warn_beyond_positions,
 )
-from itersft_jax.shared.fields import check_fields, shuffle_seed
+from itersft_jax.shared.fields import check_fields, enum_name, shuffle_seed
 from itersft_jax.shared.model_source import is_adapter_dir, is_peft_model
 from itersft_jax.shared.shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
 from itersft_torch.distributed import check_distributed_setup, check_same_samples, release_gathered_parameters
@@ -302,7 +302,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         except ValueError as err:
             if "num_training_steps" not in str(err):
                 raise
-        name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        name = enum_name(args.lr_scheduler_type)
         log = logger.info if name == "linear" else logger.warning  # linear is the default: no alarm
         log("lr_scheduler_type=%r needs `max_steps`, which is not set: using %d warmup updates, then a "
             "constant learning rate", name, int(warmup))
@@ -454,7 +454,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model`` (the main process writes; under FSDP every process joins the gathering), then
         every process waits until the files are written, so none reads them too early."""
-        super().save_model(output_dir, _internal_call=_internal_call)
+        Trainer.save_model(self, output_dir, _internal_call=_internal_call)  # not the shell's abstract one
         self.accelerator.wait_for_everyone()
 
     def _save_for_flow(self) -> None:

@@ -44,7 +44,7 @@ def test_gpu_check_smoke(tmp_path):
     text = md.read_text()
     for heading in ("## Training, bf16", "## Part e", "## Part f", "## Part a", "## Part g", "## Issue 9's targets"):
         assert heading in text and heading in proc.stdout
-    assert "| b | jax | trainer._train_step | 2 x 256 | no | xla |" in text
+    assert "| b | jax | trainer.train_step | 2 x 256 | no | xla |" in text
     assert "| b | jax | trainer.step() (0 recompilations) | 2 x 256 | no |" in text
 
 

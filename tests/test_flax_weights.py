@@ -191,7 +191,7 @@ def test_hub_fetches_msgpack_only_without_safetensors():
     fallback = flax_weights.hub_fallback_patterns(["config.json", "generation_config.json"], base)
     assert fallback[:2] == base and "flax_model*.msgpack" in fallback
     assert "flax_model.msgpack.index.json" in fallback
-    assert not any("msgpack" in p for p in weights.ALLOW_PATTERNS)  # the first download never fetches them
+    assert not any("msgpack" in p for p in weights.MODEL_DIR_PATTERNS)  # the first download never fetches them
 
 
 def test_flax_only_hub_id_loads_through_the_cache(tmp_path, monkeypatch):

@@ -146,8 +146,8 @@ def test_fp32_training_uses_full_precision_matmuls(llama_dir, tmp_path):
     batch = collate([prepare_examples(input_ids=[[5, 6, 7, 8]])], rows=2, length=16)
     for kwargs, expected in ((dict(), True), (dict(bf16=True), False)):  # tf32=True needs a GPU to construct
         trainer = make_trainer(llama_dir, tmp_path, **kwargs)
-        with trainer._precision():
-            text = trainer._train_step.lower(trainer.train_state, batch).as_text()
+        with trainer.precision():
+            text = trainer.train_step.lower(trainer.train_state, batch).as_text()
         assert ("precision = [HIGHEST, HIGHEST]" in text) is expected, kwargs
 
 

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from itersft_jax.shared.fields import enum_name
+
 logger = logging.getLogger(__name__)
 
 ADAMW_NAMES = (
@@ -42,11 +44,6 @@ SUPPORTED_SCHEDULES = (
 )
 # Schedules whose shape depends on the total number of updates.
 _NEEDS_TOTAL = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr")
-
-
-def _name(value) -> str:
-    """Enum members (``SchedulerType``, ``OptimizerNames``) and plain strings alike."""
-    return str(getattr(value, "value", value))
 
 
 def _scheduler_kwargs(args) -> dict:
@@ -90,7 +87,7 @@ def build_schedule(args, num_training_steps: int | None = None) -> optax.Schedul
     ``num_training_steps``: the total number of updates; ``None`` reads ``args.max_steps``; ``<= 0``
     means unknown, and then the schedules that need it run warmup, then constant.
     """
-    kind = _name(getattr(args, "lr_scheduler_type", "linear"))
+    kind = enum_name(getattr(args, "lr_scheduler_type", "linear"))
     if kind not in SUPPORTED_SCHEDULES:
         raise ValueError(f"lr_scheduler_type {kind!r} is not supported by the JAX backend; supported: "
                          f"{', '.join(SUPPORTED_SCHEDULES)}.")
@@ -233,7 +230,7 @@ def build_optimizer(args, params, num_training_steps: int | None = None
     scale); it is close to, not bit-identical with, ``transformers.Adafactor``.
     """
     del params  # the mask is a function of the params, evaluated by optax at init
-    optim = _name(getattr(args, "optim", "adamw_torch"))
+    optim = enum_name(getattr(args, "optim", "adamw_torch"))
     schedule = build_schedule(args, num_training_steps)
     wd = float(getattr(args, "weight_decay", 0.0) or 0.0)
     extra = _optim_args(args)

@@ -108,7 +108,7 @@ def _finish(trainer, tmp: str, checkpoint_dir: str) -> None:
     """Counters and manifest into ``tmp``, everything fsynced, then renamed to ``checkpoint_dir``."""
     counters = json.dumps(trainer.counters(), indent=2).encode()
     written = {SHELL_FILE: _write_synced(os.path.join(tmp, SHELL_FILE), counters)}  # hashed while writing
-    files = _hash_tree(tmp, skip=set(written), fsync=True)
+    files = hash_tree(tmp, skip=set(written), fsync=True)
     files.update(written)
     manifest = {"format": MANIFEST_FORMAT, "global_step": trainer.state.global_step,
                 "files": dict(sorted(files.items()))}
@@ -163,7 +163,7 @@ def _file_entry(path: str, fsync: bool = False) -> dict[str, Any]:
         return {"size": os.fstat(f.fileno()).st_size, "sha256": digest.hexdigest()}
 
 
-def _hash_tree(root: str, skip: set[str], fsync: bool) -> dict[str, dict[str, Any]]:
+def hash_tree(root: str, skip: set[str], fsync: bool) -> dict[str, dict[str, Any]]:
     """``{relative path: {size, sha256}}`` of every file under ``root``, hashed in parallel threads."""
     paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
     paths = [p for p in paths if p not in skip]

@@ -11,14 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from itersft_jax.shared.fields import enum_name
+from itersft_jax.shared.weight_files import FLAX_ALLOW_PATTERNS, MODEL_DIR_PATTERNS
+
 # The Hugging Face model directory inside a checkpoint: what a checkpoint push uploads to the repository root.
-MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-               "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-               "*.model", "chat_template.*"]
-
-
-def _strategy(value) -> str:
-    return str(getattr(value, "value", value))
+MODEL_FILES = [*MODEL_DIR_PATTERNS, *FLAX_ALLOW_PATTERNS]
 
 
 class HubPusher:
@@ -45,7 +42,7 @@ class HubPusher:
         return self.repo_id
 
     def pushes_checkpoints(self) -> bool:
-        return _strategy(self.args.hub_strategy) != "end"
+        return enum_name(self.args.hub_strategy) != "end"
 
     def push_checkpoint(self, checkpoint_dir: str, step: int) -> None:
         """Upload the checkpoint's model files to the repository root (and, per ``hub_strategy``, the whole
@@ -55,7 +52,7 @@ class HubPusher:
         common = dict(repo_id=repo, folder_path=checkpoint_dir, token=args.hub_token, revision=args.hub_revision,
                       run_as_future=True)
         jobs = [api.upload_folder(commit_message=message, allow_patterns=MODEL_FILES, **common)]
-        strategy = _strategy(args.hub_strategy)
+        strategy = enum_name(args.hub_strategy)
         if strategy in ("checkpoint", "all_checkpoints"):
             path = "last-checkpoint" if strategy == "checkpoint" else os.path.basename(checkpoint_dir)
             jobs.append(api.upload_folder(commit_message=message + ", checkpoint", path_in_repo=path, **common))
@@ -91,8 +88,8 @@ def write_model_card(args, hf_config, log_history: list[dict], *, language=None,
     data = ModelCardData(language=language, license=license, library_name="transformers", tags=tags,
                          base_model=finetuned_from)
     hyper = {"learning_rate": args.learning_rate, "per_device_train_batch_size": args.per_device_train_batch_size,
-             "gradient_accumulation_steps": args.gradient_accumulation_steps, "optim": _strategy(args.optim),
-             "lr_scheduler_type": _strategy(args.lr_scheduler_type), "warmup_steps": args.warmup_steps,
+             "gradient_accumulation_steps": args.gradient_accumulation_steps, "optim": enum_name(args.optim),
+             "lr_scheduler_type": enum_name(args.lr_scheduler_type), "warmup_steps": args.warmup_steps,
              "max_steps": args.max_steps, "max_length": args.max_length, "seed": args.seed, "bf16": args.bf16}
     logs = [e for e in log_history if "loss" in e or "eval_loss" in e][-10:]
     lines = [f"# {model_name}", "",

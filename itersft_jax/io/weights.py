@@ -17,16 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from itersft_jax.shared.weight_files import read_safetensors_file
+from itersft_jax.shared.weight_files import MODEL_DIR_PATTERNS, read_safetensors_file
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
-ALLOW_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
-    "chat_template*",
-]
 
 # model_init_kwargs that only mean something to a torch model; accepted and ignored here.
 _TORCH_ONLY_KWARGS = ("device_map", "low_cpu_mem_usage", "use_cache",
@@ -72,7 +67,7 @@ def _dtype_name(dtype) -> str:
     return _DTYPE_NAMES[name]
 
 
-def _jnp_dtype(dtype):
+def jnp_dtype(dtype):
     import jax.numpy as jnp
 
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[_dtype_name(dtype)]
@@ -98,8 +93,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
 
     kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
                   force_download=force_download)
-    model_dir = snapshot_download(path, allow_patterns=ALLOW_PATTERNS, **kwargs)
-    patterns = hub_fallback_patterns(os.listdir(model_dir), ALLOW_PATTERNS)
+    model_dir = snapshot_download(path, allow_patterns=MODEL_DIR_PATTERNS, **kwargs)
+    patterns = hub_fallback_patterns(os.listdir(model_dir), MODEL_DIR_PATTERNS)
     return model_dir if patterns is None else snapshot_download(path, allow_patterns=patterns, **kwargs)
 
 
@@ -256,9 +251,9 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = Fals
         if requested is None:
             param_dtype = jnp.float32
         elif str(requested) == "auto":
-            param_dtype = _jnp_dtype(_checkpoint_dtype(tensors))
+            param_dtype = jnp_dtype(_checkpoint_dtype(tensors))
         else:
-            param_dtype = _jnp_dtype(requested)
+            param_dtype = jnp_dtype(requested)
     dtype = jnp.float32 if dtype is None else dtype
 
     params = family.params_from_hf(tensors, hf_config)

@@ -3,7 +3,7 @@
 The contract (``base.py``, ``layers.py``, ``cache.py``, ``remat.py`` and ``attention/`` hold what every family
 shares):
 
-* ``MODEL_TYPES``: the HF ``model_type`` strings a family module serves.
+* ``FAMILIES`` (below) lists the HF ``model_type`` strings each family module serves.
 * ``CausalLM(config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=False, attn_implementation="auto",
   rngs=nnx.Rngs(0))``: an ``nnx.Module`` (a ``base.CausalLMBase``) built from the HF ``PretrainedConfig``;
   layers are a plain list (one module per layer, so parameter paths mirror HF's). ``remat``: False, True
@@ -26,25 +26,22 @@ Parameter naming: biases are called ``bias``; every normalization module's attri
 ``norm`` or starts with ``ln`` — the optimizer's weight-decay mask relies on it.
 
 Adding a family: its file (a ``decoder.Spec`` reader for RoPE decoders, else modules on ``CausalLMBase``, plus a
-``mapping.Layout``), one line in ``_FAMILY_OF_TYPE``, and its configs in ``tests/test_families.py``.
+``mapping.Layout``), one line in ``FAMILIES``, and its configs in ``tests/test_families.py``.
 """
 
 from __future__ import annotations
 
 import importlib
 
-_FAMILY_OF_TYPE = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-    "phi3": "phi3",
-    "gemma": "gemma",
-    "gemma2": "gemma",
-    "gemma3_text": "gemma",
-    "gpt2": "gpt2",
-    "opt": "opt",
+# Family module -> the HF ``model_type`` strings it serves: the one list of what the JAX engine supports.
+FAMILIES = {
+    "llama": ("llama", "mistral", "qwen2", "qwen3"),
+    "phi3": ("phi3",),
+    "gemma": ("gemma", "gemma2", "gemma3_text"),
+    "gpt2": ("gpt2",),
+    "opt": ("opt",),
 }
+_FAMILY_OF_TYPE = {model_type: family for family, types in FAMILIES.items() for model_type in types}
 
 
 def supported_model_types() -> list[str]:

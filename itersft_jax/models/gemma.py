@@ -12,16 +12,14 @@ with these switches:
 
 from __future__ import annotations
 
-from itersft_jax.models import decoder
+from itersft_jax.models import FAMILIES, decoder
 from itersft_jax.models.rope import rope_from_config
-
-MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 
 
 def _spec(config) -> decoder.Spec:
     model_type = config.model_type
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"gemma.py serves {MODEL_TYPES}, not {model_type!r}")
+    if model_type not in FAMILIES["gemma"]:
+        raise ValueError(f"gemma.py serves {FAMILIES['gemma']}, not {model_type!r}")
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError("use_bidirectional_attention=True (an embedding model) is not a causal LM; "
                          "use backend='torch'.")

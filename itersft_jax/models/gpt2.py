@@ -20,8 +20,6 @@ from itersft_jax.models.base import CausalLMBase
 from itersft_jax.models.cache import KVCache
 from itersft_jax.models.layers import activation, dense, embedding_head, neftune_noise, untied_head
 
-MODEL_TYPES = ("gpt2",)
-
 
 class Attention(nnx.Module):
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):

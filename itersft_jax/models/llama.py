@@ -10,16 +10,14 @@ RoPE: every type of ``rope.py`` (default, linear, dynamic, llama3, yarn, longrop
 
 from __future__ import annotations
 
-from itersft_jax.models import decoder
+from itersft_jax.models import FAMILIES, decoder
 from itersft_jax.models.rope import rope_from_config, rope_parameters  # noqa: F401  (rope_parameters: part of this module's API)
-
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _spec(config) -> decoder.Spec:
     model_type = config.model_type
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"llama.py serves {MODEL_TYPES}, not {model_type!r}")
+    if model_type not in FAMILIES["llama"]:
+        raise ValueError(f"llama.py serves {FAMILIES['llama']}, not {model_type!r}")
     n = config.num_hidden_layers
     if model_type == "mistral":
         windows = (getattr(config, "sliding_window", None),) * n

@@ -20,8 +20,6 @@ from itersft_jax.models.base import CausalLMBase
 from itersft_jax.models.cache import KVCache
 from itersft_jax.models.layers import activation, dense, embedding_head, neftune_noise, untied_head
 
-MODEL_TYPES = ("opt",)
-
 _POSITION_OFFSET = 2
 _LN_EPS = 1e-5  # OPT builds nn.LayerNorm with torch's default eps
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 from itersft_jax.models import decoder
 from itersft_jax.models.rope import rope_from_config
 
-MODEL_TYPES = ("phi3",)
-
 
 def _spec(config) -> decoder.Spec:
     n = config.num_hidden_layers

@@ -59,8 +59,14 @@ def each(jax: Rule, torch: Rule) -> dict[str, Rule]:
 # Checks of values that are honoured only in part
 
 
+def enum_name(value) -> str:
+    """A ``TrainingArguments`` enum field (``OptimizerNames``, ``SchedulerType``, ``IntervalStrategy``, ...) or a
+    plain string, as its string value: the one reader of such fields for every module."""
+    return str(getattr(value, "value", value))
+
+
 def _optim_name(args) -> str:
-    return str(getattr(args.optim, "value", args.optim))
+    return enum_name(args.optim)
 
 
 def _jax_optim_args(value, args) -> str | None:
@@ -97,7 +103,7 @@ def _jax_gradient_checkpointing_kwargs(value, args) -> str | None:
 
 
 def _torch_schedule(value, args) -> str | None:
-    name = str(getattr(value, "value", value))
+    name = enum_name(value)
     if name in ("reduce_lr_on_plateau", "greedy"):
         return (f"lr_scheduler_type={name!r} steps on evaluation metrics, which step() never feeds to the "
                 "scheduler; use a step-driven schedule (linear, cosine, constant_with_warmup, ...)")
@@ -388,8 +394,8 @@ def _show(name: str, value: Any) -> str:
     if name.endswith("token") or name.endswith("_token_id"):
         return "<set>"  # never print secrets
     if isinstance(value, list):
-        value = [getattr(v, "value", v) for v in value]
-    return repr(getattr(value, "value", value))
+        return repr([enum_name(v) if hasattr(v, "value") else v for v in value])
+    return repr(enum_name(value) if hasattr(value, "value") else value)
 
 
 def refusals(args, engine: str) -> list[str]:

@@ -22,6 +22,7 @@ Imports neither jax nor torch itself (``transformers.TrainingArguments`` already
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import math
@@ -35,7 +36,7 @@ from transformers import EvalPrediction
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerCallback
 
 from itersft_jax.shared.data import Example
-from itersft_jax.shared.fields import input_token_stats
+from itersft_jax.shared.fields import enum_name, input_token_stats
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,6 @@ class UpdateRecord:
     padded_tokens: int  # input positions computed, padding included
 
 
-def _strategy(value) -> str:
-    return str(getattr(value, "value", value))
-
-
 class IterativeFlowCallback(DefaultFlowCallback):
     """``DefaultFlowCallback`` for ``step()``-driven training: the rules for what is due after an update.
 
@@ -95,22 +92,22 @@ class IterativeFlowCallback(DefaultFlowCallback):
         step = state.global_step
         if step == 1 and args.logging_first_step:
             control.should_log = True
-        if _strategy(args.logging_strategy) == "steps" and _every(step, state.logging_steps):
+        if enum_name(args.logging_strategy) == "steps" and _every(step, state.logging_steps):
             control.should_log = True
-        evaluate_steps = _strategy(args.eval_strategy) == "steps" and args.eval_delay <= step
+        evaluate_steps = enum_name(args.eval_strategy) == "steps" and args.eval_delay <= step
         if evaluate_steps and _every(step, state.eval_steps):
             control.should_evaluate = True
-        if _strategy(args.save_strategy) == "steps" and _every(step, state.save_steps):
+        if enum_name(args.save_strategy) == "steps" and _every(step, state.save_steps):
             control.should_save = True
         if args.max_steps > 0 and step == args.max_steps:
-            control.should_save |= _strategy(args.save_strategy) == "steps"
+            control.should_save |= enum_name(args.save_strategy) == "steps"
             control.should_evaluate |= evaluate_steps
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        control.should_log |= _strategy(args.logging_strategy) == "epoch"
-        control.should_evaluate |= _strategy(args.eval_strategy) == "epoch" and args.eval_delay <= state.epoch
-        control.should_save |= _strategy(args.save_strategy) == "epoch"
+        control.should_log |= enum_name(args.logging_strategy) == "epoch"
+        control.should_evaluate |= enum_name(args.eval_strategy) == "epoch" and args.eval_delay <= state.epoch
+        control.should_save |= enum_name(args.save_strategy) == "epoch"
         return control
 
 
@@ -129,8 +126,8 @@ def make_callback_handler(args, callbacks, *, model, processing_class, optimizer
 
 def validate_shell_args(args, eval_dataset) -> None:
     """ValueError naming the field for a cadence the trainer cannot follow (checked when it is built)."""
-    if _strategy(args.eval_strategy) != "no" and eval_dataset is None:
-        raise ValueError(f"`eval_strategy`={_strategy(args.eval_strategy)!r} evaluates on `eval_dataset`, which is "
+    if enum_name(args.eval_strategy) != "no" and eval_dataset is None:
+        raise ValueError(f"`eval_strategy`={enum_name(args.eval_strategy)!r} evaluates on `eval_dataset`, which is "
                          f"not given: pass `eval_dataset` or set eval_strategy='no'")
 
 
@@ -164,17 +161,51 @@ def _pad_concat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(padded)
 
 
-class TrainerShell:
-    """The engine-independent half of ``IterativeSFTTrainer`` (mixed into both engines' trainers).
-
-    An engine sets ``args``, ``state`` (``TrainerState``), ``control`` (``TrainerControl``), ``callback_handler``,
-    ``eval_dataset``, ``compute_metrics`` and calls :meth:`_init_shell`; it implements ``_prepare_examples(**forms)``,
-    ``_fetch(metrics_list)`` (device -> host), ``_save_for_flow()``, ``_eval_loss(examples)`` and
-    ``_eval_predictions(examples)``; its ``step()`` calls :meth:`_run_call`. ``_metrics_on_host`` says whether an
-    update's metrics are host values as soon as it returns (PyTorch) or device values read at the next sync (JAX).
+class TrainerShell(abc.ABC):
+    """The engine-independent half of ``IterativeSFTTrainer`` (mixed into both engines' trainers): the engine
+    contract. An engine sets ``args``, ``state`` (``TrainerState``), ``control`` (``TrainerControl``),
+    ``callback_handler``, ``eval_dataset``, ``compute_metrics``, calls :meth:`_init_shell`, and implements the
+    abstract methods below; its ``step()`` calls :meth:`_run_call`. ``_metrics_on_host`` says whether an update's
+    metrics are host values as soon as it returns (PyTorch) or device values read at the next sync (JAX).
     """
 
     _metrics_on_host = True
+
+    # ------------------------------------------------------------------------------------------------------
+    # What each engine implements
+
+    @abc.abstractmethod
+    def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None, prompts=None,
+             completions=None) -> StepStats:
+        """Train on one batch of samples (the ``step()`` contract); returns the call's :class:`StepStats`."""
+
+    @abc.abstractmethod
+    def generate(self, *args, **kwargs):
+        """Sample completions from the live parameters; returns a ``GenerationOutput``."""
+
+    @abc.abstractmethod
+    def save_model(self, output_dir: str | None = None, *args, **kwargs):
+        """Write the model as a Hugging Face directory (with the tokenizer)."""
+
+    @abc.abstractmethod
+    def _prepare_examples(self, **forms) -> list[Example]:
+        """``step()``'s input forms -> checked, tokenized, truncated ``Example`` s (the shared data layer)."""
+
+    @abc.abstractmethod
+    def _fetch(self, metrics: list[dict]) -> list[dict]:
+        """Dispatched updates' metrics as host values (the JAX engine's one device -> host sync per call)."""
+
+    @abc.abstractmethod
+    def _save_for_flow(self) -> None:
+        """Write the checkpoint the callback flow asks for (``control.should_save``)."""
+
+    @abc.abstractmethod
+    def _eval_loss(self, examples: list[Example]) -> tuple[float, int]:
+        """``(summed cross-entropy, label tokens)`` of held-out samples, parameters unchanged."""
+
+    @abc.abstractmethod
+    def _eval_predictions(self, examples: list[Example]) -> Iterable[tuple[Any, Any]]:
+        """``(predictions, labels)`` batch by batch for ``compute_metrics``."""
 
     def _init_shell(self) -> None:
         self._calls = 0  # successful step() calls: seeds the shuffle
@@ -220,7 +251,7 @@ class TrainerShell:
         logs = dict(logs)
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
-        if _strategy(self.args.include_num_input_tokens_seen) not in ("no", "False"):
+        if enum_name(self.args.include_num_input_tokens_seen) not in ("no", "False"):
             logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
@@ -317,7 +348,7 @@ class TrainerShell:
             self._log_window()
         if self.control.should_evaluate:
             metrics = self.evaluate()
-            if _strategy(self.args.save_strategy) == "best":
+            if enum_name(self.args.save_strategy) == "best":
                 self.control.should_save = self._determine_best_metric(metrics=metrics, trial=None)
         if self.control.should_save:
             self._save_for_flow()

@@ -13,6 +13,13 @@ import numpy as np
 FLAX_WEIGHTS_NAME = "flax_model.msgpack"
 FLAX_WEIGHTS_INDEX_NAME = "flax_model.msgpack.index.json"
 FLAX_ALLOW_PATTERNS = ["flax_model*.msgpack", FLAX_WEIGHTS_INDEX_NAME]
+# What a Hugging Face model directory holds besides Flax weights: config, safetensors (single or sharded),
+# tokenizer files and the chat template -- what a Hub download fetches and a checkpoint push uploads.
+MODEL_DIR_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+    "chat_template*",
+]
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
