@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 import sys
 import time
 import traceback
 
+import common  # noqa: E402,F401  (the repository root on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from itersft_jax.models.attention import pallas_gpu  # noqa: E402
 from itersft_jax.models.attention.cudnn import cudnn_segment_layout  # noqa: E402

@@ -18,17 +18,17 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 
 def build_trainer(output_dir: str):
     import torch
-    from helpers import make_tokenizer
+    from common import offline
+
+    make_tokenizer = offline().make_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from itersft_jax import IterativeSFTConfig

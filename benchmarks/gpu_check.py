@@ -10,7 +10,7 @@ a. parity on the device: JAX fp32 logits ('highest' matmul precision; attention 
 b. JAX training, bf16, no remat, ``[B, --seq]`` for B in ``--batches``: tokens/s, MFU, peak device memory
    (``memory_stats()["peak_bytes_in_use"]``), the attention implementation "auto" chose. Measured through the
    trainer's own jitted ``_train_step`` on a pre-built ``[1, B, T]`` update (what ``step()`` builds for B samples
-   of T tokens), and again through ``trainer.step()`` itself (see ``_gpu_jax.py``).
+   of T tokens), and again through ``trainer.step()`` itself (see ``gpu_jax.py``).
 c. the PyTorch loop (bf16 autocast, fused AdamW, SDPA) at the same shapes: tokens/s, MFU,
    ``torch.cuda.max_memory_allocated``; its best batch is the reference of the ratios.
 d. long context: JAX ``[1, T]`` with ``gradient_checkpointing=True`` (default policy) for T in ``--long``, against
@@ -49,8 +49,8 @@ import tempfile
 import time
 import traceback
 
-from _gpu_common import Plan, Recorder, peak_flops
-from _gpu_report import memory_per_token, report
+from gpu_common import Plan, Recorder, peak_flops
+from gpu_report import memory_per_token, report
 
 # (job, part, engine, worker function, timeout on a GPU in s), in running order: issue 9's targets first.
 JOBS = (
@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak for MFU (default by device name)")
     p.add_argument("--budget-s", type=float, default=480, help="skip the remaining jobs once this is spent")
     p.add_argument("--out-dir", default=None,
-                   help="where the .jsonl and .md go (default benchmarks/; smoke: a temp dir)")
+                   help="where the .jsonl and .md go (default benchmarks/results/; smoke: a temp dir)")
     p.add_argument("--spawn", nargs="*", default=None, metavar="JOB",
                    help="run these jobs (all when none is named) in fresh interpreters instead of forked processes")
     p.add_argument("--job", help=argparse.SUPPRESS)  # a spawned job: run it and exit
@@ -132,8 +132,8 @@ def output_paths(out_dir: str, device: str) -> tuple[str, str]:
 
 def preload() -> None:
     """Import what the workers use, so each forked job starts with it; no device is touched."""
-    import _gpu_jax  # noqa: F401
-    import _gpu_torch  # noqa: F401
+    import gpu_jax  # noqa: F401
+    import gpu_torch  # noqa: F401
     import jax  # noqa: F401
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401
@@ -163,7 +163,7 @@ def run_worker(job: tuple, plan: Plan) -> int:
     try:
         if engine == "jax":
             jax_environment(plan.smoke)
-        getattr(importlib.import_module(f"_gpu_{engine}"), worker)(plan, Recorder(plan.results, part, name))
+        getattr(importlib.import_module(f"gpu_{engine}"), worker)(plan, Recorder(plan.results, part, name))
         return 0
     except BaseException as err:  # noqa: BLE001 - recorded; the parent goes on with the next job
         traceback.print_exc()
@@ -242,8 +242,8 @@ def main(argv=None) -> int:
     # torch.cuda.is_available() in this process would initialise the CUDA driver, and no forked child could use
     # the GPU after that; with this set it asks NVML instead (accelerate does the same).
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    out_dir = args.out_dir or (tempfile.mkdtemp(prefix="gpu_check_") if args.smoke else os.path.dirname(
-        os.path.abspath(__file__)))
+    out_dir = args.out_dir or (tempfile.mkdtemp(prefix="gpu_check_") if args.smoke else os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results"))
     os.makedirs(out_dir, exist_ok=True)
     device = device_name(args.smoke)
     results, md_path = output_paths(out_dir, device)

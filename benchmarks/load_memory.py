@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-from memory_check import _reset_peak, _status_kib, run_worker, save_random_llama  # noqa: E402
+from common import reset_peak, run_worker, save_random_llama, status_kib  # noqa: E402
 
 
 def worker(mode: str, model_dir: str) -> dict:
@@ -32,10 +28,10 @@ def worker(mode: str, model_dir: str) -> dict:
 
     mesh = make_mesh("fsdp:8") if mode == "fsdp:8" else None
     jax.numpy.zeros(1).block_until_ready()  # the runtime up before the baseline
-    _reset_peak()
-    before_kib = _status_kib("VmRSS")
+    reset_peak()
+    before_kib = status_kib("VmRSS")
     module, _ = load_model(model_dir, mesh=mesh)
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     from flax import nnx
 
     leaves = jax.tree.leaves(nnx.state(module, nnx.Param))

@@ -9,7 +9,7 @@ whose peak is that run's own):
   target_modules="all-linear")``, ``bf16=True``, ``gradient_checkpointing`` per ``--remat`` — with the base loaded
   in bf16 (``model_init_kwargs={"dtype": "bfloat16"}``: never materialized in fp32, whatever the trainer's default
   for a LoRA base; an fp32 copy would be 32 GB). Random weights from the family's initializers on the device
-  (``_gpu_jax.random_model_loader``, standing in for reading 16 GB of safetensors). Timed: the trainer's own
+  (``gpu_jax.random_model_loader``, standing in for reading 16 GB of safetensors). Timed: the trainer's own
   jitted ``train_step`` on a pre-built ``[1, B, T]`` update, then ``trainer.step()`` on the same shape.
 * ``torch``: ``LlamaForCausalLM.from_config`` in bf16 on the GPU with SDPA, ``peft.get_peft_model`` with the same
   ``LoraConfig`` (PEFT keeps the adapters in fp32), non-reentrant gradient checkpointing per ``--remat``, bf16
@@ -17,7 +17,7 @@ whose peak is that run's own):
 
 MFU uses LoRA's model FLOPs per token, the same for both engines: ``4 N + 6 N_lora + 12 L D T`` — the frozen
 weights need the forward and the input gradient (2N + 2N) but no weight gradient; ``N`` counts the parameters as
-``_gpu_common.param_count`` does (embedding included), attention as in ``gpu_check.py``. Rematerialized
+``gpu_common.param_count`` does (embedding included), attention as in ``gpu_check.py``. Rematerialized
 forwards are not counted (model FLOPs, not hardware FLOPs). Peak memory is the process's high-water mark
 (JAX: ``peak_bytes_in_use``; torch: ``max_memory_allocated``), construction included.
 
@@ -33,13 +33,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
-from _gpu_common import PRESETS, Timer, is_out_of_memory, llama_config, param_count, peak_flops  # noqa: E402
-from memory_check import run_worker  # noqa: E402
+from common import run_worker  # noqa: E402
+from gpu_common import PRESETS, Timer, is_out_of_memory, llama_config, param_count, peak_flops  # noqa: E402
 
 # Llama-3-8B's shape (meta-llama/Meta-Llama-3-8B's config.json): 8.03B parameters, untied head, GQA 32/8.
 LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -81,16 +79,15 @@ def jax_worker(model: str, smoke: bool, remat: bool, b: int, t: int, rank: int, 
     from unittest import mock
 
     import numpy as np
-    from _gpu_common import tests_on_path
-    from _gpu_jax import peak_gib, random_model_loader, time_train_step, update_batch
+    from common import offline
+    from gpu_jax import peak_gib, random_model_loader, time_train_step, update_batch
 
     import itersft_jax.trainer as trainer_module
     from itersft_jax import IterativeSFTConfig
     from itersft_jax.core.train_step import count_compilations
     from itersft_jax.io.weights import jnp_dtype
 
-    tests_on_path()
-    from helpers import make_tokenizer
+    make_tokenizer = offline().make_tokenizer
 
     device = jax.devices()[0].device_kind
     hf_config = llama_config(MODELS[model])

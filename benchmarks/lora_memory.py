@@ -18,14 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-from memory_check import _reset_peak, _status_kib, run_worker, save_random_llama  # noqa: E402
+from common import reset_peak, run_worker, save_random_llama, status_kib  # noqa: E402
 
 
 def worker(mode: str, model_dir: str, batch: int, seq: int, vocab: int, rank: int) -> dict:
@@ -35,7 +31,7 @@ def worker(mode: str, model_dir: str, batch: int, seq: int, vocab: int, rank: in
 
     from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 
-    start_kib = _status_kib("VmRSS")
+    start_kib = status_kib("VmRSS")
     cfg = IterativeSFTConfig(output_dir=os.path.join(model_dir, f"out-{mode}"), per_device_train_batch_size=batch,
                              gradient_checkpointing=False, learning_rate=1e-4, report_to="none",
                              logging_steps=10**6, bf16=False, disable_tqdm=True, save_strategy="no")
@@ -49,10 +45,10 @@ def worker(mode: str, model_dir: str, batch: int, seq: int, vocab: int, rank: in
     rng = np.random.default_rng(0)
     calls = [rng.integers(3, vocab, size=(batch, seq)) for _ in range(2)]
     gc.collect()
-    reset = _reset_peak()
-    before_kib = _status_kib("VmRSS")
+    reset = reset_peak()
+    before_kib = status_kib("VmRSS")
     losses = [trainer.step(input_ids=ids)["loss"] for ids in calls]
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     return {"mode": mode, "trainer_mib": (before_kib - start_kib) / 1024, "added_mib": (peak_kib - before_kib) / 1024,
             "total_mib": (peak_kib - start_kib) / 1024, "peak_reset": reset, "losses": losses, "trained": trained}
 

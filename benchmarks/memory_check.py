@@ -20,30 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False if the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from common import reset_peak, run_worker, save_random_llama, status_kib
 
 
 def worker(backend: str, model_dir: str, batch: int, seq: int, vocab: int) -> dict:
@@ -60,10 +39,10 @@ def worker(backend: str, model_dir: str, batch: int, seq: int, vocab: int) -> di
     rng = np.random.default_rng(0)
     calls = [rng.integers(3, vocab, size=(batch, seq)) for _ in range(2)]
     gc.collect()
-    reset = _reset_peak()
-    before_kib = _status_kib("VmRSS")
+    reset = reset_peak()
+    before_kib = status_kib("VmRSS")
     losses = [trainer.step(input_ids=ids)["loss"] for ids in calls]
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     return {"backend": backend, "rss_before_mib": before_kib / 1024, "peak_mib": peak_kib / 1024,
             "added_mib": (peak_kib - before_kib) / 1024, "peak_reset": reset, "losses": losses}
 
@@ -72,29 +51,6 @@ def save_model(path: str, hidden: int, vocab: int, seq: int) -> int:
     return save_random_llama(path, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=4, intermediate_size=int(hidden * 2.75), vocab_size=vocab,
                              max_position_embeddings=seq, tie_word_embeddings=False)
-
-
-def save_random_llama(path: str, **config_kwargs) -> int:
-    """Save a random fp32 Llama of ``config_kwargs`` (and a tiny tokenizer) to ``path``; its parameter count."""
-    import torch
-    from helpers import make_tokenizer
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **config_kwargs)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float()
-    model.save_pretrained(path)
-    make_tokenizer().save_pretrained(path)  # ids are fed directly; the tokenizer only has to exist
-    return sum(p.numel() for p in model.parameters())
-
-
-def run_worker(script: str, name: str, model_dir: str, *extra: str) -> dict:
-    """Run ``script --worker name --model-dir model_dir *extra`` in a fresh interpreter; its last JSON line."""
-    proc = subprocess.run([sys.executable, script, "--worker", name, "--model-dir", model_dir, *extra],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main():

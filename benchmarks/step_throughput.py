@@ -20,14 +20,13 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
+from common import save_random_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 
 def llama_config(hidden, layers, vocab, heads=8, intermediate=None):
@@ -37,18 +36,6 @@ def llama_config(hidden, layers, vocab, heads=8, intermediate=None):
                        num_key_value_heads=heads, intermediate_size=intermediate or int(hidden * 2.75),
                        vocab_size=vocab, max_position_embeddings=1024, tie_word_embeddings=False,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def save_model(config, path):
-    import torch
-    from helpers import make_tokenizer
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float()
-    model.save_pretrained(path)
-    make_tokenizer().save_pretrained(path)  # ids are fed directly; the tokenizer only has to exist
-    return model
 
 
 def n_params(model):
@@ -66,7 +53,7 @@ def fixed_shapes(args, workdir):
 
     config = llama_config(512, 8, 8192)
     path = os.path.join(workdir, "llama30m")
-    torch_model = save_model(config, path)
+    torch_model = save_random_model(config, path)
     rng = np.random.default_rng(0)
     batches = [rng.integers(3, config.vocab_size, size=(args.batch, args.seq)) for _ in range(args.steps + 2)]
 
@@ -167,14 +154,14 @@ def run_backend(backend, path, workload, workdir, batch, bf16=False):
 def iterative(args, workdir):
     config = llama_config(args.hidden, args.layers, args.vocab, heads=4)
     path = os.path.join(workdir, "llama-iter")
-    model = save_model(config, path)
+    model = save_random_model(config, path)
     workload = make_workload(args.calls, args.samples, config.vocab_size)
     results = {b: run_backend(b, path, workload, workdir, args.batch) for b in ("jax", "torch")}
     if args.trl_python:
         data = os.path.join(workdir, "workload.json")
         with open(data, "w") as f:
             json.dump(workload, f)
-        proc = subprocess.run([args.trl_python, os.path.join(HERE, "_trl_workload.py"), path, data,
+        proc = subprocess.run([args.trl_python, os.path.join(HERE, "trl_workload.py"), path, data,
                                str(args.batch)], capture_output=True, text=True)
         if proc.returncode == 0:
             results["trl-0.23.1"] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
+from common import offline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-sys.path.insert(0, os.path.join(HERE, ".."))
 
 
 def build_model(hidden: int, layers: int):
@@ -41,7 +39,7 @@ def build_model(hidden: int, layers: int):
 
 
 def make_trainer(model, workdir: str, args, **config):
-    from helpers import make_tokenizer
+    make_tokenizer = offline().make_tokenizer
 
     from itersft_torch import IterativeSFTConfig, IterativeSFTTrainer
 

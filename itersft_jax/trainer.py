@@ -81,7 +81,7 @@ class IterativeSFTTrainer(TrainerShell):
         # max logit difference against torch fp32, 2e-7 with "highest"). `tf32=True` opts back in.
         self.matmul_precision = None if (self.args.bf16 or self.args.tf32) else "highest"
         # The mesh (itersft_jax.parallel.mesh): rows split over data x fsdp, parameters and optimizer state by the rule
-        # table of models.sharding. On one device every sharding is that device: the same program as before.
+        # table of parallel.sharding. On one device every sharding is that device: the same program as before.
         distributed.initialize()  # several processes when the environment asks (itersft_jax.parallel.distributed)
         self.mesh = make_mesh(self.args.mesh)
         source = resolve_model_source(model, peft_config)  # LoRA: the base and the adapters to put on it

@@ -4,10 +4,10 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))  # offline builders, references, workers
 
 import pytest  # noqa: E402
-from helpers import make_tokenizer, save_tiny_model  # noqa: E402
+from offline import make_tokenizer, save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,7 @@ def test_gpu_check_smoke(tmp_path):
 def test_parameter_count_of_the_1b_preset():
     """MFU's N for issue 9's shape equals transformers' own count of the model (1,235,814,400, tied head once)."""
     import torch
-    from _gpu_common import PRESETS, llama_config, param_count
+    from gpu_common import PRESETS, llama_config, param_count
     from transformers import AutoModelForCausalLM
 
     config = llama_config(PRESETS["llama-3.2-1b"])

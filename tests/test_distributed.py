@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
-from helpers import save_tiny_model
+from offline import save_tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,7 +31,8 @@ def test_two_processes_equal_one(tmp_path, tokenizer):
     port = _free_port()
     env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "distributed_worker.py"), model_dir, str(out)],
+    script = os.path.join(HERE, "support", "distributed_worker.py")
+    procs = [subprocess.Popen([sys.executable, script, model_dir, str(out)],
                               env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     try:

@@ -1,7 +1,7 @@
 """Every JAX model family and its options against transformers' PyTorch models, through one parametrised module.
 
 Adding a family = its file, one registry line in ``models/__init__.py`` and its cases in ``CASES`` below (a
-default config in ``helpers.tiny_config``; the subsets ``GENERATE``, ``SAVE`` and ``PARITY`` pick what those
+default config in ``offline.tiny_config``; the subsets ``GENERATE``, ``SAVE`` and ``PARITY`` pick what those
 slower checks run on).
 
 Tolerances (fp32, CPU):
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import perturbed_tiny_model, tiny_config
+from offline import perturbed_tiny_model, tiny_config
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.io import weights
@@ -103,7 +103,7 @@ GENERATE = ["llama-rope-dynamic", "llama-rope-longrope", "qwen3-tied-window8", "
 SAVE = ["llama-untied", "qwen3-tied-window8", "gpt2-default", "gpt2-untied-gelu-eps", "opt-350m-like",
         "opt-nobias-noaffine", "opt-untied-no-final-ln", "gemma-untied-bias", "gemma2-softcaps", "gemma3",
         "phi3-partial-window8"]
-PARITY = ["llama", "qwen2", "gpt2", "opt", "gemma2", "gemma3_text", "phi3"]  # helpers.tiny_config defaults
+PARITY = ["llama", "qwen2", "gpt2", "opt", "gemma2", "gemma3_text", "phi3"]  # offline.tiny_config defaults
 
 
 @functools.cache

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_model
+from offline import tiny_model
 
 from itersft_jax.shared import fields
 from itersft_jax.shared.config import IterativeSFTConfig
@@ -23,7 +23,7 @@ from itersft_jax.shared.fields import FIELDS, REFUSED, check_fields, markdown_ta
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Question: what is two plus two? Answer: four.",
          "def add(a, b):\n    return a + b\n", "12 + 30 = 42.", "Rejection sampling keeps only the verified."]
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+FIELDS_PAGE = os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")
 
 # A value each refused (field, engine) refuses, in the form __post_init__ leaves it in.
 REFUSED_VALUES = {
@@ -145,11 +145,11 @@ def test_trainers_refuse_before_loading_the_model(backend, tmp_path):
         IterativeSFTTrainer(str(tmp_path / "no-such-model"), args=args)
 
 
-def test_readme_shows_the_generated_table():
-    with open(README) as f:
+def test_docs_show_the_generated_table():
+    with open(FIELDS_PAGE) as f:
         text = f.read()
     found = re.search(r"<!-- fields-table:start -->\n(.*?)<!-- fields-table:end -->", text, flags=re.S)
-    assert found, "README.md lacks the field table markers"
+    assert found, "docs/configuration.md lacks the field table markers"
     assert found.group(1) == markdown_table(), "regenerate: python -m itersft_jax.shared.fields --markdown"
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import make_tokenizer, tiny_config
+from offline import make_tokenizer, tiny_config
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.io import flax_weights, weights

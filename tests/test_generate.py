@@ -15,7 +15,7 @@ import torch
 
 from itersft_jax import IterativeSFTConfig
 from itersft_jax.core.train_step import count_compilations
-from itersft_jax.sampler.generate import GenerationOutput, _cache_mask, _filter_logits, generate, generate_ids
+from itersft_jax.sampler.generate import GenerationOutput, cache_mask, filter_logits, generate, generate_ids
 from itersft_jax.trainer import IterativeSFTTrainer
 
 PROMPTS = ["The quick brown fox", "hello", "12 + 30 = 42. 7 * 6 ="]
@@ -45,14 +45,14 @@ def test_cached_decoding_logits_equal_full_forward(llama):
         ids[i, -len(r):], mask[i, -len(r):] = r, 1
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
     cache = model.init_cache(3, prompt_len + new)
-    logits, cache = model(jnp.asarray(ids), jnp.asarray(positions), _cache_mask(mask, new), cache=cache)
+    logits, cache = model(jnp.asarray(ids), jnp.asarray(positions), cache_mask(mask, new), cache=cache)
     cached = [logits[:, -1]]
     tokens = []
     for step in range(new - 1):
         token = jnp.argmax(cached[-1], -1).astype(jnp.int32)
         tokens.append(token)
         logits, cache = model(token[:, None], jnp.asarray(mask.sum(-1) + step)[:, None],
-                              _cache_mask(mask, new), cache=cache)
+                              cache_mask(mask, new), cache=cache)
         cached.append(logits[:, 0])
     full_ids = np.concatenate([ids, np.stack(tokens, 1)], 1)
     full_mask = np.concatenate([mask, np.ones((3, new - 1), np.int32)], 1)
@@ -107,7 +107,7 @@ def test_filter_logits_matches_transformers_warpers():
             expected = TopPLogitsWarper(top_p)(None, expected)
         knobs = {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
                  "top_p": np.float32(top_p)}
-        got = np.asarray(_filter_logits(jnp.asarray(logits), knobs))
+        got = np.asarray(filter_logits(jnp.asarray(logits), knobs))
         np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected.numpy()))
         np.testing.assert_allclose(got[np.isfinite(got)], expected.numpy()[np.isfinite(got)], rtol=1e-6)
 

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import save_tiny_model
+from offline import save_tiny_model
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 

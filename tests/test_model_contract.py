@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import perturbed_tiny_model, tiny_config, tiny_model
+from offline import perturbed_tiny_model, tiny_config, tiny_model
 
 from itersft_jax.io import weights
 from itersft_jax.models import get_family, layers, supported_model_types

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import tiny_config, tiny_model
+from offline import tiny_config, tiny_model
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.core.packing import first_fit_decreasing, pack_update

@@ -17,7 +17,7 @@ from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.io.checkpoint import MANIFEST_FILE
 
 # ----------------------------------------------------------------------------------------------------------
-# kill -9 during saves (the whole 10-kill run: `python tests/kill_resume.py`)
+# kill -9 during saves (the whole 10-kill run: `python tests/support/kill_resume.py`)
 
 
 def test_kill_9_during_saves_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
@@ -162,7 +162,7 @@ def test_generate_compilations_stay_within_the_ladder_bound(tiny_model_dir):
     bucket each."""
     from itersft_jax.core.train_step import count_compilations
     from itersft_jax.io.weights import load_model
-    from itersft_jax.sampler.generate import _batch_bucket, generate
+    from itersft_jax.sampler.generate import batch_bucket, generate
     from itersft_jax.shared.data import bucket_length
 
     model, _ = load_model(tiny_model_dir("llama", num_hidden_layers=1, hidden_size=32, intermediate_size=32,
@@ -178,7 +178,7 @@ def test_generate_compilations_stay_within_the_ladder_bound(tiny_model_dir):
             generate(model, input_ids=prompts, max_new_tokens=new, num_return_sequences=returns, seed=call,
                      do_sample=call % 2 == 1, temperature=0.5 + call / 4, top_k=call % 4, top_p=[1.0, 0.9][call % 2],
                      eos_token_id=list(range(2, 2 + call % 4)))
-            batch, prompt = _batch_bucket(len(prompts) * returns), bucket_length(max(map(len, prompts)))
+            batch, prompt = batch_bucket(len(prompts) * returns), bucket_length(max(map(len, prompts)))
             shapes.append((batch, prompt, bucket_length(prompt + new)))
     bound = {(b, p) for b, p, _ in shapes}, {(b, s) for b, _, s in shapes}, set(shapes)
     assert prefill.count <= len(bound[0]) and decode.count <= len(bound[1]) and extend.count <= len(bound[2])

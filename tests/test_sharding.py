@@ -1,6 +1,6 @@
 """The JAX engine on a mesh of 8 fake CPU devices equals one device (issue 10).
 
-One subprocess (tests/sharding_worker.py) runs every mesh, for a Llama and a GPT-2: three mixed step() calls
+One subprocess (tests/support/sharding_worker.py) runs every mesh, for a Llama and a GPT-2: three mixed step() calls
 (GA 2, clipping, weight decay) per mesh; this process runs the same calls on its one device. Tolerances: losses
 1e-5 absolute; parameters 1e-5 relative, per tensor in norm (||sharded - single|| / ||single||). fp32: the meshes
 sum gradients and norms in other orders, and Adam turns those last-bit differences of near-zero gradients into
@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import save_tiny_model
+from offline import save_tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,8 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def sharded_run(request, tmp_path_factory, tokenizer):
     """(model dir, output dir, results.json of the 8-device worker, the 1-device losses and params)."""
-    sys.path.insert(0, HERE)
-    import sharding_worker as worker
+    import sharding_worker as worker  # tests/support (conftest puts it on the path)
 
     root = tmp_path_factory.mktemp(f"sharding-{request.param}")
     model_dir = str(root / "model")
@@ -36,7 +35,7 @@ def sharded_run(request, tmp_path_factory, tokenizer):
     # so every rule of the table applies.
     save_tiny_model(model_dir, request.param, tokenizer)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_worker.py"), model_dir, str(root)],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "support", "sharding_worker.py"), model_dir, str(root)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(root / "results.json") as f:

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model
+from offline import tiny_model
 from torch_reference import max_diff, random_samples, reference_update, snapshot
 
 from itersft_torch import IterativeSFTConfig, IterativeSFTTrainer
@@ -223,7 +223,7 @@ def test_no_jax_import_and_facade_returns_the_torch_trainer(tmp_path):
         engine = itersft_torch.IterativeSFTTrainer
         assert "jax" not in sys.modules
         import itersft_jax
-        from helpers import make_tokenizer, tiny_model
+        from offline import make_tokenizer, tiny_model
         tok = make_tokenizer()
         out = {str(tmp_path)!r}
         a = itersft_jax.IterativeSFTTrainer(tiny_model("llama", len(tok)), backend="torch", processing_class=tok,

@@ -1,8 +1,8 @@
 """The torch backend in 2 CPU processes (gloo) equals 1 process: DDP through torchrun, FSDP through an accelerate
 config (tiny Llama, fp32, offline).
 
-Each launch runs tests/torch_distributed_worker.py on 2 ranks; the 1-process reference runs the same calls in this
-process with per_device_train_batch_size doubled, so both sides form the same micro-batches and updates (3 calls:
+Each launch runs tests/support/torch_distributed_worker.py on 2 ranks; the 1-process reference runs the same calls in
+this process with per_device_train_batch_size doubled, so both sides form the same micro-batches and updates (3 calls:
 GA 2, clipping, weight decay, a partial final group, odd sample counts leaving a rank without a sample).
 
 Tolerances: the ranks pad their own samples (shorter rows than the 1-process micro-batch) and the gradients are
@@ -28,7 +28,7 @@ from torch_distributed_worker import GENERATE, config, train
 from itersft_torch import IterativeSFTConfig, IterativeSFTTrainer
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE / "torch_distributed_worker.py"
+WORKER = HERE / "support" / "torch_distributed_worker.py"
 LAUNCH_TIMEOUT_S = 180
 FSDP2_CONFIG = """\
 compute_environment: LOCAL_MACHINE
@@ -65,7 +65,8 @@ def reference(llama_dir, tmp_path_factory):
 
 def launch(command: list[str], out: Path) -> None:
     """Run a 2-process launch; on failure or timeout kill its whole process group and show its output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]),
+    path = [str(HERE.parent), str(HERE / "support"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("ACCELERATE_USE_CPU", None)
     proc = subprocess.Popen(command, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

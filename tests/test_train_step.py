@@ -18,7 +18,7 @@ import optax
 import pytest
 import torch
 from flax import nnx
-from helpers import tiny_config, tiny_model
+from offline import tiny_config, tiny_model
 
 from itersft_jax.core.loss import causal_lm_loss
 from itersft_jax.core.train_step import TrainState, count_compilations, make_train_step, train_step

@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from helpers import tiny_model
+from offline import tiny_model
 from torch_reference import max_diff, random_samples, reference_update, snapshot
 
 from itersft_torch import IterativeSFTConfig, IterativeSFTTrainer

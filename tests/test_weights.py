@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import tiny_config, tiny_model
+from offline import tiny_config, tiny_model
 
 from itersft_jax.io import weights
 from itersft_jax.models import llama

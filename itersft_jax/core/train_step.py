@@ -55,7 +55,7 @@ class TrainState:
 
 def state_shardings(state: TrainState, mesh) -> tuple[TrainState, Any]:
     """``(shardings of state, shardings of state.params)`` on ``mesh``: the parameters by the rule table of
-    ``models.sharding``, the optimizer state's copies of them alike, counters and the key replicated.
+    ``parallel.sharding``, the optimizer state's copies of them alike, counters and the key replicated.
     ``state`` may be abstract (``jax.eval_shape``)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -95,7 +95,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
     schedule), ``num_tokens``, ``skipped`` (int32: 1 when the loss or the gradient norm was not finite and
     the state was returned unchanged). ``neftune_alpha``: NEFTune's noise on the input embeddings, drawn from
     ``fold_in(fold_in(state.rng, state.step), micro_batch)`` (a skipped update redraws with the same key).
-    ``grad_sharding``: shardings like ``state.params`` (``models.sharding.param_shardings``) that pin the fp32
+    ``grad_sharding``: shardings like ``state.params`` (``parallel.sharding.param_shardings``) that pin the fp32
     gradient accumulator, so each device sums only the gradient slices of the parameters it holds.
     Gradients are taken for ``state.params`` only; ``state.frozen`` (LoRA's base) rides along unchanged.
     ``lora_dropout``: the model's adapters have dropout, keyed like NEFTune's noise (another stream).

@@ -210,7 +210,7 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = Fals
     ``attn_implementation`` (or ``model_init_kwargs["attn_implementation"]``): "auto" (default), "xla" or a
     kernel name; transformers' names are accepted ("eager" is "xla", "sdpa"/"flash_attention_2" are "auto").
     ``mesh``: a ``jax.sharding.Mesh``; each parameter goes from the host straight to its slices on the mesh
-    (``models.sharding``), so no device ever holds a whole copy of the model.
+    (``parallel.sharding``), so no device ever holds a whole copy of the model.
     """
     import jax.numpy as jnp
     from flax import nnx
@@ -273,7 +273,8 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = Fals
 def _place_on_mesh(expected: dict, params: dict, mesh) -> dict:
     """``params`` (host arrays: views of the memory-mapped safetensors files) cast to ``expected``'s dtypes and
     put on ``mesh`` by the sharding rule table: each device's slice is read from the mapped file and cast on its
-    own, so no whole tensor is copied on the host and a process touches only the slices its devices hold."""
+    own, so no whole tensor is copied on the host (a slice along an inner axis still spans the tensor's pages, so a
+    process may fault in most of the mapped file)."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding

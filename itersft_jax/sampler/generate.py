@@ -52,7 +52,7 @@ _UNSEEDED_STREAM = 0x5EED  # folded into the base key for calls without a seed; 
 # Logits -> next token
 
 
-def _filter_logits(logits_BV: jax.Array, knobs: dict) -> jax.Array:
+def filter_logits(logits_BV: jax.Array, knobs: dict) -> jax.Array:
     """HF's warpers in HF's order: temperature, top-k, top-p. fp32 in, fp32 out (-inf = removed).
 
     ``top_k`` 0 and ``top_p`` 1 switch a filter off; the values are traced, so no setting recompiles.
@@ -81,7 +81,7 @@ def _next_token(logits_BV: jax.Array, key: jax.Array, knobs: dict) -> jax.Array:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
 
     def sample(logits_BV):
-        logits_BV = jax.lax.cond(knobs["filter"], _filter_logits, lambda x, kn: x / kn["temperature"],
+        logits_BV = jax.lax.cond(knobs["filter"], filter_logits, lambda x, kn: x / kn["temperature"],
                                  logits_BV, knobs)
         return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
@@ -163,7 +163,7 @@ def generate_decode(params, cache, first_B, mask_BS, prompt_tokens_B, key, knobs
     return state["tokens"], state["lengths"], state["done"]
 
 
-def _cache_mask(mask_BP: np.ndarray, num_new: int) -> np.ndarray:
+def cache_mask(mask_BP: np.ndarray, num_new: int) -> np.ndarray:
     """Key-slot mask of the cache: the prompt's padding is off, every new slot on (causality hides the
     slots not written yet)."""
     return np.concatenate([np.asarray(mask_BP, np.int32), np.ones((mask_BP.shape[0], num_new), np.int32)], -1)
@@ -173,7 +173,7 @@ def _cache_mask(mask_BP: np.ndarray, num_new: int) -> np.ndarray:
 # Host side
 
 
-def _batch_bucket(rows: int) -> int:
+def batch_bucket(rows: int) -> int:
     return 1 if rows <= 1 else bucket_length(rows, minimum=2)
 
 
@@ -198,7 +198,7 @@ def generate_ids(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, max_n
             if min(row) < 0 or max(row) >= vocab_size:
                 raise ValueError(f"`input_ids[{i}]` holds ids outside the vocabulary [0, {vocab_size})")
 
-    batch = _batch_bucket(len(rows))
+    batch = batch_bucket(len(rows))
     prompt_len = bucket_length(max(len(r) for r in rows))
     cache_len = bucket_length(prompt_len + max_new_tokens)
     input_ids_BP = np.full((batch, prompt_len), pad_token_id, np.int32)
@@ -217,7 +217,7 @@ def generate_ids(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, max_n
 
     cache, first_B = generate_prefill(params, input_ids_BP, mask_BP, key, knobs, graphdef=graphdef)
     cache = generate_extend_cache(params, cache, graphdef=graphdef, batch=batch, length=cache_len)
-    mask_BS = _cache_mask(mask_BP, cache_len - prompt_len)
+    mask_BS = cache_mask(mask_BP, cache_len - prompt_len)
     tokens_BN, lengths_B, done_B = generate_decode(params, cache, first_B, mask_BS, mask_BP.sum(-1, dtype=np.int32),
                                                    key, knobs, np.int32(max_new_tokens), graphdef=graphdef)
     tokens_BN, lengths_B, done_B = jax.device_get((tokens_BN, lengths_B, done_B))

@@ -9,7 +9,7 @@ every field has an explicit decision here, per engine:
 * not applicable — the field has no meaning for ``step()``-driven training; the note says why.
 
 ``check_fields(args, engine)`` runs in each trainer's constructor. A field missing from the table (a newer
-transformers) is refused when set, and ``tests/test_fields.py`` fails on it. The README's table is
+transformers) is refused when set, and ``tests/test_fields.py`` fails on it. The table in docs/configuration.md is
 ``python -m itersft_jax.shared.fields --markdown``. jax- and torch-free at import time.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -115,8 +116,7 @@ def _jax_full_determinism(value, args) -> str | None:
     jax starts its backend — too late to set here."""
     if not value:
         return None
-    import jax  # the JAX engine has imported it already
-
+    jax = sys.modules["jax"]  # asked by the JAX engine only, which has imported it (this layer imports no jax)
     deterministic_flag = "--xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", "")
     if jax.default_backend() == "gpu" and not deterministic_flag:
         return ("on a GPU, XLA is deterministic only with XLA_FLAGS=--xla_gpu_deterministic_ops=true set before "
@@ -134,7 +134,8 @@ def _num_train_epochs_is_one(value) -> bool:
 _SHELL = "trainer shell: "  # JAX cadences and integrations kept by itersft_jax/trainer.py
 _NO_DATALOADER = ("step() takes the samples of each call and evaluate() its samples or eval_dataset columns "
                   "(shell.evaluate, both engines): there is no dataloader")
-_ONE_PROCESS = "the JAX engine is one process over jax.devices(); there are no per-node replicas"
+_ONE_PROCESS = ("the JAX engine's processes run one program over every device (jax.distributed) and process 0 logs "
+                "and writes; there are no per-node replicas to configure")
 _NO_DDP = "no torch DDP: the JAX engine shards with one jax.sharding.Mesh"
 _INFORMATIONAL = "informational: transformers' own Trainer does not read it either (for your scripts)"
 
@@ -190,7 +191,7 @@ FIELDS: dict[str, dict[str, Rule]] = {
                  honoured("TrainingArguments enables TF32 in torch's CUDA backends")),
     "activation_checkpointing": each(honoured("nnx.remat of every decoder layer (policy: *_kwargs)"),
                                      honoured("model.activation_checkpointing_enable, non-reentrant")),
-    "activation_checkpointing_kwargs": each(honoured("'policy': full | dots | offload (models.common); "
+    "activation_checkpointing_kwargs": each(honoured("'policy': full | dots | offload (models.remat); "
                                                      "use_reentrant accepted (no JAX meaning)",
                                                      refuse=_jax_checkpointing_kwargs),
                                             honoured("passed to the model's checkpointing")),
@@ -446,7 +447,7 @@ def input_token_stats(args, state) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The README's table
+# The table of docs/configuration.md
 
 
 def _cell(rule: Rule) -> str:
@@ -457,7 +458,7 @@ def _cell(rule: Rule) -> str:
 
 
 def markdown_table() -> str:
-    """The field table as Markdown, one row per field (the README embeds it)."""
+    """The field table as Markdown, one row per field (docs/configuration.md embeds it)."""
     lines = ["| field | JAX engine | torch backend |", "|---|---|---|"]
     for name, rules in FIELDS.items():
         jax, torch = rules["jax"], rules["torch"]
@@ -469,6 +470,6 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", action="store_true", help="print the README's field table")
+    parser.add_argument("--markdown", action="store_true", help="print the field table of docs/configuration.md")
     if parser.parse_args().markdown:
         print(markdown_table(), end="")

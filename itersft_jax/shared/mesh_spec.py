@@ -10,7 +10,7 @@ over); a bare ``"-1"`` means ``"fsdp:-1"``. Unset (``None``): every device on ``
 - ``tensor``: attention heads and the MLP hidden dimension split across the devices (Megatron style); the
   devices of one tensor group see the same rows.
 
-The batch's rows are split over ``data`` x ``fsdp`` (``BATCH_AXES``); ``models.sharding`` says how each
+The batch's rows are split over ``data`` x ``fsdp`` (``BATCH_AXES``); ``parallel.sharding`` says how each
 parameter is split. This module parses the spec without JAX (the config checks it); ``parallel.mesh`` builds the
 ``jax.sharding.Mesh``.
 """

@@ -1,5 +1,7 @@
-"""The model contract every family shares: cache, LM head, dense layers, activations, the attention entry point,
-the layer loop with remat policies, NEFTune noise, and the ``CausalLMBase`` every family's ``CausalLM`` extends.
+"""The attention entry point every family calls (``attention_context`` once per forward, ``attention`` in each
+layer), and the implementations behind it: ``xla.py`` (the materializing path), ``flash.py`` (the kernel entry)
+with one file per kernel (``xla_chunked``, ``pallas_gpu``, ``splash``, ``cudnn``), ``select.py`` (which runs a
+case), ``masks.py`` (positions and masks).
 
 Conventions (see ``models/__init__.py`` for the calling convention):
 
@@ -12,7 +14,6 @@ Conventions (see ``models/__init__.py`` for the calling convention):
   segment (and, for sliding-window layers, fewer than ``window`` slots behind it).
 * Attention logits and softmax are fp32 whatever the compute dtype.
 """
-
 
 from __future__ import annotations
 

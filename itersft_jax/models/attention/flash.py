@@ -29,7 +29,7 @@ The implementations, and why each exists:
   like the Pallas kernel. The fallback where no vendor kernel covers a case.
 * ``"xla"`` is not run here: it names the materializing path of ``attention/xla.py``, which "auto" keeps on CPU
   for rows shorter than ``CPU_CHUNKED_FROM``: it compiles ~8x faster than xla_chunked, and the trainer's short,
-  length-bucketed runs pay compile time more than run time (``benchmarks/results_attention_kernels.md``).
+  length-bucketed runs pay compile time more than run time (``benchmarks/results/attention_kernels.md``).
 
 Verified on an H100 (jax 0.11.2): cudnn and pallas_gpu against a materialized reference, outputs and gradients,
 packed rows, GQA, windows, soft-caps, exact isolation of samples (``benchmarks/attention_kernels.py --check``).

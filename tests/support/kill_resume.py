@@ -1,6 +1,6 @@
 """kill -9 during checkpoint saves, then resume: are the later losses bit-identical to an uninterrupted run?
 
-    PYTHONPATH=$PWD python tests/kill_resume.py [--kills 10] [--calls 10] [--seed 0]
+    PYTHONPATH=$PWD python tests/support/kill_resume.py [--kills 10] [--calls 10] [--seed 0]
 
 A worker process trains a tiny Llama with ``save_steps=1`` and ``save_total_limit=2``; every ``step()``
 call is one update, so every call ends with a checkpoint save. The harness SIGKILLs the worker at a random
@@ -150,7 +150,7 @@ def main() -> int:
     parser.add_argument("--workdir", default=None, help="kept afterwards when given")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from helpers import make_tokenizer, save_tiny_model
+    from offline import make_tokenizer, save_tiny_model
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="kill_resume-")
     model_dir = save_tiny_model(os.path.join(workdir, "model"), "llama", make_tokenizer())

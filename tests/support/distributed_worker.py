@@ -1,7 +1,7 @@
 """One process of the 2-process jax.distributed run of test_distributed.py (2 fake CPU devices each).
 
-    JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=I python tests/distributed_worker.py \
-        MODEL_DIR OUT_DIR
+    JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=I \
+        python tests/support/distributed_worker.py MODEL_DIR OUT_DIR
 
 Trains the three mixed step() calls of sharding_worker on the default mesh (fsdp over the 4 devices of both
 processes), saves the model (process 0 writes it), writes a checkpoint from both processes and resumes it in a

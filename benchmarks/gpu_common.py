@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 import traceback
 
@@ -161,10 +160,3 @@ class Timer:
         now = time.perf_counter()
         seconds, self.t0 = now - self.t0, now
         return seconds
-
-
-def tests_on_path() -> None:
-    """``tests/helpers.py`` (the offline tokenizer) and the repository root importable, as the other scripts do."""
-    for path in (os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..")):
-        if path not in sys.path:
-            sys.path.insert(0, path)

@@ -16,7 +16,7 @@ import os
 from unittest import mock
 
 import numpy as np
-from _gpu_common import (
+from gpu_common import (
     PRESETS,
     Plan,
     Recorder,
@@ -26,7 +26,6 @@ from _gpu_common import (
     mfu,
     param_count,
     run_iterative,
-    tests_on_path,
 )
 
 
@@ -85,8 +84,9 @@ def random_model_loader(hf_config):
 
 def make_trainer(plan: Plan, hf_config, *, batch: int, remat: bool, name: str):
     """The JAX ``IterativeSFTTrainer`` a user builds for bf16 training, on random weights (module docstring)."""
-    tests_on_path()
-    from helpers import make_tokenizer
+    from common import offline
+
+    make_tokenizer = offline().make_tokenizer
 
     import itersft_jax.trainer as trainer_module
     from itersft_jax import IterativeSFTConfig

@@ -1,6 +1,6 @@
 """Run the iterative workload through TRL 0.23.1's IterativeSFTTrainer (in an interpreter that has it).
 
-Usage: python _trl_workload.py MODEL_DIR WORKLOAD_JSON BATCH — prints one JSON line of results.
+Usage: python trl_workload.py MODEL_DIR WORKLOAD_JSON BATCH — prints one JSON line of results.
 Called by step_throughput.py with --trl-python; TRL needs transformers 4.57, so it lives in its own venv.
 """
 

@@ -11,7 +11,7 @@ import gc
 import os
 
 import numpy as np
-from _gpu_common import (
+from gpu_common import (
     PRESETS,
     Plan,
     Recorder,
@@ -22,7 +22,6 @@ from _gpu_common import (
     mfu,
     param_count,
     run_iterative,
-    tests_on_path,
 )
 
 
@@ -172,10 +171,11 @@ def parity(plan: Plan, rec: Recorder) -> None:
 
 def iterative(plan: Plan, rec: Recorder) -> None:
     """Part g, PyTorch side: saves the workload's random model (with a tokenizer), then runs the torch backend."""
-    tests_on_path()
     import torch
-    from helpers import make_tokenizer
+    from common import offline
     from transformers import AutoModelForCausalLM
+
+    make_tokenizer = offline().make_tokenizer
 
     _setup(plan, rec)
     torch.manual_seed(0)
