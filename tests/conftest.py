@@ -38,3 +38,9 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
         return made[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_model_dir):
+    """The tiny Llama most tests train (a saved HF directory)."""
+    return tiny_model_dir("llama")

@@ -17,9 +17,10 @@ import jax
 import numpy as np
 import pytest
 import torch
+from engines import make_trainer
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
+from itersft_jax import IterativeSFTConfig
 from itersft_jax.shared.shell import StepStats
 from itersft_torch import IterativeSFTTrainer as TorchTrainer
 
@@ -28,20 +29,6 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Question: what is two 
          "def add(a, b):\n    return a + b\n", "Rejection sampling keeps only the verified completions.",
          "12 + 30 = 42."]
 LOG_KEYS = {"loss", "grad_norm", "learning_rate", "num_tokens", "tokens_per_second", "epoch", "step"}
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-def make(backend, model_dir, tokenizer, tmp_path, **config):
-    config = {"per_device_train_batch_size": 2, "learning_rate": 1e-3, "gradient_checkpointing": False,
-              "logging_steps": 1, "report_to": "none", **config}
-    extra = {k: config.pop(k) for k in ("eval_dataset", "compute_metrics", "preprocess_logits_for_metrics",
-                                        "callbacks") if k in config}
-    args = IterativeSFTConfig(output_dir=str(tmp_path / backend), **config)
-    return IterativeSFTTrainer(model_dir, args=args, processing_class=tokenizer, backend=backend, **extra)
 
 
 def snapshot(trainer) -> list[np.ndarray]:
@@ -64,7 +51,7 @@ def identical(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_input_form_and_the_statistics(backend, llama_dir, tokenizer, tmp_path):
-    trainer = make(backend, llama_dir, tokenizer, tmp_path)
+    trainer = make_trainer(backend, llama_dir, tokenizer, tmp_path / backend, fast=True)
     ids = [tokenizer(t)["input_ids"] for t in TEXTS]
     padded = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in ids], batch_first=True)
     mask = (torch.arange(padded.shape[1])[None] < torch.tensor([len(x) for x in ids])[:, None]).long()
@@ -101,8 +88,8 @@ BAD_CALLS = [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input_changes_nothing(backend, llama_dir, tokenizer, tmp_path):
-    trainer = make(backend, llama_dir, tokenizer, tmp_path)
-    twin = make(backend, llama_dir, tokenizer, tmp_path)
+    trainer = make_trainer(backend, llama_dir, tokenizer, tmp_path / backend, fast=True)
+    twin = make_trainer(backend, llama_dir, tokenizer, tmp_path / backend, fast=True)
     before = snapshot(trainer)
     for bad, fragment in BAD_CALLS:
         with pytest.raises((ValueError, TypeError), match=fragment) as err:
@@ -119,8 +106,8 @@ def test_bad_input_changes_nothing(backend, llama_dir, tokenizer, tmp_path):
 def test_logging_cadence(backend, llama_dir, tokenizer, tmp_path):
     """Every logging_steps updates (plus update 1 with logging_first_step): the token-weighted mean loss of the
     window, unrounded (TRL rounded to 4 decimals), with the same keys on both engines."""
-    trainer = make(backend, llama_dir, tokenizer, tmp_path, per_device_train_batch_size=1, logging_steps=2,
-                   logging_first_step=True)
+    trainer = make_trainer(backend, llama_dir, tokenizer, tmp_path / backend, fast=True, per_device_train_batch_size=1,
+                           logging_steps=2, logging_first_step=True)
     stats = trainer.step(texts=TEXTS[:4])
     logs = trainer.state.log_history
     assert [e["step"] for e in logs] == [1, 2, 4] and all(set(e) == LOG_KEYS for e in logs)
@@ -128,7 +115,7 @@ def test_logging_cadence(backend, llama_dir, tokenizer, tmp_path):
     assert [e["epoch"] for e in logs] == [0.25, 0.5, 1.0]  # an "epoch" is one step() call
     total = sum(e["loss"] * e["num_tokens"] for e in logs)
     assert total / stats["num_tokens"] == pytest.approx(stats["loss"], rel=1e-6)
-    per_call = make(backend, llama_dir, tokenizer, tmp_path, logging_strategy="epoch")
+    per_call = make_trainer(backend, llama_dir, tokenizer, tmp_path / backend, fast=True, logging_strategy="epoch")
     per_call.step(texts=TEXTS)
     per_call.step(texts=TEXTS[:2])
     assert [e["step"] for e in per_call.state.log_history] == [3, 4]
@@ -167,8 +154,9 @@ def test_callbacks_see_the_same_events_on_both_backends(llama_dir, tokenizer, tm
     events = {}
     for backend in BACKENDS:
         recorder = Recorder()
-        trainer = make(backend, llama_dir, tokenizer, tmp_path, logging_steps=2, eval_strategy="steps",
-                       eval_steps=3, eval_dataset={"text": TEXTS[:2]}, callbacks=[recorder])
+        trainer = make_trainer(backend, llama_dir, tokenizer, tmp_path / backend, fast=True, logging_steps=2,
+                               eval_strategy="steps", eval_steps=3, eval_dataset={"text": TEXTS[:2]},
+                               callbacks=[recorder])
         trainer.step(texts=TEXTS[:4])
         trainer.step(texts=TEXTS[:4])
         trainer.end_training()
@@ -211,10 +199,10 @@ def test_eval_cadence_and_compute_metrics(backend, llama_dir, tokenizer, tmp_pat
     compute_metrics on preprocess_logits_for_metrics' argmax; eval_strategy="steps" evaluates every eval_steps
     updates from eval_delay on, without changing the parameters."""
     ref_loss, ref_accuracy = _reference_eval(llama_dir, tokenizer, TEXTS)
-    trainer = make(backend, llama_dir, tokenizer, tmp_path, per_device_train_batch_size=1,
-                   per_device_eval_batch_size=2, eval_strategy="steps", eval_steps=2, eval_delay=3,
-                   eval_dataset={"text": TEXTS}, compute_metrics=token_accuracy,
-                   preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1))
+    trainer = make_trainer(backend, llama_dir, tokenizer, tmp_path / backend, fast=True, per_device_train_batch_size=1,
+                           per_device_eval_batch_size=2, eval_strategy="steps", eval_steps=2, eval_delay=3,
+                           eval_dataset={"text": TEXTS}, compute_metrics=token_accuracy,
+                           preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1))
     before = snapshot(trainer)
     metrics = trainer.evaluate()
     assert identical(before, snapshot(trainer)) and trainer.state.global_step == 0
@@ -229,13 +217,14 @@ def test_eval_cadence_and_compute_metrics(backend, llama_dir, tokenizer, tmp_pat
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_checkpoint_cadence(backend, llama_dir, tokenizer, tmp_path):
     """save_steps counts updates, and max_steps gets a final checkpoint; "epoch" saves after each call."""
-    trainer = make(backend, llama_dir, tokenizer, tmp_path, per_device_train_batch_size=1, save_strategy="steps",
-                   save_steps=2, max_steps=5, lr_scheduler_type="constant")
+    trainer = make_trainer(backend, llama_dir, tokenizer, tmp_path / backend, fast=True, per_device_train_batch_size=1,
+                           save_strategy="steps", save_steps=2, max_steps=5, lr_scheduler_type="constant")
     trainer.step(texts=TEXTS)
     assert sorted(os.listdir(tmp_path / backend)) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
     files = set(os.listdir(tmp_path / backend / "checkpoint-5"))
     assert {"config.json", "model.safetensors"} <= files  # a Hugging Face model directory, plus the state
-    per_call = make(backend, llama_dir, tokenizer, tmp_path / "epoch", save_strategy="epoch")
+    per_call = make_trainer(backend, llama_dir, tokenizer, tmp_path / "epoch" / backend, fast=True,
+                            save_strategy="epoch")
     per_call.step(texts=TEXTS)
     per_call.step(texts=TEXTS[:2])
     assert sorted(os.listdir(tmp_path / "epoch" / backend)) == ["checkpoint-3", "checkpoint-4"]
@@ -245,8 +234,8 @@ def test_checkpoint_cadence(backend, llama_dir, tokenizer, tmp_path):
 def test_max_steps_warns_once_and_holds_the_final_lr(backend, llama_dir, tokenizer, tmp_path, caplog):
     """max_steps=2, cosine: updates 1-2 follow the schedule; later calls still run, a warning says once that
     the schedule is exhausted, and the LR stays at its final value (cosine would otherwise climb again)."""
-    trainer = make(backend, llama_dir, tokenizer, tmp_path, per_device_train_batch_size=4, max_steps=2,
-                   lr_scheduler_type="cosine")
+    trainer = make_trainer(backend, llama_dir, tokenizer, tmp_path / backend, fast=True, per_device_train_batch_size=4,
+                           max_steps=2, lr_scheduler_type="cosine")
     caplog.set_level(logging.WARNING, logger="itersft_jax.shared.shell")
     lrs = [trainer.step(texts=TEXTS[:4])["learning_rate"] for _ in range(4)]
     assert lrs == pytest.approx([1e-3, 5e-4, 0.0, 0.0], abs=1e-9)
@@ -269,7 +258,7 @@ def inf_weight_dir(llama_dir, tmp_path_factory):
 def test_non_finite_updates_are_skipped(backend, inf_weight_dir, tokenizer, tmp_path, caplog):
     """An inf weight makes every update non-finite: each is skipped (parameters, optimizer state and step counter
     bit-identical), counted in `skipped_updates` and warned about; `max_skipped_updates` raises after N in a row."""
-    trainer = make(backend, inf_weight_dir, tokenizer, tmp_path)
+    trainer = make_trainer(backend, inf_weight_dir, tokenizer, tmp_path / backend, fast=True)
     before = snapshot(trainer)
     caplog.set_level(logging.WARNING, logger="itersft_jax.shared.shell")
     stats = trainer.step(texts=TEXTS[:4])
@@ -277,7 +266,7 @@ def test_non_finite_updates_are_skipped(backend, inf_weight_dir, tokenizer, tmp_
     assert math.isnan(stats["loss"]) and trainer.state.global_step == 0
     assert identical(before, snapshot(trainer))
     assert "2 of 2 updates had a non-finite loss" in caplog.text
-    strict = make(backend, inf_weight_dir, tokenizer, tmp_path, max_skipped_updates=2)
+    strict = make_trainer(backend, inf_weight_dir, tokenizer, tmp_path / backend, fast=True, max_skipped_updates=2)
     with pytest.raises(RuntimeError, match="max_skipped_updates"):
         strict.step(texts=TEXTS[:4])
 
@@ -288,7 +277,8 @@ def test_report_to_tensorboard_writes_every_logged_update(backend, llama_dir, to
     and tokens/s, equal to the log history (float32 in the event file)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer = make(backend, llama_dir, tokenizer, tmp_path, per_device_train_batch_size=1, report_to="tensorboard")
+    trainer = make_trainer(backend, llama_dir, tokenizer, tmp_path / backend, fast=True, per_device_train_batch_size=1,
+                           report_to="tensorboard")
     trainer.step(texts=TEXTS[:3])
     trainer.end_training()
     (run,) = glob.glob(str(tmp_path / backend / "runs" / "*"))
@@ -303,7 +293,7 @@ def test_report_to_tensorboard_writes_every_logged_update(backend, llama_dir, to
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_points_to_step_and_generate_checks(backend, llama_dir, tokenizer, tmp_path):
-    trainer = make(backend, llama_dir, tokenizer, tmp_path)
+    trainer = make_trainer(backend, llama_dir, tokenizer, tmp_path / backend, fast=True)
     with pytest.raises(NotImplementedError, match="step"):
         trainer.train()
     for kwargs, fragment in ((dict(prompts=[]), "prompts"), (dict(input_ids=[]), "input_ids"),

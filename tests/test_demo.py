@@ -44,8 +44,6 @@ def test_quick_demo_jax(tmp_path):
     assert metrics[1]["sampled"] == 32 * 2 and metrics[0]["trained_on"] == 32
 
 
-@pytest.mark.skipif(importlib.util.find_spec("itersft_torch.trainer") is None,
-                    reason="the torch backend (itersft_torch/trainer.py) has not landed")
 def test_quick_demo_torch(tmp_path):
     out = str(tmp_path / "demo-torch")
     assert cli.main(["demo", "--quick", "--backend", "torch", "--rounds", "1", "--output-dir", out]) == 0

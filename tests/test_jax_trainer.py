@@ -1,4 +1,5 @@
-"""The JAX IterativeSFTTrainer shell: contract, compile counts, logging, saving, TRL's defects."""
+"""The JAX IterativeSFTTrainer shell: compile counts, split invariance, saving, hub, reporting (TRL's defects:
+test_trl_regressions.py, on both engines; the shared contract: test_contract.py)."""
 
 import base64
 import glob
@@ -8,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from engines import make_trainer
 from flax import nnx
 from transformers import AutoModelForCausalLM, TrainingArguments
 
@@ -19,13 +21,6 @@ TEXTS = ["hello world", "The quick brown fox jumps", "a b c", "Iterative supervi
          "Rejection sampling keeps only", "12 + 30 = 42."]
 
 
-def make_trainer(model_dir, tmp_path, tokenizer=None, **kwargs):
-    kwargs = {"per_device_train_batch_size": 2, "learning_rate": 1e-3, "gradient_checkpointing": False,
-              "logging_steps": 1, "report_to": "none", **kwargs}
-    return IterativeSFTTrainer(model_dir, args=IterativeSFTConfig(output_dir=str(tmp_path), **kwargs),
-                               processing_class=tokenizer)
-
-
 def params_np(trainer):
     return jax.tree.map(np.asarray, jax.device_get(nnx.to_pure_dict(trainer.params)))
 
@@ -34,24 +29,8 @@ def max_abs_diff(a, b):
     return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-def test_default_config_trains(llama_dir, tmp_path):
-    # TRL 0.23.1: max_steps=-1 with the linear schedule gave LR 0 from the first update.
-    args = IterativeSFTConfig(output_dir=str(tmp_path), report_to="none")
-    assert args.max_steps == -1 and str(args.lr_scheduler_type.value) == "linear"
-    trainer = IterativeSFTTrainer(llama_dir, args=args)
-    before = params_np(trainer)
-    out = trainer.step(texts=TEXTS)
-    assert out["learning_rate"] == pytest.approx(args.learning_rate)
-    assert max_abs_diff(before, params_np(trainer)) > 0
-
-
 def test_same_bucket_compiles_once(llama_dir, tmp_path, tokenizer):
-    trainer = make_trainer(llama_dir, tmp_path, per_device_train_batch_size=4)
+    trainer = make_trainer("jax", llama_dir, None, tmp_path, fast=True, per_device_train_batch_size=4)
     rng = np.random.default_rng(0)
     with count_compilations() as compiles:
         for _ in range(20):  # lengths 33..48 all fall in the 48 bucket
@@ -63,22 +42,10 @@ def test_same_bucket_compiles_once(llama_dir, tmp_path, tokenizer):
     assert compiles.count == 1
 
 
-def test_fractional_logging_steps_log(llama_dir, tmp_path):
-    trainer = make_trainer(llama_dir, tmp_path, per_device_train_batch_size=1, logging_steps=0.5, max_steps=4)
-    assert trainer.args.logging_steps == 2
-    trainer.step(texts=TEXTS[:4])
-    assert len(trainer.state.log_history) == 2
-
-
-def test_gradient_accumulation_is_one_update(llama_dir, tmp_path):
-    trainer = make_trainer(llama_dir, tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=4)
-    assert trainer.step(texts=TEXTS[:4])["updates"] == 1
-
-
 def test_split_invariance_through_the_trainer(llama_dir, tmp_path):
     results = []
     for batch, accum in ((4, 1), (2, 2), (1, 4)):
-        trainer = make_trainer(llama_dir, tmp_path, per_device_train_batch_size=batch,
+        trainer = make_trainer("jax", llama_dir, None, tmp_path, fast=True, per_device_train_batch_size=batch,
                                gradient_accumulation_steps=accum, max_grad_norm=1.0, weight_decay=0.1)
         out = trainer.step(texts=TEXTS[:4])
         results.append((out["loss"], params_np(trainer)))
@@ -88,7 +55,7 @@ def test_split_invariance_through_the_trainer(llama_dir, tmp_path):
 
 
 def test_save_model_round_trip(llama_dir, tmp_path, tokenizer):
-    trainer = make_trainer(llama_dir, tmp_path, per_device_train_batch_size=1)
+    trainer = make_trainer("jax", llama_dir, None, tmp_path, fast=True, per_device_train_batch_size=1)
     trainer.step(texts=TEXTS[:4])
     out_dir = trainer.save_model(str(tmp_path / "final"))
     hf = AutoModelForCausalLM.from_pretrained(out_dir).eval()
@@ -108,44 +75,25 @@ def test_pretrained_model_object_and_plain_training_arguments(llama_dir, tmp_pat
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to="none")
     trainer = IterativeSFTTrainer(hf, args=args, processing_class=tokenizer)
     assert isinstance(trainer.args, IterativeSFTConfig)
-    from_dir = make_trainer(llama_dir, tmp_path)
+    from_dir = make_trainer("jax", llama_dir, None, tmp_path, fast=True)
     assert max_abs_diff(params_np(trainer), params_np(from_dir)) == 0
     assert trainer.step(texts=TEXTS[:2])["updates"] == 1
 
 
 def test_unknown_model_type_suggests_torch(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="backend='torch'"):
-        make_trainer(tiny_model_dir("bart"), tmp_path)
-
-
-def test_causal_lm_labels_are_honoured(llama_dir, tmp_path, tokenizer):
-    # TRL rebuilt causal-LM labels from input_ids: prompt masking was impossible.
-    ids = tokenizer(["Question: what is two plus two? Answer: four."]).input_ids
-    masked = [[-100] * 10 + ids[0][10:]]
-    a = make_trainer(llama_dir, tmp_path)
-    b = make_trainer(llama_dir, tmp_path)
-    out_a = a.step(input_ids=ids, labels=masked)
-    out_b = b.step(input_ids=ids)
-    assert out_a["num_tokens"] == len(ids[0]) - 10 and out_b["num_tokens"] == len(ids[0]) - 1
-    assert max_abs_diff(params_np(a), params_np(b)) > 0
-
-
-def test_truncation_is_on_the_sequence_axis(llama_dir, tmp_path):
-    trainer = make_trainer(llama_dir, tmp_path, max_length=4, per_device_train_batch_size=8)
-    out = trainer.step(input_ids=[list(range(3, 20)), list(range(5, 30))])
-    assert out["num_tokens"] == 2 * 3  # both samples kept, each cut to 4 tokens
-    assert prepare_examples(input_ids=[list(range(3, 20))], max_length=4)[0].input_ids.tolist() == [16, 17, 18, 19]
+        make_trainer("jax", tiny_model_dir("bart"), None, tmp_path, fast=True)
 
 
 def test_fp32_training_uses_full_precision_matmuls(llama_dir, tmp_path):
     # XLA runs fp32 matmuls as TF32 on GPUs unless told otherwise: measured on an H100, 3e-4 max logit
     # difference against torch fp32 (2e-7 at "highest"). fp32 training must ask for full precision;
     # bf16 (or tf32=True) leaves XLA's default.
-    from itersft_jax.shared.data import collate, prepare_examples
+    from itersft_jax.shared.data import collate
 
     batch = collate([prepare_examples(input_ids=[[5, 6, 7, 8]])], rows=2, length=16)
     for kwargs, expected in ((dict(), True), (dict(bf16=True), False)):  # tf32=True needs a GPU to construct
-        trainer = make_trainer(llama_dir, tmp_path, **kwargs)
+        trainer = make_trainer("jax", llama_dir, None, tmp_path, fast=True, **kwargs)
         with trainer.precision():
             text = trainer.train_step.lower(trainer.train_state, batch).as_text()
         assert ("precision = [HIGHEST, HIGHEST]" in text) is expected, kwargs
@@ -154,15 +102,16 @@ def test_fp32_training_uses_full_precision_matmuls(llama_dir, tmp_path):
 def test_evaluate_packs_like_a_step_and_runs_with_remat(llama_dir, tmp_path):
     # evaluate() == transformers is a contract test (test_contract.py); here: the packed evaluation gives the
     # loss of a one-update step on the same samples (1e-5, fp32), also with gradient_checkpointing's remat.
-    trainer = make_trainer(llama_dir, tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2)
+    trainer = make_trainer("jax", llama_dir, None, tmp_path, fast=True, per_device_train_batch_size=3,
+                           gradient_accumulation_steps=2)
     metrics = trainer.evaluate(texts=TEXTS)
-    remat = make_trainer(llama_dir, tmp_path, gradient_checkpointing=True)
+    remat = make_trainer("jax", llama_dir, None, tmp_path, fast=True, gradient_checkpointing=True)
     assert remat.evaluate(texts=TEXTS)["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
     assert trainer.step(texts=TEXTS)["loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)  # one update
     with pytest.raises(ValueError, match="eval_dataset"):
         trainer.evaluate()
     with pytest.raises(ValueError, match="eval_dataset"):
-        make_trainer(llama_dir, tmp_path, eval_strategy="steps")
+        make_trainer("jax", llama_dir, None, tmp_path, fast=True, eval_strategy="steps")
 
 
 class _LocalHub:
@@ -223,8 +172,8 @@ def test_push_to_hub_uploads_checkpoints_and_the_final_model_with_a_card(llama_d
     hub = _LocalHub()
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    trainer = make_trainer(llama_dir, tmp_path / "run", per_device_train_batch_size=1, save_strategy="steps",
-                           save_steps=2, push_to_hub=True, hub_model_id="tiny-itersft")
+    trainer = make_trainer("jax", llama_dir, None, tmp_path / "run", fast=True, per_device_train_batch_size=1,
+                           save_strategy="steps", save_steps=2, push_to_hub=True, hub_model_id="tiny-itersft")
     trainer.step(texts=TEXTS[:2])
     info = trainer.push_to_hub()
     hub.server.shutdown()
@@ -260,7 +209,8 @@ def test_report_to_wandb_offline_records_every_logged_update(llama_dir, tmp_path
         return real_log(self, data, *args, **kwargs)
 
     monkeypatch.setattr(Run, "log", recording_log)
-    trainer = make_trainer(llama_dir, tmp_path / "run", per_device_train_batch_size=1, report_to="wandb")
+    trainer = make_trainer("jax", llama_dir, None, tmp_path / "run", fast=True, per_device_train_batch_size=1,
+                           report_to="wandb")
     trainer.step(texts=TEXTS[:3])
     trainer.end_training()
     wandb.finish()

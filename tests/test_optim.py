@@ -152,8 +152,11 @@ def test_sgd_matches_torch(optim_args):
     args = make_args(learning_rate=1e-2, max_steps=4, lr_scheduler_type="linear", weight_decay=0.1,
                      max_grad_norm=0.0, optim="sgd", optim_args=optim_args)
     jm, tm = random_models()
+    before = {n: p.detach().clone() for n, p in tm.named_parameters()}
     data = batches(3)
     run_torch(tm, args, data, 4)
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in tm.named_parameters()}
+    assert min(moved.values()) > 1e-4, f"every parameter must move, or equal parameters prove nothing: {moved}"
     assert_same_params(run_jax(jm, args, data), tm)
 
 

@@ -17,6 +17,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from engines import make_trainer
 from offline import tiny_model
 from torch_reference import max_diff, random_samples, reference_update, snapshot
 
@@ -31,11 +32,6 @@ TEXTS = [
 ]
 
 
-def make_trainer(model, tokenizer, tmp_path, optimizers=(None, None), **config):
-    args = IterativeSFTConfig(output_dir=str(tmp_path / "out"), **config)
-    return IterativeSFTTrainer(model, args=args, processing_class=tokenizer, optimizers=optimizers)
-
-
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -45,7 +41,7 @@ def test_update_equals_hand_computed_reference(tokenizer, tmp_path):
     model = tiny_model("llama", len(tokenizer))
     samples = random_samples(4, len(tokenizer))
     ref, ref_loss, ref_norm = reference_update(model, samples, lr=1e-3)
-    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=2,
+    trainer = make_trainer("torch", model, tokenizer, tmp_path / "out", per_device_train_batch_size=2,
                            gradient_accumulation_steps=2, learning_rate=1e-3)
     stats = trainer.step(input_ids=samples)
     assert stats["updates"] == 1
@@ -70,8 +66,8 @@ def test_gradient_is_token_weighted_exactly(tokenizer, tmp_path):
                     ignore_index=-100).backward()  # mean over all label tokens of the batch
     before = snapshot(model)
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-    trainer = make_trainer(model, tokenizer, tmp_path, optimizers=(sgd, None), per_device_train_batch_size=1,
-                           gradient_accumulation_steps=3, max_grad_norm=0.0)
+    trainer = make_trainer("torch", model, tokenizer, tmp_path / "out", optimizers=(sgd, None),
+                           per_device_train_batch_size=1, gradient_accumulation_steps=3, max_grad_norm=0.0)
     trainer.step(input_ids=samples)
     for name, p in model.named_parameters():
         grad = dict(ref.named_parameters())[name].grad
@@ -86,7 +82,7 @@ def test_micro_batch_split_does_not_change_the_update(tokenizer, tmp_path):
     results = []
     for batch, accum in [(4, 1), (2, 2), (1, 4)]:
         model = copy.deepcopy(base)
-        trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=batch,
+        trainer = make_trainer("torch", model, tokenizer, tmp_path / "out", per_device_train_batch_size=batch,
                                gradient_accumulation_steps=accum, learning_rate=1e-3)
         results.append((trainer.step(input_ids=samples), snapshot(model)))
     (first, params), rest = results[0], results[1:]
@@ -99,7 +95,8 @@ def test_micro_batch_split_does_not_change_the_update(tokenizer, tmp_path):
 
 def test_global_step_counts_optimizer_updates(tokenizer, tmp_path):
     model = tiny_model("llama", len(tokenizer))
-    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    trainer = make_trainer("torch", model, tokenizer, tmp_path / "out", per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2)
     samples = random_samples(10, len(tokenizer), hi=8)
     assert trainer.step(input_ids=samples)["updates"] == 3  # 4 + 4 + a trailing partial group of 2
     assert trainer.state.global_step == 3
@@ -116,7 +113,8 @@ def test_encoder_decoder_trains_on_texts_labels(tokenizer, tmp_path):
     dec = tokenizer(targets, padding=True, return_tensors="pt")
     with torch.no_grad():
         ref_loss = ref(**enc, labels=dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)).loss.item()
-    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    trainer = make_trainer("torch", model, tokenizer, tmp_path / "out", per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2)
     stats = trainer.step(texts=sources, texts_labels=targets)
     assert stats["loss"] == pytest.approx(ref_loss, abs=1e-5)
     assert stats["num_tokens"] == int(dec["attention_mask"].sum())
@@ -131,7 +129,8 @@ def test_peft_lora_trains_only_the_adapter(tokenizer, tmp_path):
     base = tiny_model("llama", len(tokenizer))
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                       target_modules=["q_proj", "v_proj"]))
-    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=2, learning_rate=1e-2)
+    trainer = make_trainer("torch", model, tokenizer, tmp_path / "out", per_device_train_batch_size=2,
+                           learning_rate=1e-2)
     assert trainer.is_peft_model
     before = snapshot(model)
     for seed in range(2):  # lora_B starts at 0, so lora_A only gets a gradient from the second update on
@@ -148,7 +147,7 @@ def test_save_model_round_trips_through_auto_model(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = tiny_model("llama", len(tokenizer))
-    trainer = make_trainer(model, tokenizer, tmp_path, learning_rate=1e-3)
+    trainer = make_trainer("torch", model, tokenizer, tmp_path / "out", learning_rate=1e-3)
     trainer.step(texts=TEXTS)
     trainer.save_model(str(tmp_path / "saved"))
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved")).eval()
@@ -161,7 +160,7 @@ def test_save_model_round_trips_through_auto_model(tokenizer, tmp_path):
 def test_constant_schedule_keeps_training_past_max_steps(tokenizer, tmp_path):
     # The warning and the held final LR past max_steps are contract tests (test_contract.py).
     samples = random_samples(4, len(tokenizer))
-    constant = make_trainer(tiny_model("llama", len(tokenizer)), tokenizer, tmp_path, max_steps=1,
+    constant = make_trainer("torch", tiny_model("llama", len(tokenizer)), tokenizer, tmp_path / "out", max_steps=1,
                             lr_scheduler_type="constant", learning_rate=1e-3)
     constant.step(input_ids=samples)
     before = snapshot(constant.model)
@@ -171,13 +170,13 @@ def test_constant_schedule_keeps_training_past_max_steps(tokenizer, tmp_path):
 
 def test_without_max_steps_schedule_is_warmup_then_constant(tokenizer, tmp_path, caplog):
     model = tiny_model("llama", len(tokenizer))
-    trainer = make_trainer(model, tokenizer, tmp_path, per_device_train_batch_size=1, warmup_steps=2,
+    trainer = make_trainer("torch", model, tokenizer, tmp_path / "out", per_device_train_batch_size=1, warmup_steps=2,
                            learning_rate=1e-3)  # linear (the default) has no length to decay over
     assert trainer.step(input_ids=random_samples(2, len(tokenizer)))["learning_rate"] == pytest.approx(5e-4)
     lrs = [trainer.step(input_ids=random_samples(1, len(tokenizer)))["learning_rate"] for _ in range(2)]
     assert lrs == pytest.approx([1e-3, 1e-3])
     caplog.set_level(logging.WARNING, logger="itersft_torch.trainer")
-    ratio = make_trainer(tiny_model("llama", len(tokenizer)), tokenizer, tmp_path, warmup_steps=0.1,
+    ratio = make_trainer("torch", tiny_model("llama", len(tokenizer)), tokenizer, tmp_path / "out", warmup_steps=0.1,
                          lr_scheduler_type="cosine", learning_rate=1e-3)
     assert "ratio of `max_steps`" in caplog.text and "'cosine' needs `max_steps`" in caplog.text
     assert ratio.step(input_ids=random_samples(2, len(tokenizer)))["learning_rate"] == pytest.approx(1e-3)
@@ -215,10 +214,10 @@ def test_optimize_device_cache_and_training_args(tokenizer, tmp_path):
 def test_no_jax_import_and_facade_returns_the_torch_trainer(tmp_path):
     """In a fresh interpreter: importing the torch backend, and building it through the facade with
     backend="torch" (argument or config field), never imports jax/flax/optax."""
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    support = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support")
     code = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {tests_dir!r})
+        sys.path.insert(0, {support!r})
         import itersft_torch
         engine = itersft_torch.IterativeSFTTrainer
         assert "jax" not in sys.modules

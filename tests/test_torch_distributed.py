@@ -49,11 +49,6 @@ fsdp_config:
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
 def reference(llama_dir, tmp_path_factory):
     """The 1-process run: its observations and its final parameters."""
     out = tmp_path_factory.mktemp("one-process")

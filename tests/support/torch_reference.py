@@ -12,15 +12,15 @@ def random_samples(n: int, vocab: int, seed: int = 0, lo: int = 4, hi: int = 20)
     return [torch.randint(3, vocab, (int(t),), generator=g) for t in lengths]
 
 
-
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-
 def max_diff(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
+    """The largest absolute difference over the tensors both state dicts hold (a tied head is saved once)."""
+    shared = set(a) & set(b)
+    assert shared, "no tensor in common"
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in shared)
 
 
 def reference_update(model, samples, labels=None, *, lr=5e-5, max_grad_norm=1.0):
