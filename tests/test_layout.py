@@ -116,3 +116,27 @@ def test_no_module_imports_another_modules_underscore_names():
             if private and module.split(".")[-1] != "_version":
                 broken.append(f"{path.relative_to(ROOT)}:{line}: {module}{'' if name is None else ' ' + name}")
     assert not broken, "underscore names imported across modules:\n" + "\n".join(broken)
+
+
+def test_old_flat_module_paths_still_import_the_moved_modules_with_a_warning():
+    """0.1's documented paths (``itersft_jax.weights``, ``itersft_jax.config``, ...) give the moved module itself
+    — one object, so a patch through either path is seen by both — with a DeprecationWarning naming the new path;
+    the moved module keeps its own identity (``__spec__``)."""
+    code = ("import warnings, importlib.util\n"
+            "warnings.simplefilter('error')\n"
+            "import itersft_jax.io.weights as new\n"
+            "warnings.simplefilter('always')\n"
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    import itersft_jax.weights as old\n"
+            "    from itersft_jax.config import IterativeSFTConfig\n"
+            "assert old is new and new.__spec__.name == 'itersft_jax.io.weights', new.__spec__\n"
+            "assert IterativeSFTConfig.__module__ == 'itersft_jax.shared.config'\n"
+            "messages = [str(w.message) for w in seen if w.category is DeprecationWarning]\n"
+            "assert any('itersft_jax.io.weights' in m for m in messages), messages\n"
+            "from itersft_jax.moved import MOVED\n"
+            "for old_name, new_name in MOVED.items():\n"
+            "    assert importlib.util.find_spec('itersft_jax.' + new_name), new_name\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "ok", out.stdout + out.stderr
