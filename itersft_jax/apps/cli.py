@@ -24,6 +24,13 @@ from itersft_jax.apps.cli_checks import (
     problem_space_problem,
 )
 
+# Flags of both demos whose default differs between them: (flag, config field, type, help).
+SHARED_FLAGS = [
+    ("--rounds", "rounds", integer(0), "expert-iteration rounds after round 0 (0: round 0 only)"),
+    ("--samples-per-prompt", "samples_per_prompt", integer(1), "completions sampled per training prompt"),
+    ("--prompts-per-round", "prompts_per_round", integer(1), "training prompts per round"),
+    ("--learning-rate", "learning_rate", number(0, inclusive=True), "constant learning rate"),
+]
 # Flags of `demo --model` runs only: (flag, ChatDemoConfig field, type, help).
 MODEL_FLAGS = [
     ("--eval-prompts", "eval_prompts", integer(1), "held-out problems for the greedy pass rate"),
@@ -62,19 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     d, c = DemoConfig(), ChatDemoConfig(model="")
     demo.add_argument("--model", default=None,
                       help="a chat model: HF directory, hub id, or 'smollm2' (default: the built-in task)")
-    rounds, count, rate, seed = integer(0), integer(1), number(0, inclusive=True), integer(0, 2**32 - 1)
-    demo.add_argument("--rounds", type=rounds, default=None,
-                      help=f"expert-iteration rounds after round 0, {rounds.span} (0: round 0 only) "
-                           f"(default {d.rounds}; {c.rounds} with --model)")
-    demo.add_argument("--samples-per-prompt", type=count, default=None,
-                      help=f"completions sampled per training prompt, {count.span} (default {d.samples_per_prompt}; "
-                           f"{c.samples_per_prompt} with --model)")
-    demo.add_argument("--prompts-per-round", type=count, default=None,
-                      help=f"training prompts per round, {count.span} (default {d.prompts_per_round}; "
-                           f"{c.prompts_per_round} with --model)")
-    demo.add_argument("--learning-rate", type=rate, default=None,
-                      help=f"constant learning rate, {rate.span} (default {d.learning_rate:g}; "
-                           f"{c.learning_rate:g} with --model)")
+    for flag, field, kind, text in SHARED_FLAGS:
+        demo.add_argument(flag, type=kind, default=None,
+                          help=f"{text}, {kind.span} (default {getattr(d, field):g}; "
+                               f"{getattr(c, field):g} with --model)")
+    seed = integer(0, 2**32 - 1)
     demo.add_argument("--seed", type=seed, default=d.seed,
                       help=f"seed of model, data and sampling, {seed.span} (default {d.seed})")
     demo.add_argument("--backend", choices=("jax", "torch"), default=d.backend, help="training engine")

@@ -13,7 +13,6 @@ What a directory holds (``is_flax_only``, read by both engines) is in ``shared/w
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -23,6 +22,7 @@ from itersft_jax.shared.weight_files import (
     FLAX_WEIGHTS_INDEX_NAME,
     FLAX_WEIGHTS_NAME,
     is_flax_only,
+    read_sharded,
 )
 
 # The model types transformers had Flax causal-LM classes for, among our families.
@@ -91,18 +91,7 @@ def read_flax_tree(model_dir: str | os.PathLike) -> tuple[str, dict[str, np.ndar
     model_dir = os.fspath(model_dir)
     index_path = os.path.join(model_dir, FLAX_WEIGHTS_INDEX_NAME)
     if os.path.isfile(index_path):
-        try:
-            with open(index_path, "rb") as f:
-                shards = sorted(set(json.loads(f.read())["weight_map"].values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{index_path}: damaged index (expected JSON with a 'weight_map' object: "
-                             f"{type(err).__name__}: {err})") from None
-        flat: dict[str, np.ndarray] = {}
-        for shard in shards:
-            shard_path = os.path.join(model_dir, shard)
-            if not os.path.isfile(shard_path):
-                raise FileNotFoundError(f"{index_path} lists the shard {shard}, which is not in {model_dir}")
-            flat.update(_restore(shard_path))
+        index_path, _, flat = read_sharded(model_dir, FLAX_WEIGHTS_INDEX_NAME, _restore)
         return index_path, flat
     path = os.path.join(model_dir, FLAX_WEIGHTS_NAME)
     return path, _restore(path)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from itersft_jax.shared.weight_files import MODEL_DIR_PATTERNS, read_safetensors_file
+from itersft_jax.shared.weight_files import MODEL_DIR_PATTERNS, read_safetensors_file, read_sharded
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -113,19 +113,7 @@ def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     model_dir = os.fspath(model_dir)
     index_path = os.path.join(model_dir, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(index_path):
-        try:
-            with open(index_path, "rb") as f:
-                weight_map = json.loads(f.read())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{index_path}: damaged index (expected JSON with a 'weight_map' object: "
-                             f"{type(err).__name__}: {err})") from None
-        tensors: dict[str, np.ndarray] = {}
-        for shard in shards:
-            shard_path = os.path.join(model_dir, shard)
-            if not os.path.isfile(shard_path):
-                raise FileNotFoundError(f"{index_path} lists the shard {shard}, which is not in {model_dir}")
-            tensors.update(read_safetensors_file(shard_path))
+        index_path, weight_map, tensors = read_sharded(model_dir, SAFE_WEIGHTS_INDEX_NAME, read_safetensors_file)
         missing = set(weight_map) - set(tensors)
         if missing:
             raise ValueError(f"{index_path} lists tensors no shard holds, e.g. {sorted(missing)[:5]}")

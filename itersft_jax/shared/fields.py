@@ -136,6 +136,11 @@ _NO_DATALOADER = ("step() takes the samples of each call and evaluate() its samp
                   "(shell.evaluate, both engines): there is no dataloader")
 _ONE_PROCESS = ("the JAX engine's processes run one program over every device (jax.distributed) and process 0 logs "
                 "and writes; there are no per-node replicas to configure")
+_TORCH_COMPILE_SETTING = each(not_applicable("torch.compile setting; XLA compiles the JAX steps"),
+                              honoured("accelerate's TorchDynamoPlugin"))
+_REPORTING = each(honoured(_SHELL + "logging integrations"), honoured("Trainer's integration callbacks"))
+_TRACKIO = each(honoured(_SHELL + "Trackio integration"), honoured("Trackio callback"))
+_HUB = each(honoured(_SHELL + "push_to_hub"), honoured("Trainer"))
 _NO_DDP = "no torch DDP: the JAX engine shards with one jax.sharding.Mesh"
 _INFORMATIONAL = "informational: transformers' own Trainer does not read it either (for your scripts)"
 
@@ -203,10 +208,8 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "torch_compile": each(not_applicable("the train and eval steps are always compiled by XLA (jax.jit)"),
                           honoured("accelerate compiles the model that step() and evaluate() run; generate() "
                                    "runs the uncompiled one")),
-    "torch_compile_backend": each(not_applicable("torch.compile setting; XLA compiles the JAX steps"),
-                                  honoured("accelerate's TorchDynamoPlugin")),
-    "torch_compile_mode": each(not_applicable("torch.compile setting; XLA compiles the JAX steps"),
-                               honoured("accelerate's TorchDynamoPlugin")),
+    "torch_compile_backend": _TORCH_COMPILE_SETTING,
+    "torch_compile_mode": _TORCH_COMPILE_SETTING,
     "use_liger_kernel": each(
         honoured("by design: the loss is computed in chunks from the hidden states (never the [N, V] fp32 "
                  "logits, which Liger's fused linear cross-entropy avoids) and XLA fuses norms and activations"),
@@ -245,12 +248,12 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "log_level_replica": each(not_applicable(_ONE_PROCESS), honoured("Trainer sets replicas' verbosity")),
     "disable_tqdm": each(honoured("step()'s progress bar (calls of at least 8 updates)"),
                          honoured("evaluate()'s progress bar; step() shows none")),
-    "report_to": each(honoured(_SHELL + "logging integrations"), honoured("Trainer's integration callbacks")),
-    "run_name": each(honoured(_SHELL + "logging integrations"), honoured("Trainer's integration callbacks")),
-    "project": each(honoured(_SHELL + "Trackio integration"), honoured("Trackio callback")),
-    "trackio_space_id": each(honoured(_SHELL + "Trackio integration"), honoured("Trackio callback")),
-    "trackio_bucket_id": each(honoured(_SHELL + "Trackio integration"), honoured("Trackio callback")),
-    "trackio_static_space_id": each(honoured(_SHELL + "Trackio integration"), honoured("Trackio callback")),
+    "report_to": _REPORTING,
+    "run_name": _REPORTING,
+    "project": _TRACKIO,
+    "trackio_space_id": _TRACKIO,
+    "trackio_bucket_id": _TRACKIO,
+    "trackio_static_space_id": _TRACKIO,
     "eval_strategy": each(honoured(_SHELL + "evaluate() every eval_steps updates"),
                           honoured("evaluate() every eval_steps updates; 'epoch' = end of each step() call")),
     "eval_steps": each(honoured(_SHELL + "evaluation cadence in updates"), honoured("evaluation cadence in updates")),
@@ -266,10 +269,9 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "eval_accumulation_steps": both(not_applicable("evaluate() moves predictions to the host after every batch")),
     "include_for_metrics": both(refused("EvalPrediction carries predictions and label_ids only")),
     "batch_eval_metrics": both(refused("compute_metrics is called once on the whole eval set")),
-    "save_only_model": each(
-        refused("JAX checkpoints always hold the whole train state (exact resume); trainer.save_model() writes "
-                "the model alone"),
-        honoured("Trainer._save_checkpoint")),
+    "save_only_model": each(refused("JAX checkpoints always hold the whole train state (exact resume); "
+                                    "trainer.save_model() writes the model alone"),
+                            honoured("Trainer._save_checkpoint")),
     "save_strategy": each(honoured("checkpoint cadence (trainer shell)"),
                           honoured("checkpoint cadence; 'epoch' = end of each step() call")),
     "save_steps": both(honoured("checkpoint every N updates")),
@@ -278,12 +280,12 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "enable_jit_checkpoint": both(refused(
         "checkpoint on SIGTERM is a Trainer.train() callback that step() does not run; use save_steps")),
     "push_to_hub": each(honoured(_SHELL + "push checkpoints and save_model()"), honoured("Trainer")),
-    "hub_token": each(honoured(_SHELL + "push_to_hub"), honoured("Trainer")),
-    "hub_private_repo": each(honoured(_SHELL + "push_to_hub"), honoured("Trainer")),
-    "hub_model_id": each(honoured(_SHELL + "push_to_hub"), honoured("Trainer")),
-    "hub_strategy": each(honoured(_SHELL + "push_to_hub"), honoured("Trainer")),
-    "hub_always_push": each(honoured(_SHELL + "push_to_hub"), honoured("Trainer")),
-    "hub_revision": each(honoured(_SHELL + "push_to_hub"), honoured("Trainer")),
+    "hub_token": _HUB,
+    "hub_private_repo": _HUB,
+    "hub_model_id": _HUB,
+    "hub_strategy": _HUB,
+    "hub_always_push": _HUB,
+    "hub_revision": _HUB,
     "load_best_model_at_end": both(refused(
         "step() has no end of training to load it at; load the best checkpoint yourself "
         "(save_strategy='best' keeps it)")),

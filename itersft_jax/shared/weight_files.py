@@ -107,3 +107,25 @@ def has_flax_weights(model_dir: str | os.PathLike) -> bool:
 def is_flax_only(model_dir: str | os.PathLike) -> bool:
     """A directory whose weights are Flax msgpack files and no safetensors (safetensors win when both exist)."""
     return os.path.isdir(model_dir) and has_flax_weights(model_dir) and not has_safetensors(model_dir)
+
+
+def read_sharded(model_dir: str | os.PathLike, index_name: str, read_file) -> tuple[str, dict, dict]:
+    """``(index path, weight_map, tensors)`` of a sharded checkpoint: the index ``index_name`` read (a damaged one
+    raises ``ValueError`` naming it), each shard it lists read with ``read_file(path) -> dict`` and merged (a
+    missing shard raises ``FileNotFoundError`` naming it)."""
+    model_dir = os.fspath(model_dir)
+    index_path = os.path.join(model_dir, index_name)
+    try:
+        with open(index_path, "rb") as f:
+            weight_map = json.loads(f.read())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{index_path}: damaged index (expected JSON with a 'weight_map' object: "
+                         f"{type(err).__name__}: {err})") from None
+    tensors: dict = {}
+    for shard in shards:
+        shard_path = os.path.join(model_dir, shard)
+        if not os.path.isfile(shard_path):
+            raise FileNotFoundError(f"{index_path} lists the shard {shard}, which is not in {model_dir}")
+        tensors.update(read_file(shard_path))
+    return index_path, weight_map, tensors

@@ -9,17 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from itersft_jax.models.attention.blocks import (
-    MASK_VALUE,
-    block_size,
-    kv_block_range,
-    masked_logits,
-    next_pow2,
-    pad_axis,
-    q_block_range,
-    segment_block_bounds,
-    softcap_grad,
-)
+from itersft_jax.models.attention import blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +22,13 @@ class _Cfg:
 def chunked_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, scale, window, softcap, block_cap: int = 512):
     b, t, n, h = q_BTNH.shape
     kv = k_BTKH.shape[2]
-    block = min(block_size(t, block_cap), next_pow2(t))
+    block = min(blocks.block_size(t, block_cap), blocks.next_pow2(t))
     tp = -(-t // block) * block
-    q_BKTGH = pad_axis(q_BTNH, 1, tp).reshape(b, tp, kv, n // kv, h).transpose(0, 2, 1, 3, 4)
-    k_BKTH = pad_axis(k_BTKH, 1, tp).transpose(0, 2, 1, 3)
-    v_BKTH = pad_axis(v_BTKH, 1, tp).transpose(0, 2, 1, 3)
-    seg_BT = pad_axis(seg_BT, 1, tp)
-    bounds = segment_block_bounds(seg_BT, block, block)
+    q_BKTGH = blocks.pad_axis(q_BTNH, 1, tp).reshape(b, tp, kv, n // kv, h).transpose(0, 2, 1, 3, 4)
+    k_BKTH = blocks.pad_axis(k_BTKH, 1, tp).transpose(0, 2, 1, 3)
+    v_BKTH = blocks.pad_axis(v_BTKH, 1, tp).transpose(0, 2, 1, 3)
+    seg_BT = blocks.pad_axis(seg_BT, 1, tp)
+    bounds = blocks.segment_block_bounds(seg_BT, block, block)
     out_BKTGH = _chunked_core(q_BKTGH, k_BKTH, v_BKTH, seg_BT, bounds, _Cfg(scale, window, softcap, block))
     return out_BKTGH.transpose(0, 2, 1, 3, 4).reshape(b, tp, n, h)[:, :t]
 
@@ -47,7 +37,7 @@ def _chunk_logits(q_BKQGH, k_BKSH, seg_q_BQ, seg_k_BS, q0, k0, cfg: _Cfg):
     s = jnp.einsum("bkqgh,bksh->bkqgs", q_BKQGH, k_BKSH, preferred_element_type=jnp.float32) * cfg.scale
     q_pos = (q0 + jnp.arange(q_BKQGH.shape[2]))[:, None, None]
     k_pos = k0 + jnp.arange(k_BKSH.shape[2])
-    return masked_logits(s, q_pos, k_pos, seg_q_BQ[:, None, :, None, None], seg_k_BS[:, None, None, None, :],
+    return blocks.masked_logits(s, q_pos, k_pos, seg_q_BQ[:, None, :, None, None], seg_k_BS[:, None, None, None, :],
                           window=cfg.window, softcap=cfg.softcap)
 
 def _slice_t(x, start, size, axis=2):
@@ -79,9 +69,9 @@ def _chunked_fwd(q_BKTGH, k_BKTH, v_BKTH, seg_BT, bounds, cfg: _Cfg):
             return m_new, alpha * denom + p.sum(-1), alpha[..., None] * acc + pv
 
         # one loop serves the whole batch: the bound of the row that needs the most key blocks
-        lo, hi = kv_block_range(i, bounds[0][:, i].min(), block_q=bs, block_k=bs, window=cfg.window,
+        lo, hi = blocks.kv_block_range(i, bounds[0][:, i].min(), block_q=bs, block_k=bs, window=cfg.window,
                                  div=jnp.floor_divide)
-        init = (jnp.full((b, kv, bs, g), MASK_VALUE, jnp.float32), jnp.zeros((b, kv, bs, g), jnp.float32),
+        init = (jnp.full((b, kv, bs, g), blocks.MASK_VALUE, jnp.float32), jnp.zeros((b, kv, bs, g), jnp.float32),
                 jnp.zeros((b, kv, bs, g, h), jnp.float32))
         m, denom, acc = jax.lax.fori_loop(lo, hi, key_block, init)
         out_i = (acc / denom[..., None]).astype(q_BKTGH.dtype)
@@ -113,14 +103,14 @@ def _chunked_bwd(cfg: _Cfg, residuals, d_out_BKTGH):
             dv_j = dv_j + jnp.einsum("bkqgs,bkqgh->bksh", p.astype(do_i.dtype), do_i,
                                      preferred_element_type=jnp.float32)
             dp = jnp.einsum("bkqgh,bksh->bkqgs", do_i, v_j, preferred_element_type=jnp.float32)
-            ds = softcap_grad(p * (dp - _slice_t(delta_BKTG, i * bs, bs)[..., None]), capped, cfg.softcap)
+            ds = blocks.softcap_grad(p * (dp - _slice_t(delta_BKTG, i * bs, bs)[..., None]), capped, cfg.softcap)
             ds = (ds * cfg.scale).astype(q_i.dtype)
             dk_j = dk_j + jnp.einsum("bkqgs,bkqgh->bksh", ds, q_i, preferred_element_type=jnp.float32)
             dq_i = _slice_t(dq, i * bs, bs) + jnp.einsum("bkqgs,bksh->bkqgh", ds, k_j,
                                                          preferred_element_type=jnp.float32)
             return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * bs, 2), dk_j, dv_j
 
-        lo, hi = q_block_range(j, bounds[1][:, j].max(), block_q=bs, block_k=bs, window=cfg.window,
+        lo, hi = blocks.q_block_range(j, bounds[1][:, j].max(), block_q=bs, block_k=bs, window=cfg.window,
                                 div=jnp.floor_divide)
         zeros = jnp.zeros(k_j.shape, jnp.float32)
         dq_BKTGH, dk_j, dv_j = jax.lax.fori_loop(lo, hi, query_block, (dq_BKTGH, zeros, zeros))
