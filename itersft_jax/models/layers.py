@@ -47,7 +47,7 @@ def dense(layer, x_NI: jax.Array) -> jax.Array:
 
     Why: XLA:CPU lowers the weight gradient of a 3-D ``[B, T, D]`` input (two contracting axes) to
     transposed copies of the activations plus a slow generic dot; on ``[B*T, D]`` it is one fast GEMM
-    (an MLP's forward+backward measured 258 ms -> 151 ms on this 2-core CPU). The reshapes are free.
+    (measured: ``benchmarks/results/cpu_design_choices.md``). The reshapes are free.
     With a 16-bit compute dtype the product accumulates in fp32 (``_matmul_f32``).
     """
     lead = x_NI.shape[:-1]

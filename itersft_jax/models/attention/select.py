@@ -72,10 +72,9 @@ def choose_implementation(requested: str | None, *, platform: str, dtype: Any, h
 
     "auto": GPU -> cudnn where it applies, else pallas_gpu, else xla_chunked; TPU -> splash; CPU -> "xla" below
     ``CPU_CHUNKED_FROM`` tokens per row (``seq_len``; unknown counts as short), xla_chunked from there on.
-    Measured on the 2-core CPU (``benchmarks/attention_kernels.py``): xla_chunked runs a forward+backward in
-    0.2-0.8x the materializing path's time at every length from 256 to 8192 and in O(T) memory, but compiles
-    about 8x slower (4-5 s against 0.5 s per attention instance) — for the trainer's short, bucketed runs the
-    compile dominates; from 4096 tokens the ``[T, T]`` fp32 scores (64 MiB per head and row) dominate instead.
+    On a CPU xla_chunked runs faster and in O(T) memory but compiles several times slower, so for the trainer's
+    short, bucketed runs the compile dominates until the ``[T, T]`` fp32 scores do (the numbers:
+    ``benchmarks/results/cpu_design_choices.md``).
     An explicit name that cannot run the case raises ``ValueError`` naming ``attn_implementation``.
     """
     del window

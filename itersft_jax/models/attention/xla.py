@@ -14,7 +14,7 @@ def grouped_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, *, scale: float, softcap
 
     Query head ``n`` uses key head ``n // (N // K)``. The queries are laid out ``[B, K, G*T, H]`` so both
     products are plain batched matmuls over ``(B, K)``; the 5-D einsum this replaces made XLA:CPU
-    transpose the ``[B, K, G, T, S]`` logits (fwd+bwd of one 8x256x8x64 attention: 81 -> 61 ms).
+    transpose the ``[B, K, G, T, S]`` logits (measured: ``benchmarks/results/cpu_design_choices.md``).
     """
     b, t, n, h = q_BTNH.shape
     kv_heads = k_BKSH.shape[1]
@@ -45,9 +45,9 @@ def _attention_core(q_BKQH, k_BKSH, v_BKSH, mask_BTS, scale: float, softcap: flo
     """``softmax(mask(softcap(q k^T * scale))) v`` with a hand-written backward.
 
     The backward uses ``rowsum(dP * P) = rowsum(dO * O)`` (as flash attention does): a reduction over
-    ``H`` instead of one over the ``[Q, S]`` probabilities, which XLA:CPU ran slowly (fwd+bwd of one
-    8x256x8x64 attention: 69 -> 55 ms). With a soft-cap it recomputes ``q k^T`` for ``1 - tanh^2`` rather than
-    keeping a second ``[Q, S]`` fp32 residual.
+    ``H`` instead of one over the ``[Q, S]`` probabilities, which XLA:CPU ran slowly (measured:
+    ``benchmarks/results/cpu_design_choices.md``). With a soft-cap it recomputes ``q k^T`` for ``1 - tanh^2``
+    rather than keeping a second ``[Q, S]`` fp32 residual.
     """
     return _attention_core_fwd(q_BKQH, k_BKSH, v_BKSH, mask_BTS, scale, softcap)[0]
 
