@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from itersft_jax._version import __version__
 
-__all__ = ["IterativeSFTConfig", "IterativeSFTTrainer", "JaxIterativeSFTTrainer", "__version__"]
+__all__ = ["Datum", "IterativeSFTConfig", "IterativeSFTTrainer", "JaxIterativeSFTTrainer", "__version__"]
 
 
 def __getattr__(name: str):
+    if name == "Datum":
+        from itersft_jax.shared.datum import Datum
+
+        return Datum
     if name == "IterativeSFTConfig":
         from itersft_jax.shared.config import IterativeSFTConfig
 
