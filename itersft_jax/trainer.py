@@ -400,6 +400,22 @@ class IterativeSFTTrainer(TrainerShell):
 
         return resume_from_checkpoint(self, checkpoint_dir)
 
+    def save_state(self, path: str) -> str:
+        """The low-level API's checkpoint: ``save_checkpoint(path)`` (weights, optimizer state, step, RNG key and
+        counters; atomic and verified, ``itersft_jax.io.checkpoint``). Refused while gradients are pending."""
+        self._refuse_while_pending("save_state()")
+        from itersft_jax.io.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, path)
+
+    def load_state(self, path: str) -> str:
+        """Restore what :meth:`save_state` wrote (verified first); the run continues bit for bit."""
+        self._refuse_while_pending("load_state()")
+        from itersft_jax.io.checkpoint import load_checkpoint
+
+        load_checkpoint(self, path)
+        return path
+
     def _hub_pusher(self):
         from itersft_jax.io.hub import HubPusher
 
@@ -445,19 +461,15 @@ class IterativeSFTTrainer(TrainerShell):
     # Counters (what a checkpoint keeps beside the train state)
 
     def counters(self) -> dict[str, Any]:
-        """The shell's counters, JSON-serializable: optimizer updates, step() calls (they seed the shuffle),
-        the packed row length (it fixes the summation order), the log history and the tokens seen."""
-        return {"global_step": self.state.global_step, "calls": self._calls, "row_length": self._row_length,
-                "log_history": list(self.state.log_history),
-                "num_input_tokens_seen": self.state.num_input_tokens_seen}
+        """The shell's counters (``TrainerShell.counters``) plus the packed row lengths (they fix the summation
+        order)."""
+        return {**super().counters(), "row_length": self._row_length, "datum_row_length": self._datum_row_length}
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
         """Set the counters from :meth:`counters`' output, so the next call continues where that one was."""
-        self.state.global_step = int(counters["global_step"])
-        self._calls = int(counters["calls"])
+        super().restore_counters(counters)
         self._row_length = int(counters.get("row_length", 0))
-        self.state.log_history = list(counters.get("log_history", []))
-        self.state.num_input_tokens_seen = counters.get("num_input_tokens_seen")
+        self._datum_row_length = int(counters.get("datum_row_length", 0))
 
 
 class CallbackModel:

@@ -534,6 +534,21 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         self._save_checkpoint(self.model_wrapped, trial=None)  # Trainer's: pushes to the Hub with push_to_hub
         self.accelerator.wait_for_everyone()  # on_save callbacks see the whole checkpoint on every process
 
+    def save_state(self, path: str) -> str:
+        """Weights, optimizer and schedule state, RNG and counters, atomically (``itersft_torch.state``): a later
+        :meth:`load_state` continues bit for bit. Refused while gradients are pending."""
+        self._refuse_while_pending("save_state()")
+        from itersft_torch.state import save_state
+
+        return save_state(self, path)
+
+    def load_state(self, path: str) -> str:
+        """Restore what :meth:`save_state` wrote (verified first)."""
+        self._refuse_while_pending("load_state()")
+        from itersft_torch.state import load_state
+
+        return load_state(self, path)
+
     # ------------------------------------------------------------------------------------------------------
     # Evaluation (the shell's evaluate() calls these)
 

@@ -11,6 +11,12 @@ bit-identical.
 from __future__ import annotations
 
 import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -298,3 +304,93 @@ def test_step_is_refused_while_gradients_are_pending(tiny_model_dir, tokenizer, 
     assert trainer.state.global_step == 0
     trainer.optim_step()
     assert trainer.step(input_ids=[[1, 2, 3]])["global_step"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# save_state / load_state
+
+
+def make_state_trainer(model_dir, output_dir, backend):
+    """Adam (its moments must survive), a tokenizer from the model directory (the kill test's worker has no
+    fixture)."""
+    args = IterativeSFTConfig(output_dir=str(output_dir), backend=backend, per_device_train_batch_size=2,
+                              learning_rate=1e-2, gradient_checkpointing=False, report_to="none", disable_tqdm=True,
+                              seed=3)
+    return IterativeSFTTrainer(model_dir, args=args)
+
+
+def low_level_update(trainer, update: int) -> float:
+    """One importance-sampled update on data that depend on the update number; the loss before it."""
+    loss = trainer.forward_backward(rl_data(seed=update), "importance_sampling").metrics["loss:sum"]
+    trainer.optim_step()
+    return loss
+
+
+def continue_run(trainer, first: int, updates: int = 2) -> list[float]:
+    losses = [low_level_update(trainer, u) for u in range(first, first + updates)]
+    return losses + [trainer.step(input_ids=[p + c for p, c in zip(PROMPTS, COMPLETIONS)])["loss"]]
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_load_state_continues_bit_for_bit(tiny_model_dir, tmp_path, backend):
+    model_dir = tiny_model_dir("llama")
+    first = make_state_trainer(model_dir, tmp_path / "a", backend)
+    for update in range(2):
+        low_level_update(first, update)
+    first.step(input_ids=[p + c for p, c in zip(PROMPTS, COMPLETIONS)])  # the step() counters count too
+    first.save_state(tmp_path / "state")
+    want = continue_run(first, 2)
+    resumed = make_state_trainer(model_dir, tmp_path / "b", backend)
+    resumed.load_state(tmp_path / "state")
+    assert resumed.state.global_step == 4  # 2 updates + a step() of 3 samples in updates of 2
+    assert continue_run(resumed, 2) == want  # bit-identical
+    resumed.forward_backward(rl_data(), "importance_sampling")
+    for refused in (lambda: resumed.save_state(tmp_path / "x"), lambda: resumed.load_state(tmp_path / "state")):
+        with pytest.raises(RuntimeError, match="call optim_step\\(\\) first"):
+            refused()
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_damaged_state_is_refused_naming_the_file(tiny_model_dir, tmp_path, backend):
+    from itersft_jax.shared.atomic_dir import CheckpointError
+
+    trainer = make_state_trainer(tiny_model_dir("llama"), tmp_path / "a", backend)
+    low_level_update(trainer, 0)
+    path = trainer.save_state(tmp_path / "state")
+    name = "itersft_state.json"
+    with open(os.path.join(path, name), "ab") as f:
+        f.write(b" ")
+    fresh = make_state_trainer(tiny_model_dir("llama"), tmp_path / "b", backend)
+    with pytest.raises(CheckpointError, match=f"file {name} has"):
+        fresh.load_state(path)
+    assert fresh.state.global_step == 0
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_kill_during_save_state_then_load_state_continues_bit_for_bit(tiny_model_dir, tmp_path, backend):
+    """A worker saves its state after every update; it is SIGKILLed at a random moment after its second save
+    (saves are most of its loop). The state directory then holds a complete state of some update N >= 2 (never a
+    partial one), and resuming from it gives the same later losses, bit for bit, as a run that never stopped."""
+    model_dir = tiny_model_dir("llama")
+    state_dir = tmp_path / "state"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    worker = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "save_state_worker.py"),
+                               backend, model_dir, str(tmp_path / "worker"), str(state_dir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        for line in worker.stdout:
+            if line.strip() == "saved 2":
+                break
+        time.sleep(random.Random(backend).uniform(0.0, 0.3))
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    resumed = make_state_trainer(model_dir, tmp_path / "resumed", backend)
+    resumed.load_state(state_dir)
+    saved = resumed.state.global_step
+    assert saved >= 2
+    reference = make_state_trainer(model_dir, tmp_path / "reference", backend)
+    for update in range(saved):
+        low_level_update(reference, update)
+    assert continue_run(resumed, saved) == continue_run(reference, saved)

@@ -232,6 +232,20 @@ class TrainerShell(LowLevelAPI):
         self._generate_calls += 1
         return index
 
+    def counters(self) -> dict[str, Any]:
+        """The shell's counters, JSON-serializable: optimizer updates, step() calls (they seed the shuffle), the log
+        history and the tokens seen — what a checkpoint keeps beside the weights and optimizer state."""
+        return {"global_step": self.state.global_step, "calls": self._calls,
+                "log_history": list(self.state.log_history),
+                "num_input_tokens_seen": self.state.num_input_tokens_seen}
+
+    def restore_counters(self, counters: dict[str, Any]) -> None:
+        """Set the counters from :meth:`counters`' output, so the next call continues where that one was."""
+        self.state.global_step = int(counters["global_step"])
+        self._calls = int(counters["calls"])
+        self.state.log_history = list(counters.get("log_history", []))
+        self.state.num_input_tokens_seen = counters.get("num_input_tokens_seen")
+
     def add_callback(self, callback: type[TrainerCallback] | TrainerCallback) -> None:
         self.callback_handler.add_callback(callback)
 
