@@ -257,49 +257,40 @@ class LowLevelSteps:
         return None if self._state_sharding is None else NamedSharding(self._state_sharding.step.mesh,
                                                                         PartitionSpec())
 
-    def forward_backward(self, loss_fn: str, config: tuple):
-        key = ("forward_backward", loss_fn, config)
+    def _jitted(self, key, fn, shardings, donate=()):
+        """``fn`` jitted once per ``key``; ``shardings()``: its (in, out) shardings when the state has them."""
         if key not in self._jits:
-            fn = functools.partial(forward_backward_step, graphdef=self._graphdef, loss_fn=loss_fn, config=config,
-                                   **self._options, **self._train_options)
-            kwargs: dict[str, Any] = {}
-            if self._state_sharding is not None:
-                rep = self._replicated()
-                kwargs = {"in_shardings": (self._state_sharding, self._grad_sharding, self._batch_sharding, rep),
-                          "out_shardings": (self._grad_sharding, rep)}
-            self._jits[key] = jax.jit(fn, donate_argnums=1, **kwargs)
+            kwargs = {} if self._state_sharding is None else dict(zip(("in_shardings", "out_shardings"), shardings()))
+            self._jits[key] = jax.jit(fn, donate_argnums=donate, **kwargs)
         return self._jits[key]
+
+    def forward_backward(self, loss_fn: str, config: tuple):
+        fn = functools.partial(forward_backward_step, graphdef=self._graphdef, loss_fn=loss_fn, config=config,
+                               **self._options, **self._train_options)
+        return self._jitted(("forward_backward", loss_fn, config), fn, lambda: (
+            (self._state_sharding, self._grad_sharding, self._batch_sharding, self._replicated()),
+            (self._grad_sharding, self._replicated())), donate=1)
 
     def forward(self, loss_fn: str, config: tuple):
-        key = ("forward", loss_fn, config)
-        if key not in self._jits:
-            fn = functools.partial(forward_step, graphdef=self._graphdef, loss_fn=loss_fn, config=config,
-                                   **self._options)
-            kwargs: dict[str, Any] = {}
-            if self._state_sharding is not None:
-                kwargs = {"in_shardings": (self._state_sharding, self._batch_sharding),
-                          "out_shardings": self._replicated()}
-            self._jits[key] = jax.jit(fn, **kwargs)
-        return self._jits[key]
+        fn = functools.partial(forward_step, graphdef=self._graphdef, loss_fn=loss_fn, config=config, **self._options)
+        return self._jitted(("forward", loss_fn, config), fn, lambda: (
+            (self._state_sharding, self._batch_sharding), self._replicated()))
 
     def optim_step(self, state: TrainState, grads, loss_sum, count):
-        if "optim_step" not in self._jits:
-            fn = functools.partial(optim_step, tx=self._tx, schedule=self._schedule)
-            kwargs: dict[str, Any] = {}
-            if self._state_sharding is not None:
-                trained = dataclasses.replace(self._state_sharding, frozen=None)
-                rep = self._replicated()
-                kwargs = {"in_shardings": (trained, self._grad_sharding, rep, rep), "out_shardings": (trained, rep)}
-            self._jits["optim_step"] = jax.jit(fn, donate_argnums=0, **kwargs)
-        new_state, metrics = self._jits["optim_step"](dataclasses.replace(state, frozen=None), grads,
-                                                      jnp.float32(loss_sum), jnp.float32(count))
+        trained = None if self._state_sharding is None else dataclasses.replace(self._state_sharding, frozen=None)
+        fn = functools.partial(optim_step, tx=self._tx, schedule=self._schedule)
+        jitted = self._jitted("optim_step", fn, lambda: (
+            (trained, self._grad_sharding, self._replicated(), self._replicated()), (trained, self._replicated())),
+            donate=0)
+        new_state, metrics = jitted(dataclasses.replace(state, frozen=None), grads, jnp.float32(loss_sum),
+                                    jnp.float32(count))
         return dataclasses.replace(new_state, frozen=state.frozen), metrics
 
     def zeros(self, params):
-        if "zeros" not in self._jits:
-            self._jits["zeros"] = jax.jit(lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p),
-                                          out_shardings=self._grad_sharding)
-        return self._jits["zeros"](params)
+        def zeros_like(tree):
+            return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+        return self._jitted("zeros", zeros_like, lambda: (None, self._grad_sharding))(params)
 
 
 def eval_step(params, batch: dict[str, jax.Array], *, graphdef, label_smoothing: float = 0.0,

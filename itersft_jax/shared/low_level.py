@@ -54,6 +54,18 @@ class LowLevelAPI(abc.ABC):
     _pending: PendingUpdate | None = None
 
     @abc.abstractmethod
+    def save_state(self, path: str) -> str:
+        """Weights, optimizer state, counters and RNG, atomically and verified; refused while gradients are pending."""
+
+    @abc.abstractmethod
+    def load_state(self, path: str) -> str:
+        """Restore what ``save_state`` wrote (verified first): later results are bit-identical."""
+
+    @abc.abstractmethod
+    def accumulated_gradients(self) -> dict[str, np.ndarray]:
+        """The pending gradients on the host, by parameter name (empty when none are pending)."""
+
+    @abc.abstractmethod
     def _record_update(self, metrics: dict, input_tokens: int, padded_tokens: int) -> None:
         """Queue an applied update's metrics for the shell's sync (``TrainerShell``)."""
 
