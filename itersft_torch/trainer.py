@@ -498,7 +498,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         logprobs = torch.tensor(logprobs_NL, device=device, requires_grad=True)
         loss, metrics = fn(logprobs, {k: torch.from_numpy(v).to(device) for k, v in inputs.items()})
         loss.backward()
-        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        metrics = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in (metrics or {}).items()}
         return float(loss.detach()), metrics, logprobs.grad.cpu().numpy()
 
     def _pad_id(self) -> int:
