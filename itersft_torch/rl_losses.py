@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from itersft_jax.shared.datum import FLOAT_INPUTS, TARGETS, LossOps, builtin_loss, padded_inputs
+from itersft_jax.shared.datum import FLOAT_INPUTS, LOGPROBS_ONLY, TARGETS, LossOps, builtin_loss, padded_inputs
 
 TORCH_OPS = LossOps(exp=torch.exp, minimum=torch.minimum, clip=torch.clamp, sum=torch.sum,
                     stop_gradient=torch.Tensor.detach)
@@ -24,5 +24,7 @@ def datum_loss(logits_BTV: torch.Tensor, data: list, loss_fn: str, config: dict)
     arrays = padded_inputs(data, length=logits_BTV.shape[1])
     device = logits_BTV.device
     logp_BT = token_logprobs(logits_BTV, torch.from_numpy(arrays[TARGETS]).to(device))
+    if loss_fn == LOGPROBS_ONLY:
+        return logp_BT.new_zeros(()), logp_BT
     inputs = {k: torch.from_numpy(arrays[k]).to(device) for k in FLOAT_INPUTS if k in arrays}
     return builtin_loss(TORCH_OPS, loss_fn, logp_BT, inputs, config), logp_BT

@@ -222,6 +222,14 @@ def test_compute_logprobs_equals_the_forward_and_the_reference(tiny_model_dir, t
         with torch.no_grad():
             want = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1], -1).gather(-1, ids[1:, None])[:, 0]
         np.testing.assert_allclose(lp, want.numpy(), rtol=1e-5, atol=1e-5)
+    # One definition: the RL losses' logprobs are compute_logprobs' bit for bit (token_logprobs on JAX); the fused
+    # cross_entropy pass computes the same quantity from the same chunk math (1e-6).
+    data = [Datum(s[:-1], {"target_tokens": s[1:], "weights": np.ones(len(s) - 1), "logprobs": np.zeros(len(s) - 1),
+                           "advantages": np.zeros(len(s) - 1)}) for s in seqs]
+    for loss_fn, check in (("importance_sampling", np.testing.assert_array_equal),
+                           ("cross_entropy", lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6))):
+        for out, lp in zip(trainer.forward(data, loss_fn).loss_fn_outputs, got):
+            check(out["logprobs"], lp)
 
 
 @pytest.mark.parametrize("backend", ENGINES)

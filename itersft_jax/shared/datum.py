@@ -29,6 +29,7 @@ LOSS_INPUTS = {  # what each built-in loss reads from loss_fn_inputs
     "ppo": (TARGETS, "logprobs", "advantages"),
     "cispo": (TARGETS, "logprobs", "advantages"),
 }
+LOGPROBS_ONLY = "logprobs"  # the engines' internal pass for compute_logprobs: logprobs through token_logprobs, no loss
 CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}  # ppo / cispo ratio clipping
 LOSS_CONFIG_KEYS = {"cross_entropy": {}, "importance_sampling": {}, "ppo": CLIP_DEFAULTS, "cispo": CLIP_DEFAULTS}
 

@@ -24,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from itersft_jax.shared.datum import LOSS_INPUTS, TARGETS, Datum, check_data, check_loss_fn, padded_inputs
+from itersft_jax.shared.datum import (
+    LOGPROBS_ONLY,
+    LOSS_INPUTS,
+    TARGETS,
+    Datum,
+    check_data,
+    check_loss_fn,
+    padded_inputs,
+)
 
 
 @dataclasses.dataclass
@@ -78,7 +86,7 @@ class LowLevelAPI(abc.ABC):
                    backward: bool) -> tuple[float, int, list[np.ndarray], int]:
         """``(summed loss, target positions, per-datum logprobs, positions computed)``; with ``backward`` the
         gradient of the summed loss is added to the engine's accumulator (numbered after
-        ``self._pending.micro_batches``)."""
+        ``self._pending.micro_batches``). ``loss_fn`` may also be ``LOGPROBS_ONLY``: the logprobs alone (loss 0)."""
 
     @abc.abstractmethod
     def _apply_accumulated(self, loss_sum: float, num_tokens: int) -> dict[str, float]:
@@ -115,8 +123,7 @@ class LowLevelAPI(abc.ABC):
         if not callable(fn):
             raise TypeError(f"`fn` must be callable, got {type(fn).__name__}")
         data = check_data(data, (TARGETS,), self._datum_vocab_size())
-        zero = [_with_weights(d, np.zeros(len(d))) for d in data]
-        _, _, logprobs, _ = self._data_pass(zero, "cross_entropy", {}, backward=False)
+        _, _, logprobs, _ = self._data_pass(data, LOGPROBS_ONLY, {}, backward=False)
         inputs = padded_inputs(data)
         logprobs_NL = np.zeros(inputs["mask"].shape, np.float32)
         for i, lp in enumerate(logprobs):
@@ -167,9 +174,8 @@ class LowLevelAPI(abc.ABC):
         for i, seq in enumerate(sequences):
             if seq.ndim != 1 or len(seq) < 2:
                 raise ValueError(f"`input_ids[{i}]` must be a 1-D sequence of at least 2 tokens, got shape {seq.shape}")
-        data = [Datum(seq[:-1], {TARGETS: seq[1:], "weights": np.zeros(len(seq) - 1)}) for seq in sequences]
-        data = check_data(data, (), self._datum_vocab_size())
-        return self._data_pass(data, "cross_entropy", {}, backward=False)[2]
+        data = check_data([Datum(seq[:-1], {TARGETS: seq[1:]}) for seq in sequences], (), self._datum_vocab_size())
+        return self._data_pass(data, LOGPROBS_ONLY, {}, backward=False)[2]
 
     def _pass(self, data: list[Datum], loss_fn: str, config: dict, backward: bool) -> ForwardBackwardOutput:
         if backward and self._pending is None:
@@ -197,7 +203,7 @@ def _with_weights(datum: Datum, weights: np.ndarray) -> Datum:
 
 def loss_inputs(data: list[Datum], loss_fn: str) -> list[Datum]:
     """The data reduced to what ``loss_fn`` reads (other arrays need not travel to the device)."""
-    keys = LOSS_INPUTS[loss_fn]
+    keys = LOSS_INPUTS.get(loss_fn, (TARGETS,))
     return [Datum(d.model_input, {k: d.loss_fn_inputs[k] for k in keys}) for d in data]
 
 
