@@ -2,7 +2,7 @@
 
     python tests/save_state_worker.py BACKEND MODEL_DIR OUTPUT_DIR STATE_DIR
 
-Prints ``saved N`` once the state after update ``N`` is complete.
+Prints ``saving N`` before writing the state after update ``N`` and ``saved N`` once it is complete.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def main(backend: str, model_dir: str, output_dir: str, state_dir: str) -> None:
     trainer = make_state_trainer(model_dir, output_dir, backend)
     for update in range(1000):
         low_level_update(trainer, update)
+        print(f"saving {update + 1}", flush=True)
         trainer.save_state(state_dir)
         print(f"saved {update + 1}", flush=True)
 

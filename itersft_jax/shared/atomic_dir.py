@@ -68,9 +68,47 @@ def finish(tmp: str, final: str, written: dict[str, dict[str, Any]], global_step
     for root, _, _ in os.walk(tmp):  # directory entries too: a rename must not outlive its files
         fsync_dir(root)
     if os.path.exists(final):
-        remove_dir(final)
-    os.rename(tmp, final)
+        replace_dir(tmp, final)
+    else:
+        os.rename(tmp, final)
     fsync_dir(os.path.dirname(final))
+
+
+def replace_dir(new: str, final: str) -> None:
+    """Put directory ``new`` in the place of the existing directory ``final`` and delete the old one.
+
+    ``rename(2)`` cannot replace a non-empty directory, and deleting ``final`` first left a moment with no ``final``
+    at all (a ``kill -9`` there lost the state that was being replaced: caught by test_low_level's kill test). On
+    Linux the two are swapped atomically (``renameat2(RENAME_EXCHANGE)``), then the old one — now under ``new``'s
+    temporary name, cleaned up by the next save if a kill interrupts its deletion — is deleted. Elsewhere the old
+    one is renamed aside first (a short window without ``final`` remains there)."""
+    if not _exchange(new, final):
+        aside = os.path.join(os.path.dirname(final), f".trash-{os.path.basename(final)}-{os.getpid()}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+        os.rename(new, final)
+        new = aside
+    shutil.rmtree(new, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem or kernel cannot exchange
+        return False
+    raise OSError(errno, os.strerror(errno), a, None, b)
 
 
 def read_json(checkpoint_dir: str, name: str) -> Any:
