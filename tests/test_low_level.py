@@ -409,3 +409,18 @@ def test_kill_during_save_state_then_load_state_continues_bit_for_bit(tiny_model
     for update in range(saved):
         low_level_update(reference, update)
     assert continue_run(resumed, saved) == continue_run(reference, saved)
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_non_finite_update_is_skipped_by_optim_step(tiny_model_dir, tokenizer, tmp_path, backend):
+    """A sampler logprob of -1e30 makes the importance ratio inf: optim_step skips the update (parameters and
+    global_step unchanged) and says so; the accumulator is reset either way."""
+    trainer = make_trainer(tiny_model_dir("llama"), tokenizer, tmp_path, backend)
+    before = _params(trainer)
+    data = make_data(PROMPTS[:1], COMPLETIONS[:1], logprobs=[[-1e30] * len(COMPLETIONS[0])], advantages=[1.0])
+    trainer.forward_backward(data, "importance_sampling")
+    result = trainer.optim_step()
+    assert result["skipped"] == 1 and result["global_step"] == 0 and trainer.state.global_step == 0
+    assert trainer.accumulated_gradients() == {}
+    after = _params(trainer)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
