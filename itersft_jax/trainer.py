@@ -255,9 +255,8 @@ class IterativeSFTTrainer(TrainerShell):
             return {}
         grads = distributed.host_copy(nnx.to_pure_dict(self._grads))
         if self.adapters is not None:
-            return {"/".join(map(str, path)): np.asarray(leaf)
-                    for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]
-                    for path in [[getattr(k, "key", k) for k in path]]}
+            return {jax.tree_util.keystr(path): np.asarray(leaf)
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]}
         from itersft_jax.models import get_family
 
         return get_family(self.config.model_type).params_to_hf(grads, self.config)

@@ -202,7 +202,7 @@ def test_lora_bf16_remat_train_through_the_low_level_api(tiny_model_dir, tokeniz
     before = trainer.forward(data).metrics["loss:sum"]
     for _ in range(3):
         trainer.forward_backward(data)
-        assert all(k.startswith("model") or "lora" in k for k in trainer.accumulated_gradients())
+        assert trainer.accumulated_gradients() and all("lora" in k for k in trainer.accumulated_gradients())
         trainer.optim_step()
     assert trainer.forward(data).metrics["loss:sum"] < before
     assert trainer.state.global_step == 3
