@@ -72,7 +72,7 @@ def main() -> None:
     med = {name: statistics.median(v) for name, v in
            {"save": save, "hashing": hashing, "verify": verify, "load": load, "resume": resume}.items()}
     print(f"checkpoint: {size / 1e6:.0f} MB in {sum(len(f) for _, _, f in os.walk(path))} files; "
-          f"{checkpoint._HASH_THREADS} hashing threads; medians of {args.repeats}")
+          f"{checkpoint.HASH_THREADS} hashing threads; medians of {args.repeats}")
     print(f"{'':<34} {'seconds':>8} {'ratio':>26}")
     print(f"{'save_checkpoint (all of it)':<34} {med['save']:>8.3f}")
     share = med["hashing"] / med["save"]

@@ -13,10 +13,14 @@ from itersft_jax._version import __version__
 
 moved.install()  # 0.1's flat module paths (itersft_jax.weights, ...) keep working, with a DeprecationWarning
 
-__all__ = ["IterativeSFTConfig", "IterativeSFTTrainer", "JaxIterativeSFTTrainer", "__version__"]
+__all__ = ["Datum", "IterativeSFTConfig", "IterativeSFTTrainer", "JaxIterativeSFTTrainer", "__version__"]
 
 
 def __getattr__(name: str):
+    if name == "Datum":
+        from itersft_jax.shared.datum import Datum
+
+        return Datum
     if name == "IterativeSFTConfig":
         from itersft_jax.shared.config import IterativeSFTConfig
 

@@ -24,8 +24,14 @@ from transformers import TrainerControl, TrainerState
 from transformers.utils import logging as transformers_logging
 
 from itersft_jax.core.optim import resolve_optimizer
-from itersft_jax.core.packing import pack_update, rows_per_micro_batch
-from itersft_jax.core.train_step import TrainState, make_eval_step, make_train_step, state_shardings
+from itersft_jax.core.packing import first_fit_decreasing, pack_data, pack_update, rows_per_micro_batch
+from itersft_jax.core.train_step import (
+    LowLevelSteps,
+    TrainState,
+    make_eval_step,
+    make_train_step,
+    state_shardings,
+)
 from itersft_jax.core.trainable import split_trainable
 from itersft_jax.io.peft_io import attach_from_source, resolve_model_source
 from itersft_jax.io.weights import load_model, save_pretrained
@@ -34,6 +40,7 @@ from itersft_jax.parallel.mesh import BATCH_AXES, data_parallel_size, make_mesh
 from itersft_jax.shared.config import resolve_config
 from itersft_jax.shared.data import bucket_length, collate, plan_updates, prepare_examples, warn_beyond_positions
 from itersft_jax.shared.fields import check_fields, enum_name, shuffle_seed
+from itersft_jax.shared.low_level import loss_inputs
 from itersft_jax.shared.shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
 
 logger = logging.getLogger(__name__)
@@ -120,6 +127,14 @@ class IterativeSFTTrainer(TrainerShell):
                                            neftune_alpha=self.args.neftune_noise_alpha,
                                            lora_dropout=bool(self.adapters and self.adapters.settings.dropout))
 
+        # The low-level API's jitted pieces (forward_backward / forward / optim_step), built like train_step.
+        self._low_level = LowLevelSteps(self.graphdef, self.tx, self.schedule, state_sharding=self._state_sharding,
+                                        batch_sharding=self.batch_sharding, grad_sharding=self._param_sharding,
+                                        neftune_alpha=self.args.neftune_noise_alpha,
+                                        lora_dropout=bool(self.adapters and self.adapters.settings.dropout))
+        self._grads = None  # the low-level API's fp32 gradient accumulator, sharded like the parameters
+        self._datum_row_length = 0  # packed row length of Datum passes: only grows, like _row_length
+        self._custom_fns: dict = {}  # forward_backward_custom: fn -> its jitted value_and_grad
         # Packed row length: the bucket of the longest sample seen so far. It only grows, so a run whose
         # lengths wander compiles once per new maximum, not once per call.
         self._row_length = 0
@@ -163,6 +178,7 @@ class IterativeSFTTrainer(TrainerShell):
     def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None,
              prompts=None, completions=None) -> dict[str, Any]:
         """Train on one batch of samples; see the README's step() contract. Returns the call's ``StepStats``."""
+        self._refuse_while_pending("step()")
         examples = self._prepare_examples(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
             texts_labels=texts_labels, prompts=prompts, completions=completions)
@@ -199,6 +215,69 @@ class IterativeSFTTrainer(TrainerShell):
     def _pad_id(self) -> int:
         pad_id = getattr(self.processing_class, "pad_token_id", None)
         return 0 if pad_id is None else int(pad_id)
+
+    # ------------------------------------------------------------------------------------------------------
+    # The low-level API's hooks (itersft_jax.shared.low_level)
+
+    def _datum_vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def _data_pass(self, data, loss_fn, config, backward):
+        """Pack the data into rows of the bucketed length (``pack_data``), one jitted pass, logprobs unpacked."""
+        data = loss_inputs(data, loss_fn)
+        self._datum_row_length = max(self._datum_row_length, bucket_length(max(len(d) for d in data)))
+        length = self._datum_row_length
+        rows = rows_per_micro_batch(length, self._data_parallel, self._rows_per_device)
+        needed = math.ceil(len(first_fit_decreasing([len(d) for d in data], length)) / rows)
+        num_micro = 1 << (needed - 1).bit_length()  # a power of two: a few shapes however the data is split
+        batch, used, places = pack_data(data, row_length=length, rows=rows, num_micro_batches=num_micro,
+                                        pad_id=self._pad_id())
+        batch = distributed.global_batch(batch, self.batch_sharding)
+        key = tuple(sorted(config.items()))
+        with self.precision():
+            if backward:
+                if self._grads is None:
+                    self._grads = self._low_level.zeros(self.train_state.params)
+                offset = jnp.int32(self._pending.micro_batches)
+                self._grads, out = self._low_level.forward_backward(loss_fn, key)(self.train_state, self._grads,
+                                                                                   batch, offset)
+                self._pending.micro_batches += num_micro
+            else:
+                out = self._low_level.forward(loss_fn, key)(self.train_state, batch)
+        out = jax.device_get(out)
+        logprobs = [np.array(out["logprobs"][a, m, start:start + n]) for a, m, start, n in places]
+        return float(out["loss_sum"]), int(out["num_tokens"]), logprobs, used * rows * length
+
+    def accumulated_gradients(self) -> dict[str, np.ndarray]:
+        """The gradients ``forward_backward`` accumulated since the last ``optim_step`` (summed, fp32), on the host
+        by Hugging Face parameter name (with LoRA: by the adapters' paths); empty when none are pending."""
+        if self._grads is None:
+            return {}
+        grads = distributed.host_copy(nnx.to_pure_dict(self._grads))
+        if self.adapters is not None:
+            return {jax.tree_util.keystr(path): np.asarray(leaf)
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]}
+        from itersft_jax.models import get_family
+
+        return get_family(self.config.model_type).params_to_hf(grads, self.config)
+
+    def _apply_accumulated(self, loss_sum, num_tokens):
+        with self.precision():
+            self.train_state, metrics = self._low_level.optim_step(self.train_state, self._grads, loss_sum,
+                                                                   num_tokens)
+        self._grads = None
+        metrics = jax.device_get(metrics)
+        return {k: float(metrics[k]) for k in ("grad_norm", "learning_rate", "skipped")}
+
+    def _value_and_grad(self, fn, logprobs_NL, inputs):
+        if fn not in self._custom_fns:
+            self._custom_fns[fn] = jax.jit(jax.value_and_grad(fn, has_aux=True))
+        length = bucket_length(logprobs_NL.shape[1])  # padded to the ladder: a few shapes, a few compilations
+        pad = ((0, 0), (0, length - logprobs_NL.shape[1]))
+        (loss, metrics), grad = self._custom_fns[fn](np.pad(logprobs_NL, pad),
+                                                     {k: np.pad(v, pad) for k, v in inputs.items()})
+        loss, metrics, grad = jax.device_get((loss, metrics, grad))
+        return float(loss), {k: float(v) for k, v in metrics.items()}, np.asarray(grad)[:, :logprobs_NL.shape[1]]
 
     # ------------------------------------------------------------------------------------------------------
     # Evaluation (the shell's evaluate() calls these)
@@ -320,6 +399,22 @@ class IterativeSFTTrainer(TrainerShell):
 
         return resume_from_checkpoint(self, checkpoint_dir)
 
+    def save_state(self, path: str) -> str:
+        """The low-level API's checkpoint: ``save_checkpoint(path)`` (weights, optimizer state, step, RNG key and
+        counters; atomic and verified, ``itersft_jax.io.checkpoint``). Refused while gradients are pending."""
+        self._refuse_while_pending("save_state()")
+        from itersft_jax.io.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, path)
+
+    def load_state(self, path: str) -> str:
+        """Restore what :meth:`save_state` wrote (verified first); the run continues bit for bit."""
+        self._refuse_while_pending("load_state()")
+        from itersft_jax.io.checkpoint import load_checkpoint
+
+        load_checkpoint(self, path)
+        return path
+
     def _hub_pusher(self):
         from itersft_jax.io.hub import HubPusher
 
@@ -365,19 +460,15 @@ class IterativeSFTTrainer(TrainerShell):
     # Counters (what a checkpoint keeps beside the train state)
 
     def counters(self) -> dict[str, Any]:
-        """The shell's counters, JSON-serializable: optimizer updates, step() calls (they seed the shuffle),
-        the packed row length (it fixes the summation order), the log history and the tokens seen."""
-        return {"global_step": self.state.global_step, "calls": self._calls, "row_length": self._row_length,
-                "log_history": list(self.state.log_history),
-                "num_input_tokens_seen": self.state.num_input_tokens_seen}
+        """The shell's counters (``TrainerShell.counters``) plus the packed row lengths (they fix the summation
+        order)."""
+        return {**super().counters(), "row_length": self._row_length, "datum_row_length": self._datum_row_length}
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
         """Set the counters from :meth:`counters`' output, so the next call continues where that one was."""
-        self.state.global_step = int(counters["global_step"])
-        self._calls = int(counters["calls"])
+        super().restore_counters(counters)
         self._row_length = int(counters.get("row_length", 0))
-        self.state.log_history = list(counters.get("log_history", []))
-        self.state.num_input_tokens_seen = counters.get("num_input_tokens_seen")
+        self._datum_row_length = int(counters.get("datum_row_length", 0))
 
 
 class CallbackModel:

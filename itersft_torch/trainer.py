@@ -343,6 +343,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         samples are shuffled and cut into updates of ``per_device_train_batch_size`` x
         ``gradient_accumulation_steps``; each update's loss is its token-weighted mean cross-entropy.
         """
+        self._refuse_while_pending("step()")
         args = self.args
         examples = self._prepare_examples(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
@@ -405,15 +406,29 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                                 for ex in micro_batch)  # every rank's samples, like JAX
             padded_tokens += positions
 
-        max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        grad_norm = grad_norm.item() if torch.is_tensor(grad_norm) else float(grad_norm)
+        grad_norm = self._clipped_grad_norm(model)
         if world > 1:  # the global sums on every process: the statistics equal one process's
             totals = torch.stack([ce_total.double(), torch.tensor(float(padded_tokens), dtype=torch.float64,
                                                                   device=ce_total.device)])
             ce_total, padded_tokens = accelerator.reduce(totals, reduction="sum")
             padded_tokens = int(padded_tokens.item())
         loss = ce_total.item() / update_tokens
+        lr, skipped = self._optimizer_update(loss, grad_norm)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "num_tokens": update_tokens,
+                   "skipped": int(skipped)}
+        return UpdateRecord(metrics, input_tokens, padded_tokens)
+
+    def _clipped_grad_norm(self, model: torch.nn.Module) -> float:
+        """Clip the accumulated gradients to ``max_grad_norm``; their global norm before clipping."""
+        args = self.args
+        max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else math.inf
+        grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        return grad_norm.item() if torch.is_tensor(grad_norm) else float(grad_norm)
+
+    def _optimizer_update(self, loss: float, grad_norm: float) -> tuple[float, bool]:
+        """Step the optimizer and the schedule on the accumulated gradients, or skip both when ``loss`` or
+        ``grad_norm`` is not finite; the gradients are reset. Returns ``(learning rate used, skipped)``."""
+        args, accelerator = self.args, self.accelerator
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if not skipped or accelerator.scaler is not None:  # fp16: the scaler skips the step and lowers its scale
@@ -424,9 +439,67 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         if not skipped and in_schedule and not isinstance(self.lr_scheduler,
                                                           torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.lr_scheduler.step()
-        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": float(lr), "num_tokens": update_tokens,
-                   "skipped": int(skipped)}
-        return UpdateRecord(metrics, input_tokens, padded_tokens)
+        return float(lr), skipped
+
+    # ------------------------------------------------------------------------------------------------------
+    # The low-level API's hooks (itersft_jax.shared.low_level)
+
+    def _datum_vocab_size(self) -> int | None:
+        return self.vocab_size
+
+    def _data_pass(self, data, loss_fn, config, backward):
+        """Micro-batches of ``per_device_train_batch_size`` data, right-padded; the logits' fp32 log-softmax gives
+        each target's logprob, the loss formula is ``builtin_loss`` (``itersft_torch.rl_losses``)."""
+        if self.is_encoder_decoder:
+            raise NotImplementedError("the low-level API (forward_backward, ...) trains causal LMs; this model is "
+                                      "encoder-decoder: use step()")
+        if self.accelerator.num_processes > 1:
+            raise NotImplementedError("the low-level API runs in one process on the PyTorch engine for now")
+        from itersft_torch.rl_losses import datum_loss
+
+        model = self.model_wrapped
+        was_training = model.training
+        model.train(backward)
+        per_device = self.args.per_device_train_batch_size
+        loss_sum, count, padded, logprobs = 0.0, 0, 0, []
+        try:
+            with contextlib.nullcontext() if backward else torch.no_grad():
+                for start in range(0, len(data), per_device):
+                    shard = data[start:start + per_device]
+                    examples = [Example(d.model_input, np.full(len(d), IGNORE_INDEX)) for d in shard]
+                    logits_BTV, _, positions = self._forward(model, examples, self._pad_id(), train=backward)
+                    loss, logp_BT = datum_loss(logits_BTV, shard, loss_fn, config)
+                    if backward:
+                        self.accelerator.backward(loss)
+                    loss_sum += float(loss.detach())
+                    count += sum(len(d) for d in shard)
+                    padded += positions
+                    logprobs += [logp_BT[i, :len(d)].detach().cpu().numpy() for i, d in enumerate(shard)]
+        finally:
+            model.train(was_training)
+        return loss_sum, count, logprobs, padded
+
+    def accumulated_gradients(self) -> dict[str, np.ndarray]:
+        """The gradients ``forward_backward`` accumulated since the last ``optim_step`` (summed), on the host by
+        parameter name; empty when none are pending."""
+        if self._pending is None:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        return {name: p.grad.detach().float().cpu().numpy() for name, p in model.named_parameters()
+                if p.grad is not None}
+
+    def _apply_accumulated(self, loss_sum, num_tokens):
+        grad_norm = self._clipped_grad_norm(self.model_wrapped)
+        lr, skipped = self._optimizer_update(loss_sum, grad_norm)
+        return {"grad_norm": grad_norm, "learning_rate": lr, "skipped": float(skipped)}
+
+    def _value_and_grad(self, fn, logprobs_NL, inputs):
+        device = self.accelerator.device
+        logprobs = torch.tensor(logprobs_NL, device=device, requires_grad=True)
+        loss, metrics = fn(logprobs, {k: torch.from_numpy(v).to(device) for k, v in inputs.items()})
+        loss.backward()
+        metrics = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in (metrics or {}).items()}
+        return float(loss.detach()), metrics, logprobs.grad.cpu().numpy()
 
     def _pad_id(self) -> int:
         return getattr(self.text_tokenizer, "pad_token_id", None) or 0
@@ -460,6 +533,21 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
     def _save_for_flow(self) -> None:
         self._save_checkpoint(self.model_wrapped, trial=None)  # Trainer's: pushes to the Hub with push_to_hub
         self.accelerator.wait_for_everyone()  # on_save callbacks see the whole checkpoint on every process
+
+    def save_state(self, path: str) -> str:
+        """Weights, optimizer and schedule state, RNG and counters, atomically (``itersft_torch.state``): a later
+        :meth:`load_state` continues bit for bit. Refused while gradients are pending."""
+        self._refuse_while_pending("save_state()")
+        from itersft_torch.state import save_state
+
+        return save_state(self, path)
+
+    def load_state(self, path: str) -> str:
+        """Restore what :meth:`save_state` wrote (verified first)."""
+        self._refuse_while_pending("load_state()")
+        from itersft_torch.state import load_state
+
+        return load_state(self, path)
 
     # ------------------------------------------------------------------------------------------------------
     # Evaluation (the shell's evaluate() calls these)

@@ -317,6 +317,10 @@ def test_encoder_decoder_needs_targets():
     ("itersft_jax.shared.config", ("jax",)),
     ("itersft_torch.generation", ("jax",)),
     ("itersft_jax.shared.outputs", ("jax", "torch")),
+    ("itersft_jax.shared.low_level", ("jax", "torch")),
+    ("itersft_jax.shared.atomic_dir", ("jax", "torch")),
+    ("itersft_torch.state", ("jax",)),
+    ("itersft_torch.rl_losses", ("jax",)),
 ])
 def test_import_hygiene(module, forbidden):
     code = (f"import sys, {module}; bad = [m for m in {forbidden!r} if m in sys.modules]; "

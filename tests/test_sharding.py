@@ -86,6 +86,16 @@ def test_lora_under_a_mesh_equals_one_device(sharded_run):
                                atol=1e-5)
 
 
+def test_low_level_api_under_a_mesh_equals_one_device(sharded_run):
+    # forward_backward (cross_entropy, ppo over two calls, cispo) + optim_step on data:2,fsdp:2,tensor:2: the loss
+    # sums before each update and after the last, 1e-5 (relative to sums of ~10-50 token losses: 1e-5 abs + rel).
+    import sharding_worker as worker
+
+    root, results, *_ = sharded_run
+    single = worker.low_level_losses(str(root / "model"), str(root / "low-level-1"), None)
+    np.testing.assert_allclose(results["low_level"], single, rtol=1e-5, atol=1e-5)
+
+
 def test_generate_under_a_mesh_equals_one_device(sharded_run):
     *_, generations_1 = sharded_run
     assert sharded_run[1]["generate"] == generations_1

@@ -72,17 +72,32 @@ def causal_lm_loss(h_BTD: jax.Array, head: LMHead, labels_BT: jax.Array, *, labe
     targets_BT = jnp.concatenate([labels_BT[:, 1:], ignore_B1], axis=1)
     weights_BT = (targets_BT != IGNORE_INDEX).astype(jnp.float32)
     safe_targets_BT = jnp.where(targets_BT == IGNORE_INDEX, 0, targets_BT)
+    loss = weighted_xent(h_BTD, head, safe_targets_BT, weights_BT, label_smoothing=label_smoothing,
+                         chunk_size=chunk_size)
+    return loss, jnp.sum(weights_BT)
 
+
+def weighted_xent(h_BTD: jax.Array, head: LMHead, targets_BT: jax.Array, weights_BT: jax.Array, *,
+                  label_smoothing: float = 0.0, chunk_size: int | None = None, logprobs: bool = False):
+    """``sum(weights * xent(softcap(h @ W), targets))`` over already-aligned targets (any ids in ``[0, V)``; any
+    real weights, negative ones included), fused and chunked as described above: the cross_entropy loss of
+    ``causal_lm_loss`` (which shifts HF labels into these) and of the low-level API.
+
+    ``logprobs=True``: also each token's log-probability ``[B, T]`` fp32 (``token_logprobs``' quantity),
+    computed in the same pass from the chunk's ``log Z`` and target logit; no gradient flows through it."""
     n, d = math.prod(h_BTD.shape[:-1]), h_BTD.shape[-1]
     vocab = head.weight.shape[0 if head.transposed else 1]
     chunk = min(chunk_size or default_chunk_size(vocab), n)
     padded = -(-n // chunk) * chunk
-    h_ND, targets_N, weights_N = h_BTD.reshape(n, d), safe_targets_BT.reshape(n), weights_BT.reshape(n)
+    h_ND, targets_N, weights_N = h_BTD.reshape(n, d), targets_BT.reshape(n), weights_BT.reshape(n)
     if padded > n:  # a ragged last chunk: zero-weight rows (cheap: [pad, D], not [pad, V])
         h_ND = jnp.pad(h_ND, ((0, padded - n), (0, 0)))
         targets_N, weights_N = jnp.pad(targets_N, (0, padded - n)), jnp.pad(weights_N, (0, padded - n))
-    spec = _Spec(head.transposed, head.softcap, jnp.dtype(head.dtype), float(label_smoothing), chunk)
-    return _fused_xent(h_ND, head.weight, targets_N, weights_N, spec), jnp.sum(weights_BT)
+    spec = _Spec(head.transposed, head.softcap, jnp.dtype(head.dtype), float(label_smoothing), chunk, logprobs)
+    if not logprobs:
+        return _fused_xent(h_ND, head.weight, targets_N, weights_N, spec)
+    loss, logp_N = _fused_xent(h_ND, head.weight, targets_N, weights_N, spec)
+    return loss, jax.lax.stop_gradient(logp_N)[:n].reshape(h_BTD.shape[:-1])
 
 
 class _Spec(NamedTuple):  # the static part of the fused loss (hashable: a nondiff argument)
@@ -91,21 +106,25 @@ class _Spec(NamedTuple):  # the static part of the fused loss (hashable: a nondi
     dtype: Any
     label_smoothing: float
     chunk: int
+    logprobs: bool = False  # the fused loss also returns each token's log-probability (no gradient through it)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused_xent(h_ND, w, targets_N, weights_N, spec: _Spec):
-    """``sum(weights * smoothed_xent(softcap(h @ w), targets))`` over chunks of ``spec.chunk`` rows."""
-    return _over_chunks(h_ND, w, targets_N, weights_N, spec, with_grads=False)[0]
+    """``sum(weights * smoothed_xent(softcap(h @ w), targets))`` over chunks of ``spec.chunk`` rows (and with
+    ``spec.logprobs`` each row's log-probability: ``(loss, logp_N)``)."""
+    loss, _, _, logp_N = _over_chunks(h_ND, w, targets_N, weights_N, spec, with_grads=False)
+    return (loss, logp_N) if spec.logprobs else loss
 
 
 def _fused_xent_fwd(h_ND, w, targets_N, weights_N, spec):
-    loss, d_h_ND, d_w = _over_chunks(h_ND, w, targets_N, weights_N, spec, with_grads=True)
-    return loss, (d_h_ND, d_w)
+    loss, d_h_ND, d_w, logp_N = _over_chunks(h_ND, w, targets_N, weights_N, spec, with_grads=True)
+    return ((loss, logp_N) if spec.logprobs else loss), (d_h_ND, d_w)
 
 
 def _fused_xent_bwd(spec, residuals, g):
-    del spec
+    if spec.logprobs:
+        g = g[0]  # the logprobs output carries no gradient
     d_h_ND, d_w = residuals
     return (d_h_ND * g).astype(d_h_ND.dtype), (d_w * g).astype(d_w.dtype), None, None
 
@@ -114,42 +133,48 @@ _fused_xent.defvjp(_fused_xent_fwd, _fused_xent_bwd)
 
 
 def _over_chunks(h_ND, w, targets_N, weights_N, spec, with_grads):
-    """(loss, dh, dW) of the unit cotangent; dh, dW are None without ``with_grads``. One chunk: no loop."""
+    """(loss, dh, dW, logp) of the unit cotangent; dh, dW are None without ``with_grads``, logp [N] None without
+    ``spec.logprobs``. One chunk: no loop."""
     w_c = w.astype(spec.dtype)  # cast once, outside the loop
     n, d = h_ND.shape
     if n == spec.chunk:
-        loss, d_h, d_w = _chunk(h_ND, targets_N, weights_N, w_c, spec, with_grads)
-        return loss, d_h, None if d_w is None else d_w.astype(w.dtype)
+        loss, d_h, d_w, logp = _chunk(h_ND, targets_N, weights_N, w_c, spec, with_grads)
+        return loss, d_h, None if d_w is None else d_w.astype(w.dtype), logp
     k = n // spec.chunk
     xs = (h_ND.reshape(k, spec.chunk, d), targets_N.reshape(k, spec.chunk), weights_N.reshape(k, spec.chunk))
+    flat = (lambda a: None) if not spec.logprobs else (lambda a: a.reshape(n))
     if not with_grads:
         def loss_only(loss_acc, x):
-            return loss_acc + _chunk(*x, w_c, spec, False)[0], None
+            loss, _, _, logp = _chunk(*x, w_c, spec, False)
+            return loss_acc + loss, logp
 
-        return jax.lax.scan(loss_only, jnp.zeros((), jnp.float32), xs)[0], None, None
+        loss, logp_KC = jax.lax.scan(loss_only, jnp.zeros((), jnp.float32), xs)
+        return loss, None, None, flat(logp_KC)
 
     def with_grad(carry, x):
         loss_acc, d_w_acc = carry
-        loss, d_h, d_w = _chunk(*x, w_c, spec, True)
-        return (loss_acc + loss, d_w_acc + d_w), d_h
+        loss, d_h, d_w, logp = _chunk(*x, w_c, spec, True)
+        return (loss_acc + loss, d_w_acc + d_w), (d_h, logp)
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32))
-    (loss, d_w), d_h_KCD = jax.lax.scan(with_grad, init, xs)
-    return loss, d_h_KCD.reshape(n, d), d_w.astype(w.dtype)
+    (loss, d_w), (d_h_KCD, logp_KC) = jax.lax.scan(with_grad, init, xs)
+    return loss, d_h_KCD.reshape(n, d), d_w.astype(w.dtype), flat(logp_KC)
 
 
 def _chunk(h_CD, targets_C, weights_C, w_c, spec: _Spec, with_grads: bool):
-    """One chunk: its weighted loss sum and, ``with_grads``, ``dh`` ([C, D], h's dtype) and ``dW`` (fp32)."""
+    """One chunk: its weighted loss sum, ``with_grads`` ``dh`` ([C, D], h's dtype) and ``dW`` (fp32), and with
+    ``spec.logprobs`` each row's log-probability (else None)."""
     x_CD, logits_CV, log_z_C1, target_C = _chunk_logits(h_CD, targets_C, w_c, spec)
     eps = spec.label_smoothing
     loss_C = log_z_C1[:, 0] - target_C
+    logp_C = target_C - log_z_C1[:, 0] if spec.logprobs else None
     if eps:  # (1 - eps) * (log_z - z_target) + eps * (log_z - mean_v z_v)
         loss_C = log_z_C1[:, 0] - (1.0 - eps) * target_C - eps * jnp.mean(logits_CV, axis=-1)
     loss = jnp.sum(loss_C * weights_C)
     if not with_grads:
-        return loss, None, None
+        return loss, None, None, logp_C
     d_h_CD, d_w = _chunk_grads(x_CD, logits_CV, log_z_C1, targets_C, weights_C, w_c, spec)
-    return loss, d_h_CD.astype(h_CD.dtype), d_w
+    return loss, d_h_CD.astype(h_CD.dtype), d_w, logp_C
 
 
 def _chunk_logits(h_CD, targets_C, w_c, spec: _Spec):

@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from itersft_jax.shared.data import IGNORE_INDEX, Example
+from itersft_jax.shared.datum import TARGETS, Datum
 
 MIN_TOKENS_PER_ROW_GROUP = 512  # per device: rows of short samples are grouped so a micro-batch stays a GEMM
 
@@ -63,23 +64,47 @@ def pack_update(micro_batches: list[list[Example]], *, row_length: int, rows: in
     of leading micro-batches that hold any token (the rest are all padding, skipped by the step).
     """
     examples = [ex for mb in micro_batches for ex in mb]
-    row_bins = first_fit_decreasing([len(ex.input_ids) for ex in examples], row_length)
+    arrays, used, places = pack_sequences([{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples],
+                                          fill={"input_ids": (pad_id, np.int32), "labels": (IGNORE_INDEX, np.int32)},
+                                          row_length=row_length, rows=rows, num_micro_batches=num_micro_batches)
+    for a, m, start, _ in places:
+        arrays["labels"][a, m, start] = IGNORE_INDEX  # predicted from another sample's last token: no loss
+    return arrays, used
+
+
+def pack_sequences(sequences: list[dict[str, np.ndarray]], *, fill: dict[str, tuple], row_length: int, rows: int,
+                   num_micro_batches: int) -> tuple[dict[str, np.ndarray], int, list[tuple[int, int, int, int]]]:
+    """Sequences (dicts of equally long arrays, keys as in ``fill``: ``{key: (pad value, dtype)}``, one of them
+    ``input_ids``) placed first-fit-decreasing into ``[num_micro_batches, rows, row_length]`` arrays, plus
+    ``attention_mask`` holding segment ids. Returns the arrays, the number of micro-batches holding a token and
+    each sequence's place ``(micro-batch, row, start, length)``, in the order given."""
+    row_bins = first_fit_decreasing([len(seq["input_ids"]) for seq in sequences], row_length)
     used = math.ceil(len(row_bins) / rows)
     if used > num_micro_batches:
         raise ValueError(f"{len(row_bins)} packed rows do not fit {num_micro_batches} micro-batches of {rows}")
     shape = (num_micro_batches, rows, row_length)
-    input_ids = np.full(shape, pad_id, np.int32)
-    segments = np.zeros(shape, np.int32)
-    labels = np.full(shape, IGNORE_INDEX, np.int32)
+    arrays = {key: np.full(shape, value, dtype) for key, (value, dtype) in fill.items()}
+    arrays["attention_mask"] = np.zeros(shape, np.int32)
+    places: list = [None] * len(sequences)
     for r, members in enumerate(row_bins):
         a, m = divmod(r, rows)
         start = 0
         for segment, i in enumerate(members, start=1):
-            ex = examples[i]
-            end = start + len(ex.input_ids)
-            input_ids[a, m, start:end] = ex.input_ids
-            segments[a, m, start:end] = segment
-            labels[a, m, start:end] = ex.labels
-            labels[a, m, start] = IGNORE_INDEX  # predicted from another sample's last token: no loss
+            end = start + len(sequences[i]["input_ids"])
+            for key, value in sequences[i].items():
+                arrays[key][a, m, start:end] = value
+            arrays["attention_mask"][a, m, start:end] = segment
+            places[i] = (a, m, start, end - start)
             start = end
-    return {"input_ids": input_ids, "attention_mask": segments, "labels": labels}, used
+    return arrays, used, places
+
+
+def pack_data(data: list[Datum], *, row_length: int, rows: int, num_micro_batches: int, pad_id: int = 0):
+    """``Datum`` s packed like ``pack_update``: ``input_ids`` (``model_input``), segment ids, ``target_tokens``
+    (int32; already aligned, so no label is dropped at a segment's start) and the float inputs (fp32; zeros on
+    padding). Returns ``(arrays, micro-batches holding a token, places)`` as ``pack_sequences``."""
+    keys = sorted({k for d in data for k in d.loss_fn_inputs})
+    fill = {"input_ids": (pad_id, np.int32), **{k: (0, np.int32 if k == TARGETS else np.float32) for k in keys}}
+    sequences = [{"input_ids": d.model_input, **{k: d.loss_fn_inputs.get(k, 0) for k in keys}} for d in data]
+    return pack_sequences(sequences, fill=fill, row_length=row_length, rows=rows,
+                          num_micro_batches=num_micro_batches)

@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from itersft_jax.core.loss import causal_lm_loss, check_loss_options
+from itersft_jax.core.rl_losses import datum_loss
 from itersft_jax.models.attention.masks import positions_from_segments
 from itersft_jax.models.lora import dropout_rng
 
@@ -68,9 +69,8 @@ def state_shardings(state: TrainState, mesh) -> tuple[TrainState, Any]:
     return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated, frozen=frozen), params
 
 
-def _summed_loss(params, graphdef, input_ids_BT, attention_mask_BT, labels_BT, *, label_smoothing=0.0,
-                 chunk_size=None, neftune=None, frozen=None, dropout_key=None):
-    """Summed token loss and label-token count of one micro-batch: hidden states, then the chunked head + loss.
+def _model_head(params, graphdef, input_ids_BT, attention_mask_BT, *, neftune=None, frozen=None, dropout_key=None):
+    """Hidden states ``[B, T, D]`` and the LM head of one micro-batch.
     ``neftune``: ``None`` or ``(alpha, key)``, NEFTune noise on the input embeddings (training only);
     ``frozen``: the parameters not trained (merged with ``params``); ``dropout_key``: LoRA dropout (training)."""
     if frozen is not None:
@@ -81,53 +81,66 @@ def _summed_loss(params, graphdef, input_ids_BT, attention_mask_BT, labels_BT, *
     positions_BT = positions_from_segments(attention_mask_BT)
     with dropout_rng(dropout_key):
         h_BTD = model.hidden_states(input_ids_BT, positions_BT, attention_mask_BT, neftune=neftune)[0]
-    return causal_lm_loss(h_BTD, model.head(), labels_BT, label_smoothing=label_smoothing, chunk_size=chunk_size)
+    return h_BTD, model.head()
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: optax.GradientTransformation,
-               schedule=None, label_smoothing: float = 0.0, loss_chunk_size: int | None = None,
-               neftune_alpha: float | None = None, grad_sharding=None,
-               lora_dropout: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update from ``batch`` (``[A, M, T]`` arrays); pure, jitted by ``make_train_step``.
+def _summed_loss(params, micro, *, graphdef, label_smoothing=0.0, chunk_size=None, **model_kwargs):
+    """Summed token loss of one micro-batch of ``step()`` (HF labels) and ``(label-token count, None)``."""
+    h_BTD, head = _model_head(params, graphdef, micro["input_ids"], micro["attention_mask"], **model_kwargs)
+    loss, count = causal_lm_loss(h_BTD, head, micro["labels"], label_smoothing=label_smoothing, chunk_size=chunk_size)
+    return loss, (count, None)
 
-    Metrics: ``loss`` (mean token cross-entropy of the update, label-smoothed with ``label_smoothing``),
-    ``grad_norm`` (global norm before clipping), ``learning_rate`` (``schedule(state.step)``, NaN without a
-    schedule), ``num_tokens``, ``skipped`` (int32: 1 when the loss or the gradient norm was not finite and
-    the state was returned unchanged). ``neftune_alpha``: NEFTune's noise on the input embeddings, drawn from
-    ``fold_in(fold_in(state.rng, state.step), micro_batch)`` (a skipped update redraws with the same key).
-    ``grad_sharding``: shardings like ``state.params`` (``parallel.sharding.param_shardings``) that pin the fp32
-    gradient accumulator, so each device sums only the gradient slices of the parameters it holds.
-    Gradients are taken for ``state.params`` only; ``state.frozen`` (LoRA's base) rides along unchanged.
-    ``lora_dropout``: the model's adapters have dropout, keyed like NEFTune's noise (another stream).
+
+def _summed_datum_loss(params, micro, *, graphdef, loss_fn, config, chunk_size=None, **model_kwargs):
+    """Summed loss of one packed micro-batch of ``Datum`` s and ``(target-token count, logprobs [M, T])``."""
+    h_BTD, head = _model_head(params, graphdef, micro["input_ids"], micro["attention_mask"], **model_kwargs)
+    loss, count, logp_BT = datum_loss(h_BTD, head, micro, loss_fn=loss_fn, config=config, chunk_size=chunk_size)
+    return loss, (count, logp_BT)
+
+
+def accumulate_gradients(state: TrainState, batch: dict[str, jax.Array], micro_loss, *, grads=None,
+                         neftune_alpha: float | None = None, lora_dropout: bool = False, grad_sharding=None,
+                         key_offset=None, per_token: bool = False):
+    """``(summed gradients, summed loss, token count, per-token output [A, M, T] or None)`` of ``batch``.
+
+    ``micro_loss(params, micro, neftune=, frozen=, dropout_key=) -> (loss_sum, (count, per_token_BT))``, the
+    micro-batch's loss; its gradient is summed in fp32 over the ``A`` micro-batches that hold a token, starting
+    from ``grads`` (an accumulator like ``state.params``; zeros when None). Micro-batch ``i``'s random keys are
+    ``fold_in(fold_in(state.rng, state.step), i [+ key_offset])``: ``key_offset`` numbers the micro-batches of
+    several calls accumulating into one update. ``grad_sharding`` pins the accumulator (see ``train_step``).
     """
 
     def pin(grads):
         return grads if grad_sharding is None else jax.lax.with_sharding_constraint(grads, grad_sharding)
 
-    loss_fn = functools.partial(_summed_loss, label_smoothing=label_smoothing, chunk_size=loss_chunk_size)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)  # d(loss_sum); the token count rides along
-
-    micro_batches = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)  # d(loss_sum); the token count rides along
 
     def accumulate(i, carry):
-        grads_acc, loss_acc, count_acc = carry
-        micro = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in micro_batches.items()}
-        micro_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), i)
+        grads_acc, loss_acc, count_acc, per_token_acc = carry
+        micro = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in batch.items()}
+        micro_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                       i if key_offset is None else i + key_offset)
         neftune = (neftune_alpha, micro_key) if neftune_alpha else None
         dropout_key = jax.random.fold_in(micro_key, _LORA_DROPOUT_STREAM) if lora_dropout else None
-        (loss_sum, count), grads = grad_fn(state.params, graphdef, micro["input_ids"], micro["attention_mask"],
-                                           micro["labels"], neftune=neftune, frozen=state.frozen,
-                                           dropout_key=dropout_key)
+        (loss_sum, (count, out_BT)), grads = grad_fn(state.params, micro, neftune=neftune, frozen=state.frozen,
+                                                     dropout_key=dropout_key)
         grads_acc = pin(jax.tree.map(jnp.add, grads_acc, pin(grads)))
-        return grads_acc, loss_acc + loss_sum, count_acc + count
+        if per_token:
+            per_token_acc = jax.lax.dynamic_update_index_in_dim(per_token_acc, out_BT, i, 0)
+        return grads_acc, loss_acc + loss_sum, count_acc + count, per_token_acc
 
-    zeros = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    grads, loss_sum, count = jax.lax.fori_loop(0, _micro_batches_holding_tokens(batch), accumulate, init)
+    if grads is None:
+        grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    per_token_init = jnp.zeros(batch["input_ids"].shape, jnp.float32) if per_token else None
+    init = (pin(grads), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), per_token_init)
+    return jax.lax.fori_loop(0, _micro_batches_holding_tokens(batch), accumulate, init)
 
-    # One division for the whole update: token-weighted, whatever the micro-batch split. An update with
-    # no label tokens has loss 0 and zero gradients instead of NaN.
-    denom = jnp.maximum(count, 1.0)
+
+def apply_gradients(state: TrainState, grads, loss_sum, count, denom, *, tx: optax.GradientTransformation,
+                    schedule=None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The optimizer update of summed ``grads`` divided by ``denom``, skipped when ``loss_sum`` or the gradient
+    norm is not finite. Metrics: ``loss`` (``loss_sum / denom``), ``grad_norm``, ``learning_rate``, ``num_tokens``,
+    ``skipped`` (see ``train_step``)."""
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     grad_norm = optax.tree.norm(grads)
 
@@ -151,13 +164,140 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
     return new_state, metrics
 
 
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: optax.GradientTransformation,
+               schedule=None, label_smoothing: float = 0.0, loss_chunk_size: int | None = None,
+               neftune_alpha: float | None = None, grad_sharding=None,
+               lora_dropout: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from ``batch`` (``[A, M, T]`` arrays); pure, jitted by ``make_train_step``.
+
+    ``accumulate_gradients`` of the summed token cross-entropy, then ``apply_gradients`` divided once by the
+    label-token count: the low-level API's cross_entropy with token-weighted weights + optim_step, in one jit.
+    Metrics: ``loss`` (mean token cross-entropy of the update, label-smoothed with ``label_smoothing``),
+    ``grad_norm`` (global norm before clipping), ``learning_rate`` (``schedule(state.step)``, NaN without a
+    schedule), ``num_tokens``, ``skipped`` (int32: 1 when the loss or the gradient norm was not finite and
+    the state was returned unchanged). ``neftune_alpha``: NEFTune's noise on the input embeddings, drawn from
+    ``fold_in(fold_in(state.rng, state.step), micro_batch)`` (a skipped update redraws with the same key).
+    ``grad_sharding``: shardings like ``state.params`` (``parallel.sharding.param_shardings``) that pin the fp32
+    gradient accumulator, so each device sums only the gradient slices of the parameters it holds.
+    Gradients are taken for ``state.params`` only; ``state.frozen`` (LoRA's base) rides along unchanged.
+    ``lora_dropout``: the model's adapters have dropout, keyed like NEFTune's noise (another stream).
+    """
+    loss_fn = functools.partial(_summed_loss, graphdef=graphdef, label_smoothing=label_smoothing,
+                                chunk_size=loss_chunk_size)
+    micro_batches = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    grads, loss_sum, count, _ = accumulate_gradients(state, micro_batches, loss_fn, neftune_alpha=neftune_alpha,
+                                                     lora_dropout=lora_dropout, grad_sharding=grad_sharding)
+    # One division for the whole update: token-weighted, whatever the micro-batch split. An update with
+    # no label tokens has loss 0 and zero gradients instead of NaN.
+    return apply_gradients(state, grads, loss_sum, count, jnp.maximum(count, 1.0), tx=tx, schedule=schedule)
+
+
 _LORA_DROPOUT_STREAM = 0x10A  # folded into a micro-batch's key: LoRA dropout masks apart from NEFTune's noise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The low-level API's pieces: forward_backward accumulates, optim_step applies (train_step = both, in one jit)
+
+
+def forward_backward_step(state: TrainState, grads, batch: dict[str, jax.Array], key_offset, *, graphdef,
+                          loss_fn: str, config: tuple, loss_chunk_size: int | None = None,
+                          neftune_alpha: float | None = None, grad_sharding=None, lora_dropout: bool = False):
+    """``(grads + the gradient of the summed loss over batch, outputs)`` for a packed batch of ``Datum`` s
+    (``packing.pack_data``): the same gradient loop as ``train_step``, with ``rl_losses.datum_loss``. Outputs:
+    ``loss_sum``, ``num_tokens`` (target positions), ``logprobs`` ``[A, M, T]`` (each position's target)."""
+    micro_loss = functools.partial(_summed_datum_loss, graphdef=graphdef, loss_fn=loss_fn, config=config,
+                                   chunk_size=loss_chunk_size)
+    grads, loss_sum, count, logp = accumulate_gradients(
+        state, batch, micro_loss, grads=grads, neftune_alpha=neftune_alpha, lora_dropout=lora_dropout,
+        grad_sharding=grad_sharding, key_offset=key_offset, per_token=True)
+    return grads, {"loss_sum": loss_sum, "num_tokens": count, "logprobs": logp}
+
+
+def forward_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, loss_fn: str, config: tuple,
+                 loss_chunk_size: int | None = None) -> dict[str, jax.Array]:
+    """``forward_backward_step``'s outputs without gradients (no noise, no dropout), parameters unchanged."""
+    micro_loss = functools.partial(_summed_datum_loss, graphdef=graphdef, loss_fn=loss_fn, config=config,
+                                   chunk_size=loss_chunk_size)
+
+    def run(i, carry):
+        params, frozen, loss_acc, count_acc, logp_acc = carry  # params in the carry: see eval_step
+        micro = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in batch.items()}
+        loss_sum, (count, logp_BT) = micro_loss(params, micro, frozen=frozen)
+        logp_acc = jax.lax.dynamic_update_index_in_dim(logp_acc, logp_BT, i, 0)
+        return params, frozen, loss_acc + loss_sum, count_acc + count, logp_acc
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (state.params, state.frozen, zero, zero, jnp.zeros(batch["input_ids"].shape, jnp.float32))
+    _, _, loss_sum, count, logp = jax.lax.fori_loop(0, _micro_batches_holding_tokens(batch), run, init)
+    return {"loss_sum": loss_sum, "num_tokens": count, "logprobs": logp}
+
+
+def optim_step(state: TrainState, grads, loss_sum, count, *, tx: optax.GradientTransformation, schedule=None):
+    """``apply_gradients`` of accumulated (summed, not normalised) gradients: the low-level API's update."""
+    return apply_gradients(state, grads, loss_sum, count, jnp.float32(1.0), tx=tx, schedule=schedule)
+
+
+class LowLevelSteps:
+    """The jitted pieces of the low-level API, built like ``make_train_step`` (same shardings, same loss options):
+    ``forward_backward(loss_fn, config)`` and ``forward(loss_fn, config)`` (one jit per loss, cached),
+    ``optim_step`` (state donated; LoRA's frozen base passed beside it, never donated) and
+    ``zeros`` (a fresh accumulator, sharded like the gradients)."""
+
+    def __init__(self, graphdef, tx, schedule=None, *, state_sharding=None, batch_sharding=None, grad_sharding=None,
+                 loss_chunk_size: int | None = None, neftune_alpha: float | None = None, lora_dropout: bool = False):
+        self._graphdef, self._tx, self._schedule = graphdef, tx, schedule
+        self._state_sharding, self._batch_sharding, self._grad_sharding = state_sharding, batch_sharding, grad_sharding
+        self._options = dict(loss_chunk_size=loss_chunk_size)
+        self._train_options = dict(neftune_alpha=neftune_alpha, lora_dropout=lora_dropout, grad_sharding=grad_sharding)
+        self._jits: dict = {}
+
+    def _replicated(self):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return None if self._state_sharding is None else NamedSharding(self._state_sharding.step.mesh,
+                                                                        PartitionSpec())
+
+    def _jitted(self, key, fn, shardings, donate=()):
+        """``fn`` jitted once per ``key``; ``shardings()``: its (in, out) shardings when the state has them."""
+        if key not in self._jits:
+            kwargs = {} if self._state_sharding is None else dict(zip(("in_shardings", "out_shardings"), shardings()))
+            self._jits[key] = jax.jit(fn, donate_argnums=donate, **kwargs)
+        return self._jits[key]
+
+    def forward_backward(self, loss_fn: str, config: tuple):
+        fn = functools.partial(forward_backward_step, graphdef=self._graphdef, loss_fn=loss_fn, config=config,
+                               **self._options, **self._train_options)
+        return self._jitted(("forward_backward", loss_fn, config), fn, lambda: (
+            (self._state_sharding, self._grad_sharding, self._batch_sharding, self._replicated()),
+            (self._grad_sharding, self._replicated())), donate=1)
+
+    def forward(self, loss_fn: str, config: tuple):
+        fn = functools.partial(forward_step, graphdef=self._graphdef, loss_fn=loss_fn, config=config, **self._options)
+        return self._jitted(("forward", loss_fn, config), fn, lambda: (
+            (self._state_sharding, self._batch_sharding), self._replicated()))
+
+    def optim_step(self, state: TrainState, grads, loss_sum, count):
+        trained = None if self._state_sharding is None else dataclasses.replace(self._state_sharding, frozen=None)
+        fn = functools.partial(optim_step, tx=self._tx, schedule=self._schedule)
+        jitted = self._jitted("optim_step", fn, lambda: (
+            (trained, self._grad_sharding, self._replicated(), self._replicated()), (trained, self._replicated())),
+            donate=0)
+        new_state, metrics = jitted(dataclasses.replace(state, frozen=None), grads, jnp.float32(loss_sum),
+                                    jnp.float32(count))
+        return dataclasses.replace(new_state, frozen=state.frozen), metrics
+
+    def zeros(self, params):
+        def zeros_like(tree):
+            return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+        return self._jitted("zeros", zeros_like, lambda: (None, self._grad_sharding))(params)
 
 
 def eval_step(params, batch: dict[str, jax.Array], *, graphdef, label_smoothing: float = 0.0,
               loss_chunk_size: int | None = None) -> dict[str, jax.Array]:
     """Summed token cross-entropy and label-token count of ``batch`` (``[A, M, T]``), no update."""
-    loss_fn = functools.partial(_summed_loss, label_smoothing=label_smoothing, chunk_size=loss_chunk_size)
+    loss_fn = functools.partial(_summed_loss, graphdef=graphdef, label_smoothing=label_smoothing,
+                                chunk_size=loss_chunk_size)
 
     def accumulate(i, carry):
         # The params ride in the carry: a model merged from values closed over from outside the loop
@@ -165,7 +305,7 @@ def eval_step(params, batch: dict[str, jax.Array], *, graphdef, label_smoothing:
         params_, loss_acc, count_acc = carry
         micro = {k: jax.lax.dynamic_index_in_dim(batch[k], i, keepdims=False)
                  for k in ("input_ids", "attention_mask", "labels")}
-        loss_sum, count = loss_fn(params_, graphdef, micro["input_ids"], micro["attention_mask"], micro["labels"])
+        loss_sum, (count, _) = loss_fn(params_, micro)
         return params_, loss_acc + loss_sum, count_acc + count
 
     init = (params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))

@@ -34,30 +34,34 @@ faster there, so the simpler order stays.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
+
+from itersft_jax.shared.atomic_dir import (  # noqa: F401  (CheckpointError, hash_tree, HASH_THREADS: public here)
+    HASH_THREADS,
+    MANIFEST_FILE,
+    CheckpointError,
+    finish,
+    hash_tree,
+    process_alive,
+    read_json,
+    remove_dir,
+    verify,
+    write_synced,
+)
 
 logger = logging.getLogger(__name__)
 
 STATE_DIR = "train_state"
 SHELL_FILE = "itersft_state.json"
-MANIFEST_FILE = "itersft_manifest.json"
-MANIFEST_FORMAT = "itersft-checkpoint/1"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _LEFTOVER = re.compile(r"\.(?:tmp|trash)-checkpoint-\d+-(\d+)")  # temporaries and deletions in progress
-_HASH_THREADS = min(8, os.cpu_count() or 1)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is incomplete, damaged, or not one the JAX trainer wrote."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,18 +111,8 @@ def save_checkpoint(trainer, checkpoint_dir: str) -> str:
 def _finish(trainer, tmp: str, checkpoint_dir: str) -> None:
     """Counters and manifest into ``tmp``, everything fsynced, then renamed to ``checkpoint_dir``."""
     counters = json.dumps(trainer.counters(), indent=2).encode()
-    written = {SHELL_FILE: _write_synced(os.path.join(tmp, SHELL_FILE), counters)}  # hashed while writing
-    files = hash_tree(tmp, skip=set(written), fsync=True)
-    files.update(written)
-    manifest = {"format": MANIFEST_FORMAT, "global_step": trainer.state.global_step,
-                "files": dict(sorted(files.items()))}
-    _write_synced(os.path.join(tmp, MANIFEST_FILE), json.dumps(manifest, indent=1).encode())
-    for root, _, _ in os.walk(tmp):  # directory entries too: a rename must not outlive its files
-        _fsync_dir(root)
-    if os.path.exists(checkpoint_dir):
-        _remove(checkpoint_dir)
-    os.rename(tmp, checkpoint_dir)
-    _fsync_dir(os.path.dirname(checkpoint_dir))
+    written = {SHELL_FILE: write_synced(os.path.join(tmp, SHELL_FILE), counters)}  # hashed while writing
+    finish(tmp, checkpoint_dir, written, trainer.state.global_step)
 
 
 def _main_pid() -> int:
@@ -139,83 +133,14 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _write_synced(path: str, data: bytes) -> dict[str, Any]:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _file_entry(path: str, fsync: bool = False) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256")
-        if fsync:
-            os.fsync(f.fileno())
-        return {"size": os.fstat(f.fileno()).st_size, "sha256": digest.hexdigest()}
-
-
-def hash_tree(root: str, skip: set[str], fsync: bool) -> dict[str, dict[str, Any]]:
-    """``{relative path: {size, sha256}}`` of every file under ``root``, hashed in parallel threads."""
-    paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
-    paths = [p for p in paths if p not in skip]
-    with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        entries = pool.map(lambda rel: _file_entry(os.path.join(root, rel), fsync), paths)
-        return dict(zip(paths, entries))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Finding, verifying and loading
-
-
-def _read_json(checkpoint_dir: str, name: str) -> Any:
-    path = os.path.join(checkpoint_dir, name)
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {checkpoint_dir}: {name} is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {checkpoint_dir}: {name} is damaged (not valid JSON: {err})") from None
 
 
 def verify_checkpoint(checkpoint_dir: str) -> dict[str, Any]:
     """Check every file of a checkpoint against its manifest; returns the manifest. Raises
     :class:`CheckpointError` naming the checkpoint and the file that is missing, truncated or changed."""
-    checkpoint_dir = os.path.abspath(checkpoint_dir)
-    if not os.path.isdir(checkpoint_dir):
-        raise CheckpointError(f"checkpoint {checkpoint_dir} does not exist (or is not a directory)")
-    if not os.path.isfile(os.path.join(checkpoint_dir, MANIFEST_FILE)):
-        raise CheckpointError(
-            f"checkpoint {checkpoint_dir} is incomplete: it has no {MANIFEST_FILE} (its save was interrupted, "
-            f"the file was deleted, or it was not written by the JAX trainer's save_checkpoint)")
-    manifest = _read_json(checkpoint_dir, MANIFEST_FILE)
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if (not isinstance(files, dict) or manifest.get("format") != MANIFEST_FORMAT or SHELL_FILE not in files
-            or not all(isinstance(e, dict) and {"size", "sha256"} <= set(e) for e in files.values())):
-        raise CheckpointError(f"checkpoint {checkpoint_dir}: {MANIFEST_FILE} is not an itersft manifest")
-    for rel, entry in files.items():  # cheap checks first: a missing or truncated file needs no hashing
-        path = os.path.join(checkpoint_dir, rel)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint {checkpoint_dir}: file {rel} is missing")
-        if os.path.getsize(path) != entry["size"]:
-            raise CheckpointError(f"checkpoint {checkpoint_dir}: file {rel} has {os.path.getsize(path)} bytes, "
-                                  f"{entry['size']} were saved (truncated or overwritten)")
-    with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        hashes = pool.map(lambda rel: _file_entry(os.path.join(checkpoint_dir, rel))["sha256"], list(files))
-        for (rel, entry), sha256 in zip(files.items(), hashes):
-            if sha256 != entry["sha256"]:
-                raise CheckpointError(f"checkpoint {checkpoint_dir}: file {rel} changed since it was saved "
-                                      f"(SHA-256 mismatch: damaged on disk or edited)")
-    return manifest
+    return verify(checkpoint_dir, SHELL_FILE, "the JAX trainer's save_checkpoint")
 
 
 def load_checkpoint(trainer, checkpoint_dir: str, verify: bool = True) -> None:
@@ -235,7 +160,7 @@ def _read_checkpoint(trainer, checkpoint_dir: str):
 
     if not os.path.isdir(os.path.join(checkpoint_dir, STATE_DIR)):
         raise CheckpointError(f"checkpoint {checkpoint_dir}: {STATE_DIR}/ is missing")
-    counters = _read_json(checkpoint_dir, SHELL_FILE)
+    counters = read_json(checkpoint_dir, SHELL_FILE)
     current = _storable(trainer.train_state)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
     try:
@@ -302,33 +227,12 @@ def resume_from_checkpoint(trainer, checkpoint_dir: str | bool = True) -> str:
 # Removing
 
 
-def _remove(path: str) -> None:
-    """Delete a directory so that no interruption leaves it half-deleted under its own name."""
-    parent, name = os.path.split(path)
-    trash = os.path.join(parent, f".trash-{name}-{os.getpid()}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process saves one checkpoint at a time: its own leftovers are stale
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_leftovers(output_dir: str) -> None:
     """Delete temporaries and half-deleted checkpoints of interrupted saves (of processes that are gone)."""
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
-        if (m := _LEFTOVER.fullmatch(name)) and not _process_alive(int(m.group(1))):
+        if (m := _LEFTOVER.fullmatch(name)) and not process_alive(int(m.group(1))):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
@@ -345,4 +249,4 @@ def rotate_checkpoints(output_dir: str, save_total_limit: int | None) -> None:
     newest = complete[-1]
     stale = complete[:-save_total_limit] + [p for p in found[:found.index(newest)] if not is_complete(p)]
     for path in stale:
-        _remove(path)
+        remove_dir(path)

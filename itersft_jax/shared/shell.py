@@ -37,6 +37,7 @@ from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, 
 
 from itersft_jax.shared.data import Example
 from itersft_jax.shared.fields import enum_name, input_token_stats
+from itersft_jax.shared.low_level import LowLevelAPI
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def _pad_concat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(padded)
 
 
-class TrainerShell(abc.ABC):
+class TrainerShell(LowLevelAPI):
     """The engine-independent half of ``IterativeSFTTrainer`` (mixed into both engines' trainers): the engine
     contract. An engine sets ``args``, ``state`` (``TrainerState``), ``control`` (``TrainerControl``),
     ``callback_handler``, ``eval_dataset``, ``compute_metrics``, calls :meth:`_init_shell`, and implements the
@@ -217,6 +218,10 @@ class TrainerShell(abc.ABC):
         self._call_metrics: list[dict] = []  # host metrics of the current call
         self._window = {"loss_sum": 0.0, "tokens": 0, "input_tokens": 0, "seconds": 0.0}  # since the last log
         self._clock = time.perf_counter()
+        self._pending = None  # the low-level API's accumulated, unapplied update (shared.low_level)
+
+    def _record_update(self, metrics: dict, input_tokens: int, padded_tokens: int) -> None:
+        self._unread.append(UpdateRecord(metrics, input_tokens, padded_tokens))
 
     # ------------------------------------------------------------------------------------------------------
     # Counters and callbacks
@@ -226,6 +231,20 @@ class TrainerShell(abc.ABC):
         index = self._generate_calls
         self._generate_calls += 1
         return index
+
+    def counters(self) -> dict[str, Any]:
+        """The shell's counters, JSON-serializable: optimizer updates, step() calls (they seed the shuffle), the log
+        history and the tokens seen — what a checkpoint keeps beside the weights and optimizer state."""
+        return {"global_step": self.state.global_step, "calls": self._calls,
+                "log_history": list(self.state.log_history),
+                "num_input_tokens_seen": self.state.num_input_tokens_seen}
+
+    def restore_counters(self, counters: dict[str, Any]) -> None:
+        """Set the counters from :meth:`counters`' output, so the next call continues where that one was."""
+        self.state.global_step = int(counters["global_step"])
+        self._calls = int(counters["calls"])
+        self.state.log_history = list(counters.get("log_history", []))
+        self.state.num_input_tokens_seen = counters.get("num_input_tokens_seen")
 
     def add_callback(self, callback: type[TrainerCallback] | TrainerCallback) -> None:
         self.callback_handler.add_callback(callback)

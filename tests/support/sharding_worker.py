@@ -86,6 +86,26 @@ def lora_losses(model_dir: str, out_dir: str, mesh: str | None) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+def low_level_losses(model_dir: str, out_dir: str, mesh: str | None) -> list[float]:
+    """Three low-level updates (cross_entropy, ppo split over two forward_backward calls, cispo): the loss sum
+    before each and after the last (forward)."""
+    from itersft_jax.shared.datum import make_data
+
+    trainer = make(model_dir, out_dir, mesh)
+    tok = trainer.processing_class
+    prompts, completions = tok(PROMPTS).input_ids, tok(COMPLETIONS, add_special_tokens=False).input_ids
+    sampler = [[-5.0 - 0.1 * j for j in range(len(c))] for c in completions]
+    data = make_data(prompts, completions, logprobs=sampler, advantages=[1.0, -0.5, 0.25, 0.75])
+    losses = [trainer.forward_backward(data).metrics["loss:sum"]]
+    trainer.optim_step()
+    losses += [trainer.forward_backward(data[:1], "ppo").metrics["loss:sum"]
+               + trainer.forward_backward(data[1:], "ppo").metrics["loss:sum"]]
+    trainer.optim_step()
+    losses.append(trainer.forward_backward(data, "cispo").metrics["loss:sum"])
+    trainer.optim_step()
+    return losses + [trainer.forward(data, "importance_sampling").metrics["loss:sum"]]
+
+
 def make_mesh_for(spec: str):
     from itersft_jax.parallel.mesh import make_mesh
 
@@ -122,6 +142,7 @@ def main(model_dir: str, out_dir: str) -> None:
             results["generate"] = generations(trainer)
     results["loaded_sharded"] = loaded_sharded_equals_plain(model_dir, make_mesh_for("fsdp:4,tensor:2"))
     results["lora"] = lora_losses(model_dir, os.path.join(out_dir, "lora"), "fsdp:4,tensor:2")
+    results["low_level"] = low_level_losses(model_dir, os.path.join(out_dir, "low-level"), "data:2,fsdp:2,tensor:2")
     resumed = make(model_dir, os.path.join(out_dir, "resumed"), "fsdp:4,tensor:2")
     resumed.resume_from_checkpoint(checkpoint)
     spec = resumed.train_state.params["model"] if "model" in resumed.train_state.params else resumed.train_state.params

@@ -1,0 +1,30 @@
+"""Worker of ``test_low_level``'s kill -9 test: low-level updates, ``save_state`` after each, until killed.
+
+    python tests/support/save_state_worker.py BACKEND MODEL_DIR OUTPUT_DIR STATE_DIR
+
+Prints ``saving N`` before writing the state after update ``N`` and ``saved N`` once it is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(backend: str, model_dir: str, output_dir: str, state_dir: str) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the test module
+    from test_low_level import low_level_update, make_state_trainer
+
+    trainer = make_state_trainer(model_dir, output_dir, backend)
+    for update in range(1000):
+        low_level_update(trainer, update)
+        print(f"saving {update + 1}", flush=True)
+        trainer.save_state(state_dir)
+        print(f"saved {update + 1}", flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
