@@ -18,7 +18,10 @@ class GenerationOutput:
     the EOS itself **is included** when the row finished (``finished[row]``), so ``prompt_ids[row] +
     sequences[row]`` is a complete training sequence. ``texts``: the completions decoded with
     ``skip_special_tokens=True`` (``None`` with ``return_text=False`` or without a tokenizer).
-    ``prompt_ids``: the prompt tokens of each row, without padding.
+    ``prompt_ids``: the prompt tokens of each row, without padding. ``logprobs`` (``return_logprobs=True``):
+    per row, each generated token's log-probability under the model at temperature 1 (fp32, aligned with
+    ``sequences[row]``), whatever the sampling settings. ``stats``: what the engine measured (JAX: decode
+    steps, slot occupancy, KV bytes held, ...; torch: ``None``).
     """
 
     sequences: list[list[int]]
@@ -26,6 +29,8 @@ class GenerationOutput:
     prompt_ids: list[list[int]]
     finished: list[bool]
     num_return_sequences: int = 1
+    logprobs: list[list[float]] | None = None
+    stats: dict | None = None
 
     def __getitem__(self, key: str) -> Any:  # dict-style access, like HF's ModelOutput
         return getattr(self, key)
