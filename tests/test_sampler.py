@@ -173,7 +173,10 @@ def test_under_a_mesh_slots_split_and_tokens_equal_one_device(tiny_model_dir, tm
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    one = results["none"]
+    import sampler_mesh_worker
+
+    assert len(jax.devices()) == 1
+    one = sampler_mesh_worker.run(model_dir, str(tmp_path / "one"), None)
     for mesh in ("data:2,fsdp:4", "fsdp:4,tensor:2"):
         got = results[mesh]
         assert got["greedy"] == one["greedy"] and got["sampled"] == one["sampled"]

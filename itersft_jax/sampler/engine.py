@@ -280,8 +280,8 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     ``prompts``: one list of token ids per prompt (no padding); each gives ``num_return_sequences`` rows.
     ``mesh``: slots and their KV split over its data x fsdp axes. ``stats``: ``decode_steps`` (device steps),
     ``slot_steps`` (steps x slots decoded), ``tokens`` (real new tokens), ``occupancy`` (tokens / slot_steps),
-    ``chunks``, ``prefills``, ``prompts_prefilled``, ``kv_bytes_peak``, ``slots_per_device`` (the KV cache's
-    rows on one device: ``B / (data x fsdp)`` under a mesh), and the shapes each program ran at.
+    ``chunks``, ``prefills``, ``prompts_prefilled``, ``kv_bytes_peak``, ``slots_per_device`` (the most KV cache
+    rows one device held: ``B / (data x fsdp)`` under a mesh), and the shapes each program ran at.
     """
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                           top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences)
@@ -314,7 +314,7 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     out_logprobs: list[list[float]] = [[] for _ in range(num_rows)]
     finished = [False] * num_rows
     stats = {"decode_steps": 0, "slot_steps": 0, "tokens": 0, "chunks": 0, "prefills": 0, "prompts_prefilled": 0,
-             "kv_bytes_peak": 0, "prefill_shapes": set(), "chunk_shapes": set()}
+             "kv_bytes_peak": 0, "slots_per_device": 0, "prefill_shapes": set(), "chunk_shapes": set()}
 
     def prefill(contents: list[tuple]) -> None:
         """Prefill these distinct prompts, padding the batch bucket with the next waiting ones."""
@@ -397,7 +397,8 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
                 for c in [c for c, (g, _) in prefilled.items() if g is group]:
                     del prefilled[c]
         stats["kv_bytes_peak"] = max(stats["kv_bytes_peak"], _kv_bytes(state))
-        stats["slots_per_device"] = int(state["k"][0].sharding.shard_shape(state["k"][0].shape)[0])
+        stats["slots_per_device"] = max(stats["slots_per_device"],
+                                        int(state["k"][0].sharding.shard_shape(state["k"][0].shape)[0]))
         refill_at = min(len(waiting), max(1, batch // REFILL_FRACTION)) if waiting else batch + 1
         gen_before = slots.gen.copy()
         live_before = slots.live
