@@ -29,11 +29,12 @@ Ladders (every sampling setting, EOS list, ``max_new_tokens`` and seed is a run-
 
 * slots ``B``: ``batch_bucket`` (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), at most ``num_slots`` (64 by
   default) and at most the bucket of the call's rows; under a mesh rounded up to a multiple of data x fsdp;
-* prompts per prefill ``Bp``: the batch ladder; prompt ``P``: ``bucket_length`` (16, 24, 32, 48, ...);
+* prompts per prefill ``Bp``: one per call, ``batch_bucket(min(PREFILL_PROMPTS, distinct prompts))``, the
+  batch filled with the next waiting prompts; prompt ``P``: ``bucket_length`` (16, 24, 32, 48, ...);
 * cache ``L``: ``bucket_length`` of ``g + CHUNK_STEPS``.
 
 The model compiles once per (Bp, P) for ``sampler_prefill`` and once per (B, L) for ``sampler_chunk``; the
-copies (``sampler_insert`` per (B, L, Bp, P, M), ``sampler_relayout`` per (B0, B, L0, L), ``sampler_empty``
+copies (``sampler_insert`` per (B, L, Bp, P), ``sampler_relayout`` per (B0, B, L0, L), ``sampler_empty``
 per (B, L)) compile in milliseconds. ``tests/test_sampler.py`` runs 30 varied calls and checks the counts
 against the shapes used and those shapes against the ladders.
 
@@ -77,6 +78,7 @@ from itersft_jax.shared.outputs import as_id_list, check_generation_args
 
 CHUNK_STEPS = 16  # decode steps per device call at most
 NUM_SLOTS = 64  # decode slots at most (a multiple of data x fsdp under a mesh)
+PREFILL_PROMPTS = 8  # distinct prompts per prefill call at most (the batch filled with the next waiting ones)
 REFILL_FRACTION = 8  # a chunk returns once B / REFILL_FRACTION rows ended (and rows wait for their slots)
 
 
@@ -138,17 +140,22 @@ def sampler_relayout(state, rows_B, shift, *, length: int, mesh):
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))
-def sampler_insert(state, prefilled, src_M, dst_M, offset, *, mesh):
-    """Copy prefilled prompt ``src_M[i]`` (KV and logits) into slot ``dst_M[i]`` at cache slots
-    ``[offset, offset + P)``. Repeated (src, dst) pairs pad ``M`` to the batch ladder (same value, same place)."""
-    def put(big_BKSH, small_BKPH):
-        rows = jax.lax.dynamic_update_slice(big_BKSH[dst_M], small_BKPH[src_M].astype(big_BKSH.dtype),
-                                            (0, 0, offset, 0))
-        return big_BKSH.at[dst_M].set(rows)
+def sampler_insert(state, prefilled, src_B, dst_B, count, offset, *, mesh):
+    """Copy prefilled prompt ``src_B[i]`` (KV and logits) into slot ``dst_B[i]`` at cache slots
+    ``[offset, offset + P)`` for ``i < count`` (a run-time count: one program per shape, each copy in place)."""
+    def one(i, state):
+        src, dst = src_B[i], dst_B[i]
 
-    return _constrain_state({"k": [put(b, s) for b, s in zip(state["k"], prefilled["k"])],
-                             "v": [put(b, s) for b, s in zip(state["v"], prefilled["v"])],
-                             "logits": state["logits"].at[dst_M].set(prefilled["logits"][src_M])}, mesh)
+        def put(big_BKSH, small_BKPH):
+            row = jax.lax.dynamic_index_in_dim(small_BKPH, src, keepdims=True).astype(big_BKSH.dtype)
+            return jax.lax.dynamic_update_slice(big_BKSH, row, (dst, 0, offset, 0))
+
+        logits = jax.lax.dynamic_index_in_dim(prefilled["logits"], src, keepdims=True)
+        return {"k": [put(b, s) for b, s in zip(state["k"], prefilled["k"])],
+                "v": [put(b, s) for b, s in zip(state["v"], prefilled["v"])],
+                "logits": jax.lax.dynamic_update_slice(state["logits"], logits, (dst, 0))}
+
+    return _constrain_state(jax.lax.fori_loop(0, count, one, state), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnums=(1,))
@@ -316,10 +323,13 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     stats = {"decode_steps": 0, "slot_steps": 0, "tokens": 0, "chunks": 0, "prefills": 0, "prompts_prefilled": 0,
              "kv_bytes_peak": 0, "slots_per_device": 0, "prefill_shapes": set(), "chunk_shapes": set()}
 
+    prefill_batch = batch_bucket(min(PREFILL_PROMPTS, len(copies_of)))  # one Bp per call
+
     def prefill(contents: list[tuple]) -> None:
-        """Prefill these distinct prompts, padding the batch bucket with the next waiting ones."""
+        """Prefill these distinct prompts (at most ``prefill_batch``), filling the batch with the next waiting
+        ones."""
         plen = bucket_length(max(map(len, contents)))
-        batch = batch_bucket(len(contents))
+        batch = prefill_batch
         for r in waiting:
             if len(contents) >= batch:
                 break
@@ -361,8 +371,8 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
         free = [b for b in range(batch) if not live[b]]
         new_rows = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
         missing = list(dict.fromkeys(content_of[r // n] for r in new_rows if content_of[r // n] not in prefilled))
-        if missing:
-            prefill(missing)
+        for start in range(0, len(missing), prefill_batch):
+            prefill(missing[start:start + prefill_batch])
         held = slots.prompt_len + slots.gen  # tokens each live row holds in the cache
         need = max([int(held[live].max()) if live.any() else 0] +
                    [prefilled[content_of[r // n]][0].prompt_len for r in new_rows])
@@ -389,9 +399,9 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
             slots.done[b], slots.prompt_key[b], slots.sample[b] = False, pkeys[r // n], r % n
         for group, src, dst in groups.values():
             group.rows_left -= len(src)
-            m = batch_bucket(len(src))
-            src, dst = src + src[-1:] * (m - len(src)), dst + dst[-1:] * (m - len(dst))
-            state = sampler_insert(state, group.arrays, np.asarray(src, np.int32), np.asarray(dst, np.int32),
+            pad = [0] * (batch - len(src))  # slot-count arrays: one insert program per (B, L, Bp, P)
+            state = sampler_insert(state, group.arrays, np.asarray(src + pad, np.int32),
+                                   np.asarray(dst + pad, np.int32), np.int32(len(src)),
                                    np.int32(index - group.prompt_len), mesh=mesh)
             if group.rows_left <= 0:  # every row of its prompts inserted: let the prefill go
                 for c in [c for c, (g, _) in prefilled.items() if g is group]:
