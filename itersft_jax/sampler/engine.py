@@ -287,8 +287,9 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     ``prompts``: one list of token ids per prompt (no padding); each gives ``num_return_sequences`` rows.
     ``mesh``: slots and their KV split over its data x fsdp axes. ``stats``: ``decode_steps`` (device steps),
     ``slot_steps`` (steps x slots decoded), ``tokens`` (real new tokens), ``occupancy`` (tokens / slot_steps),
-    ``chunks``, ``prefills``, ``prompts_prefilled``, ``kv_bytes_peak``, ``slots_per_device`` (the most KV cache
-    rows one device held: ``B / (data x fsdp)`` under a mesh), and the shapes each program ran at.
+    ``kv_slot_steps`` (cache slots the decode attention read, summed over steps; x the KV bytes per slot = the
+    KV traffic), ``chunks``, ``prefills``, ``prompts_prefilled``, ``kv_bytes_peak``, ``slots_per_device`` (the
+    most KV cache rows one device held: ``B / (data x fsdp)`` under a mesh), and the shapes each program ran at.
     """
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                           top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences)
@@ -321,7 +322,8 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     out_logprobs: list[list[float]] = [[] for _ in range(num_rows)]
     finished = [False] * num_rows
     stats = {"decode_steps": 0, "slot_steps": 0, "tokens": 0, "chunks": 0, "prefills": 0, "prompts_prefilled": 0,
-             "kv_bytes_peak": 0, "slots_per_device": 0, "prefill_shapes": set(), "chunk_shapes": set()}
+             "kv_bytes_peak": 0, "kv_slot_steps": 0, "slots_per_device": 0, "prefill_shapes": set(),
+             "chunk_shapes": set()}
 
     prefill_batch = batch_bucket(min(PREFILL_PROMPTS, len(copies_of)))  # one Bp per call
 
@@ -427,6 +429,7 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
         index += steps
         stats["decode_steps"] += steps
         stats["slot_steps"] += steps * batch
+        stats["kv_slot_steps"] += steps * batch * length
         stats["chunks"] += 1
     stats["occupancy"] = stats["tokens"] / max(stats["slot_steps"], 1)
     return SamplerResult(out_tokens, finished, out_logprobs, stats)
