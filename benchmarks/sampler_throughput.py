@@ -7,8 +7,8 @@ so completion lengths are roughly geometric (mean ~``--mean-length``, cut at ``-
 prompts of 16-64 tokens x ``n`` = 8 samples at temperature 1. The bias: every token's embedding carries a
 constant in hidden dimension 0, which survives to the final norm, and the EOS row of the LM head reads it
 (same weights on both frameworks). The static engine and transformers decode batches of 8 prompts x 8 rows
-(64 rows, the continuous engine's slot count). Each engine runs once cold (its compilations counted) and is
-timed on a second, warm run.
+(64 rows, the continuous engine's slot count). Each JAX engine runs once cold (its compilations counted) and is
+timed on a second, warm run; transformers is warmed up on one short batch, then timed.
 
 Columns: completions/s, real tokens/s (generated tokens, EOS included), occupancy (real tokens / rows x decode
 steps actually run: a static batch decodes every row until its longest ends), compilations (cold run).
@@ -107,12 +107,13 @@ def run_transformers(hf, prompts, new_tokens, seed):
     return sequences, sum(map(len, sequences)) / slot_steps, {}
 
 
-def measure(name, fn):
+def measure(name, fn, warmup=None):
+    """Cold run (compilations counted; ``warmup`` instead when given: a short call), then the timed warm run."""
     from itersft_jax.core.train_step import count_compilations
 
     with count_compilations(None) as compiles:
         t0 = time.perf_counter()
-        fn(0)
+        (warmup or fn)(0)
         cold = time.perf_counter() - t0
     t0 = time.perf_counter()
     sequences, occupancy, stats = fn(1)
@@ -145,7 +146,8 @@ def main() -> None:
     prompts = [rng.integers(3, args.vocab, rng.integers(16, 65)).tolist() for _ in range(args.prompts)]
     rows = [measure("itersft continuous (generate)", lambda s: run_continuous(module, prompts, args.new_tokens, s)),
             measure("itersft static (previous)", lambda s: run_static(graphdef, params, prompts, args.new_tokens, s)),
-            measure("transformers generate", lambda s: run_transformers(hf, prompts, args.new_tokens, s))]
+            measure("transformers generate", lambda s: run_transformers(hf, prompts, args.new_tokens, s),
+                    warmup=lambda s: run_transformers(hf, prompts[:ROWS_PER_BATCH // N], 4, s))]
     ours = rows[0]
     stats = ours["stats"]
     lines = [
