@@ -21,14 +21,15 @@ samples from the trainer's live parameters):
   cache could shrink a bucket), ``sampler_relayout`` moves every slot left by the same shift so that
   ``g`` = the longest live row (rows stay right-aligned), in a cache of ``L = bucket(g + CHUNK_STEPS)``
   slots. Decode attention therefore reads ``L`` keys per slot — a bucket above the longest *live* row plus
-  one chunk — never the ``prompt + max_new_tokens`` bucket of the whole call. When no row waits any more,
-  the live slots are gathered into a smaller slot bucket (the batch ladder), so the draining tail does not
-  decode empty slots.
+  one chunk — never the ``prompt + max_new_tokens`` bucket of the whole call. When no row waits any more
+  and at most half the slots are live, the live slots are gathered into a power-of-two slot count, so the
+  draining tail does not decode empty slots and compiles only a few shapes.
 
 Ladders (every sampling setting, EOS list, ``max_new_tokens`` and seed is a run-time value):
 
-* slots ``B``: ``batch_bucket`` (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), at most ``num_slots`` (64 by
-  default) and at most the bucket of the call's rows; under a mesh rounded up to a multiple of data x fsdp;
+* slots ``B``: ``batch_bucket`` of the call's rows (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), at most
+  ``num_slots`` (64 by default); the draining tail: powers of two; under a mesh rounded up to a multiple of
+  data x fsdp;
 * prompts per prefill ``Bp``: one per call, ``batch_bucket(min(PREFILL_PROMPTS, distinct prompts))``, the
   batch filled with the next waiting prompts; prompt ``P``: ``bucket_length`` (16, 24, 32, 48, ...);
 * cache ``L``: ``bucket_length`` of ``g + CHUNK_STEPS``.
@@ -363,10 +364,12 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
         live = slots.live
         if not waiting and not live.any():
             break
-        # No row waits: gather the live slots into a smaller slot bucket.
+        # No row waits: gather the live slots into half as many slots (or fewer), a power of two: the draining
+        # tail compiles a few chunk shapes, not one per batch bucket.
         rows_B = None
-        if not waiting and slot_bucket(int(live.sum())) < batch:
-            batch = slot_bucket(int(live.sum()))
+        smaller = slot_bucket(1 << (int(live.sum()) - 1).bit_length())
+        if not waiting and smaller <= batch // 2:
+            batch = smaller
             rows_B = np.concatenate([np.flatnonzero(live), np.flatnonzero(~live)])[:batch].astype(np.int32)
             slots.take(rows_B)
             live = slots.live

@@ -36,14 +36,25 @@ def filter_logits(logits_BV: jax.Array, knobs: dict) -> jax.Array:
 
 def sample_rows(logits_BV: jax.Array, keys_B: jax.Array, knobs: dict) -> jax.Array:
     """One token per row, each row drawn with its own key (so a row's draw never depends on its neighbours);
-    greedy or sampled chosen at run time. ``logits_BV`` fp32."""
+    greedy or sampled chosen at run time. ``logits_BV`` fp32.
+
+    A draw inverts the row's CDF at one uniform number: ``softmax`` (removed tokens get probability 0),
+    ``cumsum``, and the first index whose cumulative mass exceeds ``u * total``, which always holds a token of
+    positive probability. One random number per row: ``jax.random.categorical`` draws a Gumbel number per
+    vocabulary entry, and generating those ``B x V`` threefry numbers was 30% of a CPU decode step
+    (SmolLM2-135M shape, 64 rows: 102 ms of 335 ms).
+    """
     def greedy(logits_BV):
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
 
     def sample(logits_BV):
         logits_BV = jax.lax.cond(knobs["filter"], filter_logits, lambda x, kn: x / kn["temperature"],
                                  logits_BV, knobs)
-        return jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys_B, logits_BV).astype(jnp.int32)
+        cdf_BV = jnp.cumsum(jax.nn.softmax(logits_BV, axis=-1), axis=-1)
+        total_B1 = cdf_BV[:, -1:]
+        u_B1 = jax.vmap(lambda k: jax.random.uniform(k, (1,), jnp.float32))(keys_B)
+        u_B1 = jnp.minimum(u_B1 * total_B1, total_B1 * (1.0 - 2.0 ** -23))  # strictly below the total
+        return jnp.sum(cdf_BV <= u_B1, axis=-1, dtype=jnp.int32)
 
     return jax.lax.cond(knobs["do_sample"], sample, greedy, logits_BV)
 
