@@ -75,7 +75,7 @@ from itersft_jax.models.layers import head_logits
 from itersft_jax.parallel.mesh import BATCH_AXES, data_parallel_size
 from itersft_jax.sampler.sampling import batch_bucket, make_knobs, sample_rows
 from itersft_jax.shared.data import bucket_length
-from itersft_jax.shared.outputs import as_id_list, check_generation_args
+from itersft_jax.shared.outputs import check_generation_args, id_rows
 
 CHUNK_STEPS = 16  # decode steps per device call at most
 NUM_SLOTS = 64  # decode slots at most (a multiple of data x fsdp under a mesh)
@@ -95,7 +95,7 @@ def _constrain_state(state: dict, mesh) -> dict:
     return jax.tree.map(lambda x: _constrain(x, mesh), state)
 
 
-def _log_prob(logits_BV, token_B):
+def token_log_prob(logits_BV, token_B):
     """``log softmax(logits)[token]`` in fp32, as ``token_logprobs`` computes it (max + log sum exp)."""
     max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
     log_z_B = (max_B1 + jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1, keepdims=True)))[:, 0]
@@ -189,7 +189,7 @@ def sampler_chunk(params, state, slots, index, key, knobs, refill_at, *, graphde
         active_B = ~c["done"]
         keys_B = jax.vmap(jax.random.fold_in)(row_keys_B, c["gen"])
         token_B = sample_rows(c["logits"], keys_B, knobs)
-        logprob_B = _log_prob(c["logits"], token_B)
+        logprob_B = token_log_prob(c["logits"], token_B)
         token_B = jnp.where(active_B, token_B, knobs["pad_id"])
         gen_B = c["gen"] + active_B.astype(jnp.int32)
         is_eos_B = jnp.any(token_B[:, None] == knobs["eos_ids"][None, :], axis=-1)
@@ -294,13 +294,7 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     """
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                           top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences)
-    prompts = [as_id_list(p, f"input_ids[{i}]") for i, p in enumerate(prompts)]
-    if not prompts:
-        raise ValueError("no prompts given")
-    if vocab_size is not None:
-        for i, row in enumerate(prompts):
-            if min(row) < 0 or max(row) >= vocab_size:
-                raise ValueError(f"`input_ids[{i}]` holds ids outside the vocabulary [0, {vocab_size})")
+    prompts = id_rows(prompts, vocab_size)
     if mesh is not None and mesh.size == 1:
         mesh = None
     knobs = make_knobs(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -43,7 +43,7 @@ from flax import nnx
 from itersft_jax.models.attention.masks import positions_from_mask
 from itersft_jax.sampler.sampling import batch_bucket, filter_logits, make_knobs
 from itersft_jax.shared.data import bucket_length
-from itersft_jax.shared.outputs import as_id_list, check_generation_args
+from itersft_jax.shared.outputs import check_generation_args, id_rows
 
 # ----------------------------------------------------------------------------------------------------------
 # Logits -> next token
@@ -160,13 +160,7 @@ def generate_ids(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, max_n
     """
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                           top_k=top_k, top_p=top_p)
-    rows = [as_id_list(p, f"input_ids[{i}]") for i, p in enumerate(prompt_ids)]
-    if not rows:
-        raise ValueError("no prompts given")
-    if vocab_size is not None:
-        for i, row in enumerate(rows):
-            if min(row) < 0 or max(row) >= vocab_size:
-                raise ValueError(f"`input_ids[{i}]` holds ids outside the vocabulary [0, {vocab_size})")
+    rows = id_rows(prompt_ids, vocab_size)
 
     batch = batch_bucket(len(rows))
     prompt_len = bucket_length(max(len(r) for r in rows))

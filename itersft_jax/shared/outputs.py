@@ -116,6 +116,15 @@ def prompt_rows(prompts, input_ids, tokenizer, *, no_tokenizer_hint: str,
         raise TypeError("`input_ids` must be a list of token-id sequences (or an unpadded 2-D array)")
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("generate() needs non-empty prompts")
+    return id_rows(rows, vocab_size)
+
+
+def id_rows(prompts, vocab_size: int | None = None) -> list[list[int]]:
+    """Unpadded prompts (each a list or 1-D array of ids) as lists of ints, checked: at least one, none empty,
+    every id in ``[0, vocab_size)`` when ``vocab_size`` is given (the engines' entry check)."""
+    rows = [as_id_list(p, f"input_ids[{i}]") for i, p in enumerate(prompts)]
+    if not rows:
+        raise ValueError("no prompts given")
     if vocab_size is not None:
         for i, row in enumerate(rows):
             if min(row) < 0 or max(row) >= vocab_size:
