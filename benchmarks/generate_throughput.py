@@ -70,7 +70,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from itersft_jax.sampler.generate import generate_ids
+    from itersft_jax.sampler.static import generate_ids
 
     hf, graphdef, params, bf16_graphdef = build_models(args.vocab, bf16=args.bf16)
     n_params = sum(p.numel() for p in hf.parameters())

@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py --preset llama-3.2-1b --out-dir "$OUT"     # on a lent H100/H200, ~8 minutes
     python benchmarks/gpu_check.py --smoke                                     # on a CPU: every part, tiny, < 1 min
 
-Parts (``--parts``, default all; run in the order b c d f a g, each job in its own process):
+Parts (``--parts``, default all; run in the order b c d f a g h, each job in its own process):
 
 a. parity on the device: JAX fp32 logits ('highest' matmul precision; attention "auto" and "xla") against the
    ``transformers`` model on the same device, a small random Llama; max abs difference at real tokens.
@@ -18,6 +18,9 @@ d. long context: JAX ``[1, T]`` with ``gradient_checkpointing=True`` (default po
 e. peak memory per token, JAX / PyTorch, wherever both ran the same batch (derived from b, c and d).
 f. ``trainer.generate()`` of one ``--prompt``-token prompt: first call, prefill time, decode tokens/s, peak memory.
 g. the iterative workload (variable lengths, compile included) through both trainers on a 217M Llama.
+h. the sampler (issue 20): the continuous engine on 512 prompts x 8 (256-token prompts, 512 new tokens, 256 decode
+   slots, sampled, no EOS stop): tokens/s and the fraction of the HBM roofline (weights + the KV actually read per
+   decode step); ``transformers`` ``generate`` on 256 rows of the same shape for the ratio.
 
 MFU = tokens/s x (6 N + 12 L D T) / peak, N the parameters (a tied head counted once), peak the device's bf16 dense
 FLOP/s (H100 and H200: 989e12; ``--peak-tflops`` for others). Models are random: weights drawn on the device from
@@ -63,8 +66,10 @@ JOBS = (
     ("parity_jax", "a", "jax", "parity", 90),
     ("iterative_torch", "g", "torch", "iterative", 120),
     ("iterative_jax", "g", "jax", "iterative", 120),
+    ("sampler_jax", "h", "jax", "sampler", 240),
+    ("sampler_torch", "h", "torch", "sampler", 150),
 )
-PARTS = "abcdefg"
+PARTS = "abcdefgh"
 SMOKE_TIMEOUT_S = 90
 MIN_JOB_S = 30  # a job is not started with less budget than this left
 
@@ -254,6 +259,7 @@ def main(argv=None) -> int:
                 results=results, workdir=workdir)
     if args.smoke:
         plan.iterative = (2, 8, 16, 64, 4)
+        plan.sampler = (4, 2, 16, 8, 4, 4)
     command = "python benchmarks/gpu_check.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     now = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     peak = peak_flops(device, args.peak_tflops)

@@ -31,6 +31,8 @@ ITERATIVE_MODEL = dict(hidden_size=1024, num_hidden_layers=12, num_attention_hea
 
 # bf16 dense peak FLOP/s by device-name substring (first match wins). H200 and GH200 have the H100's compute.
 PEAK_BF16_FLOPS = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12))
+# HBM bandwidth in bytes/s by device-name substring (part h's roofline): H200 4.8 TB/s, H100 SXM 3.35 TB/s.
+PEAK_HBM_BYTES = (("H200", 4.8e12), ("H100", 3.35e12), ("H800", 3.35e12), ("A100", 2.0e12))
 
 
 @dataclasses.dataclass
@@ -52,6 +54,8 @@ class Plan:
     results: str  # the JSON-lines file every worker appends to
     workdir: str  # scratch space shared by the workers (parity logits, the iterative model)
     iterative: tuple[int, int, int, int, int] = (6, 64, 32, 1024, 16)  # calls, samples, min len, max len, batch
+    # part h: prompts, samples per prompt, prompt tokens, max new tokens, decode slots, transformers' rows
+    sampler: tuple[int, int, int, int, int, int] = (512, 8, 256, 512, 256, 256)
 
     @property
     def device(self) -> str:
@@ -116,6 +120,16 @@ def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
     if override_tflops:
         return override_tflops * 1e12
     return next((peak for key, peak in PEAK_BF16_FLOPS if key in device_name), None)
+
+
+def hbm_bandwidth(device_name: str) -> float | None:
+    return next((bw for key, bw in PEAK_HBM_BYTES if key in device_name), None)
+
+
+def kv_bytes_per_token(config, itemsize: int = 2) -> int:
+    """Keys + values of one token over all layers (bf16 by default)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
 
 
 def mfu(tokens_per_s: float, config, seq: int, device_name: str, plan: Plan) -> float | None:

@@ -21,7 +21,9 @@ from gpu_common import (
     Plan,
     Recorder,
     Timer,
+    hbm_bandwidth,
     is_out_of_memory,
+    kv_bytes_per_token,
     llama_config,
     mfu,
     param_count,
@@ -261,3 +263,46 @@ def iterative(plan: Plan, rec: Recorder) -> None:
     """Part g, JAX side: the iterative workload through ``IterativeSFTTrainer(backend="jax")``, bf16."""
     _setup(plan, rec)
     run_iterative(plan, rec, "jax")
+
+
+def sampler(plan: Plan, rec: Recorder) -> None:
+    """Part h: the continuous engine (``sampler.engine.sample_ids`` on the trainer's live bf16 params, as
+    ``generate()`` runs it, with ``plan.sampler``'s slot count) on ``prompts x n`` rows of random prompts, no EOS
+    stop: tokens/s and the fraction of the HBM roofline, i.e. (weights read once per decode step + the KV the
+    decode attention read, ``stats["kv_slot_steps"]`` slots) / HBM bandwidth, over the measured time."""
+    import jax
+
+    from itersft_jax.sampler.engine import sample_ids
+
+    device = _setup(plan, rec)
+    hf_config = llama_config(PRESETS[plan.preset])
+    prompts, n, prompt_len, new_tokens, slots, _ = plan.sampler
+    trainer = make_trainer(plan, hf_config, batch=1, remat=False, name="sampler")
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(3, hf_config.vocab_size, size=prompt_len).tolist() for _ in range(prompts)]
+    label = f"{prompts} prompts x {n}, prompt {prompt_len}, {new_tokens} new, {slots} slots"
+
+    def run(count: int):
+        timer = Timer()
+        res = sample_ids(trainer.graphdef, trainer.train_state.model_state(), rows[:count], num_return_sequences=n,
+                         max_new_tokens=new_tokens, do_sample=True, temperature=1.0, eos_token_id=[],
+                         key=jax.random.key(0), num_slots=slots)
+        return timer.lap(), res
+
+    try:
+        # Warm-up: one slot-full of rows, >= 8 distinct prompts (the full run's prefill batch): compiles the
+        # prefill, chunk and copy programs at the run's shapes.
+        first, _ = run(min(prompts, max(8, slots // n)))
+        seconds, res = run(prompts)
+        stats = res.stats
+        weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.train_state.model_state()))
+        weight_bytes = weight_bytes // 2 if weight_bytes and trainer.args.bf16 else weight_bytes  # read as bf16
+        moved = stats["decode_steps"] * weight_bytes + stats["kv_slot_steps"] * kv_bytes_per_token(hf_config)
+        bandwidth = hbm_bandwidth(device)
+        rec.row(label=label, status="ok", engine="jax", seconds=seconds, first_s=first,
+                tokens_per_s=stats["tokens"] / seconds, completions_per_s=len(res.sequences) / seconds,
+                occupancy=stats["occupancy"], decode_steps=stats["decode_steps"], gb_moved=moved / 1e9,
+                roofline=None if bandwidth is None else moved / bandwidth / seconds,
+                kv_gib=stats["kv_bytes_peak"] / 2**30, slots=slots, peak_gib=peak_gib())
+    except Exception as err:  # noqa: BLE001
+        rec.failure(label, err, is_out_of_memory(err))

@@ -90,6 +90,14 @@ def generate_table(rows: list[dict]) -> list[str]:
                    "decode tokens/s", "peak GiB"], cells)
 
 
+def sampler_table(rows: list[dict]) -> list[str]:
+    cells = [[r["engine"], r["label"], f"{r['tokens_per_s']:,.0f}", _f(r.get("completions_per_s"), ",.1f"),
+              _f(r.get("occupancy"), ".2f"), _f(r.get("roofline"), ".1%"), _f(r.get("kv_gib"), ".1f"),
+              _f(r.get("peak_gib"), ".1f")] for r in _ok(rows, part="h")]
+    return _table(["engine", "workload", "tokens/s", "completions/s", "occupancy", "HBM roofline", "KV GiB",
+                   "peak GiB"], cells)
+
+
 def parity_table(rows: list[dict]) -> list[str]:
     cells = [[f"fp32, matmul precision highest, {r['label']}", r["attention"], f"{r['max_abs_diff']:.2e}"]
              for r in _ok(rows, part="a", engine="jax")]
@@ -134,6 +142,13 @@ def targets_table(rows: list[dict], batches, seq: int, long_lengths) -> list[str
         checks.append(("peak memory per token <= 0.8x the PyTorch loop's at the same batch",
                        f"worst {worst['ratio']:.2f}x ({worst['label']}, remat {worst['remat']})",
                        worst["ratio"] <= 0.8))
+    ours = next(iter(_ok(rows, part="h", engine="jax")), None)
+    theirs = next(iter(_ok(rows, part="h", engine="torch")), None)
+    if ours and ours.get("roofline") is not None:
+        checks.append(("sampler >= 50% of the HBM roofline", f"{ours['roofline']:.1%}", ours["roofline"] >= 0.5))
+    if ours and theirs:
+        ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+        checks.append(("sampler >= 10x transformers generate", f"{ratio:.1f}x", ratio >= 10))
     return _table(["target", "measured", "met"], [[name, value, "yes" if met else "NO"] for name, value, met in checks])
 
 
@@ -164,6 +179,8 @@ def report(rows: list[dict], *, title: str, header: list[str], batches, seq: int
          "the same length", training_table(rows)),
         ("Part e: peak device memory per token at the same batch", memory_table(rows)),
         ("Part f: generate() of one long prompt (JAX, greedy)", generate_table(rows)),
+        ("Part h: the sampler (continuous engine vs transformers generate, sampled, no EOS stop)",
+         sampler_table(rows)),
         ("Part a: parity on the device (the tiny preset, fp32)", parity_table(rows)),
         ("Part g: the iterative workload through both trainers, bf16, compile included", iterative_table(rows)),
         ("Issue 9's targets, on this run's shapes", targets_table(rows, batches, seq, long_lengths)),

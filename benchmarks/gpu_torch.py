@@ -183,3 +183,35 @@ def iterative(plan: Plan, rec: Recorder) -> None:
     AutoModelForCausalLM.from_config(llama_config(iterative_model(plan))).float().save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     run_iterative(plan, rec, "torch")
+
+
+def sampler(plan: Plan, rec: Recorder) -> None:
+    """Part h, the reference: ``transformers`` ``generate`` (bf16 weights, SDPA, static KV cache of the default
+    kind) on one batch of ``plan.sampler[5]`` rows of the same shape, no EOS stop: tokens/s."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dev = plan.device
+    _setup(plan, rec)
+    hf_config = llama_config(PRESETS[plan.preset])
+    _, n, prompt_len, new_tokens, _, rows = plan.sampler
+    label = f"{rows} rows, prompt {prompt_len}, {new_tokens} new"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+    model = model.to(dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32).eval()
+    ids = torch.randint(3, hf_config.vocab_size, (max(1, rows // n), prompt_len), device=dev)
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=ids[:1], max_new_tokens=2, do_sample=True, pad_token_id=0)  # warm-up
+            _sync(dev)
+            timer = Timer()
+            out = model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                                 num_return_sequences=n, eos_token_id=None, pad_token_id=0)
+            _sync(dev)
+            seconds = timer.lap()
+        tokens = (out.shape[1] - prompt_len) * out.shape[0]
+        rec.row(label=label, status="ok", engine="torch", seconds=seconds, tokens_per_s=tokens / seconds,
+                rows=out.shape[0], peak_gib=_peak_gib(dev))
+    except Exception as err:  # noqa: BLE001
+        rec.failure(label, err, is_out_of_memory(err))

@@ -43,8 +43,12 @@ def _root_parameters_gathered(trainer) -> contextlib.AbstractContextManager:
 def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_return_sequences: int = 1, eos_token_id: int | Sequence[int] | None = None,
-             seed: int | None = None, return_text: bool = True) -> GenerationOutput:
+             seed: int | None = None, return_text: bool = True, return_logprobs: bool = False) -> GenerationOutput:
     """Generate completions with the trainer's current model (see ``itersft_jax.sampler.generate.generate``).
+
+    ``return_logprobs``: each generated token's log-probability under the model at temperature 1:
+    ``log_softmax`` (fp32) of transformers' raw ``output_logits`` (before temperature/top-k/top-p), as the
+    JAX engine returns.
 
     ``seed=None`` draws fresh samples on every call (a per-trainer counter folded into ``args.seed``);
     a fixed seed reproduces them.
@@ -79,16 +83,18 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
         max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=do_sample,
         temperature=temperature if do_sample else None, top_k=(top_k or None) if do_sample else None,
         top_p=top_p if do_sample else None, num_return_sequences=num_return_sequences,
-        eos_token_id=eos or None, pad_token_id=pad, use_cache=True)
+        eos_token_id=eos or None, pad_token_id=pad, use_cache=True,
+        return_dict_in_generate=True, output_logits=return_logprobs)
     try:
         with torch.no_grad(), _root_parameters_gathered(trainer):
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     finally:
         model.train(was_training)
         torch.random.set_rng_state(generator_state)
         if getattr(trainer, "is_fsdp_enabled", False):
             release_gathered_parameters(model)
 
+    out = generated.sequences
     new = out if model.config.is_encoder_decoder else out[:, longest:]
     sequences, finished = [], []
     for row in new.tolist():
@@ -97,9 +103,15 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
         cut = next((i for i, t in enumerate(row) if t in eos), None)
         sequences.append(row if cut is None else row[:cut + 1])
         finished.append(cut is not None)
+    logprobs = None
+    if return_logprobs:
+        steps = len(generated.logits)
+        logits_BNV = torch.stack([x.float() for x in generated.logits], dim=1)
+        all_BN = torch.log_softmax(logits_BNV, dim=-1).gather(-1, new[:, -steps:, None].long())[..., 0]
+        logprobs = [all_BN[i, :len(seq)].tolist() for i, seq in enumerate(sequences)]
     texts = None
     if return_text and tokenizer is not None:
         texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
     prompt_ids = [r for r in rows for _ in range(num_return_sequences)]
     return GenerationOutput(sequences=sequences, texts=texts, prompt_ids=prompt_ids, finished=finished,
-                            num_return_sequences=num_return_sequences)
+                            num_return_sequences=num_return_sequences, logprobs=logprobs)

@@ -23,13 +23,13 @@ def test_gpu_check_smoke(tmp_path):
     errors = [r for r in rows if r.get("status") == "error"]
     assert not errors, errors
     jobs = [r for r in rows if r["kind"] == "job"]
-    assert len(jobs) == 9 and all(r["status"] == "ok" for r in jobs), jobs  # parity_torch in a fresh interpreter
+    assert len(jobs) == 11 and all(r["status"] == "ok" for r in jobs), jobs  # parity_torch in a fresh interpreter
     assert "spawned jobs: ['parity_torch']" in proc.stdout
     results = [r for r in rows if r["kind"] == "result" and r["status"] == "ok"]
-    assert {r["part"] for r in results} == set("abcdefg"), sorted({r["part"] for r in results})
+    assert {r["part"] for r in results} == set("abcdefgh"), sorted({r["part"] for r in results})
     engines = {(r["part"], r["engine"]) for r in results if "engine" in r}
     assert {("b", "jax"), ("c", "torch"), ("d", "jax"), ("d", "torch"), ("f", "jax"), ("a", "jax"), ("g", "jax"),
-            ("g", "torch")} <= engines
+            ("g", "torch"), ("h", "jax"), ("h", "torch")} <= engines
 
     # step() runs the very executable whose speed the headline row measured: no recompilation
     (api,) = [r for r in results if r.get("path") == "trainer.step()"]
@@ -42,7 +42,8 @@ def test_gpu_check_smoke(tmp_path):
     assert all(r["max_abs_diff"] < 1e-5 for r in results if r["part"] == "a")
 
     text = md.read_text()
-    for heading in ("## Training, bf16", "## Part e", "## Part f", "## Part a", "## Part g", "## Issue 9's targets"):
+    for heading in ("## Training, bf16", "## Part e", "## Part f", "## Part a", "## Part g", "## Part h",
+                    "## Issue 9's targets"):
         assert heading in text and heading in proc.stdout
     assert "| b | jax | trainer.train_step | 2 x 256 | no | xla |" in text
     assert "| b | jax | trainer.step() (0 recompilations) | 2 x 256 | no |" in text

@@ -32,7 +32,7 @@ from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.io import weights
 from itersft_jax.models import get_family
 from itersft_jax.models.attention.masks import positions_from_mask, positions_from_segments
-from itersft_jax.sampler.generate import generate_ids
+from itersft_jax.sampler.engine import sample_ids
 from itersft_jax.shared.shell import StepStats
 
 VOCAB = 320
@@ -184,7 +184,7 @@ def test_greedy_generate_matches_transformers(case):
     lengths = [20, 18, 17] if case == "phi3-longrope" else [10, 7, 4]
     rows = [rng.integers(3, VOCAB, n).tolist() for n in lengths]
     graphdef, params = nnx.split(jax_model(case), nnx.Param)
-    ours, _ = generate_ids(graphdef, params, rows, max_new_tokens=12, eos_token_id=2, pad_token_id=0)
+    ours = sample_ids(graphdef, params, rows, max_new_tokens=12, eos_token_id=2, pad_token_id=0).sequences
     assert ours == hf_greedy(hf_model(case), rows, 12, eos=2)
 
 

@@ -51,3 +51,31 @@ def test_bad_generate_arguments(tiny_model_dir, tokenizer, tmp_path):
                         (dict(prompts=["a"], top_k=-1), ValueError), (dict(input_ids=[[1.5, 2.0]]), TypeError)):
         with pytest.raises(exc):
             trainer.generate(**kwargs)
+
+
+def test_logprobs_are_the_models_at_temperature_one(tiny_model_dir, tokenizer, tmp_path):
+    """``return_logprobs``: sampled at temperature 1.5 with top-k, each token's logprob equals ``log_softmax``
+    of the model's own logits of the finished sequence (a full forward, fp32, 1e-5), not the warped
+    distribution's; greedy logprobs equal the JAX engine's on the same weights (1e-4: two frameworks' fp32)."""
+    import numpy as np
+    import torch
+
+    model_dir = tiny_model_dir("llama")
+    trainer = _trainer(model_dir, tokenizer, tmp_path, "torch")
+    out = trainer.generate(PROMPTS, max_new_tokens=10, do_sample=True, temperature=1.5, top_k=30, seed=0,
+                           num_return_sequences=2, eos_token_id=[2], return_logprobs=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    diffs = []
+    for prompt, seq, got in zip(out.prompt_ids, out.sequences, out.logprobs):
+        assert len(got) == len(seq) > 0
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + seq])).logits[0].float()
+        want = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(-1, torch.tensor(seq)[:, None])[:, 0]
+        diffs.append(np.abs(np.asarray(got) - want.numpy()).max())
+    assert max(diffs) <= 1e-5
+    kwargs = dict(max_new_tokens=8, eos_token_id=[], return_logprobs=True)
+    torch_greedy = trainer.generate(PROMPTS, **kwargs)
+    jax_greedy = _trainer(model_dir, tokenizer, tmp_path, "jax").generate(PROMPTS, **kwargs)
+    assert torch_greedy.sequences == jax_greedy.sequences
+    assert np.abs(np.array(torch_greedy.logprobs) - np.array(jax_greedy.logprobs)).max() <= 1e-4
+    assert trainer.generate(PROMPTS, max_new_tokens=2).logprobs is None

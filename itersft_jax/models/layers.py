@@ -29,8 +29,9 @@ class LMHead(NamedTuple):
     softcap: float | None
     dtype: Any
 
-def head_logits(head: LMHead, h_ND: jax.Array) -> jax.Array:
-    """``softcap(h @ W)`` over the flattened leading axes, accumulated in fp32, returned in ``head.dtype``."""
+def head_logits(head: LMHead, h_ND: jax.Array, keep_fp32: bool = False) -> jax.Array:
+    """``softcap(h @ W)`` over the flattened leading axes, accumulated in fp32, returned in ``head.dtype``
+    (``keep_fp32``: in fp32, the soft-cap too — the sampler's logits, the same numbers as ``token_logprobs``)."""
     lead = h_ND.shape[:-1]
     x = h_ND.reshape(-1, h_ND.shape[-1]).astype(head.dtype)
     if jnp.dtype(head.dtype).itemsize < 4:
@@ -40,7 +41,7 @@ def head_logits(head: LMHead, h_ND: jax.Array) -> jax.Array:
         logits = jnp.dot(x, w.T if head.transposed else w, preferred_element_type=jnp.float32)
     if head.softcap is not None:
         logits = head.softcap * jnp.tanh(logits / head.softcap)
-    return logits.astype(head.dtype).reshape(*lead, logits.shape[-1])
+    return logits.astype(jnp.float32 if keep_fp32 else head.dtype).reshape(*lead, logits.shape[-1])
 
 def dense(layer, x_NI: jax.Array) -> jax.Array:
     """``layer(x)`` (an ``nnx.Linear`` or ``Embed.attend``) as one 2-D matmul over the flattened leading axes.

@@ -18,7 +18,10 @@ class GenerationOutput:
     the EOS itself **is included** when the row finished (``finished[row]``), so ``prompt_ids[row] +
     sequences[row]`` is a complete training sequence. ``texts``: the completions decoded with
     ``skip_special_tokens=True`` (``None`` with ``return_text=False`` or without a tokenizer).
-    ``prompt_ids``: the prompt tokens of each row, without padding.
+    ``prompt_ids``: the prompt tokens of each row, without padding. ``logprobs`` (``return_logprobs=True``):
+    per row, each generated token's log-probability under the model at temperature 1 (fp32, aligned with
+    ``sequences[row]``), whatever the sampling settings. ``stats``: what the engine measured (JAX: decode
+    steps, slot occupancy, KV bytes held, ...; torch: ``None``).
     """
 
     sequences: list[list[int]]
@@ -26,6 +29,8 @@ class GenerationOutput:
     prompt_ids: list[list[int]]
     finished: list[bool]
     num_return_sequences: int = 1
+    logprobs: list[list[float]] | None = None
+    stats: dict | None = None
 
     def __getitem__(self, key: str) -> Any:  # dict-style access, like HF's ModelOutput
         return getattr(self, key)
@@ -111,6 +116,15 @@ def prompt_rows(prompts, input_ids, tokenizer, *, no_tokenizer_hint: str,
         raise TypeError("`input_ids` must be a list of token-id sequences (or an unpadded 2-D array)")
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("generate() needs non-empty prompts")
+    return id_rows(rows, vocab_size)
+
+
+def id_rows(prompts, vocab_size: int | None = None) -> list[list[int]]:
+    """Unpadded prompts (each a list or 1-D array of ids) as lists of ints, checked: at least one, none empty,
+    every id in ``[0, vocab_size)`` when ``vocab_size`` is given (the engines' entry check)."""
+    rows = [as_id_list(p, f"input_ids[{i}]") for i, p in enumerate(prompts)]
+    if not rows:
+        raise ValueError("no prompts given")
     if vocab_size is not None:
         for i, row in enumerate(rows):
             if min(row) < 0 or max(row) >= vocab_size:
