@@ -77,6 +77,8 @@ DEMO = [
     ("--model {tmp}/empty-dir --temperature 0", "--temperature"),
     ("--model {tmp}/empty-dir --temperature nan", "--temperature"),
     ("--model {tmp}/empty-dir --batch-size 0", "--batch-size"),
+    ("--quick --loss reinforce", "--loss"),
+    ("--model {tmp}/empty-dir --loss ppo", "--loss"),  # the chat demo runs expert iteration only
 ]
 CONVERT = [
     ("", "gguf_file"),

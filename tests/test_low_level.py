@@ -427,3 +427,31 @@ def test_non_finite_update_is_skipped_by_optim_step(tiny_model_dir, tokenizer, t
     assert trainer.accumulated_gradients() == {}
     after = _params(trainer)
     assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_sample_gives_the_behaviour_logprobs_the_training_forward_computes(tiny_model_dir, tokenizer, tmp_path,
+                                                                          backend):
+    """sample() = generate(return_logprobs=True): each sampled token's logprob equals compute_logprobs of the
+    finished sequence within 1e-5 (fp32), so exp(trainer - sampler) = 1 +- 1e-5 on fresh samples, and the data
+    samples_to_data builds give importance ratios of 1 in forward()."""
+    from itersft_jax.shared.datum import samples_to_data
+
+    trainer = sgd_trainer(tiny_model_dir("llama"), tokenizer, tmp_path, backend)
+    out = trainer.sample(["The quick brown fox", "hello"], num_samples=3, max_new_tokens=8, do_sample=True, seed=0,
+                         temperature=0.8)
+    assert len(out.sequences) == 6 and all(len(lp) == len(s) for lp, s in zip(out.logprobs, out.sequences))
+    again = trainer.compute_logprobs([p + s for p, s in zip(out.prompt_ids, out.sequences)])
+    for prompt, sampled, recomputed in zip(out.prompt_ids, out.logprobs, again):
+        ratio = np.exp(np.asarray(recomputed[len(prompt) - 1:], np.float64) - np.asarray(sampled, np.float64))
+        np.testing.assert_allclose(ratio, 1.0, atol=1e-5)
+    data = samples_to_data(out, [1.0] * len(out.sequences))
+    fwd = trainer.forward(data, "importance_sampling")
+    tokens = sum(len(s) for s in out.sequences)
+    assert fwd.metrics["loss:sum"] == pytest.approx(-tokens, abs=1e-4)  # -sum(ratio * 1) with every ratio 1
+    with pytest.raises(TypeError, match="num_samples"):
+        trainer.sample(["hello"], num_return_sequences=2)
+    with pytest.raises(ValueError, match="return_logprobs"):
+        trainer.sample(["hello"], return_logprobs=False)
+    with pytest.raises(ValueError, match="logprobs"):
+        samples_to_data(trainer.generate(["hello"], max_new_tokens=2))

@@ -44,7 +44,7 @@ MODEL_FLAGS = [
 
 def _parser() -> argparse.ArgumentParser:
     from itersft_jax._version import __version__
-    from itersft_jax.apps.demo import DemoConfig
+    from itersft_jax.apps.demo import RL_LOSSES, DemoConfig
     from itersft_jax.apps.demo_chat import ChatDemoConfig
 
     parser = OneLineParser(
@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=seed, default=d.seed,
                       help=f"seed of model, data and sampling, {seed.span} (default {d.seed})")
     demo.add_argument("--backend", choices=("jax", "torch"), default=d.backend, help="training engine")
+    demo.add_argument("--loss", choices=("expert_iteration", *RL_LOSSES), default=d.loss,
+                      help="built-in task: filter and step() on the verified samples (expert_iteration), or a "
+                           "policy-gradient update of the low-level API on rewarded samples with group-normalised "
+                           "advantages (default expert_iteration)")
     demo.add_argument("--output-dir", default=d.output_dir,
                       help="where the model, metrics and plot go; created if missing, must be writable")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (for tests)")
@@ -105,11 +109,14 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.model is None:
         wrong = [flag for flag, field, _, _ in MODEL_FLAGS if model_only[field] is not None]
         wrong += ["--bf16"] if args.bf16 else []
+    elif args.loss != "expert_iteration":
+        fail(prog, f"--loss {args.loss} applies to the built-in task only; `demo --model` runs expert iteration")
         if wrong:
             fail(prog, f"{', '.join(wrong)} apply to `demo --model` runs only")
     overrides = {k: v for k, v in {**given, **model_only}.items() if v is not None}
     overrides.update(seed=args.seed, backend=args.backend, output_dir=args.output_dir, plot=not args.no_plot)
     if args.model is None:
+        overrides["loss"] = args.loss
         from itersft_jax.apps.demo import DemoConfig, run
 
         cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)

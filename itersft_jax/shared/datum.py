@@ -222,3 +222,13 @@ def builtin_loss(ops: LossOps, loss_fn: str, logp, inputs: dict[str, Any], confi
     if loss_fn == "cispo":
         return -ops.sum(ops.stop_gradient(clipped) * advantages * logp)
     raise ValueError(f"unknown loss {loss_fn!r}")
+
+
+def samples_to_data(output, advantages: Sequence | None = None) -> list[Datum]:
+    """The data of a ``GenerationOutput`` from ``trainer.sample(...)`` (or ``generate(..., return_logprobs=True)``):
+    one ``Datum`` per row — its prompt and completion, the sampler's logprobs, and ``advantages[row]`` (a number or
+    one per completion token; ``None`` for losses that take none)."""
+    if getattr(output, "logprobs", None) is None:
+        raise ValueError("`output` holds no logprobs: sample with trainer.sample(...) or generate(..., "
+                         "return_logprobs=True)")
+    return make_data(output.prompt_ids, output.sequences, logprobs=output.logprobs, advantages=advantages)

@@ -166,6 +166,20 @@ class LowLevelAPI(abc.ABC):
                 "learning_rate": metrics["learning_rate"], "skipped": int(metrics["skipped"]),
                 "global_step": int(self.state.global_step)}
 
+    def sample(self, prompts=None, *, input_ids=None, num_samples: int = 1, **generate_kwargs):
+        """``num_samples`` completions per prompt with each token's log-probability under the current parameters at
+        temperature 1 — ``generate(..., num_return_sequences=num_samples, return_logprobs=True)``, so the sampler's
+        settings (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``seed``) apply. The
+        logprobs are what ``importance_sampling``, ``ppo`` and ``cispo`` take as the sampler's (``samples_to_data``
+        builds the data); at another temperature or with top-k/top-p they are the temperature-1 policy's, not the
+        warped distribution's (``docs/sampler.md``)."""
+        if "num_return_sequences" in generate_kwargs:
+            raise TypeError("sample() takes `num_samples`, not `num_return_sequences`")
+        if generate_kwargs.pop("return_logprobs", True) is not True:
+            raise ValueError("`return_logprobs`: sample() always returns logprobs; call generate() for none")
+        return self.generate(prompts, input_ids=input_ids, num_return_sequences=num_samples, return_logprobs=True,
+                             **generate_kwargs)
+
     def compute_logprobs(self, input_ids) -> list[np.ndarray]:
         """Each sequence's per-token log-probabilities under the current parameters (temperature 1, fp32): entry
         ``t`` is ``log p(ids[t + 1] | ids[:t + 1])``, so a sequence of ``L`` tokens gives ``L - 1`` values —
