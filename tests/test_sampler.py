@@ -170,8 +170,9 @@ def test_under_a_mesh_slots_split_and_tokens_equal_one_device(tiny_model_dir, tm
     over data x fsdp (8 slots: 1 per device on data:2,fsdp:4, 2 on fsdp:4,tensor:2)."""
     model_dir = tiny_model_dir("llama")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sampler_mesh_worker.py"), model_dir, str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    worker = os.path.join(HERE, "support", "sampler_mesh_worker.py")
+    proc = subprocess.run([sys.executable, worker, model_dir, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     import sampler_mesh_worker
