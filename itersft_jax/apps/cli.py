@@ -109,10 +109,10 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.model is None:
         wrong = [flag for flag, field, _, _ in MODEL_FLAGS if model_only[field] is not None]
         wrong += ["--bf16"] if args.bf16 else []
-    elif args.loss != "expert_iteration":
-        fail(prog, f"--loss {args.loss} applies to the built-in task only; `demo --model` runs expert iteration")
         if wrong:
             fail(prog, f"{', '.join(wrong)} apply to `demo --model` runs only")
+    elif args.loss != "expert_iteration":
+        fail(prog, f"--loss {args.loss} applies to the built-in task only; `demo --model` runs expert iteration")
     overrides = {k: v for k, v in {**given, **model_only}.items() if v is not None}
     overrides.update(seed=args.seed, backend=args.backend, output_dir=args.output_dir, plot=not args.no_plot)
     if args.model is None:
