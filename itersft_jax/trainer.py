@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from transformers import TrainerControl, TrainerState
 from transformers.utils import logging as transformers_logging
 
-from itersft_jax.core.optim import resolve_optimizer
+from itersft_jax.core.optim import check_optimizers, resolve_optimizer
 from itersft_jax.core.packing import first_fit_decreasing, pack_data, pack_update, rows_per_micro_batch
 from itersft_jax.core.train_step import (
     LowLevelSteps,
@@ -35,13 +35,23 @@ from itersft_jax.core.train_step import (
 from itersft_jax.core.trainable import split_trainable
 from itersft_jax.io.peft_io import attach_from_source, resolve_model_source
 from itersft_jax.io.weights import load_model, save_pretrained
+from itersft_jax.models import position_limit
 from itersft_jax.parallel import distributed
 from itersft_jax.parallel.mesh import BATCH_AXES, data_parallel_size, make_mesh
+from itersft_jax.shared.atomic_dir import check_model_target
 from itersft_jax.shared.config import resolve_config
 from itersft_jax.shared.data import bucket_length, collate, plan_updates, prepare_examples, warn_beyond_positions
+from itersft_jax.shared.datum import check_custom_output
 from itersft_jax.shared.fields import check_fields, enum_name, shuffle_seed
+from itersft_jax.shared.interrupts import deferred_interrupt
 from itersft_jax.shared.low_level import loss_inputs
-from itersft_jax.shared.shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
+from itersft_jax.shared.shell import (
+    TrainerShell,
+    UpdateRecord,
+    check_trainer_arguments,
+    make_callback_handler,
+    validate_shell_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +86,9 @@ class IterativeSFTTrainer(TrainerShell):
             logging.getLogger("itersft_jax").setLevel(level)
             transformers_logging.set_verbosity(level)
         validate_shell_args(self.args, eval_dataset)
+        check_trainer_arguments(processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
+                                peft_config=peft_config, eval_dataset=eval_dataset)
+        check_optimizers(optimizers)
         if enum_name(self.args.save_strategy) == "best":
             raise ValueError("`save_strategy`='best' is not supported by the JAX engine; use 'steps' or 'epoch'")
         self.data_collator = data_collator
@@ -157,6 +170,7 @@ class IterativeSFTTrainer(TrainerShell):
         self.callback_handler = make_callback_handler(
             self.args, callbacks, model=CallbackModel(self), processing_class=self.processing_class,
             optimizer=self.tx, lr_scheduler=self.schedule)
+        self._check_eval_dataset()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # ------------------------------------------------------------------------------------------------------
@@ -189,7 +203,7 @@ class IterativeSFTTrainer(TrainerShell):
         # Every update of the call has one shape, [A, R, T]: its samples packed into rows of T tokens (see
         # packing.py); A * R rows hold any update of micro_batch_size * accumulation samples.
         longest = max(len(ex.input_ids) for update in updates for mb in update for ex in mb)
-        self._row_length = max(self._row_length, bucket_length(longest, self.args.max_length))
+        self._row_length = max(self._row_length, self._bucket(longest, self.args.max_length))
         rows = rows_per_micro_batch(self._row_length, self._data_parallel, self._rows_per_device)
         num_micro = math.ceil(self.micro_batch_size * self.args.gradient_accumulation_steps / rows)
 
@@ -198,7 +212,7 @@ class IterativeSFTTrainer(TrainerShell):
                                       num_micro_batches=num_micro, pad_id=self._pad_id())
             input_tokens = int(np.count_nonzero(batch["attention_mask"]))
             batch = distributed.global_batch(batch, self.batch_sharding)
-            with self.precision():
+            with self.precision(), deferred_interrupt():  # the state is donated: replaced in the same breath
                 self.train_state, metrics = self.train_step(self.train_state, batch)
             # Computed tokens: micro-batches after the last one holding a token are skipped by the step.
             return UpdateRecord(metrics, input_tokens, used * rows * self._row_length)
@@ -207,7 +221,20 @@ class IterativeSFTTrainer(TrainerShell):
 
     def _prepare_examples(self, **forms):
         return prepare_examples(**forms, tokenizer=self.processing_class, max_length=self.args.max_length,
-                                truncation_mode=self.args.truncation_mode, vocab_size=self.config.vocab_size)
+                                truncation_mode=self.args.truncation_mode, vocab_size=self.config.vocab_size,
+                                max_positions=self.position_limit)
+
+    @property
+    def position_limit(self) -> int | None:
+        """Positions of the model's learned position table (GPT-2, OPT), or None for RoPE families: step(), the
+        low-level API, evaluate() and generate() refuse longer sequences (``models.position_limit``)."""
+        return position_limit(self.config)
+
+    def _bucket(self, longest: int, max_length: int | None = None) -> int:
+        """The packed row length for samples of up to ``longest`` tokens: the length ladder, capped at
+        ``max_length`` and at the position table (a padding position past it would give NaN embeddings)."""
+        caps = [c for c in (max_length, self.position_limit) if c]
+        return bucket_length(longest, min(caps) if caps else None)
 
     def _fetch(self, metrics: list[dict]) -> list[dict]:
         return jax.device_get(metrics)  # the host sync
@@ -225,7 +252,7 @@ class IterativeSFTTrainer(TrainerShell):
     def _data_pass(self, data, loss_fn, config, backward):
         """Pack the data into rows of the bucketed length (``pack_data``), one jitted pass, logprobs unpacked."""
         data = loss_inputs(data, loss_fn)
-        self._datum_row_length = max(self._datum_row_length, bucket_length(max(len(d) for d in data)))
+        self._datum_row_length = max(self._datum_row_length, self._bucket(max(len(d) for d in data)))
         length = self._datum_row_length
         rows = rows_per_micro_batch(length, self._data_parallel, self._rows_per_device)
         needed = math.ceil(len(first_fit_decreasing([len(d) for d in data], length)) / rows)
@@ -234,19 +261,28 @@ class IterativeSFTTrainer(TrainerShell):
                                         pad_id=self._pad_id())
         batch = distributed.global_batch(batch, self.batch_sharding)
         key = tuple(sorted(config.items()))
+        commit = _nothing
         with self.precision():
             if backward:
+                # The accumulator is donated to the pass; a pending one goes in as a copy, so a pass that fails
+                # (or is interrupted) leaves it as it was. The copy is the only extra memory, and only when several
+                # forward_backward calls accumulate into one update.
                 if self._grads is None:
-                    self._grads = self._low_level.zeros(self.train_state.params)
-                offset = jnp.int32(self._pending.micro_batches)
-                self._grads, out = self._low_level.forward_backward(loss_fn, key)(self.train_state, self._grads,
-                                                                                   batch, offset)
-                self._pending.micro_batches += num_micro
+                    grads = self._low_level.zeros(self.train_state.params)
+                else:
+                    grads = self._low_level.copy(self._grads)
+                offset = jnp.int32(self._pending.micro_batches if self._pending is not None else 0)
+                new_grads, out = self._low_level.forward_backward(loss_fn, key)(self.train_state, grads, batch,
+                                                                                offset)
+
+                def commit():
+                    self._grads = new_grads
+                    self._pending.micro_batches += num_micro
             else:
                 out = self._low_level.forward(loss_fn, key)(self.train_state, batch)
         out = jax.device_get(out)
         logprobs = [np.array(out["logprobs"][a, m, start:start + n]) for a, m, start, n in places]
-        return float(out["loss_sum"]), int(out["num_tokens"]), logprobs, used * rows * length
+        return float(out["loss_sum"]), int(out["num_tokens"]), logprobs, used * rows * length, commit
 
     def accumulated_gradients(self) -> dict[str, np.ndarray]:
         """The gradients ``forward_backward`` accumulated since the last ``optim_step`` (summed, fp32), on the host
@@ -262,7 +298,7 @@ class IterativeSFTTrainer(TrainerShell):
         return get_family(self.config.model_type).params_to_hf(grads, self.config)
 
     def _apply_accumulated(self, loss_sum, num_tokens):
-        with self.precision():
+        with self.precision(), deferred_interrupt():  # the state is donated: replaced in the same breath
             self.train_state, metrics = self._low_level.optim_step(self.train_state, self._grads, loss_sum,
                                                                    num_tokens)
         self._grads = None
@@ -270,14 +306,21 @@ class IterativeSFTTrainer(TrainerShell):
         return {k: float(metrics[k]) for k in ("grad_norm", "learning_rate", "skipped")}
 
     def _value_and_grad(self, fn, logprobs_NL, inputs):
+        width = logprobs_NL.shape[1]
+        length = bucket_length(width)  # padded to the ladder: a few shapes, a few compilations
+        pad = ((0, 0), (0, length - width))
+        logprobs_NL, inputs = np.pad(logprobs_NL, pad), {k: np.pad(v, pad) for k, v in inputs.items()}
         if fn not in self._custom_fns:
+            try:  # its output's structure, traced abstractly: a wrong one is named before jax's own errors
+                out = jax.eval_shape(fn, logprobs_NL, inputs)
+            except Exception as err:
+                raise TypeError(f"`fn` failed on logprobs of shape {logprobs_NL.shape} and inputs "
+                                f"{sorted(inputs)}: {type(err).__name__}: {err}"[:1000]) from err
+            check_custom_output(out)
             self._custom_fns[fn] = jax.jit(jax.value_and_grad(fn, has_aux=True))
-        length = bucket_length(logprobs_NL.shape[1])  # padded to the ladder: a few shapes, a few compilations
-        pad = ((0, 0), (0, length - logprobs_NL.shape[1]))
-        (loss, metrics), grad = self._custom_fns[fn](np.pad(logprobs_NL, pad),
-                                                     {k: np.pad(v, pad) for k, v in inputs.items()})
+        (loss, metrics), grad = self._custom_fns[fn](logprobs_NL, inputs)
         loss, metrics, grad = jax.device_get((loss, metrics, grad))
-        return float(loss), {k: float(v) for k, v in metrics.items()}, np.asarray(grad)[:, :logprobs_NL.shape[1]]
+        return float(loss), {k: float(v) for k, v in (metrics or {}).items()}, np.asarray(grad)[:, :width]
 
     # ------------------------------------------------------------------------------------------------------
     # Evaluation (the shell's evaluate() calls these)
@@ -288,7 +331,7 @@ class IterativeSFTTrainer(TrainerShell):
             self._eval_step = make_eval_step(self.graphdef, batch_sharding=self.batch_sharding,
                                              label_smoothing=self.args.label_smoothing_factor)
         longest = max(len(ex.input_ids) for ex in examples)
-        row_length = max(self._row_length, bucket_length(longest, self.args.max_length))
+        row_length = max(self._row_length, self._bucket(longest, self.args.max_length))
         rows = rows_per_micro_batch(row_length, self._data_parallel, self._rows_per_device)
         per_batch = self.args.per_device_eval_batch_size * self._data_parallel
         num_micro = math.ceil(per_batch / rows)
@@ -318,7 +361,7 @@ class IterativeSFTTrainer(TrainerShell):
             self._logits_fn = jax.jit(logits_fn)
         rows = self.args.per_device_eval_batch_size * self._data_parallel
         for batch in self._eval_batches(examples, rows):
-            length = bucket_length(max(len(ex.input_ids) for ex in batch), self.args.max_length)
+            length = self._bucket(max(len(ex.input_ids) for ex in batch), self.args.max_length)
             arrays = {k: v[0] for k, v in collate([batch], pad_id=self._pad_id(), rows=rows, length=length).items()}
             with self.precision():
                 logits_BTV = self._logits_fn(self.train_state.model_state(), arrays["input_ids"],
@@ -339,7 +382,8 @@ class IterativeSFTTrainer(TrainerShell):
         (``adapter_config.json``, ``adapter_model.safetensors``, tokenizer) that ``PeftModel.from_pretrained(base,
         dir)`` loads (see ``merge_and_save`` for a merged model). ``flax_format=True`` also writes
         ``flax_model.msgpack`` for transformers 4.x's Flax classes (Llama, Mistral, Gemma, GPT-2, OPT)."""
-        output_dir = output_dir or self.args.output_dir
+        output_dir = check_model_target(self.args.output_dir if output_dir is None else output_dir, "output_dir",
+                                        output_dir=self.args.output_dir)
         if flax_format and self.adapters is not None:
             raise ValueError("flax_format=True writes a full model: with LoRA, merge the adapters first "
                              "(merge_and_save) and load that directory")
@@ -358,6 +402,7 @@ class IterativeSFTTrainer(TrainerShell):
         """Write a full HF model directory with the LoRA adapters folded into the base weights (``W + scale * A
         @ B``, in the base's dtype), loadable by ``AutoModelForCausalLM.from_pretrained``. Without LoRA it is
         ``save_model``."""
+        output_dir = check_model_target(output_dir, "output_dir", output_dir=self.args.output_dir)
         if self.adapters is None:
             return self.save_model(output_dir, max_shard_size=max_shard_size)
         from itersft_jax.io.peft_io import merged_params
@@ -375,7 +420,8 @@ class IterativeSFTTrainer(TrainerShell):
         from itersft_jax.io.checkpoint import rotate_checkpoints, save_checkpoint
 
 
-        checkpoint_dir = checkpoint_dir or os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        if checkpoint_dir is None:
+            checkpoint_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         path = save_checkpoint(self, checkpoint_dir)
         if distributed.is_main_process():
             rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
@@ -404,15 +450,17 @@ class IterativeSFTTrainer(TrainerShell):
         counters; atomic and verified, ``itersft_jax.io.checkpoint``). Refused while gradients are pending."""
         self._refuse_while_pending("save_state()")
         from itersft_jax.io.checkpoint import save_checkpoint
+        from itersft_jax.shared.atomic_dir import check_state_target
 
-        return save_checkpoint(self, path)
+        return save_checkpoint(self, check_state_target(path, "path", output_dir=self.args.output_dir))
 
     def load_state(self, path: str) -> str:
         """Restore what :meth:`save_state` wrote (verified first); the run continues bit for bit."""
         self._refuse_while_pending("load_state()")
         from itersft_jax.io.checkpoint import load_checkpoint
+        from itersft_jax.shared.atomic_dir import check_state_source
 
-        load_checkpoint(self, path)
+        load_checkpoint(self, check_state_source(path))
         return path
 
     def _hub_pusher(self):
@@ -469,6 +517,10 @@ class IterativeSFTTrainer(TrainerShell):
         super().restore_counters(counters)
         self._row_length = int(counters.get("row_length", 0))
         self._datum_row_length = int(counters.get("datum_row_length", 0))
+
+
+def _nothing() -> None:
+    """The commit of a pass that changes no state."""
 
 
 class CallbackModel:

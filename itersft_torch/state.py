@@ -17,20 +17,37 @@ import shutil
 
 import torch
 
-from itersft_jax.shared.atomic_dir import CheckpointError, finish, temporary_for, verify, write_synced
+from itersft_jax.shared.atomic_dir import (
+    CheckpointError,
+    check_counters,
+    check_state_source,
+    check_state_target,
+    finish,
+    temporary_for,
+    verify,
+    write_synced,
+)
 
 STATE_FILE = "torch_state.pt"
 SHELL_FILE = "itersft_state.json"
 
 
+def _optimizer(trainer) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's wrapper."""
+    return getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+
+
 def save_state(trainer, path: str) -> str:
-    """Write ``trainer``'s state to ``path`` atomically (an existing state there is replaced); returns the path."""
-    path = os.path.abspath(os.fspath(path))
+    """Write ``trainer``'s state to ``path`` atomically (an existing state there is replaced; a directory that is
+    not one, the working directory, a file: refused, see ``atomic_dir.check_state_target``); returns the path."""
+    path = check_state_target(path, "path", output_dir=trainer.args.output_dir)
     tmp = temporary_for(path)
     os.makedirs(tmp)
     try:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        blob = {"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+        blob = {"engine": "torch", "optimizer_class": type(_optimizer(trainer)).__name__,
+                "scheduler_class": type(trainer.lr_scheduler).__name__,
+                "model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
                 "scheduler": trainer.lr_scheduler.state_dict(), "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "scaler": trainer.accelerator.scaler.state_dict() if trainer.accelerator.scaler is not None else None}
@@ -47,20 +64,29 @@ def save_state(trainer, path: str) -> str:
 
 
 def load_state(trainer, path: str) -> str:
-    """Restore what :func:`save_state` wrote, after verifying it; nothing changes unless it all fits."""
-    path = os.path.abspath(os.fspath(path))
+    """Restore what :func:`save_state` wrote. Everything is checked first — every file against the manifest, then
+    that the state fits this trainer (the engine, the model's parameter names and shapes, the optimizer's and the
+    schedule's type and parameter groups, the counters) — and nothing changes unless it all fits: a mismatch raises
+    :class:`CheckpointError` naming what differs, the trainer untouched."""
+    path = check_state_source(path)
+    if os.path.isdir(os.path.join(path, "train_state")) and not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise CheckpointError(f"state {path} was written by the JAX engine (train_state/): load it with a "
+                              f"backend='jax' trainer")
     verify(path, SHELL_FILE, "the PyTorch trainer's save_state")
     with open(os.path.join(path, SHELL_FILE), "rb") as f:
-        counters = json.loads(f.read())
-    blob = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+        try:
+            counters = check_counters(json.loads(f.read()), f"state {path}: {SHELL_FILE}")
+        except ValueError as err:
+            raise CheckpointError(f"state {path}: {SHELL_FILE} is damaged ({err})") from None
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise CheckpointError(f"state {path}: {STATE_FILE} is missing")
+    try:
+        blob = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"state {path}: {STATE_FILE} cannot be read ({type(err).__name__}: {err})") from None
+    _check_fits(trainer, blob, path)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    current = model.state_dict()
-    saved = blob["model"]
-    mismatched = sorted(set(current) ^ set(saved)) or [k for k in current if current[k].shape != saved[k].shape]
-    if mismatched:
-        raise CheckpointError(f"state {path} was saved from another model (parameters differing: "
-                              f"{mismatched[:5]})")
-    model.load_state_dict(saved)
+    model.load_state_dict(blob["model"])
     trainer.optimizer.load_state_dict(blob["optimizer"])
     trainer.lr_scheduler.load_state_dict(blob["scheduler"])
     if trainer.accelerator.scaler is not None and blob["scaler"] is not None:
@@ -70,3 +96,39 @@ def load_state(trainer, path: str) -> str:
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
     trainer.restore_counters(counters)
     return path
+
+
+def _check_fits(trainer, blob, path: str) -> None:
+    """:class:`CheckpointError` naming what of the saved state does not fit ``trainer``."""
+    keys = {"model", "optimizer", "scheduler", "rng", "cuda_rng", "scaler"}
+    if not isinstance(blob, dict) or not keys <= set(blob):
+        raise CheckpointError(f"state {path}: {STATE_FILE} is not a state itersft's PyTorch engine wrote")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    current, saved = model.state_dict(), blob["model"]
+    differing = sorted(set(current) ^ set(saved)) or [k for k in current if current[k].shape != saved[k].shape]
+    if differing:
+        raise CheckpointError(f"state {path} was saved from another model (parameters differing: {differing[:5]})")
+    optimizer = _optimizer(trainer)
+    for what, saved_class, now in (("optimizer", blob.get("optimizer_class"), type(optimizer).__name__),
+                                   ("learning-rate schedule", blob.get("scheduler_class"),
+                                    type(trainer.lr_scheduler).__name__)):
+        if saved_class is not None and saved_class != now:
+            raise CheckpointError(f"state {path} was saved with the {what} {saved_class}; this trainer uses {now} "
+                                  f"(`optim` / `lr_scheduler_type` differ)")
+    settings_now = {frozenset(g) for g in optimizer.state_dict()["param_groups"]}
+    settings_saved = {frozenset(g) for g in blob["optimizer"].get("param_groups", [])}
+    if settings_now != settings_saved:  # AdamW's groups hold betas and eps, SGD's momentum and nesterov, ...
+        extra = sorted(set().union(*settings_saved) ^ set().union(*settings_now))
+        raise CheckpointError(f"state {path} was saved with another optimizer (its settings differ in {extra}; "
+                              f"`optim` differs)")
+    groups_now = [len(g["params"]) for g in optimizer.state_dict()["param_groups"]]
+    groups_saved = [len(g["params"]) for g in blob["optimizer"].get("param_groups", [])]
+    if groups_now != groups_saved:
+        raise CheckpointError(f"state {path}: the optimizer's parameter groups differ (saved {groups_saved} "
+                              f"parameters per group, this trainer {groups_now})")
+    state_now = optimizer.state_dict()["state"]
+    keys_now = {frozenset(v) for v in state_now.values()}
+    keys_saved = {frozenset(v) for v in blob["optimizer"].get("state", {}).values()}
+    if keys_now and keys_saved and keys_now != keys_saved:
+        raise CheckpointError(f"state {path}: the optimizer state holds {sorted(set().union(*keys_saved))}, this "
+                              f"trainer's optimizer {sorted(set().union(*keys_now))} (another `optim`)")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
+from itersft_jax.shared.atomic_dir import check_model_target
 from itersft_jax.shared.config import IterativeSFTConfig, resolve_config
 from itersft_jax.shared.data import (
     IGNORE_INDEX,
@@ -31,9 +32,16 @@ from itersft_jax.shared.data import (
     prepare_examples,
     warn_beyond_positions,
 )
+from itersft_jax.shared.datum import check_custom_output
 from itersft_jax.shared.fields import check_fields, enum_name, shuffle_seed
 from itersft_jax.shared.model_source import is_adapter_dir, is_peft_model
-from itersft_jax.shared.shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
+from itersft_jax.shared.shell import (
+    TrainerShell,
+    UpdateRecord,
+    check_trainer_arguments,
+    make_callback_handler,
+    validate_shell_args,
+)
 from itersft_torch.distributed import check_distributed_setup, check_same_samples, release_gathered_parameters
 from itersft_torch.features import StepFeatures
 
@@ -91,6 +99,11 @@ def load_model(model_id: str | os.PathLike, model_init_kwargs: dict[str, Any] | 
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
         return auto.from_pretrained(model_id, **kwargs)
+    except TypeError as err:  # a key that is neither a loading option nor a config field reaches the model class
+        if "unexpected keyword argument" in str(err):
+            raise ValueError(f"`model_init_kwargs`: {err} (neither a from_pretrained option nor a field of the "
+                             f"model's config)") from None
+        raise
     except Exception as err:  # safetensors' own error does not say which file: name it
         if type(err).__name__ == "SafetensorError" and os.path.isdir(model_id):
             from itersft_jax.shared.weight_files import check_safetensors_files
@@ -135,6 +148,27 @@ def _clear_device_cache() -> None:
             torch.cuda.empty_cache()
         return
     clear_device_cache(garbage_collection=True)
+
+
+def _check_torch_optimizers(optimizers) -> None:
+    """``TypeError`` naming ``optimizers`` unless it is ``(torch optimizer or None, scheduler or None)``."""
+    if optimizers is None:
+        return
+    optimizer, scheduler = optimizers
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"`optimizers[0]` must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}: "
+                        f"{optimizer!r}"[:300])
+    if scheduler is not None and not (callable(getattr(scheduler, "step", None))
+                                      and callable(getattr(scheduler, "state_dict", None))):
+        raise TypeError(f"`optimizers[1]` must be a torch learning-rate scheduler or None, got "
+                        f"{type(scheduler).__name__}: {scheduler!r}"[:300])
+
+
+def _accelerate_state_snapshot() -> tuple[dict, dict]:
+    """accelerate's process-wide state (``PartialState``, ``AcceleratorState``) as this trainer built it."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    return dict(PartialState._shared_state), dict(AcceleratorState._shared_state)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,6 +236,9 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         args = resolve_config(args)
         check_fields(args, "torch")
         validate_shell_args(args, eval_dataset)
+        check_trainer_arguments(processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
+                                peft_config=peft_config, eval_dataset=eval_dataset)
+        _check_torch_optimizers(optimizers)
         if peft_config is not None and (is_peft_model(model) or is_adapter_dir(model)):
             raise ValueError("`peft_config` given with a model that already holds a PEFT adapter (a PeftModel or an "
                              "adapter directory): its own adapter config is used; drop `peft_config`")
@@ -235,6 +272,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         if _checkpointing_requested(args):  # before Trainer.__init__: DDP's find_unused_parameters reads it
             enable_checkpointing(model, args)
         self._features = StepFeatures(model, args)  # Liger kernels, NEFTune: before accelerate wraps the model
+        self._position_limit = False  # not looked up yet (see position_limit)
 
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=None, eval_dataset=eval_dataset,
@@ -255,6 +293,8 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         self.callback_handler = make_callback_handler(
             args, callbacks, model=self.model, processing_class=self.processing_class, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler)
+        self._accelerate_state = _accelerate_state_snapshot()
+        self._check_eval_dataset()
         self.control = self.callback_handler.on_init_end(args, self.state, self.control)
 
     def _prepare_model_and_optimizer(self) -> None:
@@ -308,9 +348,23 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             "constant learning rate", name, int(warmup))
         return get_scheduler("constant_with_warmup", optimizer=self.optimizer, num_warmup_steps=int(warmup))
 
+    def _restore_accelerate_state(self) -> None:
+        """Put back accelerate's process-wide state when something emptied it since this trainer was built: every new
+        ``TrainingArguments`` that sets up its devices resets it (transformers' ``_setup_devices``), which left this
+        trainer's ``accelerator`` without ``num_processes`` — a config built for another trainer, or a constructor
+        that refused its arguments, broke a working trainer. Called at each entry point."""
+        from accelerate.state import AcceleratorState, PartialState
+
+        partial, accelerator = self._accelerate_state
+        if not PartialState._shared_state:
+            PartialState._shared_state.update(partial)
+        if not AcceleratorState._shared_state:
+            AcceleratorState._shared_state.update(accelerator)
+
     def generate(self, prompts=None, input_ids=None, **kwargs):
         """Sample completions with the current model; the JAX engine's signature and ``GenerationOutput``
         (see ``itersft_torch.generation.generate``)."""
+        self._restore_accelerate_state()
         from itersft_torch.generation import generate
 
         return generate(self, prompts, input_ids, **kwargs)
@@ -332,6 +386,19 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         embeddings = unwrapped.get_input_embeddings() if hasattr(unwrapped, "get_input_embeddings") else None
         return getattr(embeddings, "num_embeddings", None) or getattr(unwrapped.config, "vocab_size", None)
+
+    @property
+    def position_limit(self) -> int | None:
+        """Positions of the model's learned position table (GPT-2's ``wpe``, OPT's and BART's ``embed_positions``:
+        their rows less the table's ``offset``), or None when it has none (RoPE, ALiBi, relative positions): a longer
+        sequence would index past the table, so step(), the low-level API, evaluate() and generate() refuse it."""
+        if self._position_limit is False:
+            limits = [module.num_embeddings - int(getattr(module, "offset", 0))
+                      for name, module in self.accelerator.unwrap_model(self.model).named_modules()
+                      if isinstance(module, torch.nn.Embedding)
+                      and name.rsplit(".", 1)[-1] in ("wpe", "embed_positions", "position_embeddings")]
+            self._position_limit = min(limits) if limits else None
+        return self._position_limit
 
     def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None,
              prompts=None, completions=None) -> dict[str, float]:
@@ -366,9 +433,10 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                 _clear_device_cache()
 
     def _prepare_examples(self, **forms) -> list[Example]:
+        self._restore_accelerate_state()
         examples = prepare_examples(**forms, tokenizer=self.text_tokenizer, max_length=self.args.max_length,
                                     truncation_mode=self.args.truncation_mode, vocab_size=self.vocab_size,
-                                    is_encoder_decoder=self.is_encoder_decoder)
+                                    is_encoder_decoder=self.is_encoder_decoder, max_positions=self.position_limit)
         if self.accelerator.num_processes > 1:
             check_same_samples(self.accelerator, examples)
         return examples
@@ -450,6 +518,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
     def _data_pass(self, data, loss_fn, config, backward):
         """Micro-batches of ``per_device_train_batch_size`` data, right-padded; the logits' fp32 log-softmax gives
         each target's logprob, the loss formula is ``builtin_loss`` (``itersft_torch.rl_losses``)."""
+        self._restore_accelerate_state()
         if self.is_encoder_decoder:
             raise NotImplementedError("the low-level API (forward_backward, ...) trains causal LMs; this model is "
                                       "encoder-decoder: use step()")
@@ -462,6 +531,22 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         model.train(backward)
         per_device = self.args.per_device_train_batch_size
         loss_sum, count, padded, logprobs = 0.0, 0, 0, []
+        # The gradients already pending are set aside while this pass computes its own: a pass that fails (or is
+        # interrupted) gives them back untouched; a pass that succeeds adds them in commit(). Only when several
+        # forward_backward calls accumulate into one update do both live at once.
+        parameters = [p for p in model.parameters() if p.requires_grad] if backward else []
+        pending = {p: p.grad for p in parameters if p.grad is not None}
+        for p in parameters:
+            p.grad = None
+
+        def restore():
+            for p in parameters:
+                p.grad = pending.get(p)
+
+        def commit():
+            for p, grad in pending.items():
+                p.grad = grad if p.grad is None else grad.add_(p.grad)
+
         try:
             with contextlib.nullcontext() if backward else torch.no_grad():
                 for start in range(0, len(data), per_device):
@@ -475,9 +560,12 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                     count += sum(len(d) for d in shard)
                     padded += positions
                     logprobs += [logp_BT[i, :len(d)].detach().cpu().numpy() for i, d in enumerate(shard)]
+        except BaseException:
+            restore()
+            raise
         finally:
             model.train(was_training)
-        return loss_sum, count, logprobs, padded
+        return loss_sum, count, logprobs, padded, commit
 
     def accumulated_gradients(self) -> dict[str, np.ndarray]:
         """The gradients ``forward_backward`` accumulated since the last ``optim_step`` (summed), on the host by
@@ -489,6 +577,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                 if p.grad is not None}
 
     def _apply_accumulated(self, loss_sum, num_tokens):
+        self._restore_accelerate_state()
         grad_norm = self._clipped_grad_norm(self.model_wrapped)
         lr, skipped = self._optimizer_update(loss_sum, grad_norm)
         return {"grad_norm": grad_norm, "learning_rate": lr, "skipped": float(skipped)}
@@ -496,7 +585,12 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
     def _value_and_grad(self, fn, logprobs_NL, inputs):
         device = self.accelerator.device
         logprobs = torch.tensor(logprobs_NL, device=device, requires_grad=True)
-        loss, metrics = fn(logprobs, {k: torch.from_numpy(v).to(device) for k, v in inputs.items()})
+        out = fn(logprobs, {k: torch.from_numpy(v).to(device) for k, v in inputs.items()})
+        check_custom_output(out)
+        loss, metrics = out
+        if not (torch.is_tensor(loss) and loss.requires_grad):
+            raise TypeError("`fn` must return its loss as a torch tensor computed from the logprobs (it has no "
+                            "gradient with respect to them)")
         loss.backward()
         metrics = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in (metrics or {}).items()}
         return float(loss.detach()), metrics, logprobs.grad.cpu().numpy()
@@ -526,7 +620,12 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model`` (the main process writes; under FSDP every process joins the gathering), then
-        every process waits until the files are written, so none reads them too early."""
+        every process waits until the files are written, so none reads them too early. A directory holding files a
+        model save does not write (a user's), the working directory and those above it or above ``output_dir``, and
+        a file are refused before anything is written (``atomic_dir.check_model_target``)."""
+        self._restore_accelerate_state()
+        output_dir = check_model_target(self.args.output_dir if output_dir is None else output_dir, "output_dir",
+                                        output_dir=self.args.output_dir)
         Trainer.save_model(self, output_dir, _internal_call=_internal_call)  # not the shell's abstract one
         self.accelerator.wait_for_everyone()
 
@@ -538,6 +637,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         """Weights, optimizer and schedule state, RNG and counters, atomically (``itersft_torch.state``): a later
         :meth:`load_state` continues bit for bit. Refused while gradients are pending."""
         self._refuse_while_pending("save_state()")
+        self._restore_accelerate_state()
         from itersft_torch.state import save_state
 
         return save_state(self, path)
@@ -545,6 +645,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
     def load_state(self, path: str) -> str:
         """Restore what :meth:`save_state` wrote (verified first)."""
         self._refuse_while_pending("load_state()")
+        self._restore_accelerate_state()
         from itersft_torch.state import load_state
 
         return load_state(self, path)

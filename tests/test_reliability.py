@@ -3,17 +3,22 @@ generate() compilations (issue 13). The README's "Reliability" table lists what 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import re
 import shutil
+import signal
 
 import kill_resume
 import numpy as np
 import pytest
+from engines import BACKENDS, fingerprint, make_trainer
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.io.checkpoint import MANIFEST_FILE
+from itersft_jax.shared.datum import Datum
 
 # ----------------------------------------------------------------------------------------------------------
 # kill -9 during saves (the whole 10-kill run: `python tests/kill_resume.py`)
@@ -149,3 +154,129 @@ def test_position_warning_threshold(caplog):
         assert "a sample of 25 tokens" in caplog.text
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Nothing poisoned: an over-long sample, an interrupted pass, an interrupted update (issue 31)
+
+def ce_datum(ids) -> Datum:
+    return Datum(ids, {"target_tokens": ids[1:] + [11], "weights": [1.0] * len(ids)})
+
+
+def _send_sigint():
+    """A real Ctrl-C, delivered to this process (Python raises KeyboardInterrupt at the next bytecode)."""
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _interrupt_inside_forward_backward(trainer, monkeypatch):
+    """Ctrl-C in the middle of a forward_backward: the torch engine's second micro-batch forward (after the first
+    one's gradients were accumulated), the JAX engine's wait for the pass's results (after the accumulator was
+    donated to the jitted pass)."""
+    if trainer.args.backend == "torch":
+        calls = []
+
+        def hook(module, inputs, output):
+            calls.append(1)
+            if len(calls) == 2:
+                _send_sigint()
+
+        handle = trainer.model.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+        return
+    import jax
+
+    real = jax.device_get
+
+    def device_get(x):
+        _send_sigint()
+        return real(x)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(jax, "device_get", device_get)
+        yield
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_an_over_long_sample_and_an_interrupted_pass_leave_the_trainer_as_a_fresh_one(
+        model_type, backend, tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """Before: JAX trained an 80-token sample on a 64-row position table (NaN loss), and every later valid call was
+    NaN too — the packed row length had grown past the table, so padding positions looked up NaN embeddings — also
+    after save_state/load_state; torch raised a raw IndexError. A failing forward_backward left a phantom pending
+    update. Now the sample is refused naming the limit, the interrupted pass leaves the accumulator as it was, and
+    the trainer's next calls are bit-identical to those of a trainer that never saw either."""
+    table = {"gpt2": {"n_positions": 32}, "opt": {"max_position_embeddings": 32}}[model_type]
+    model_dir = tiny_model_dir(model_type, **table)
+    first = [ce_datum([5, 6, 7, 8, 9]), ce_datum([9, 8, 7])]
+
+    def run(poisoned: bool):
+        trainer = make_trainer(backend, model_dir, tokenizer, tmp_path / f"out-{poisoned}", fast=True,
+                               per_device_train_batch_size=1)
+        trainer.step(input_ids=[list(range(5, 20)), list(range(7, 15))])
+        if poisoned:
+            with pytest.raises(ValueError, match=r"`input_ids\[0\]` is 40 tokens long, more than the model's 32"):
+                trainer.step(input_ids=[list(range(5, 45))])
+            with pytest.raises(ValueError, match=r"`input_ids\[1\]` is 40 tokens long"):
+                trainer.compute_logprobs([[5, 6, 7], list(range(5, 45))])
+            with pytest.raises(ValueError, match="max_new_tokens"):
+                trainer.generate(input_ids=[[5, 6, 7]], max_new_tokens=30)
+        trainer.forward_backward(first)
+        if poisoned:
+            before = fingerprint(trainer)
+            with pytest.raises(KeyboardInterrupt), _interrupt_inside_forward_backward(trainer, monkeypatch):
+                trainer.forward_backward([ce_datum([5, 6, 7, 8]), ce_datum([6, 7, 8]), ce_datum([7, 8, 9, 10])])
+            assert fingerprint(trainer) == before, "the interrupted pass changed the accumulator"
+        trainer.optim_step()
+        stats = trainer.step(input_ids=[list(range(6, 30)), list(range(9, 12))])
+        logprobs = trainer.compute_logprobs([list(range(5, 37))])[0]  # the whole table
+        return stats["loss"], logprobs, fingerprint(trainer)
+
+    loss, logprobs, state = run(poisoned=True)
+    fresh_loss, fresh_logprobs, fresh_state = run(poisoned=False)
+    assert math.isfinite(loss) and np.all(np.isfinite(logprobs))
+    assert loss == fresh_loss
+    np.testing.assert_array_equal(logprobs, fresh_logprobs)
+    assert state == fresh_state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ctrl_c_inside_an_update_lands_after_it(backend, llama_dir, tokenizer, tmp_path, monkeypatch):
+    """A Ctrl-C while an update is being applied is held until the update and its bookkeeping are done: the call
+    stops there with a consistent trainer (before: the JAX state, donated to the step, could be lost between the
+    call and its assignment — every later call failing on deleted buffers; torch could count an update the
+    optimizer had not finished)."""
+    trainer = make_trainer(backend, llama_dir, tokenizer, tmp_path, fast=True, per_device_train_batch_size=1)
+    trainer.step(input_ids=[[5, 6, 7, 8]])
+    name = "train_step" if backend == "jax" else "_optimizer_update"
+    real = getattr(trainer, name)
+
+    def interrupted(*args, **kwargs):
+        _send_sigint()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.step(input_ids=[[5, 6, 7], [8, 9, 10], [11, 12, 13]])  # three updates; stops after the first
+    monkeypatch.setattr(trainer, name, real)
+    assert trainer.state.global_step == 2
+    if backend == "jax":
+        assert int(trainer.train_state.step) == 2
+    else:
+        assert all(int(s["step"]) == 2 for s in trainer.optimizer.state_dict()["state"].values())
+    stats = trainer.step(input_ids=[[5, 6, 7, 8, 9]])
+    assert stats["global_step"] == 3 and math.isfinite(stats["loss"])
+
+
+def test_a_new_config_does_not_break_a_live_torch_trainer(llama_dir, tokenizer, tmp_path):
+    """transformers resets accelerate's process-wide state whenever a TrainingArguments sets up its devices: a second
+    config (for another trainer, or one a constructor then refused) left the first trainer's accelerator without
+    ``num_processes`` (AttributeError at its next step)."""
+    trainer = make_trainer("torch", llama_dir, tokenizer, tmp_path, fast=True)
+    trainer.step(input_ids=[[5, 6, 7, 8]])
+    assert IterativeSFTConfig(output_dir=str(tmp_path / "other"), backend="torch").device.type == "cpu"
+    assert math.isfinite(trainer.step(input_ids=[[5, 6, 7, 8]])["loss"])
+    trainer.save_state(str(tmp_path / "state"))

@@ -271,25 +271,33 @@ def resolve_optimizer(args, params, optimizers=None, num_training_steps: int | N
     schedule the returned schedule is ``None``: the LR is the transformation's business and unknown here.
     Torch optimizers and schedulers are rejected with a ``TypeError``.
     """
+    tx, schedule = check_optimizers(optimizers)
+    if tx is None:
+        return build_optimizer(args, params, num_training_steps)
+    return tx, schedule
+
+
+def check_optimizers(optimizers) -> tuple[optax.GradientTransformation | None, Any]:
+    """``optimizers`` as ``(tx or None, schedule or None)``, or a ``TypeError`` naming ``optimizers`` (see
+    :func:`resolve_optimizer`); checked when the trainer is built, before the model is loaded."""
     if optimizers is None:
         optimizers = (None, None)
     if isinstance(optimizers, optax.GradientTransformation):
         optimizers = (optimizers, None)
     if not isinstance(optimizers, (tuple, list)) or len(optimizers) != 2:
-        raise TypeError("optimizers must be (optax.GradientTransformation, schedule or None), got "
-                        f"{type(optimizers).__name__}")
+        shape = f"{len(optimizers)} items" if isinstance(optimizers, (tuple, list)) else type(optimizers).__name__
+        raise TypeError(f"`optimizers` must be a pair (optax.GradientTransformation or None, schedule or None), "
+                        f"got {shape}")
     tx, schedule = optimizers
     for obj, what in ((tx, "optimizer"), (schedule, "scheduler")):
         if obj is not None and type(obj).__module__.split(".")[0] == "torch":
-            raise TypeError(f"optimizers: got a torch {what} ({type(obj).__name__}); the JAX backend takes "
+            raise TypeError(f"`optimizers`: got a torch {what} ({type(obj).__name__}); the JAX backend takes "
                             "(optax.GradientTransformation, schedule callable or None). Use backend='torch' "
                             "for torch optimizers.")
-    if tx is None:
-        if schedule is not None:
-            raise TypeError("optimizers: a schedule without an optax transformation; pass (tx, schedule)")
-        return build_optimizer(args, params, num_training_steps)
-    if not isinstance(tx, optax.GradientTransformation):
-        raise TypeError(f"optimizers[0] must be an optax.GradientTransformation, got {type(tx).__name__}")
+    if tx is None and schedule is not None:
+        raise TypeError("`optimizers`: a schedule without an optax transformation; pass (tx, schedule)")
+    if tx is not None and not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(f"`optimizers[0]` must be an optax.GradientTransformation, got {type(tx).__name__}")
     if schedule is not None and not callable(schedule):
-        raise TypeError(f"optimizers[1] must be a callable schedule or None, got {type(schedule).__name__}")
+        raise TypeError(f"`optimizers[1]` must be a callable schedule or None, got {type(schedule).__name__}")
     return tx, schedule

@@ -286,6 +286,12 @@ class LowLevelSteps:
                                     jnp.float32(count))
         return dataclasses.replace(new_state, frozen=state.frozen), metrics
 
+    def copy(self, grads):
+        """A copy of an accumulator (in new buffers, sharded alike): what a pass may donate while the original
+        stays intact until the pass has succeeded."""
+        return self._jitted("copy", lambda tree: jax.tree.map(jnp.copy, tree),
+                            lambda: ((self._grad_sharding,), self._grad_sharding))(grads)
+
     def zeros(self, params):
         def zeros_like(tree):
             return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)

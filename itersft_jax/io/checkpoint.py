@@ -47,6 +47,8 @@ from itersft_jax.shared.atomic_dir import (  # noqa: F401  (CheckpointError, has
     HASH_THREADS,
     MANIFEST_FILE,
     CheckpointError,
+    check_counters,
+    check_state_target,
     finish,
     hash_tree,
     process_alive,
@@ -60,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 STATE_DIR = "train_state"
 SHELL_FILE = "itersft_state.json"
+TORCH_STATE_FILE = "torch_state.pt"  # what the PyTorch engine's save_state writes instead of STATE_DIR
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _LEFTOVER = re.compile(r"\.(?:tmp|trash)-checkpoint-\d+-(\d+)")  # temporaries and deletions in progress
 
@@ -76,7 +79,9 @@ def _storable(train_state):
 
 def save_checkpoint(trainer, checkpoint_dir: str) -> str:
     """Write a full checkpoint of ``trainer`` to ``checkpoint_dir``, atomically (see the module docstring);
-    an existing checkpoint there is replaced.
+    an existing checkpoint there is replaced. A path that exists and is not a checkpoint or
+    state directory itersft wrote (nor an empty directory), the working directory and the directories above it or
+    above ``output_dir``, and a file are refused before anything is written (``atomic_dir.check_state_target``).
 
     Several processes (``jax.distributed``): every process calls it with the same directory on a filesystem
     they share; each writes its own shards of the train state (orbax), process 0 the model files, counters and
@@ -84,7 +89,7 @@ def save_checkpoint(trainer, checkpoint_dir: str) -> str:
     import orbax.checkpoint as ocp
 
     main = jax.process_index() == 0
-    checkpoint_dir = os.path.abspath(checkpoint_dir)
+    checkpoint_dir = check_state_target(checkpoint_dir, "checkpoint_dir", output_dir=trainer.args.output_dir)
     parent, name = os.path.split(checkpoint_dir)
     tmp = os.path.join(parent, f".tmp-{name}-{_main_pid()}")
     if main:
@@ -159,8 +164,11 @@ def _read_checkpoint(trainer, checkpoint_dir: str):
     import orbax.checkpoint as ocp
 
     if not os.path.isdir(os.path.join(checkpoint_dir, STATE_DIR)):
+        if os.path.isfile(os.path.join(checkpoint_dir, TORCH_STATE_FILE)):
+            raise CheckpointError(f"state {checkpoint_dir} was written by the PyTorch engine's save_state "
+                                  f"({TORCH_STATE_FILE}): load it with a backend='torch' trainer")
         raise CheckpointError(f"checkpoint {checkpoint_dir}: {STATE_DIR}/ is missing")
-    counters = read_json(checkpoint_dir, SHELL_FILE)
+    counters = check_counters(read_json(checkpoint_dir, SHELL_FILE), f"checkpoint {checkpoint_dir}: {SHELL_FILE}")
     current = _storable(trainer.train_state)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
     try:

@@ -135,7 +135,9 @@ def save_adapter(model, targets: dict[str, tuple], peft_config, hf_config, outpu
     import safetensors.numpy
 
     from itersft_jax.parallel.distributed import is_main_process
+    from itersft_jax.shared.atomic_dir import check_model_target
 
+    output_dir = check_model_target(output_dir, "output_dir")  # never among a user's files
     tensors = adapter_tensors(model, targets)
     if not is_main_process():
         return output_dir

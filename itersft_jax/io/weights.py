@@ -101,11 +101,22 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
 def load_hf_config(model_name_or_path: str | os.PathLike, **model_init_kwargs):
     """The ``transformers`` config of a directory or hub id. Keys of ``model_init_kwargs`` that are not hub
     or dtype options override config attributes, as in ``from_pretrained``."""
-    from transformers import AutoConfig
 
     hub, _, overrides = _split_kwargs(model_init_kwargs)
     model_dir = resolve_model_dir(model_name_or_path, **hub)
-    return AutoConfig.from_pretrained(model_dir, **overrides)
+    return config_with_overrides(model_dir, overrides)
+
+
+def config_with_overrides(model_dir: str, overrides: dict):
+    """``AutoConfig.from_pretrained(model_dir, **overrides)``, refusing an override that is no field of the config
+    (transformers drops it without a word)."""
+    from transformers import AutoConfig
+
+    config, unused = AutoConfig.from_pretrained(model_dir, return_unused_kwargs=True, **overrides)
+    if unused:
+        raise ValueError(f"`model_init_kwargs`: {sorted(unused)} are neither loading options of the JAX engine nor "
+                         f"fields of the {config.model_type} config")
+    return config
 
 
 def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -224,10 +235,8 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = Fals
         family = get_family(hf_config.model_type)
         tensors = state_dict_to_numpy(source)
     else:
-        from transformers import AutoConfig
-
         model_dir = resolve_model_dir(source, **hub)
-        hf_config = AutoConfig.from_pretrained(model_dir, **overrides)
+        hf_config = config_with_overrides(model_dir, overrides)
         from itersft_jax.io import flax_weights
 
         flax_weights.check_flax_family(model_dir, hf_config.model_type)
@@ -353,8 +362,9 @@ def save_pretrained(params_or_model, hf_config, output_dir: str | os.PathLike, t
     from transformers import GenerationConfig
 
     from itersft_jax.models import get_family
+    from itersft_jax.shared.atomic_dir import check_model_target
 
-    output_dir = os.fspath(output_dir)
+    output_dir = check_model_target(output_dir, "output_dir")  # never among a user's files
     os.makedirs(output_dir, exist_ok=True)
     family = get_family(hf_config.model_type)
     params = jax.device_get(_to_params_dict(params_or_model))

@@ -57,3 +57,16 @@ def get_family(model_type: str):
             f"{', '.join(supported_model_types())}. Use backend='torch' for any transformers model."
         )
     return importlib.import_module(f"{__name__}.{name}")
+
+
+# Model types whose positions come from a learned table of ``max_position_embeddings`` rows (GPT-2's ``n_positions``
+# is an alias of it): a position past the table has no embedding — JAX's lookup gives NaN, torch's an IndexError —
+# so the trainers and the sampler refuse longer sequences. RoPE families take any length, as transformers does.
+LEARNED_POSITIONS = ("gpt2", "opt")
+
+
+def position_limit(config) -> int | None:
+    """How many positions ``config``'s model has (its learned position table), or None when it has no such limit."""
+    if config.model_type not in LEARNED_POSITIONS:
+        return None
+    return int(config.max_position_embeddings)

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from itersft_jax.models import position_limit
 from itersft_jax.sampler.engine import sample_ids
-from itersft_jax.shared.outputs import GenerationOutput, check_generation_args
+from itersft_jax.shared.outputs import GenerationOutput, check_generation_args, check_generation_positions
 from itersft_jax.shared.outputs import eos_id_list as _eos_list
 from itersft_jax.shared.outputs import prompt_rows as read_prompts
 
@@ -83,10 +84,15 @@ def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=N
         raise TypeError("generate() takes a JAX IterativeSFTTrainer or a Flax NNX causal LM, got "
                         f"{type(trainer_or_model).__name__}")
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                          top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences)
+                          top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, seed=seed,
+                          return_text=return_text, return_logprobs=return_logprobs)
+    vocab_size = getattr(hf_config, "vocab_size", None)
+    eos_token_id = _eos_list(eos_token_id, vocab_size) if eos_token_id is not None else None
     prompt_rows = read_prompts(prompts, input_ids, tokenizer,
-                               no_tokenizer_hint="pass `tokenizer=` or `input_ids=`",
-                               vocab_size=getattr(hf_config, "vocab_size", None))
+                               no_tokenizer_hint="pass `tokenizer=` or `input_ids=`", vocab_size=vocab_size)
+    if hf_config is not None:
+        check_generation_positions(prompt_rows, max_new_tokens, position_limit(hf_config),
+                                   "prompts" if prompts is not None else "input_ids")
     rows = [row for row in prompt_rows for _ in range(num_return_sequences)]
 
     if eos_token_id is None:

@@ -24,6 +24,113 @@ class CheckpointError(ValueError):
     """A checkpoint that is incomplete, damaged, or not one itersft wrote."""
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Where a save may write: never over what it did not write
+
+
+# Top-level files a model directory may already hold: what save_model / save_pretrained / save_adapter write, a
+# model card and the training files transformers writes beside them. A directory holding anything else is a user's.
+MODEL_DIR_FILES = (
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
+    "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template*",
+    "flax_model*.msgpack", "flax_model.msgpack.index.json", "adapter_config.json", "adapter_model.*",
+    "preprocessor_config.json", "processor_config.json", "README.md", "training_args.bin", "trainer_state.json",
+    "*_results.json", MANIFEST_FILE, "itersft_state.json", ".DS_Store",
+)
+
+
+def check_path_argument(path: Any, argument: str, *, output_dir: str | os.PathLike | None = None) -> str:
+    """``path`` as an absolute path a save may write to, or ``TypeError``/``ValueError`` naming ``argument``.
+
+    Refused: anything but a ``str`` / ``os.PathLike`` (``None`` included), ``""``, the working directory or any
+    directory above it (``"."``, ``".."``, ``"/"``: replacing them would replace the user's project), a
+    directory above ``output_dir``, an existing regular file, and a symbolic link."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`{argument}` must be a directory path (str or os.PathLike), got "
+                        f"{type(path).__name__}: {path!r}"[:300])
+    raw = os.fspath(path)
+    if isinstance(raw, bytes) or not raw.strip():
+        raise ValueError(f"`{argument}` is empty: give the directory to write")
+    if "\x00" in raw:
+        raise ValueError(f"`{argument}` holds a NUL character: {raw!r}")
+    final = os.path.abspath(raw)
+    cwd = os.path.abspath(os.getcwd())
+    if _contains(final, cwd):
+        what = "the current working directory" if final == cwd else "a directory above the working directory"
+        raise ValueError(f"`{argument}`={raw!r} is {what} ({final}): a save there would write over its contents. "
+                         f"Give a new directory")
+    if output_dir is not None and isinstance(output_dir, (str, os.PathLike)) and os.fspath(output_dir):
+        out = os.path.abspath(os.fspath(output_dir))
+        if final != out and _contains(final, out):
+            raise ValueError(f"`{argument}`={raw!r} is a directory above `output_dir` ({out}): a save there would "
+                             f"replace the run's outputs. Give a directory inside or beside it")
+    if os.path.islink(final):
+        raise ValueError(f"`{argument}`={raw!r} is a symbolic link: give the directory itself")
+    if os.path.exists(final) and not os.path.isdir(final):
+        raise ValueError(f"`{argument}`={raw!r} is an existing file, not a directory: a save would replace it")
+    return final
+
+
+def check_state_source(path: Any, argument: str = "path") -> str:
+    """``path`` of a state to load, as an absolute path: ``TypeError`` for a non-path, ``FileNotFoundError`` naming
+    ``argument`` when nothing is there (the manifest check then says what is wrong with what is there)."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise TypeError(f"`{argument}` must be the path of a state directory (str or os.PathLike), got "
+                        f"{type(path).__name__}: {path!r}"[:300])
+    final = os.path.abspath(os.fspath(path))
+    if not os.path.exists(final):
+        raise FileNotFoundError(f"`{argument}`={os.fspath(path)!r}: no such state directory ({final})")
+    return final
+
+
+def _contains(parent: str, child: str) -> bool:
+    """Whether ``child`` is ``parent`` or lies below it (absolute paths)."""
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def is_ours(path: str) -> bool:
+    """Whether ``path`` is a directory an itersft save wrote (its manifest names our format)."""
+    try:
+        with open(os.path.join(path, MANIFEST_FILE), "rb") as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
+
+
+def check_state_target(path: Any, argument: str, *, output_dir: str | os.PathLike | None = None) -> str:
+    """Where ``save_state`` / ``save_checkpoint`` may write, as an absolute path: a new path, an empty directory,
+    or a state directory an itersft save wrote (it is replaced atomically). A directory holding anything else is
+    refused naming ``argument`` — its files would be deleted. See :func:`check_path_argument` for the rest."""
+    final = check_path_argument(path, argument, output_dir=output_dir)
+    if os.path.isdir(final) and os.listdir(final) and not is_ours(final):
+        listed = sorted(os.listdir(final))
+        shown = ", ".join(listed[:5]) + (f", ... ({len(listed)} entries)" if len(listed) > 5 else "")
+        raise ValueError(f"`{argument}`={os.fspath(path)!r} exists and is not a state directory written by itersft "
+                         f"(no {MANIFEST_FILE}; it holds {shown}): saving would delete its files. Give a new or "
+                         f"empty directory, or a state directory an earlier save wrote")
+    return final
+
+
+def check_model_target(path: Any, argument: str, *, output_dir: str | os.PathLike | None = None) -> str:
+    """Where ``save_model`` may write, as an absolute path: a new path, or a directory whose top-level files are
+    all ones a model save writes (``MODEL_DIR_FILES``: an earlier save, a downloaded model, a run's output
+    directory); subdirectories (``checkpoint-N``, ``runs``) are left alone. A directory holding another file — a
+    user's — is refused naming ``argument``. See :func:`check_path_argument` for the rest."""
+    import fnmatch
+
+    final = check_path_argument(path, argument, output_dir=output_dir)
+    if os.path.isdir(final):
+        foreign = sorted(name for name in os.listdir(final)
+                         if not os.path.isdir(os.path.join(final, name))
+                         and not any(fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_DIR_FILES))
+        if foreign:
+            raise ValueError(f"`{argument}`={os.fspath(path)!r} holds files a model save does not write "
+                             f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): refusing to write "
+                             f"the model among them. Give a new or empty directory")
+    return final
+
+
 def write_synced(path: str, data: bytes) -> dict[str, Any]:
     """Write and fsync ``data``; its manifest entry."""
     with open(path, "wb") as f:
@@ -152,6 +259,31 @@ def verify(checkpoint_dir: str, required: str, writer: str) -> dict[str, Any]:
                 raise CheckpointError(f"checkpoint {checkpoint_dir}: file {rel} changed since it was saved "
                                       f"(SHA-256 mismatch: damaged on disk or edited)")
     return manifest
+
+
+# The shell's counters (``TrainerShell.counters``) as a state or checkpoint stores them: field -> the types it may
+# hold. Checked before anything is restored, so an edited or foreign counters file cannot leave a half-loaded trainer.
+COUNTER_TYPES = {"global_step": (int,), "calls": (int,), "log_history": (list,),
+                 "num_input_tokens_seen": (int, float, type(None)), "row_length": (int,), "datum_row_length": (int,)}
+REQUIRED_COUNTERS = ("global_step", "calls")
+
+
+def check_counters(counters: Any, where: str) -> dict[str, Any]:
+    """``counters`` (read from ``where``) as the shell wrote them, or :class:`CheckpointError` naming the field."""
+    if not isinstance(counters, dict):
+        raise CheckpointError(f"{where}: the counters are not a JSON object")
+    for name in REQUIRED_COUNTERS:
+        if name not in counters:
+            raise CheckpointError(f"{where}: the counters have no {name!r}")
+    for name, value in counters.items():
+        types = COUNTER_TYPES.get(name)
+        if types is None:
+            raise CheckpointError(f"{where}: unknown counter {name!r} (written by another version of itersft?)")
+        if isinstance(value, bool) or not isinstance(value, types) or (isinstance(value, (int, float))
+                                                                      and not 0 <= value < 2 ** 62):
+            raise CheckpointError(f"{where}: counter {name!r} holds {value!r}, not a non-negative "
+                                  f"{' or '.join(t.__name__ for t in types)}")
+    return counters
 
 
 def remove_dir(path: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
+from itersft_jax.shared.checks import check_seed
 from itersft_jax.shared.data import resolve_ratio, validate_truncation
 from itersft_jax.shared.mesh_spec import parse_mesh
 
@@ -191,12 +192,17 @@ def validate_hyperparameters(args: TrainingArguments) -> None:
         value = getattr(args, name)
         if value is None and optional:
             return
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not (ok and value >= low and (below is None or value < below)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"`{name}` must be a number, got {type(value).__name__}: {value!r}")
+        if not (math.isfinite(value) and value >= low and (below is None or value < below)):
             bounds = f">= {low}" if below is None else f"in [{low}, {below})"
             raise ValueError(f"`{name}` must be a finite number {bounds}, got {value!r}")
 
+    check_seed(args.seed, "seed")
+    check_seed(getattr(args, "data_seed", None), "data_seed")
     number("learning_rate", 0)
+    number("label_smoothing_factor", 0, 1)
+    number("neftune_noise_alpha", 0, optional=True)
     number("weight_decay", 0)
     number("adam_beta1", 0, 1)
     number("adam_beta2", 0, 1)
@@ -211,9 +217,68 @@ def validate_hyperparameters(args: TrainingArguments) -> None:
         value = getattr(args, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    warmup = max(args.warmup_steps or 0, getattr(args, "warmup_ratio", 0) or 0)  # warmup_ratio: transformers 4.x
+    if 0 < warmup < 1 and not args.max_steps > 0:
+        name = "warmup_steps" if 0 < (args.warmup_steps or 0) < 1 else "warmup_ratio"
+        raise ValueError(f"`{name}`={warmup} is a ratio of `max_steps`, which is not set (the number of updates "
+                         f"of an iterative run is open): give `{name}` as a number of updates (>= 1), or set "
+                         f"`max_steps`")
+    check_scheduler_kwargs(args)
+    parse_optim_args(args.optim_args)
     skipped = getattr(args, "max_skipped_updates", None)
     if skipped is not None and (isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 1):
         raise ValueError(f"`max_skipped_updates` must be None or an integer >= 1, got {skipped!r}")
+
+
+def parse_optim_args(optim_args: Any) -> dict[str, str]:
+    """``"key=value,key2=value2"`` (TrainingArguments' ``optim_args``) as a dict; ``ValueError`` naming
+    ``optim_args`` for an item that is not ``key=value``."""
+    if optim_args is None or optim_args == "":
+        return {}
+    if not isinstance(optim_args, str):
+        raise TypeError(f"`optim_args` must be a string like 'beta1=0.9,beta2=0.95', got {type(optim_args).__name__}")
+    parsed = {}
+    for item in optim_args.replace(" ", "").split(","):
+        key, sep, value = item.partition("=")
+        if not (key and sep and value):
+            raise ValueError(f"`optim_args`={optim_args!r}: {item!r} is not key=value (e.g. 'beta1=0.9,beta2=0.95')")
+        parsed[key] = value
+    return parsed
+
+
+def scheduler_keywords(kind: str) -> set[str] | None:
+    """The ``lr_scheduler_kwargs`` keys transformers' schedule ``kind`` takes (its function's own arguments), or
+    None when transformers does not know ``kind``."""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+    from transformers.trainer_utils import SchedulerType
+
+    try:
+        function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(kind)]
+    except (ValueError, KeyError):
+        return None
+    own = ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")
+    if any(p.kind == p.VAR_KEYWORD for p in inspect.signature(function).parameters.values()):
+        return None  # takes anything (reduce_lr_on_plateau hands its kwargs to torch)
+    return {name for name, p in inspect.signature(function).parameters.items()
+            if name not in own and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_scheduler_kwargs(args) -> None:
+    """``ValueError`` naming ``lr_scheduler_kwargs`` for a key its schedule does not take (it would be ignored by
+    the JAX engine and crash transformers' scheduler)."""
+    kwargs = args.lr_scheduler_kwargs
+    if not kwargs:
+        return
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"`lr_scheduler_kwargs` must be a dict, got {type(kwargs).__name__}")
+    kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    known = scheduler_keywords(kind)
+    unknown = sorted(set(kwargs) - known, key=str) if known is not None else []
+    if unknown:
+        raise ValueError(f"`lr_scheduler_kwargs`: lr_scheduler_type={kind!r} takes {sorted(known) or 'no keys'}, "
+                         f"not {unknown}")
 
 
 def resolve_config(args: TrainingArguments | None) -> IterativeSFTConfig:

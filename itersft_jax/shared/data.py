@@ -99,15 +99,36 @@ def _as_sequences(value: Any, name: str) -> list[np.ndarray]:
     return rows
 
 
+def token_sequences(value: Any, name: str, vocab_size: int | None = None) -> list[np.ndarray]:
+    """A 2-D array or a list of 1-D token-id sequences (torch / numpy / jax / lists) as int64 arrays, each non-empty
+    and in the vocabulary: ``TypeError``/``ValueError`` naming ``name``."""
+    rows = _as_sequences(value, name)
+    _check_vocab(rows, name, vocab_size)
+    return rows
+
+
+def check_texts(texts: Any, name: str) -> list[str]:
+    """``texts`` as a list of ``str`` (a list, tuple or other sequence: not a dict, a generator or one string), each
+    valid Unicode (a lone surrogate cannot be encoded, and tokenizers fail on it with a raw TypeError)."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise TypeError(f"`{name}` must be a list of str, got {type(texts).__name__}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"`{name}[{i}]` must be str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"`{name}[{i}]` is not valid Unicode text ({err.reason} at character {err.start}: "
+                             f"{text[err.start]!r})") from None
+    return list(texts)
+
+
 def _check_str_list(value: Any, name: str) -> list[str]:
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise TypeError(f"`{name}` must be a list of str, got {type(value).__name__}")
-    if len(value) == 0:
+    texts = check_texts(value, name)
+    if not texts:
         raise ValueError(f"`{name}` is empty")
-    for i, s in enumerate(value):
-        if not isinstance(s, str):
-            raise TypeError(f"`{name}[{i}]` must be str, got {type(s).__name__}")
-    return list(value)
+    return texts
+
 
 
 def _check_vocab(rows: list[np.ndarray], name: str, vocab_size: int | None, allow_ignore: bool = False):
@@ -170,6 +191,20 @@ def warn_beyond_positions(examples: list[Example], max_positions: int | None, ow
                        "(warned once)", longest, max_positions, max_positions, max_positions)
 
 
+def check_positions(lengths: Sequence[int], max_positions: int | None, name: str, *, hint: str = "") -> None:
+    """``ValueError`` naming ``name[i]`` (or ``name.format(i=i)`` for a template like ``"data[{i}].model_input"``)
+    when sequence ``i`` is longer than the model's learned position table (``max_positions``; None: no table — RoPE
+    families take any length, as transformers does). A position past the table has no embedding: the lookup gives
+    NaN, which would reach the loss and every later padded batch."""
+    if not max_positions:
+        return
+    for i, n in enumerate(lengths):
+        if n > max_positions:
+            label = name.format(i=i) if "{i}" in name else f"{name}[{i}]"
+            raise ValueError(f"`{label}` is {n} tokens long, more than the model's {max_positions} positions "
+                             f"(its learned position table has no row past them){hint}")
+
+
 def prepare_examples(
     *,
     input_ids=None,
@@ -184,6 +219,7 @@ def prepare_examples(
     truncation_mode: str = "keep_end",
     vocab_size: int | None = None,
     is_encoder_decoder: bool = False,
+    max_positions: int | None = None,
 ) -> list[Example]:
     """Validate one ``step()`` call's inputs and turn them into truncated, labelled examples.
 
@@ -193,7 +229,8 @@ def prepare_examples(
 
     Positions where ``attention_mask`` is 0 are removed (they are padding: neither attended nor in the
     loss). Samples left with no label token after truncation are dropped with a warning; a call where
-    none is left raises ``ValueError``.
+    none is left raises ``ValueError``. ``max_positions``: the model's learned position table (GPT-2, OPT); a
+    sample longer than it after truncation is refused (``check_positions``).
     """
     validate_truncation(max_length, truncation_mode)
     forms = {
@@ -226,7 +263,13 @@ def prepare_examples(
                 _truncate(ex.labels, max_length, truncation_mode))
         for ex in examples
     ]
+    name = {"input_ids": "input_ids", "texts": "texts", "prompts/completions": "prompts[{i}] + completions[{i}]"}
+    hint = (f" (after truncation to max_length={max_length})" if max_length else "") + \
+        (f"; set `max_length` <= {max_positions} to truncate" if max_positions else "")
+    check_positions([len(ex.input_ids) for ex in truncated], max_positions, name[given[0]], hint=hint)
     if is_encoder_decoder:
+        check_positions([len(ex.labels) for ex in truncated], max_positions,
+                        "labels" if texts_labels is None else "texts_labels", hint=hint)
         kept = [ex for ex in truncated if np.any(ex.labels != IGNORE_INDEX)]
     else:
         kept = [ex for ex in truncated if ex.num_label_tokens > 0]

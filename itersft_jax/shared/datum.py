@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from itersft_jax.shared.data import check_positions
+
 TARGETS = "target_tokens"
 FLOAT_INPUTS = ("weights", "logprobs", "advantages")
 LOSS_INPUTS = {  # what each built-in loss reads from loss_fn_inputs
@@ -32,6 +34,14 @@ LOSS_INPUTS = {  # what each built-in loss reads from loss_fn_inputs
 LOGPROBS_ONLY = "logprobs"  # the engines' internal pass for compute_logprobs: logprobs through token_logprobs, no loss
 CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}  # ppo / cispo ratio clipping
 LOSS_CONFIG_KEYS = {"cross_entropy": {}, "importance_sampling": {}, "ppo": CLIP_DEFAULTS, "cispo": CLIP_DEFAULTS}
+# What check_data accepts in the float inputs, so no loss turns them into inf: every value finite in fp32 (the engines
+# compute in fp32), |weights| and |advantages| at most MAX_MAGNITUDE, and logprobs log-probabilities: at most
+# LOGPROB_SLACK above 0 and not below LOGPROB_FLOOR (no fp32 log-softmax gives less; exp of a larger log-ratio
+# overflows fp32 in importance_sampling / ppo).
+MAX_MAGNITUDE = 1e6
+LOGPROB_FLOOR = -1000.0
+LOGPROB_SLACK = 1e-3
+_FP32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,12 +138,17 @@ def check_loss_fn(loss_fn: str, loss_fn_config: dict | None) -> dict[str, float]
     if not isinstance(loss_fn, str) or loss_fn not in LOSS_INPUTS:
         raise ValueError(f"`loss_fn` must be one of {sorted(LOSS_INPUTS)} (or use forward_backward_custom), "
                          f"got {loss_fn!r}")
+    if loss_fn_config is not None and not isinstance(loss_fn_config, dict):
+        raise TypeError(f"`loss_fn_config` must be a dict or None, got {type(loss_fn_config).__name__}")
     config = dict(LOSS_CONFIG_KEYS[loss_fn])
     unknown = set(loss_fn_config or {}) - set(config)
     if unknown:
         raise ValueError(f"`loss_fn_config` for {loss_fn!r} takes {sorted(config) or 'no keys'}, got unknown "
-                         f"{sorted(unknown)}")
-    config.update({k: float(v) for k, v in (loss_fn_config or {}).items()})
+                         f"{sorted(unknown, key=str)}")
+    for key, value in (loss_fn_config or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"`loss_fn_config[{key!r}]` must be a number, got {type(value).__name__}: {value!r}")
+        config[key] = float(value)
     if any(not math.isfinite(v) for v in config.values()):
         raise ValueError(f"`loss_fn_config` values must be finite, got {config}")
     if "clip_low_threshold" in config and not 0 <= config["clip_low_threshold"] <= config["clip_high_threshold"]:
@@ -141,10 +156,13 @@ def check_loss_fn(loss_fn: str, loss_fn_config: dict | None) -> dict[str, float]
     return config
 
 
-def check_data(data, required: Sequence[str], vocab_size: int | None) -> list[Datum]:
+def check_data(data, required: Sequence[str], vocab_size: int | None,
+               max_positions: int | None = None) -> list[Datum]:
     """``data`` as a list of ``Datum``, every field checked; ``ValueError``/``TypeError`` naming the datum and
     the field: not a Datum, empty, an input of another length, a required input missing, ids outside the
-    vocabulary, a non-finite value."""
+    vocabulary, a value out of range (see ``MAX_MAGNITUDE``: non-finite in fp32, absurdly large weights or
+    advantages, logprobs that are no log-probabilities), a ``model_input`` longer than the model's learned position
+    table (``max_positions``)."""
     if isinstance(data, Datum):
         data = [data]
     if not isinstance(data, (list, tuple)) or not data:
@@ -162,8 +180,8 @@ def check_data(data, required: Sequence[str], vocab_size: int | None) -> list[Da
         for key, arr in datum.loss_fn_inputs.items():
             if len(arr) != n:
                 raise ValueError(f"`data[{i}].loss_fn_inputs[{key!r}]` has {len(arr)} values, `model_input` {n}")
-            if key != TARGETS and not np.all(np.isfinite(arr)):
-                raise ValueError(f"`data[{i}].loss_fn_inputs[{key!r}]` holds a non-finite value")
+            if key != TARGETS:
+                _check_range(arr, f"data[{i}].loss_fn_inputs[{key!r}]", key)
         for name, ids in (("model_input", datum.model_input), (f"loss_fn_inputs[{TARGETS!r}]",
                                                                datum.loss_fn_inputs.get(TARGETS))):
             if ids is None:
@@ -172,7 +190,46 @@ def check_data(data, required: Sequence[str], vocab_size: int | None) -> list[Da
             if bad.any():
                 raise ValueError(f"`data[{i}].{name}` holds id {int(ids[np.argmax(bad)])} outside the vocabulary "
                                  f"[0, {vocab_size})")
+    check_positions([len(d) for d in data], max_positions, "data[{i}].model_input",
+                    hint="; truncate the sequence (or use a model without a position table)")
     return list(data)
+
+
+def _check_range(arr: np.ndarray, name: str, key: str) -> None:
+    """``ValueError`` naming ``name`` for a value no loss can use: see ``MAX_MAGNITUDE``."""
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.abs(arr) <= _FP32_MAX)
+        reason = "a value that is not finite in fp32 (the engines compute in fp32)"
+        if not bad.any() and key in ("weights", "advantages"):
+            bad = np.abs(arr) > MAX_MAGNITUDE
+            reason = f"a value beyond +-{MAX_MAGNITUDE:g} (scale the loss with smaller weights or advantages)"
+        if not bad.any() and key == "logprobs":
+            bad = (arr > LOGPROB_SLACK) | (arr < LOGPROB_FLOOR)
+            reason = (f"a value outside [{LOGPROB_FLOOR:g}, 0]: a log-probability is <= 0, and below {LOGPROB_FLOOR:g} "
+                      f"exp() of the log-ratio overflows")
+    if bad.any():
+        index = int(np.argmax(bad))
+        raise ValueError(f"`{name}` holds {reason}: {arr[index]!r} at position {index}")
+
+
+def check_custom_output(out: Any) -> None:
+    """``TypeError`` naming ``fn`` unless a custom loss function's output (``forward_backward_custom``; arrays or
+    their abstract shapes) is a pair ``(loss, metrics)``: a scalar loss, and a dict of scalars or None."""
+    def shape(x) -> tuple:
+        return tuple(getattr(x, "shape", np.shape(x)))
+
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"`fn` must return a pair (loss, metrics), got {type(out).__name__}")
+    loss, metrics = out
+    if isinstance(loss, (str, bytes)) or shape(loss) != ():
+        raise TypeError(f"`fn` must return a scalar loss (summed over the data), got shape {shape(loss)}")
+    if metrics is None:
+        return
+    if not isinstance(metrics, dict):
+        raise TypeError(f"`fn`'s metrics must be a dict of scalars (or None), got {type(metrics).__name__}")
+    for key, value in metrics.items():
+        if not isinstance(key, str) or isinstance(value, (str, bytes)) or shape(value) != ():
+            raise TypeError(f"`fn`'s metrics must map names to scalars; {key!r} holds {value!r}"[:300])
 
 
 def padded_inputs(data: list[Datum], length: int | None = None) -> dict[str, np.ndarray]:

@@ -70,15 +70,37 @@ def _optim_name(args) -> str:
     return enum_name(args.optim)
 
 
+def _optim_args_keys(value) -> set[str]:
+    return {item.split("=")[0].strip() for item in str(value).split(",") if item.strip()}
+
+
 def _jax_optim_args(value, args) -> str | None:
     """The JAX optimizers read these ``optim_args`` keys (optim.py); any other key would be dropped."""
     optim = _optim_name(args)
     known = {"sgd": {"momentum", "dampening", "nesterov"}, "adafactor": set()}.get(optim, {"beta1", "beta2"})
-    keys = {item.split("=")[0].strip() for item in str(value).split(",") if item.strip()}
-    unknown = sorted(keys - known)
+    unknown = sorted(_optim_args_keys(value) - known)
     if unknown:
         return (f"the JAX {optim} reads only {sorted(known) or 'no keys'} from optim_args, not {unknown}; "
                 "pass optimizers=(optax_transformation, schedule) for anything else, or use backend='torch'")
+    return None
+
+
+# The optim_args keys transformers' Trainer reads for the optimizers it builds without an extra package
+# (trainer_optimizer.py); for these a key outside the list would be dropped without a word. Other optimizers
+# (bitsandbytes, GaLore, AnyPrecision, ...) read their own keys and are passed through.
+_TORCH_OPTIM_ARGS = {"adamw_torch": set(), "adamw_torch_fused": set(), "adafactor": set(),
+                     "sgd": {"momentum", "dampening", "weight_decay", "nesterov"},
+                     "adagrad": {"lr_decay", "weight_decay", "eps"},
+                     "rmsprop": {"momentum", "alpha", "eps", "weight_decay", "centered"}}
+
+
+def _torch_optim_args(value, args) -> str | None:
+    optim = _optim_name(args)
+    known = _TORCH_OPTIM_ARGS.get(optim)
+    unknown = sorted(_optim_args_keys(value) - known) if known is not None else []
+    if unknown:
+        return (f"transformers' {optim} reads only {sorted(known) or 'no keys'} from optim_args, not {unknown}; "
+                "pass optimizers=(optimizer, scheduler) for anything else")
     return None
 
 
@@ -164,7 +186,8 @@ FIELDS: dict[str, dict[str, Rule]] = {
         honoured("Trainer.create_optimizer")),
     "optim_args": each(honoured("optim.build_optimizer (adamw: beta1/beta2; sgd: momentum/dampening/nesterov)",
                                 refuse=_jax_optim_args),
-                       honoured("Trainer.create_optimizer")),
+                       honoured("Trainer.create_optimizer (sgd, adagrad, rmsprop: their keys; adamw_torch: none)",
+                                refuse=_torch_optim_args)),
     "weight_decay": both(honoured("decoupled (AdamW) or coupled (SGD) decay, HF's mask: no decay on biases "
                                   "and norms")),
     "adam_beta1": both(honoured("AdamW")),

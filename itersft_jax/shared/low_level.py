@@ -20,10 +20,13 @@ import abc
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from itersft_jax.shared.checks import check_int
+from itersft_jax.shared.data import check_positions, token_sequences
 from itersft_jax.shared.datum import (
     LOGPROBS_ONLY,
     LOSS_INPUTS,
@@ -33,6 +36,8 @@ from itersft_jax.shared.datum import (
     check_loss_fn,
     padded_inputs,
 )
+from itersft_jax.shared.interrupts import deferred_interrupt
+from itersft_jax.shared.outputs import MAX_RETURN_SEQUENCES
 
 
 @dataclasses.dataclass
@@ -81,12 +86,20 @@ class LowLevelAPI(abc.ABC):
     def _datum_vocab_size(self) -> int | None:
         """Token ids must be below this."""
 
+    @property
+    @abc.abstractmethod
+    def position_limit(self) -> int | None:
+        """The model's learned position count (GPT-2, OPT), or None: longer sequences are refused."""
+
     @abc.abstractmethod
     def _data_pass(self, data: list[Datum], loss_fn: str, config: dict[str, float],
-                   backward: bool) -> tuple[float, int, list[np.ndarray], int]:
-        """``(summed loss, target positions, per-datum logprobs, positions computed)``; with ``backward`` the
-        gradient of the summed loss is added to the engine's accumulator (numbered after
-        ``self._pending.micro_batches``). ``loss_fn`` may also be ``LOGPROBS_ONLY``: the logprobs alone (loss 0)."""
+                   backward: bool) -> tuple[float, int, list[np.ndarray], int, Callable[[], None]]:
+        """``(summed loss, target positions, per-datum logprobs, positions computed, commit)``. With ``backward`` the
+        gradient of the summed loss is computed (its random keys numbered after ``self._pending.micro_batches``, or
+        from 0 when nothing is pending) but the engine's accumulator is left as it was until ``commit()`` adds it
+        (and advances ``micro_batches``): a pass that raises — a bad batch, an out-of-memory error, a Ctrl-C —
+        changes nothing. ``commit`` runs with Ctrl-C held (``shared.interrupts``): it only assigns. ``loss_fn`` may
+        also be ``LOGPROBS_ONLY``: the logprobs alone (loss 0)."""
 
     @abc.abstractmethod
     def _apply_accumulated(self, loss_sum: float, num_tokens: int) -> dict[str, float]:
@@ -105,14 +118,14 @@ class LowLevelAPI(abc.ABC):
         ``ppo``, ``cispo`` (``itersft_jax.shared.datum.builtin_loss``); ``loss_fn_config`` holds ppo's and cispo's
         ``clip_low_threshold`` / ``clip_high_threshold`` (0.8 / 1.2). Everything is checked first."""
         config = check_loss_fn(loss_fn, loss_fn_config)
-        data = check_data(data, LOSS_INPUTS[loss_fn], self._datum_vocab_size())
+        data = check_data(data, LOSS_INPUTS[loss_fn], self._datum_vocab_size(), self.position_limit)
         return self._pass(data, loss_fn, config, backward=True)
 
     def forward(self, data, loss_fn: str = "cross_entropy",
                 loss_fn_config: dict | None = None) -> ForwardBackwardOutput:
         """``forward_backward`` without gradients: the loss and logprobs at the current parameters."""
         config = check_loss_fn(loss_fn, loss_fn_config)
-        data = check_data(data, LOSS_INPUTS[loss_fn], self._datum_vocab_size())
+        data = check_data(data, LOSS_INPUTS[loss_fn], self._datum_vocab_size(), self.position_limit)
         return self._pass(data, loss_fn, config, backward=False)
 
     def forward_backward_custom(self, data, fn) -> ForwardBackwardOutput:
@@ -122,8 +135,8 @@ class LowLevelAPI(abc.ABC):
         PyTorch: a torch function. ``metrics``: a dict of scalars."""
         if not callable(fn):
             raise TypeError(f"`fn` must be callable, got {type(fn).__name__}")
-        data = check_data(data, (TARGETS,), self._datum_vocab_size())
-        _, _, logprobs, _ = self._data_pass(data, LOGPROBS_ONLY, {}, backward=False)
+        data = check_data(data, (TARGETS,), self._datum_vocab_size(), self.position_limit)
+        logprobs = self._data_pass(data, LOGPROBS_ONLY, {}, backward=False)[2]
         inputs = padded_inputs(data)
         logprobs_NL = np.zeros(inputs["mask"].shape, np.float32)
         for i, lp in enumerate(logprobs):
@@ -152,13 +165,14 @@ class LowLevelAPI(abc.ABC):
             self.control = handler.on_train_begin(args, self.state, self.control)
         self.control = handler.on_step_begin(args, self.state, self.control)
         self._call_metrics = []
-        metrics = self._apply_accumulated(pending.loss_sum, pending.num_tokens)
-        self._pending = None
-        mean = pending.loss_sum / max(pending.num_tokens, 1)  # the window's token-weighted loss, as step() logs
-        self._record_update({**metrics, "loss": mean, "num_tokens": pending.num_tokens}, pending.input_tokens,
-                            pending.padded_tokens)
-        self.state.global_step += 1
-        self.state.num_input_tokens_seen = (self.state.num_input_tokens_seen or 0) + pending.input_tokens
+        with deferred_interrupt():  # the update and its bookkeeping together, or neither
+            metrics = self._apply_accumulated(pending.loss_sum, pending.num_tokens)
+            self._pending = None
+            mean = pending.loss_sum / max(pending.num_tokens, 1)  # the window's token-weighted loss, as step() logs
+            self._record_update({**metrics, "loss": mean, "num_tokens": pending.num_tokens}, pending.input_tokens,
+                                pending.padded_tokens)
+            self.state.global_step += 1
+            self.state.num_input_tokens_seen = (self.state.num_input_tokens_seen or 0) + pending.input_tokens
         if not self._sync():
             self.control = handler.on_step_end(args, self.state, self.control)
             self._act_on_control()
@@ -175,6 +189,10 @@ class LowLevelAPI(abc.ABC):
         warped distribution's (``docs/sampler.md``)."""
         if "num_return_sequences" in generate_kwargs:
             raise TypeError("sample() takes `num_samples`, not `num_return_sequences`")
+        check_int(num_samples, "num_samples", 1, MAX_RETURN_SEQUENCES)
+        if num_samples > 1 and generate_kwargs.get("do_sample", False) is False:
+            raise ValueError(f"`num_samples`={num_samples} with greedy decoding gives {num_samples} identical "
+                             f"completions per prompt; pass do_sample=True")
         if generate_kwargs.pop("return_logprobs", True) is not True:
             raise ValueError("`return_logprobs`: sample() always returns logprobs; call generate() for none")
         return self.generate(prompts, input_ids=input_ids, num_return_sequences=num_samples, return_logprobs=True,
@@ -184,24 +202,28 @@ class LowLevelAPI(abc.ABC):
         """Each sequence's per-token log-probabilities under the current parameters (temperature 1, fp32): entry
         ``t`` is ``log p(ids[t + 1] | ids[:t + 1])``, so a sequence of ``L`` tokens gives ``L - 1`` values —
         the quantity ``forward_backward`` trains and the sampler reports."""
-        sequences = [np.asarray(s.detach().cpu() if hasattr(s, "detach") else s) for s in input_ids]
+        sequences = token_sequences(input_ids, "input_ids", vocab_size=self._datum_vocab_size())
         for i, seq in enumerate(sequences):
-            if seq.ndim != 1 or len(seq) < 2:
-                raise ValueError(f"`input_ids[{i}]` must be a 1-D sequence of at least 2 tokens, got shape {seq.shape}")
-        data = check_data([Datum(seq[:-1], {TARGETS: seq[1:]}) for seq in sequences], (), self._datum_vocab_size())
+            if len(seq) < 2:
+                raise ValueError(f"`input_ids[{i}]` has {len(seq)} token: logprobs need a sequence of at least 2")
+        check_positions([len(s) for s in sequences], self.position_limit, "input_ids")
+        data = [Datum(seq[:-1], {TARGETS: seq[1:]}) for seq in sequences]
         return self._data_pass(data, LOGPROBS_ONLY, {}, backward=False)[2]
 
     def _pass(self, data: list[Datum], loss_fn: str, config: dict, backward: bool) -> ForwardBackwardOutput:
-        if backward and self._pending is None:
-            self._pending = PendingUpdate()
-            self._clock = time.perf_counter()  # the update's training time starts here
-        loss_sum, count, logprobs, padded = self._data_pass(data, loss_fn, config, backward)
-        if backward:
-            pending = self._pending
-            pending.loss_sum += loss_sum
-            pending.num_tokens += count
-            pending.input_tokens += sum(len(d) for d in data)
-            pending.padded_tokens += padded
+        started = time.perf_counter()
+        loss_sum, count, logprobs, padded, commit = self._data_pass(data, loss_fn, config, backward)
+        if backward:  # nothing changed so far: the accumulator and its bookkeeping change together here
+            with deferred_interrupt():
+                if self._pending is None:
+                    self._pending = PendingUpdate()
+                    self._clock = started  # the update's training time starts with its first pass
+                commit()
+                pending = self._pending
+                pending.loss_sum += loss_sum
+                pending.num_tokens += count
+                pending.input_tokens += sum(len(d) for d in data)
+                pending.padded_tokens += padded
         return ForwardBackwardOutput([{"logprobs": lp} for lp in logprobs],
                                      {"loss:sum": loss_sum, "num_tokens": count})
 

@@ -8,6 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from itersft_jax.shared.checks import check_bool, check_int, check_real, check_seed
+from itersft_jax.shared.data import check_texts
+
 
 @dataclasses.dataclass
 class GenerationOutput:
@@ -41,37 +44,74 @@ class GenerationOutput:
 
 
 MAX_EOS_IDS = 8  # both engines stop on at most this many EOS ids (JAX pads them to this many: no recompiles)
-
-
-def _check_int(value: Any, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy decoding in all but name, and logits / T overflow fp32 sooner
+MAX_NEW_TOKENS = 1 << 24  # positions stay far inside int32
+MAX_RETURN_SEQUENCES = 1 << 16
 
 
 def check_generation_args(*, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,
-                          num_return_sequences: int = 1) -> None:
-    """ValueError naming the argument for any sampling setting ``generate`` cannot honour."""
-    _check_int(max_new_tokens, "max_new_tokens", 1)
-    _check_int(num_return_sequences, "num_return_sequences", 1)
-    _check_int(top_k, "top_k", 0)
-    for name, value in (("temperature", temperature), ("top_p", top_p)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
-            raise ValueError(f"`{name}` must be a finite number, got {value!r}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"`temperature` must be > 0 when sampling, got {temperature}")
+                          num_return_sequences: int = 1, seed: Any = None, return_text: Any = True,
+                          return_logprobs: Any = False) -> None:
+    """``TypeError`` / ``ValueError`` naming the argument for any setting ``generate`` cannot honour: integers in
+    range, finite numbers, booleans, ``temperature >= MIN_TEMPERATURE`` when sampling, ``top_p`` in (0, 1], and
+    ``num_return_sequences == 1`` for greedy decoding (its rows would all be the same, as transformers refuses)."""
+    check_int(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
+    check_int(num_return_sequences, "num_return_sequences", 1, MAX_RETURN_SEQUENCES)
+    check_int(top_k, "top_k", 0, (1 << 31) - 1)
+    check_bool(do_sample, "do_sample")
+    check_bool(return_text, "return_text")
+    check_bool(return_logprobs, "return_logprobs")
+    check_seed(seed)
+    temperature, top_p = check_real(temperature, "temperature"), check_real(top_p, "top_p")
+    if do_sample and temperature < MIN_TEMPERATURE:
+        raise ValueError(f"`temperature` must be >= {MIN_TEMPERATURE:g} when sampling, got {temperature!r}; for "
+                         f"greedy decoding set do_sample=False")
     if not 0 < top_p <= 1:
         raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
+    if not do_sample and num_return_sequences > 1:
+        raise ValueError(f"`num_return_sequences`={num_return_sequences} with greedy decoding (do_sample=False) "
+                         f"would return {num_return_sequences} identical rows per prompt; set do_sample=True")
 
 
-def eos_id_list(eos_token_id: Any) -> list[int]:
-    """``None`` / an id / ids -> sorted unique ids; more than ``MAX_EOS_IDS`` is a ValueError on both engines."""
+def eos_id_list(eos_token_id: Any, vocab_size: int | None = None) -> list[int]:
+    """``None`` / an id / ids -> sorted unique ids, each an integer in ``[0, vocab_size)``; anything else (a string,
+    a float, a nested list, ``None`` inside a list) and more than ``MAX_EOS_IDS`` ids are refused naming
+    ``eos_token_id`` on both engines."""
     if eos_token_id is None:
         return []
-    ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
+    if isinstance(eos_token_id, (int, np.integer)) and not isinstance(eos_token_id, bool):
+        ids = [eos_token_id]
+    elif isinstance(eos_token_id, (list, tuple)) or (isinstance(eos_token_id, np.ndarray) and eos_token_id.ndim == 1):
+        ids = list(eos_token_id)
+    else:
+        raise TypeError(f"`eos_token_id` must be a token id (int), a list of them or None, got "
+                        f"{type(eos_token_id).__name__}: {eos_token_id!r}")
+    for value in ids:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"`eos_token_id` must hold token ids (int), got {type(value).__name__}: {value!r}")
+        if value < 0 or (vocab_size is not None and value >= vocab_size):
+            allowed = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise ValueError(f"`eos_token_id` {value} is outside the vocabulary: ids must be in {allowed}")
     ids = sorted({int(i) for i in ids})
     if len(ids) > MAX_EOS_IDS:
         raise ValueError(f"`eos_token_id`: at most {MAX_EOS_IDS} EOS ids are supported, got {len(ids)}")
     return ids
+
+
+def check_generation_positions(rows: list[list[int]], max_new_tokens: int, max_positions: int | None,
+                               prompt_name: str) -> None:
+    """``ValueError`` when a prompt plus ``max_new_tokens`` runs past the model's learned position table (GPT-2,
+    OPT: a position past it has no embedding); None: no table, any length."""
+    if not max_positions:
+        return
+    for i, row in enumerate(rows):
+        if len(row) >= max_positions:
+            raise ValueError(f"`{prompt_name}[{i}]` is {len(row)} tokens long: the model has {max_positions} "
+                             f"positions (a learned position table), which leaves no room for a new token")
+        if len(row) + max_new_tokens > max_positions:
+            raise ValueError(f"`max_new_tokens`={max_new_tokens}: `{prompt_name}[{i}]` has {len(row)} tokens, and "
+                             f"the model has {max_positions} positions (a learned position table); set "
+                             f"max_new_tokens <= {max_positions - len(row)} or shorten the prompt")
 
 
 def as_id_list(ids: Any, name: str) -> list[int]:
@@ -104,8 +144,7 @@ def prompt_rows(prompts, input_ids, tokenizer, *, no_tokenizer_hint: str,
         if value is not None and not isinstance(value, str) and _is_empty(value):
             raise ValueError(f"`{name}` is empty: generate() needs at least one prompt")
     if prompts is not None:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("`prompts` must be a list of str")
+        check_texts(prompts, "prompts")
         if tokenizer is None:
             raise ValueError(f"`prompts` need a tokenizer; {no_tokenizer_hint}")
         rows = [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]

@@ -37,6 +37,7 @@ from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, 
 
 from itersft_jax.shared.data import Example
 from itersft_jax.shared.fields import enum_name, input_token_stats
+from itersft_jax.shared.interrupts import deferred_interrupt
 from itersft_jax.shared.low_level import LowLevelAPI
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,47 @@ def validate_shell_args(args, eval_dataset) -> None:
                          f"not given: pass `eval_dataset` or set eval_strategy='no'")
 
 
+def check_trainer_arguments(*, processing_class, callbacks, optimizers, peft_config, eval_dataset) -> None:
+    """``TypeError``/``ValueError`` naming the constructor argument that no trainer can use, raised before anything
+    is loaded (each engine checks the types inside ``optimizers`` itself): a ``processing_class`` that is no
+    tokenizer or processor, ``callbacks`` that are not ``TrainerCallback`` s, ``optimizers`` that is not a pair,
+    a ``peft_config`` that is not a ``peft.PeftConfig``, an ``eval_dataset`` without the columns ``evaluate`` reads."""
+    if processing_class is not None and not _is_processing_class(processing_class):
+        raise TypeError(f"`processing_class` must be a tokenizer or processor (e.g. AutoTokenizer.from_pretrained("
+                        f"...)), got {type(processing_class).__name__}: {processing_class!r}"[:300])
+    if callbacks is not None:
+        if not isinstance(callbacks, (list, tuple)):
+            raise TypeError(f"`callbacks` must be a list of TrainerCallback instances or classes, got "
+                            f"{type(callbacks).__name__}")
+        for i, callback in enumerate(callbacks):
+            is_class = isinstance(callback, type) and issubclass(callback, TrainerCallback)
+            if not (is_class or isinstance(callback, TrainerCallback)):
+                raise TypeError(f"`callbacks[{i}]` must be a transformers.TrainerCallback instance or class, got "
+                                f"{type(callback).__name__}: {callback!r}"[:300])
+    if optimizers is not None and not isinstance(optimizers, (list, tuple)) and not hasattr(optimizers, "update"):
+        raise TypeError(f"`optimizers` must be a pair (optimizer, scheduler), got {type(optimizers).__name__}")
+    if isinstance(optimizers, (list, tuple)) and len(optimizers) != 2:
+        raise TypeError(f"`optimizers` must be a pair (optimizer, scheduler), got {len(optimizers)} items")
+    if peft_config is not None:
+        try:
+            from peft import PeftConfig
+        except ImportError:
+            raise ImportError("`peft_config` needs the peft package: pip install peft (or itersft[peft])") from None
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"`peft_config` must be a peft config (e.g. peft.LoraConfig(r=8, ...)), got "
+                            f"{type(peft_config).__name__}: {peft_config!r}"[:300])
+    if eval_dataset is not None:
+        dataset_forms(eval_dataset)
+
+
+def _is_processing_class(value) -> bool:
+    from transformers import PreTrainedTokenizerBase, ProcessorMixin
+
+    if isinstance(value, (PreTrainedTokenizerBase, ProcessorMixin)):
+        return True
+    return callable(value) and callable(getattr(value, "batch_decode", None)) and not isinstance(value, type)
+
+
 def dataset_forms(dataset) -> dict:
     """Columns of an eval dataset (a dict of columns, a ``datasets.Dataset``, or a list of row dicts as
     ``transformers.Trainer`` takes) as ``step()`` keyword arguments."""
@@ -142,10 +184,18 @@ def dataset_forms(dataset) -> dict:
         if any(set(row) != keys for row in dataset):
             raise ValueError("`eval_dataset` rows must all have the same keys")
         dataset = {k: [row[k] for row in dataset] for k in keys}
+    if isinstance(dataset, (list, tuple)):
+        raise TypeError(f"`eval_dataset` given as a list must hold row dicts (e.g. [{{'text': ...}}, ...]), got "
+                        f"{type(dataset[0]).__name__ if dataset else 'an empty list'}")
     columns = set(getattr(dataset, "column_names", None) or (dataset.keys() if isinstance(dataset, dict) else ()))
     if not columns:
         raise TypeError(f"`eval_dataset` must be a dict or a datasets.Dataset, got {type(dataset).__name__}")
-    forms = {_DATASET_COLUMNS[c]: list(dataset[c]) for c in columns if c in _DATASET_COLUMNS}
+    known = sorted(c for c in columns if c in _DATASET_COLUMNS)
+    for form in set(_DATASET_COLUMNS.values()):
+        both = [c for c in known if _DATASET_COLUMNS[c] == form]
+        if len(both) > 1:
+            raise ValueError(f"`eval_dataset` has both columns {both}, which mean the same input ({form}): keep one")
+    forms = {_DATASET_COLUMNS[c]: list(dataset[c]) for c in known}
     if not forms:
         raise ValueError(f"`eval_dataset` has none of the columns {sorted(_DATASET_COLUMNS)}; got {sorted(columns)}")
     return forms
@@ -300,14 +350,17 @@ class TrainerShell(LowLevelAPI):
                             or not self.state.is_world_process_zero))  # one bar per run, not per process
         for k, update in enumerate(updates):
             self.control = handler.on_step_begin(args, self.state, self.control)
-            record = run_update(update)
-            ran += 1
-            padded += record.padded_tokens
-            seen += record.input_tokens
-            self._unread.append(record)
-            self.state.global_step += 1  # provisional on the JAX engine until the next sync (skips)
-            self.state.epoch = self._calls - 1 + (k + 1) / len(updates)
-            self.state.num_input_tokens_seen = (self.state.num_input_tokens_seen or 0) + record.input_tokens
+            # An update and its bookkeeping together: a Ctrl-C lands after them, never between (the call then ends
+            # with the updates before it applied and counted).
+            with deferred_interrupt():
+                record = run_update(update)
+                ran += 1
+                padded += record.padded_tokens
+                seen += record.input_tokens
+                self._unread.append(record)
+                self.state.global_step += 1  # provisional on the JAX engine until the next sync (skips)
+                self.state.epoch = self._calls - 1 + (k + 1) / len(updates)
+                self.state.num_input_tokens_seen = (self.state.num_input_tokens_seen or 0) + record.input_tokens
             bar.update(1)
             if self._metrics_on_host and self._sync():
                 continue  # skipped: no step completed, nothing is due
@@ -332,9 +385,10 @@ class TrainerShell(LowLevelAPI):
         ``global_step`` for them; returns how many were skipped."""
         if not self._unread:
             return 0
+        fetched = self._fetch([r.metrics for r in self._unread])  # may wait on the device: nothing changed yet
         records, self._unread = self._unread, []
         skipped = 0
-        for record, m in zip(records, self._fetch([r.metrics for r in records])):
+        for record, m in zip(records, fetched):
             m = {k: float(v) for k, v in m.items()}
             self._call_metrics.append(m)
             self._window["input_tokens"] += record.input_tokens
@@ -419,6 +473,8 @@ class TrainerShell(LowLevelAPI):
         ``compute_metrics``, its results (prefixed); logs them and fires ``on_evaluate``.
         """
         del ignore_keys  # transformers' signature
+        if not isinstance(metric_key_prefix, str):
+            raise TypeError(f"`metric_key_prefix` must be a str, got {type(metric_key_prefix).__name__}")
         start = time.perf_counter()
         forms = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
                      texts_labels=texts_labels, prompts=prompts, completions=completions)
@@ -429,12 +485,27 @@ class TrainerShell(LowLevelAPI):
         metrics = {f"{metric_key_prefix}_loss": loss_sum / max(tokens, 1), f"{metric_key_prefix}_num_tokens": tokens,
                    f"{metric_key_prefix}_samples": len(examples)}
         if self.compute_metrics is not None and not self.args.prediction_loss_only:
-            for key, value in self._compute_metrics(examples).items():
-                metrics[key if key.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{key}"] = value
+            computed = self._compute_metrics(examples)
+            if not isinstance(computed, dict):
+                raise TypeError(f"`compute_metrics` must return a dict of metrics, got {type(computed).__name__}")
+            for key, value in computed.items():
+                name = key if key.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{key}"
+                if name in metrics:  # the measured loss and counts stay (transformers' order: they are set last)
+                    logger.warning("evaluate(): compute_metrics returned %r, which evaluate() computes itself; "
+                                   "its own value is kept", key)
+                    continue
+                metrics[name] = value
         metrics[f"{metric_key_prefix}_seconds"] = time.perf_counter() - start
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _check_eval_dataset(self) -> None:
+        """Prepare the trainer's ``eval_dataset`` once when it is built (then dropped), so a sample evaluate() cannot
+        take — ids outside the vocabulary, one longer than the position table — is refused before any update rather
+        than at the first evaluation, after updates were applied."""
+        if self.eval_dataset is not None:
+            self._prepare_examples(**dataset_forms(self.eval_dataset))
 
     def _compute_metrics(self, examples: list[Example]) -> dict:
         """``compute_metrics(EvalPrediction(predictions, label_ids))``, predictions gathered batch by batch on the
