@@ -15,14 +15,11 @@ GPT-2 and OPT. All layers are ``nn.Linear`` (``[out, in]``), transposed to ``nnx
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from itersft_jax.models import mapping
+from itersft_jax.models import gpt2, mapping
 from itersft_jax.models.attention import attention
-from itersft_jax.models.base import CausalLMBase
-from itersft_jax.models.cache import KVCache
-from itersft_jax.models.layers import activation, dense, embedding_head, neftune_noise, untied_head
+from itersft_jax.models.layers import activation, dense, untied_head
 
 
 def layer_windows(config) -> tuple:
@@ -99,8 +96,12 @@ class Block(nnx.Module):
         return x_BTD + self.mlp(self.ln_2(x_BTD)), kv
 
 
-class CausalLM(CausalLMBase):
-    """``GPTNeoForCausalLM`` in NNX. Parameter paths: ``wte``, ``wpe``, ``h[i]``, ``ln_f`` (, ``lm_head``)."""
+class CausalLM(gpt2.CausalLM):
+    """``GPTNeoForCausalLM`` in NNX. Parameter paths: ``wte``, ``wpe``, ``h[i]``, ``ln_f`` (, ``lm_head``).
+
+    GPT-2's model with GPT-Neo's blocks: ``hidden_states`` (token + position embeddings, the blocks, ``ln_f``) and
+    ``head_weight`` (tied to ``wte`` or ``lm_head``) are GPT-2's, read from the same attribute names; ``__init__``
+    builds them itself (GPT-2's reads GPT-2's config fields)."""
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=False,
                  attn_implementation: str | None = "auto", rngs: nnx.Rngs | None = None):
@@ -117,17 +118,6 @@ class CausalLM(CausalLMBase):
         self.configure(dtype=dtype, remat=remat, attn_implementation=attn_implementation, num_layers=len(self.h),
                        num_kv_heads=config.num_heads, head_dim=d // config.num_heads,
                        window=max(local) if local else None)
-
-    def hidden_states(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None,
-                      neftune=None):
-        """The final-normed hidden states ``[B, T, D]`` (the LM head's input) and the advanced cache."""
-        ctx = self.attention_context(attention_mask_BS, input_ids_BT.shape[1], cache)
-        x_BTD = neftune_noise(neftune, self.wte(input_ids_BT), ctx.segment_ids_BT) + self.wpe(positions_BT)
-        x_BTD, cache = self.run_layers(self.h, x_BTD, cache, ctx)
-        return self.ln_f(x_BTD), cache
-
-    def head_weight(self):
-        return embedding_head(self.wte, self.lm_head)
 
 
 def _layout(config) -> mapping.Layout:
@@ -154,14 +144,6 @@ def _layout(config) -> mapping.Layout:
     return mapping.Layout("GPT-Neo", tuple(rows), aliases=(("", "transformer."),), ignore=ignore)
 
 
-hf_layout = _layout  # the HF checkpoint table (HF names <-> parameter paths)
-
-
-def params_from_hf(tensors: dict[str, np.ndarray], config) -> dict:
-    """HF GPT-Neo state dict (with or without the ``transformer.`` prefix) -> pure params dict."""
-    return mapping.params_from_hf(tensors, _layout(config))
-
-
-def params_to_hf(params, config) -> dict[str, np.ndarray]:
-    """Pure params dict -> the tensors ``GPTNeoForCausalLM.save_pretrained`` writes (tied head omitted)."""
-    return mapping.params_to_hf(params, _layout(config))
+# params_from_hf (with or without the ``transformer.`` prefix), params_to_hf (a tied head omitted, as HF saves it) and
+# hf_layout, the HF checkpoint table (HF names <-> parameter paths).
+params_from_hf, params_to_hf, hf_layout = mapping.converters(_layout)
