@@ -6,7 +6,8 @@ slower checks run on).
 
 Tolerances (fp32, CPU):
 * logits vs transformers (eager attention), right-padded rows and packed rows: max |diff| <= 1e-4 at real
-  positions. Both compute in fp32, so a larger difference is a bug, not noise (seen: ~5e-7).
+  positions. Both compute in fp32, so a larger difference is a bug, not noise (seen: ~5e-7; GPT-Neo, whose q.k
+  is unscaled, on std-0.1 weights: 2e-6, as far as transformers' own fp32 logits are from its fp64 ones).
 * "the option matters": the same weights under the config without the option differ from transformers by
   > 1e-3, so the case exercises the option and not only the default path.
 * greedy generation: token-identical to ``transformers`` ``generate``.
@@ -97,13 +98,33 @@ CASES = {
     # Phi-3 keeps original_max_position_embeddings on the config, not in the rope dict
     "phi3-longrope": ("phi3", {"rope_scaling": {k: v for k, v in LONGROPE.items() if not k.startswith("original")},
                                "original_max_position_embeddings": 16}, {"rope_scaling": None}),
+    # OLMo 2: post-norms and q/k RMSNorm over the whole projection in every case (no config turns them off)
+    "olmo2": ("olmo2", {}, None),
+    "olmo2-bias-tied": ("olmo2", {"attention_bias": True, "tie_word_embeddings": True}, None),
+    # SmolLM3's default on 2 layers has no NoPE layer (every 4th); then one, then one with a window (as HF's
+    # default layer_types does: the NoPE layers slide)
+    "smollm3": ("smollm3", {}, None),
+    "smollm3-nope": ("smollm3", {"no_rope_layers": [1, 0]}, {"no_rope_layers": [1, 1]}),
+    "smollm3-nope-window8-untied-bias": ("smollm3", {"no_rope_layers": [0, 1], "use_sliding_window": True,
+                                                     "sliding_window": 8, "tie_word_embeddings": False,
+                                                     "attention_bias": True, "mlp_bias": True},
+                                         {"use_sliding_window": False}),
+    # GPT-Neo: a global and a local layer (the default's window, 256, is wider than the rows), no q.k scaling
+    "gpt_neo": ("gpt_neo", {}, None),
+    "gpt_neo-local8": ("gpt_neo", {"window_size": 8}, {"window_size": 256}),
+    "gpt_neo-local4-untied-inner-relu": ("gpt_neo", {"attention_types": [[["local"], 2]], "window_size": 4,
+                                                     "tie_word_embeddings": False, "intermediate_size": 96,
+                                                     "activation_function": "relu"}, {"window_size": 256}),
 }
 GENERATE = ["llama-rope-dynamic", "llama-rope-longrope", "qwen3-tied-window8", "gpt2-default", "opt-350m-like",
-            "gemma2-softcaps", "gemma3-global-rope-linear-softcap", "phi3-longrope"]
+            "gemma2-softcaps", "gemma3-global-rope-linear-softcap", "phi3-longrope", "olmo2-bias-tied",
+            "smollm3-nope-window8-untied-bias", "gpt_neo-local8"]
 SAVE = ["llama-untied", "qwen3-tied-window8", "gpt2-default", "gpt2-untied-gelu-eps", "opt-350m-like",
         "opt-nobias-noaffine", "opt-untied-no-final-ln", "gemma-untied-bias", "gemma2-softcaps", "gemma3",
-        "phi3-partial-window8"]
-PARITY = ["llama", "qwen2", "gpt2", "opt", "gemma2", "gemma3_text", "phi3"]  # offline.tiny_config defaults
+        "phi3-partial-window8", "olmo2", "olmo2-bias-tied", "smollm3", "smollm3-nope-window8-untied-bias",
+        "gpt_neo-local8", "gpt_neo-local4-untied-inner-relu"]
+# offline.tiny_config defaults
+PARITY = ["llama", "qwen2", "gpt2", "opt", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3", "gpt_neo"]
 
 
 @functools.cache

@@ -23,7 +23,7 @@ from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.io import flax_weights, weights
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "flax")
-FAMILIES = ("llama", "mistral", "gemma", "gpt2", "opt")
+FAMILIES = ("llama", "mistral", "gemma", "gpt2", "opt", "gpt_neo")
 TOLERANCE = 1e-5
 
 

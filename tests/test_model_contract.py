@@ -96,6 +96,25 @@ def test_param_names_drive_the_decay_mask(model_type):
             assert names[-1] == "bias" or any("norm" in n or n.startswith("ln") for n in names), names
 
 
+@pytest.mark.parametrize("model_type", supported_model_types())
+def test_sharding_rules_and_lora_names_cover_every_family(model_type):
+    """Every parameter is named by a rule of the sharding table (none left to the fallback), and the LoRA target
+    names (read from the family's checkpoint table) are the torch model's linear modules, the names PEFT uses."""
+    from transformers.pytorch_utils import Conv1D
+
+    from itersft_jax.models.lora import linear_modules
+    from itersft_jax.parallel.sharding import logical_axes, path_name
+
+    config = tiny_config(model_type, VOCAB)
+    model = nnx.eval_shape(lambda: get_family(model_type).CausalLM(config))
+    flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+    unnamed = sorted({path_name(path) for path, leaf in flat if logical_axes(path_name(path), leaf.ndim) is None})
+    assert not unnamed, f"no rule of parallel/sharding.PARAM_RULES names {unnamed}"
+    torch_linear = {name for name, module in tiny_model(model_type, VOCAB).named_modules()
+                    if isinstance(module, (torch.nn.Linear, Conv1D))}
+    assert set(linear_modules(config)) - {"lm_head"} == torch_linear - {"lm_head"}  # a tied head has no table row
+
+
 def test_rope_parameters_read_both_config_styles():
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 16}
@@ -122,6 +141,44 @@ def test_unsupported_settings_fail_clearly():
         family.CausalLM(config)
     with pytest.raises(ValueError, match="use_bidirectional_attention"):
         get_family("gemma3_text").CausalLM(tiny_config("gemma3_text", VOCAB, use_bidirectional_attention=True))
+
+
+
+def test_olmo2_smollm3_gpt_neo_refuse_what_they_cannot_run():
+    smollm3 = get_family("smollm3")
+    config = tiny_config("smollm3", VOCAB)
+    config.no_rope_layers = [1]  # transformers' config refuses it at construction, not when edited
+    with pytest.raises(ValueError, match="no_rope_layers has 1 entries.*num_hidden_layers=2"):
+        smollm3.CausalLM(config)
+    config = tiny_config("smollm3", VOCAB, layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(ValueError, match="sliding_attention.*sliding_window is None"):  # transformers: at forward
+        smollm3.CausalLM(config)
+    config = tiny_config("gpt_neo", VOCAB)
+    config.attention_layers = ["global", "sparse"]
+    with pytest.raises(ValueError, match="attention_layers.*sparse"):
+        get_family("gpt_neo").CausalLM(config)
+    config.attention_layers = ["global"]
+    with pytest.raises(ValueError, match="attention_layers has 1 entries.*num_layers=2"):
+        get_family("gpt_neo").CausalLM(config)
+
+
+def test_olmo2_rmsnorm_scales_in_fp32_like_transformers():
+    """OLMo 2's RMSNorm multiplies the fp32 normed value by the weight and casts after; Llama's casts first. In bf16
+    the switch gives transformers' ``Olmo2RMSNorm`` bit for bit (without it, ~25% of the values differ)."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    from itersft_jax.models.decoder import RMSNorm
+
+    rng = np.random.default_rng(0)
+    x = 3 * rng.normal(size=(64, 256)).astype(np.float32)
+    w = (1 + 0.5 * rng.normal(size=(256,))).astype(np.float32)
+    theirs = Olmo2RMSNorm(256, 1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.tensor(w))
+        expected = theirs(torch.tensor(x).to(torch.bfloat16)).float().numpy()
+    ours = RMSNorm(256, 1e-6, gemma=False, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scale_fp32=True)
+    ours.weight[...] = jnp.asarray(w, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(ours(jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32)), expected)
 
 
 # ----------------------------------------------------------------------------- remat

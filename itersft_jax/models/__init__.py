@@ -40,6 +40,9 @@ FAMILIES = {
     "gemma": ("gemma", "gemma2", "gemma3_text"),
     "gpt2": ("gpt2",),
     "opt": ("opt",),
+    "olmo2": ("olmo2",),
+    "smollm3": ("smollm3",),
+    "gpt_neo": ("gpt_neo",),
 }
 _FAMILY_OF_TYPE = {model_type: family for family, types in FAMILIES.items() for model_type in types}
 

@@ -1,10 +1,11 @@
-"""The pre-norm RoPE decoder that Llama, Mistral, Qwen2/3, Phi-3 and Gemma 1/2/3 share, in Flax NNX.
+"""The RoPE decoder that Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3, OLMo 2 and SmolLM3 share, in Flax NNX.
 
 One implementation; each family's quirks are switches in ``Spec``, read from its HF config by the family file
-(``llama.py``, ``phi3.py``, ``gemma.py``): biases, q/k RMSNorm, per-layer sliding windows and RoPE variants,
-Gemma's ``(1 + w)`` fp32 RMSNorm, sqrt(D)-scaled embeddings, sandwich norms, ``query_pre_attn_scalar`` and
-soft-caps, and Phi-3's fused ``qkv_proj``/``gate_up_proj`` (split by the weight mapping: the modules are
-Llama's). Parameter paths mirror HF names (``model.layers[i].self_attn.q_proj.kernel`` is
+(``llama.py``, ``phi3.py``, ``gemma.py``, ``olmo2.py``, ``smollm3.py``): biases, q/k RMSNorm (per head, or over the
+whole projection), per-layer sliding windows and RoPE variants (or none: NoPE layers), Gemma's ``(1 + w)`` fp32
+RMSNorm, sqrt(D)-scaled embeddings, sandwich norms, OLMo 2's post-norms, ``query_pre_attn_scalar`` and soft-caps,
+and Phi-3's fused ``qkv_proj``/``gate_up_proj`` (split by the weight mapping: the modules are Llama's).
+Parameter paths mirror HF names (``model.layers[i].self_attn.q_proj.kernel`` is
 ``model.layers.{i}.self_attn.q_proj.weight`` transposed), so the checkpoint layout is a table (``layout``).
 """
 
@@ -44,7 +45,7 @@ class Spec:
     initializer_range: float
     windows: tuple                # per layer: sliding window (int) or None
     ropes: tuple[Rope, ...]       # the distinct RoPE variants (cos/sin computed once per forward each)
-    layer_ropes: tuple[int, ...]  # per layer: index into ``ropes``
+    layer_ropes: tuple[int | None, ...]  # per layer: index into ``ropes``; None: no rotary (SmolLM3's NoPE layers)
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -56,16 +57,21 @@ class Spec:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     fused: bool = False               # HF stores qkv_proj and gate_up_proj fused (Phi-3)
+    qk_norm_full: bool = False        # RMSNorm on the whole q/k projection, before the split into heads (OLMo 2)
+    post_norms: bool = False          # no input norms: attention and MLP outputs normed before the residual (OLMo 2)
+    norm_scale_fp32: bool = False     # RMSNorm scales the fp32 normed value, then casts (OLMo 2; Llama casts first)
 
     @classmethod
-    def read(cls, config, *, act: str, windows: tuple, ropes: tuple[Rope, ...], layer_ropes: tuple[int, ...],
-             **switches) -> Spec:
+    def read(cls, config, *, act: str, windows: tuple, ropes: tuple[Rope, ...],
+             layer_ropes: tuple[int | None, ...], **switches) -> Spec:
         """The fields every family reads the same way; the family gives the rest."""
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         if heads % kv_heads:
             raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
         activation(act)  # fail at construction on an unknown name
+        if switches.get("qk_norm") and switches.get("qk_norm_full"):
+            raise ValueError("qk_norm (per head) and qk_norm_full (whole projection) exclude each other")
         return cls(
             vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
             num_layers=config.num_hidden_layers, num_heads=heads, num_kv_heads=kv_heads,
@@ -92,22 +98,25 @@ def layer_windows(config, supported=("full_attention", "sliding_attention")) -> 
 
 class RMSNorm(nnx.Module):
     """HF's RMSNorm: normalize in fp32; Llama casts back and scales by ``w``, Gemma scales by ``1 + w`` in fp32
-    and casts back."""
+    and casts back, OLMo 2 (``scale_fp32``) scales by ``w`` in fp32 and casts back."""
 
-    def __init__(self, dim: int, eps: float, *, gemma: bool, dtype, param_dtype):
+    def __init__(self, dim: int, eps: float, *, gemma: bool, dtype, param_dtype, scale_fp32: bool = False):
         self.weight = nnx.Param((jnp.zeros if gemma else jnp.ones)((dim,), param_dtype))
-        self.eps, self.gemma, self.dtype = eps, gemma, dtype
+        self.eps, self.gemma, self.dtype, self.scale_fp32 = eps, gemma, dtype, scale_fp32
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.gemma:
             return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        if self.scale_fp32:
+            return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
         return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
 def _norm(spec: Spec, dim: int, kw: dict) -> RMSNorm:
-    return RMSNorm(dim, spec.norm_eps, gemma=spec.gemma_norm, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
+    return RMSNorm(dim, spec.norm_eps, gemma=spec.gemma_norm, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
+                   scale_fp32=spec.norm_scale_fp32)
 
 
 def _init(spec: Spec):
@@ -127,20 +136,26 @@ class Attention(nnx.Module):
         self.o_proj = _linear(spec, n * h, d, spec.o_bias, kw)
         if spec.qk_norm:
             self.q_norm, self.k_norm = _norm(spec, h, kw), _norm(spec, h, kw)
-        self.qk_norm = spec.qk_norm
+        elif spec.qk_norm_full:
+            self.q_norm, self.k_norm = _norm(spec, n * h, kw), _norm(spec, k * h, kw)
+        self.qk_norm, self.qk_norm_full = spec.qk_norm, spec.qk_norm_full
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.scale = spec.query_scale if spec.query_scale is not None else h ** -0.5
         self.window, self.softcap, self.rope = spec.windows[layer_idx], spec.attn_softcap, spec.layer_ropes[layer_idx]
 
     def __call__(self, x_BTD, kv, ctx, cos_sins):
         b, t, _ = x_BTD.shape
-        q_BTNH = dense(self.q_proj, x_BTD).reshape(b, t, self.num_heads, self.head_dim)
-        k_BTKH = dense(self.k_proj, x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q_BTF, k_BTF = dense(self.q_proj, x_BTD), dense(self.k_proj, x_BTD)
+        if self.qk_norm_full:
+            q_BTF, k_BTF = self.q_norm(q_BTF), self.k_norm(k_BTF)
+        q_BTNH = q_BTF.reshape(b, t, self.num_heads, self.head_dim)
+        k_BTKH = k_BTF.reshape(b, t, self.num_kv_heads, self.head_dim)
         v_BTKH = dense(self.v_proj, x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
-        cos_BTR, sin_BTR = cos_sins[self.rope]
-        q_BTNH, k_BTKH = apply_rope(q_BTNH, cos_BTR, sin_BTR), apply_rope(k_BTKH, cos_BTR, sin_BTR)
+        if self.rope is not None:  # None: a NoPE layer (SmolLM3)
+            cos_BTR, sin_BTR = cos_sins[self.rope]
+            q_BTNH, k_BTKH = apply_rope(q_BTNH, cos_BTR, sin_BTR), apply_rope(k_BTKH, cos_BTR, sin_BTR)
         out_BTNH, kv = attention(q_BTNH, k_BTKH, v_BTKH, kv, ctx, scale=self.scale, window=self.window,
                                  softcap=self.softcap)
         return dense(self.o_proj, out_BTNH.reshape(b, t, -1)), kv
@@ -162,20 +177,28 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     """Pre-norm block; with ``sandwich_norms`` (Gemma 2/3) the attention and MLP outputs are normed too, and HF's
-    ``post_attention_layernorm`` is that output norm rather than the MLP's input norm."""
+    ``post_attention_layernorm`` is that output norm rather than the MLP's input norm. With ``post_norms``
+    (OLMo 2) only the outputs are normed: ``post_attention_layernorm`` and ``post_feedforward_layernorm``."""
 
     def __init__(self, spec: Spec, layer_idx: int, kw: dict):
         d = spec.hidden_size
         self.self_attn = Attention(spec, layer_idx, kw)
         self.mlp = MLP(spec, kw)
-        self.input_layernorm = _norm(spec, d, kw)
+        self.post_norms = spec.post_norms
+        if not self.post_norms:
+            self.input_layernorm = _norm(spec, d, kw)
         self.post_attention_layernorm = _norm(spec, d, kw)
         self.sandwich = spec.sandwich_norms
         if self.sandwich:
             self.pre_feedforward_layernorm = _norm(spec, d, kw)
+        if self.sandwich or self.post_norms:
             self.post_feedforward_layernorm = _norm(spec, d, kw)
 
     def __call__(self, h_BTD, kv, ctx, cos_sins):
+        if self.post_norms:
+            attn_BTD, kv = self.self_attn(h_BTD, kv, ctx, cos_sins)
+            h_BTD = h_BTD + self.post_attention_layernorm(attn_BTD)
+            return h_BTD + self.post_feedforward_layernorm(self.mlp(h_BTD)), kv
         attn_BTD, kv = self.self_attn(self.input_layernorm(h_BTD), kv, ctx, cos_sins)
         if self.sandwich:
             h_BTD = h_BTD + self.post_attention_layernorm(attn_BTD)
@@ -277,9 +300,14 @@ def layout(spec: Spec, family: str) -> mapping.Layout:
         rows += mapping.linear(f"{hf}self_attn.o_proj", (*attn, "o_proj"), nh, d, spec.o_bias)
         rows += mapping.linear(f"{hf}mlp.down_proj", (*mlp, "down_proj"), f, d, spec.mlp_bias)
         norms = [("self_attn.q_norm", spec.head_dim), ("self_attn.k_norm", spec.head_dim)] if spec.qk_norm else []
-        norms += [("input_layernorm", d), ("post_attention_layernorm", d)]
+        if spec.qk_norm_full:
+            norms += [("self_attn.q_norm", nh), ("self_attn.k_norm", kh)]
+        norms += [] if spec.post_norms else [("input_layernorm", d)]
+        norms += [("post_attention_layernorm", d)]
         if spec.sandwich_norms:
             norms += [("pre_feedforward_layernorm", d), ("post_feedforward_layernorm", d)]
+        elif spec.post_norms:
+            norms += [("post_feedforward_layernorm", d)]
         rows += [mapping.tensor(f"{hf}{name}.weight", (*path, *name.split("."), "weight"), (dim,))
                  for name, dim in norms]
     rows.append(mapping.tensor("model.norm.weight", ("model", "norm", "weight"), (d,)))

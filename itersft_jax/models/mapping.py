@@ -127,3 +127,17 @@ def params_to_hf(params: dict, layout: Layout) -> dict[str, np.ndarray]:
                              f"config expects {row.shape}")
         out[row.name] = array
     return out
+
+
+def converters(layout_of):
+    """``(params_from_hf, params_to_hf, hf_layout)`` of a family whose checkpoint table is ``layout_of(config)``."""
+
+    def to_params(tensors: dict[str, np.ndarray], config) -> dict:
+        """HF state-dict names -> the nested pure dict of ``nnx.state(model, nnx.Param)`` (checkpoint dtype)."""
+        return params_from_hf(tensors, layout_of(config))
+
+    def to_hf(params: dict, config) -> dict[str, np.ndarray]:
+        """The inverse of ``params_from_hf``: numpy arrays under HF names (a tied head is not written)."""
+        return params_to_hf(params, layout_of(config))
+
+    return to_params, to_hf, layout_of

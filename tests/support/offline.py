@@ -94,6 +94,20 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
                   dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, **common)
         kw.update(overrides)
         return tf.OPTConfig(**kw)
+    if model_type in ("olmo2", "smollm3"):  # smollm3: 2 layers, so its default has no NoPE layer (every 4th)
+        kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, **common)
+        if model_type == "olmo2":
+            kw["tie_word_embeddings"] = False
+        kw.update(overrides)
+        return {"olmo2": tf.Olmo2Config, "smollm3": tf.SmolLM3Config}[model_type](**kw)
+    if model_type == "gpt_neo":  # one global and one local layer; the window is wider than the tests' rows
+        # q.k is not scaled: weights of std 0.1 (not 0.02) make the attention far from uniform, so that a wrong
+        # scale or window changes the logits by far more than the tests' tolerance
+        kw = dict(hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=256,
+                  attention_types=[[["global", "local"], 1]], window_size=256, initializer_range=0.1, **common)
+        kw.update(overrides)
+        return tf.GPTNeoConfig(**kw)
     if model_type == "bart":
         kw = dict(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96,
