@@ -26,7 +26,7 @@ from itersft_jax.shared.weight_files import (
 )
 
 # The model types transformers had Flax causal-LM classes for, among our families.
-FLAX_MODEL_TYPES = ("gemma", "gpt2", "llama", "mistral", "opt")
+FLAX_MODEL_TYPES = ("gemma", "gpt2", "gptj", "llama", "mistral", "opt")
 # Families whose Flax class has no tied head: ``lm_head`` is always in the tree, even when the config ties it.
 HEAD_ALWAYS_IN_TREE = ("llama", "mistral")
 

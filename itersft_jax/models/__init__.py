@@ -40,6 +40,8 @@ FAMILIES = {
     "gemma": ("gemma", "gemma2", "gemma3_text"),
     "gpt2": ("gpt2",),
     "opt": ("opt",),
+    "gpt_neox": ("gpt_neox",),
+    "gptj": ("gptj",),
 }
 _FAMILY_OF_TYPE = {model_type: family for family, types in FAMILIES.items() for model_type in types}
 
