@@ -169,6 +169,9 @@ def hf_to_flax(tensors: dict[str, np.ndarray], hf_config) -> dict:
     if model_type not in FLAX_MODEL_TYPES:
         raise ValueError(f"flax_format: transformers had Flax classes for {', '.join(FLAX_MODEL_TYPES)}, "
                          f"not {model_type!r}; save safetensors only")
+    if model_type == "gptj" and getattr(hf_config, "tie_word_embeddings", False):
+        raise ValueError("flax_format: transformers' Flax GPT-J cannot run a tied head (FlaxGPTJForCausalLM applies "
+                         "lm_head without its bias); save safetensors only, or untie the head")
     paths = flax_paths(get_family(model_type).hf_layout(hf_config))
     flat = {}
     for name, array in tensors.items():
