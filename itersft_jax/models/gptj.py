@@ -5,8 +5,6 @@ Matches ``transformers.GPTJForCausalLM``: one LayerNorm (``ln_1``) feeding atten
 ``rotary_dim`` dims of each head in GPT-J's interleaved layout (``rotate_every_two``: dims ``2i`` and ``2i + 1`` turn
 together, ``rope.Rope(interleaved=True)``), base 10000, no scaling; an MLP ``fc_in``/``fc_out`` with biases; an
 output head with a bias (``lm_head.bias``, kept when ``tie_word_embeddings`` ties its weight to ``wte``).
-
-``rotary_dim=None`` makes transformers rotate ``hidden_size`` dims, which only fits one head: refused for more.
 """
 
 from __future__ import annotations
@@ -34,12 +32,12 @@ def _tied(config) -> bool:
 
 
 def rope_of(config) -> Rope:
-    """GPT-J's rotary embedding: ``rotary_dim`` dims of each head (``None``: ``hidden_size``), interleaved."""
+    """GPT-J's rotary embedding: the first ``rotary_dim`` dims of each head, interleaved."""
     head_dim = config.hidden_size // config.num_attention_heads
-    rotary_dim = config.rotary_dim or config.hidden_size
+    rotary_dim = int(config.rotary_dim)
     if rotary_dim > head_dim or rotary_dim % 2:
         raise ValueError(f"rotary_dim={config.rotary_dim} must be even and at most the head size {head_dim} "
-                         f"(hidden_size / num_attention_heads) on the JAX backend; use backend='torch'.")
+                         f"(hidden_size / num_attention_heads), as transformers' GPT-J needs too")
     return Rope("default", _ROPE_THETA, rotary_dim, (), int(config.max_position_embeddings), interleaved=True)
 
 
