@@ -381,7 +381,7 @@ class IterativeSFTTrainer(TrainerShell):
         ``AutoModelForCausalLM.from_pretrained`` loads; with LoRA, a PEFT adapter directory
         (``adapter_config.json``, ``adapter_model.safetensors``, tokenizer) that ``PeftModel.from_pretrained(base,
         dir)`` loads (see ``merge_and_save`` for a merged model). ``flax_format=True`` also writes
-        ``flax_model.msgpack`` for transformers 4.x's Flax classes (Llama, Mistral, Gemma, GPT-2, OPT)."""
+        ``flax_model.msgpack`` for transformers 4.x's Flax classes (``io.flax_weights.FLAX_MODEL_TYPES``)."""
         output_dir = check_model_target(self.args.output_dir if output_dir is None else output_dir, "output_dir",
                                         output_dir=self.args.output_dir)
         if flax_format and self.adapters is not None:

@@ -115,16 +115,27 @@ CASES = {
     "gpt_neo-local4-untied-inner-relu": ("gpt_neo", {"attention_types": [[["local"], 2]], "window_size": 4,
                                                      "tie_word_embeddings": False, "intermediate_size": 96,
                                                      "activation_function": "relu"}, {"window_size": 256}),
+    # Pythia's shape (parallel residual, rotary on 4 of 16 dims); without: rotary on every dim
+    "gpt_neox": ("gpt_neox", {}, {"rotary_pct": 1.0}),
+    "gpt_neox-sequential-tied-nobias": ("gpt_neox", {"use_parallel_residual": False, "attention_bias": False,
+                                                     "tie_word_embeddings": True}, {"use_parallel_residual": True}),
+    "gpt_neox-rope-linear": ("gpt_neox", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}, "rotary_pct": 0.5},
+                             {"rope_scaling": None}),
+    "gptj": ("gptj", {}, None),  # interleaved rotary on the whole 16-dim head
+    "gptj-rotary8-tied": ("gptj", {"rotary_dim": 8, "tie_word_embeddings": True, "activation_function": "gelu"},
+                          {"rotary_dim": 16}),
 }
 GENERATE = ["llama-rope-dynamic", "llama-rope-longrope", "qwen3-tied-window8", "gpt2-default", "opt-350m-like",
             "gemma2-softcaps", "gemma3-global-rope-linear-softcap", "phi3-longrope", "olmo2-bias-tied",
-            "smollm3-nope-window8-untied-bias", "gpt_neo-local8"]
+            "smollm3-nope-window8-untied-bias", "gpt_neo-local8", "gpt_neox", "gptj-rotary8-tied"]
+# one case per new family (the one with the most options): a save round trip tests the checkpoint table
 SAVE = ["llama-untied", "qwen3-tied-window8", "gpt2-default", "gpt2-untied-gelu-eps", "opt-350m-like",
         "opt-nobias-noaffine", "opt-untied-no-final-ln", "gemma-untied-bias", "gemma2-softcaps", "gemma3",
-        "phi3-partial-window8", "olmo2", "olmo2-bias-tied", "smollm3", "smollm3-nope-window8-untied-bias",
-        "gpt_neo-local8", "gpt_neo-local4-untied-inner-relu"]
+        "phi3-partial-window8", "olmo2-bias-tied", "smollm3-nope-window8-untied-bias",
+        "gpt_neo-local4-untied-inner-relu", "gpt_neox-sequential-tied-nobias", "gptj-rotary8-tied"]
 # offline.tiny_config defaults
-PARITY = ["llama", "qwen2", "gpt2", "opt", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3", "gpt_neo"]
+PARITY = ["llama", "qwen2", "gpt2", "opt", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3", "gpt_neo", "gpt_neox",
+          "gptj"]
 
 
 @functools.cache
@@ -282,7 +293,7 @@ def _greedy_next(trainer, tokenizer, jax_side):
     return out
 
 
-def _split_key_bias(name, value, ref):
+def _split_key_bias(name, value, ref, num_heads=None):
     """Separate attention key-bias entries (zero gradient in exact arithmetic) from the rest."""
     if name.endswith("k_proj.bias"):
         return value[:0], ref[:0], (value, ref)
@@ -290,6 +301,10 @@ def _split_key_bias(name, value, ref):
         d = value.shape[0] // 3
         keep = np.r_[0:d, 2 * d:3 * d]
         return value[keep], ref[keep], (value[d:2 * d], ref[d:2 * d])
+    if name.endswith("query_key_value.bias"):  # GPT-NeoX's fused bias, per head: [q_h | k_h | v_h]
+        part = np.broadcast_to(np.arange(3)[None, :, None], (num_heads, 3, value.shape[0] // (3 * num_heads)))
+        is_key = part.reshape(-1) == 1
+        return value[~is_key], ref[~is_key], (value[is_key], ref[is_key])
     return value, ref, None
 
 
@@ -307,8 +322,11 @@ def test_jax_and_torch_backends_agree(model_type, tiny_model_dir, tokenizer, tmp
     jax_params = family.params_to_hf(jax.device_get(nnx.to_pure_dict(jax_trainer.params)), jax_trainer.config)
     torch_params = {k: v.detach().float().numpy() for k, v in torch_trainer.model.state_dict().items()}
     assert jax_params, "no parameters mapped"
+    if "embed_out.weight" in jax_params:  # GPT-NeoX: the module is lm_head, save_pretrained writes embed_out
+        torch_params["embed_out.weight"] = torch_params.pop("lm_head.weight")
     for name, value in jax_params.items():
-        value, ref, key_bias = _split_key_bias(name, value, torch_params[name])
+        value, ref, key_bias = _split_key_bias(name, value, torch_params[name],
+                                               getattr(jax_trainer.config, "num_attention_heads", None))
         if value.size:
             rel = np.linalg.norm(value - ref) / max(np.linalg.norm(ref), 1e-12)
             assert rel <= 1e-4, f"{name}: relative difference {rel:.2e}"

@@ -23,7 +23,7 @@ from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.io import flax_weights, weights
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "flax")
-FAMILIES = ("llama", "mistral", "gemma", "gpt2", "opt", "gpt_neo")
+FAMILIES = ("llama", "mistral", "gemma", "gpt2", "opt", "gpt_neo", "gptj")
 TOLERANCE = 1e-5
 
 
@@ -222,7 +222,7 @@ def test_msgpack_of_unsupported_family_names_the_supported_ones(tmp_path, model_
     else:
         tiny_config(model_type, 96, hidden_size=16, intermediate_size=32).save_pretrained(tmp_path)
     shutil.copy(os.path.join(FIXTURES, "llama", "flax_model.msgpack"), tmp_path)
-    with pytest.raises(ValueError, match=f"{model_type}.*gemma, gpt2, llama, mistral, opt"):
+    with pytest.raises(ValueError, match=f"{model_type}.*{', '.join(flax_weights.FLAX_MODEL_TYPES)}"):
         weights.load_model(str(tmp_path))
 
 
@@ -253,9 +253,20 @@ def test_flax_format_refused_for_a_family_without_flax_classes(tmp_path):
     from itersft_jax.models import get_family
 
     model = get_family("qwen2").CausalLM(config, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="flax_format.*gemma, gpt2, llama, mistral, opt"):
+    with pytest.raises(ValueError, match=f"flax_format.*{', '.join(flax_weights.FLAX_MODEL_TYPES)}"):
         weights.save_pretrained(model, config, tmp_path / "out", flax_format=True)
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")  # refused before any write
+
+
+def test_flax_format_refused_for_a_tied_gptj(tmp_path):
+    """transformers' Flax GPT-J applies a tied head without its bias and fails: no such file is written."""
+    config = tiny_config("gptj", 96, n_embd=16, n_head=2, n_inner=32, rotary_dim=4, tie_word_embeddings=True)
+    from itersft_jax.models import get_family
+
+    model = get_family("gptj").CausalLM(config, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="flax_format: transformers' Flax GPT-J cannot run a tied head"):
+        weights.save_pretrained(model, config, tmp_path / "out", flax_format=True)
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
 def test_torch_backend_refuses_flax_only_dir_pointing_to_jax(tmp_path):

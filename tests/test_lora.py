@@ -224,6 +224,26 @@ def test_torch_backend_wraps_the_model_with_peft_config(tmp_path, tokenizer):
     assert changed and all("lora_" in k for k in changed)
 
 
+def test_all_linear_on_gpt_neox_adapts_the_fused_qkv_and_not_embed_out(tmp_path, tokenizer):
+    # GPT-NeoX's query_key_value stays one layer (per-head q|k|v rows, HF's layout), so its adapter is PEFT's; the
+    # head, saved as embed_out, is the output layer all-linear leaves out.
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = save_tiny_model(tmp_path / "neox", "gpt_neox", tokenizer)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+    trainer = IterativeSFTTrainer(base_dir, args=_args(tmp_path, "jax"), peft_config=config)
+    adapted = sorted({name.split(".")[-1] for name in trainer.adapters.targets})
+    assert adapted == ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
+    trainer.step(texts=TEXTS)
+    saved = trainer.save_model(str(tmp_path / "adapter"))
+    ids = np.asarray([tokenizer("hello world, the quick brown fox").input_ids])
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), saved).eval()
+    with torch.no_grad():
+        got = peft_model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(got, _logits_jax(trainer, ids), atol=1e-4)
+
+
 def test_peft_defaults_and_a_base_built_in_the_compute_dtype(tmp_path, tokenizer):
     # As get_peft_model on the torch backend: target_modules=None takes PEFT's default for the architecture, and
     # init_lora_weights=False leaves B at nn.Linear(r, out)'s init, U(-1/sqrt(r), 1/sqrt(r)). With bf16 the frozen

@@ -166,3 +166,44 @@ def test_token_logprobs_and_their_gradients_equal_a_float64_reference(transposed
     assert logp.shape == (B, T) and logp.dtype == jnp.float32
     assert rel(logp.reshape(-1), ref.detach().numpy()) < 1e-5
     assert rel(d_h, th.grad.numpy()) < 1e-5 and rel(d_w, tw.grad.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("softcap, chunk", [(None, 8), (3.0, None)])
+def test_head_bias_in_the_loss_logprobs_and_logits_equals_a_float64_reference(softcap, chunk):
+    """An output head with a bias (GPT-J's ``lm_head``): the fused loss (its evaluation path too), ``token_logprobs``
+    and ``head_logits`` equal float64 torch autodiff through ``h @ W + b`` within 1e-5 relative, gradients w.r.t.
+    ``h``, ``W`` and ``b`` included (chunks of 8 with a ragged last one, and one chunk)."""
+    from itersft_jax.core.loss import token_logprobs
+    from itersft_jax.models.layers import head_logits
+
+    h, w, labels = inputs(seed=4)
+    b = jax.random.normal(jax.random.key(5), (V,))
+    targets = jnp.where(labels < 0, 0, labels)
+    g = jax.random.normal(jax.random.key(6), (B, T))
+
+    def ours(h, w, b):
+        head = LMHead(w, False, softcap, jnp.float32, b)
+        loss, _ = causal_lm_loss(h, head, labels, label_smoothing=0.1, chunk_size=chunk)
+        return loss + jnp.sum(g * token_logprobs(h, head, targets, chunk_size=chunk)), loss
+
+    (_, loss), grads = jax.value_and_grad(ours, argnums=(0, 1, 2), has_aux=True)(h, w, b)
+    eval_loss = jax.jit(lambda h, w, b: ours(h, w, b)[1])(h, w, b)
+
+    th, tw, tb = (torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=True) for x in (h, w, b))
+    logits = th.reshape(-1, D) @ tw + tb
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    shifted = torch.tensor(np.concatenate([np.asarray(labels)[:, 1:], np.full((B, 1), -100)], 1)).reshape(-1)
+    ref_loss = torch.nn.functional.cross_entropy(logits, shifted.long(), ignore_index=-100, reduction="sum",
+                                                 label_smoothing=0.1)
+    logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(np.asarray(targets)).reshape(-1, 1).long())[:, 0]
+    (ref_loss + (torch.tensor(np.asarray(g), dtype=torch.float64).reshape(-1) * logp).sum()).backward()
+
+    def rel64(a, ref):
+        ref = np.asarray(ref)
+        return np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max()
+
+    assert rel64(loss, ref_loss.item()) < 1e-5 and rel64(eval_loss, ref_loss.item()) < 1e-5
+    for got, ref in zip(grads, (th, tw, tb)):
+        assert got.shape == ref.shape and rel64(got, ref.grad.numpy()) < 1e-5
+    assert rel64(head_logits(LMHead(w, False, softcap, jnp.float32, b), h).reshape(-1, V), logits.detach()) < 1e-5

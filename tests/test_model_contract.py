@@ -61,6 +61,34 @@ def test_checkpoints_without_the_canonical_prefix_and_with_buffers_load():
                      family.params_from_hf(tensors, hf.config))
 
 
+def test_gpt_neox_and_gptj_checkpoint_names():
+    """GPT-NeoX's head is ``embed_out`` in files and ``lm_head`` in memory; a ``GPTNeoXModel`` checkpoint lacks the
+    ``gpt_neox.`` prefix; old Pythia and GPT-J files carry causal-mask and rotary buffers: all load the same."""
+    hf = tiny_model("gpt_neox", VOCAB)
+    family, in_memory = get_family("gpt_neox"), weights.state_dict_to_numpy(hf)
+    assert "lm_head.weight" in in_memory and "embed_out.weight" not in in_memory
+    saved = family.params_to_hf(family.params_from_hf(in_memory, hf.config), hf.config)
+    assert "embed_out.weight" in saved and "lm_head.weight" not in saved
+    old = {k.removeprefix("gpt_neox."): v for k, v in saved.items()}
+    old.update({"layers.0.attention.bias": np.ones((1, 1, 4, 4), bool), "layers.0.attention.masked_bias":
+                np.float32(-1e9), "layers.0.attention.rotary_emb.inv_freq": np.ones(2, np.float32)})
+    jax.tree.map(np.testing.assert_array_equal, family.params_from_hf(in_memory, hf.config),
+                 family.params_from_hf(old, hf.config))
+    hf = tiny_model("gptj", VOCAB)
+    family, tensors = get_family("gptj"), weights.state_dict_to_numpy(hf)
+    buffers = {"transformer.h.0.attn.bias": np.ones((1, 1, 4, 4), bool), "transformer.h.0.attn.masked_bias":
+               np.float32(-1e9)}
+    jax.tree.map(np.testing.assert_array_equal, family.params_from_hf(tensors, hf.config),
+                 family.params_from_hf({**tensors, **buffers}, hf.config))
+
+
+def test_gptj_rotary_dim_that_cannot_run_is_refused():
+    family = get_family("gptj")
+    for rotary_dim in (18, 7):
+        with pytest.raises(ValueError, match=f"rotary_dim={rotary_dim} must be even and at most the head size 16"):
+            family.CausalLM(tiny_config("gptj", VOCAB, rotary_dim=rotary_dim))
+
+
 @pytest.mark.parametrize("model_type,name", [("llama", "model.layers.1.mlp.up_proj.weight"),
                                              ("gpt2", "transformer.h.1.mlp.c_fc.weight"),
                                              ("opt", "model.decoder.layers.1.fc1.weight"),

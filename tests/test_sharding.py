@@ -121,3 +121,33 @@ def test_loading_goes_straight_into_the_sharded_layout(sharded_run):
     # load_model(mesh=...) puts every parameter on its slices (matrices split, norms whole), same values.
     loaded = sharded_run[1]["loaded_sharded"]
     assert loaded["equal"] and loaded["split"] >= loaded["total"] // 2, loaded
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gptj"])
+def test_rule_table_names_every_matrix_of_gpt_neox_and_gptj(model_type):
+    """Every 2-D parameter has a rule (none falls back to the default), projections split Megatron-style — NeoX's
+    per-head fused query_key_value by its output columns, which keeps whole heads on a device."""
+    import jax
+    from flax import nnx
+    from offline import tiny_config
+
+    from itersft_jax.models import get_family
+    from itersft_jax.parallel.sharding import logical_axes, path_name
+
+    model = nnx.eval_shape(lambda: get_family(model_type).CausalLM(tiny_config(model_type, 320)))
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    axes = {path_name(path): logical_axes(path_name(path), leaf.ndim) for path, leaf in flat if leaf.ndim == 2}
+    expected = {
+        "gpt_neox": {"gpt_neox/embed_in/embedding": ("vocab", "embed"), "lm_head/kernel": ("embed", "vocab"),
+                     "gpt_neox/layers/attention/query_key_value/kernel": ("embed", "hidden"),
+                     "gpt_neox/layers/attention/dense/kernel": ("hidden", "embed"),
+                     "gpt_neox/layers/mlp/dense_h_to_4h/kernel": ("embed", "hidden"),
+                     "gpt_neox/layers/mlp/dense_4h_to_h/kernel": ("hidden", "embed")},
+        "gptj": {"transformer/wte/embedding": ("vocab", "embed"), "lm_head/kernel": ("embed", "vocab"),
+                 **{f"transformer/h/attn/{p}/kernel": ("embed", "hidden") for p in ("q_proj", "k_proj", "v_proj")},
+                 "transformer/h/attn/out_proj/kernel": ("hidden", "embed"),
+                 "transformer/h/mlp/fc_in/kernel": ("embed", "hidden"),
+                 "transformer/h/mlp/fc_out/kernel": ("hidden", "embed")},
+    }[model_type]
+    assert axes == expected
+    assert logical_axes("lm_head/bias", 1) == ("vocab",)  # GPT-J's head bias follows the vocabulary split

@@ -95,8 +95,8 @@ def weighted_xent(h_BTD: jax.Array, head: LMHead, targets_BT: jax.Array, weights
         targets_N, weights_N = jnp.pad(targets_N, (0, padded - n)), jnp.pad(weights_N, (0, padded - n))
     spec = _Spec(head.transposed, head.softcap, jnp.dtype(head.dtype), float(label_smoothing), chunk, logprobs)
     if not logprobs:
-        return _fused_xent(h_ND, head.weight, targets_N, weights_N, spec)
-    loss, logp_N = _fused_xent(h_ND, head.weight, targets_N, weights_N, spec)
+        return _fused_xent(h_ND, head.weight, head.bias, targets_N, weights_N, spec)
+    loss, logp_N = _fused_xent(h_ND, head.weight, head.bias, targets_N, weights_N, spec)
     return loss, jax.lax.stop_gradient(logp_N)[:n].reshape(h_BTD.shape[:-1])
 
 
@@ -109,62 +109,68 @@ class _Spec(NamedTuple):  # the static part of the fused loss (hashable: a nondi
     logprobs: bool = False  # the fused loss also returns each token's log-probability (no gradient through it)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_xent(h_ND, w, targets_N, weights_N, spec: _Spec):
-    """``sum(weights * smoothed_xent(softcap(h @ w), targets))`` over chunks of ``spec.chunk`` rows (and with
-    ``spec.logprobs`` each row's log-probability: ``(loss, logp_N)``)."""
-    loss, _, _, logp_N = _over_chunks(h_ND, w, targets_N, weights_N, spec, with_grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused_xent(h_ND, w, b, targets_N, weights_N, spec: _Spec):
+    """``sum(weights * smoothed_xent(softcap(h @ w + b), targets))`` over chunks of ``spec.chunk`` rows (``b``: the
+    head's bias or None; with ``spec.logprobs`` also each row's log-probability: ``(loss, logp_N)``)."""
+    loss, _, _, _, logp_N = _over_chunks(h_ND, w, b, targets_N, weights_N, spec, with_grads=False)
     return (loss, logp_N) if spec.logprobs else loss
 
 
-def _fused_xent_fwd(h_ND, w, targets_N, weights_N, spec):
-    loss, d_h_ND, d_w, logp_N = _over_chunks(h_ND, w, targets_N, weights_N, spec, with_grads=True)
-    return ((loss, logp_N) if spec.logprobs else loss), (d_h_ND, d_w)
+def _fused_xent_fwd(h_ND, w, b, targets_N, weights_N, spec):
+    loss, d_h_ND, d_w, d_b, logp_N = _over_chunks(h_ND, w, b, targets_N, weights_N, spec, with_grads=True)
+    return ((loss, logp_N) if spec.logprobs else loss), (d_h_ND, d_w, d_b)
 
 
 def _fused_xent_bwd(spec, residuals, g):
     if spec.logprobs:
         g = g[0]  # the logprobs output carries no gradient
-    d_h_ND, d_w = residuals
-    return (d_h_ND * g).astype(d_h_ND.dtype), (d_w * g).astype(d_w.dtype), None, None
+    d_h_ND, d_w, d_b = residuals
+    d_b = None if d_b is None else (d_b * g).astype(d_b.dtype)
+    return (d_h_ND * g).astype(d_h_ND.dtype), (d_w * g).astype(d_w.dtype), d_b, None, None
 
 
 _fused_xent.defvjp(_fused_xent_fwd, _fused_xent_bwd)
 
 
-def _over_chunks(h_ND, w, targets_N, weights_N, spec, with_grads):
-    """(loss, dh, dW, logp) of the unit cotangent; dh, dW are None without ``with_grads``, logp [N] None without
-    ``spec.logprobs``. One chunk: no loop."""
+def _over_chunks(h_ND, w, b, targets_N, weights_N, spec, with_grads):
+    """(loss, dh, dW, db, logp) of the unit cotangent; dh, dW, db are None without ``with_grads`` (db also without a
+    bias ``b``), logp [N] None without ``spec.logprobs``. One chunk: no loop."""
     w_c = w.astype(spec.dtype)  # cast once, outside the loop
+    b_f = None if b is None else b.astype(jnp.float32)
     n, d = h_ND.shape
     if n == spec.chunk:
-        loss, d_h, d_w, logp = _chunk(h_ND, targets_N, weights_N, w_c, spec, with_grads)
-        return loss, d_h, None if d_w is None else d_w.astype(w.dtype), logp
+        loss, d_h, d_w, d_b, logp = _chunk(h_ND, targets_N, weights_N, w_c, b_f, spec, with_grads)
+        return loss, d_h, None if d_w is None else d_w.astype(w.dtype), _cast_like(d_b, b), logp
     k = n // spec.chunk
     xs = (h_ND.reshape(k, spec.chunk, d), targets_N.reshape(k, spec.chunk), weights_N.reshape(k, spec.chunk))
     flat = (lambda a: None) if not spec.logprobs else (lambda a: a.reshape(n))
     if not with_grads:
         def loss_only(loss_acc, x):
-            loss, _, _, logp = _chunk(*x, w_c, spec, False)
+            loss, _, _, _, logp = _chunk(*x, w_c, b_f, spec, False)
             return loss_acc + loss, logp
 
         loss, logp_KC = jax.lax.scan(loss_only, jnp.zeros((), jnp.float32), xs)
-        return loss, None, None, flat(logp_KC)
+        return loss, None, None, None, flat(logp_KC)
 
     def with_grad(carry, x):
-        loss_acc, d_w_acc = carry
-        loss, d_h, d_w, logp = _chunk(*x, w_c, spec, True)
-        return (loss_acc + loss, d_w_acc + d_w), (d_h, logp)
+        loss_acc, d_w_acc, d_b_acc = carry
+        loss, d_h, d_w, d_b, logp = _chunk(*x, w_c, b_f, spec, True)
+        return (loss_acc + loss, d_w_acc + d_w, None if d_b is None else d_b_acc + d_b), (d_h, logp)
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32))
-    (loss, d_w), (d_h_KCD, logp_KC) = jax.lax.scan(with_grad, init, xs)
-    return loss, d_h_KCD.reshape(n, d), d_w.astype(w.dtype), flat(logp_KC)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32), None if b is None else jnp.zeros_like(b_f))
+    (loss, d_w, d_b), (d_h_KCD, logp_KC) = jax.lax.scan(with_grad, init, xs)
+    return loss, d_h_KCD.reshape(n, d), d_w.astype(w.dtype), _cast_like(d_b, b), flat(logp_KC)
 
 
-def _chunk(h_CD, targets_C, weights_C, w_c, spec: _Spec, with_grads: bool):
-    """One chunk: its weighted loss sum, ``with_grads`` ``dh`` ([C, D], h's dtype) and ``dW`` (fp32), and with
-    ``spec.logprobs`` each row's log-probability (else None)."""
-    x_CD, logits_CV, log_z_C1, target_C = _chunk_logits(h_CD, targets_C, w_c, spec)
+def _cast_like(grad, param):
+    return None if grad is None else grad.astype(param.dtype)
+
+
+def _chunk(h_CD, targets_C, weights_C, w_c, b_f, spec: _Spec, with_grads: bool):
+    """One chunk: its weighted loss sum, ``with_grads`` ``dh`` ([C, D], h's dtype), ``dW`` and ``db`` (fp32; db None
+    without a bias ``b_f``), and with ``spec.logprobs`` each row's log-probability (else None)."""
+    x_CD, logits_CV, log_z_C1, target_C = _chunk_logits(h_CD, targets_C, w_c, b_f, spec)
     eps = spec.label_smoothing
     loss_C = log_z_C1[:, 0] - target_C
     logp_C = target_C - log_z_C1[:, 0] if spec.logprobs else None
@@ -172,15 +178,17 @@ def _chunk(h_CD, targets_C, weights_C, w_c, spec: _Spec, with_grads: bool):
         loss_C = log_z_C1[:, 0] - (1.0 - eps) * target_C - eps * jnp.mean(logits_CV, axis=-1)
     loss = jnp.sum(loss_C * weights_C)
     if not with_grads:
-        return loss, None, None, logp_C
-    d_h_CD, d_w = _chunk_grads(x_CD, logits_CV, log_z_C1, targets_C, weights_C, w_c, spec)
-    return loss, d_h_CD.astype(h_CD.dtype), d_w, logp_C
+        return loss, None, None, None, logp_C
+    d_h_CD, d_w, d_b = _chunk_grads(x_CD, logits_CV, log_z_C1, targets_C, weights_C, w_c, b_f is not None, spec)
+    return loss, d_h_CD.astype(h_CD.dtype), d_w, d_b, logp_C
 
 
-def _chunk_logits(h_CD, targets_C, w_c, spec: _Spec):
-    """``(x, logits [C, V] fp32, log Z [C, 1], the targets' logits [C])`` of one chunk (soft-capped)."""
+def _chunk_logits(h_CD, targets_C, w_c, b_f, spec: _Spec):
+    """``(x, logits [C, V] fp32, log Z [C, 1], the targets' logits [C])`` of one chunk (bias added, soft-capped)."""
     x_CD = h_CD.astype(spec.dtype)
     logits_CV = jnp.dot(x_CD, w_c.T if spec.transposed else w_c, preferred_element_type=jnp.float32)
+    if b_f is not None:
+        logits_CV = logits_CV + b_f
     if spec.softcap is not None:
         logits_CV = spec.softcap * jnp.tanh(logits_CV / spec.softcap)
     max_C1 = jnp.max(logits_CV, axis=-1, keepdims=True)
@@ -189,8 +197,9 @@ def _chunk_logits(h_CD, targets_C, w_c, spec: _Spec):
     return x_CD, logits_CV, log_z_C1, target_C
 
 
-def _chunk_grads(x_CD, logits_CV, log_z_C1, targets_C, weights_C, w_c, spec: _Spec):
-    """``dh`` ([C, D], h's dtype) and ``dW`` (fp32) of ``sum(weights * smoothed_xent)`` over one chunk."""
+def _chunk_grads(x_CD, logits_CV, log_z_C1, targets_C, weights_C, w_c, with_bias: bool, spec: _Spec):
+    """``dh`` ([C, D], h's dtype), ``dW`` and ``db`` (fp32; None without a bias) of ``sum(weights * smoothed_xent)``
+    over one chunk."""
     eps = spec.label_smoothing
     vocab_1V = jax.lax.broadcasted_iota(targets_C.dtype, (1, logits_CV.shape[-1]), 1)
     target_dist_CV = (vocab_1V == targets_C[:, None]).astype(jnp.float32)
@@ -206,7 +215,8 @@ def _chunk_grads(x_CD, logits_CV, log_z_C1, targets_C, weights_C, w_c, spec: _Sp
     else:  # w_c is [D, V]
         d_h_CD = jnp.dot(g_CV, w_c.T, preferred_element_type=jnp.float32)
         d_w = jnp.dot(x_CD.T, g_CV, preferred_element_type=jnp.float32)
-    return d_h_CD, d_w  # d_h in fp32: the caller casts it to h's dtype
+    d_b = jnp.sum(d_logits_CV, axis=0) if with_bias else None
+    return d_h_CD, d_w, d_b  # d_h in fp32: the caller casts it to h's dtype
 
 
 # ----------------------------------------------------------------------------- per-token log-probabilities
@@ -233,42 +243,47 @@ def token_logprobs(h_BTD: jax.Array, head: LMHead, targets_BT: jax.Array, *,
     if padded > n:
         h_ND, targets_N = jnp.pad(h_ND, ((0, padded - n), (0, 0))), jnp.pad(targets_N, (0, padded - n))
     spec = _Spec(head.transposed, head.softcap, jnp.dtype(head.dtype), 0.0, chunk)
-    return _logprobs(h_ND, head.weight, targets_N, spec)[:n].reshape(b, t)
+    return _logprobs(h_ND, head.weight, head.bias, targets_N, spec)[:n].reshape(b, t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _logprobs(h_ND, w, targets_N, spec: _Spec):
-    return _logprobs_fwd(h_ND, w, targets_N, spec)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _logprobs(h_ND, w, bias, targets_N, spec: _Spec):
+    return _logprobs_fwd(h_ND, w, bias, targets_N, spec)[0]
 
 
 def _chunks_of(spec: _Spec, *arrays):
     return tuple(a.reshape(a.shape[0] // spec.chunk, spec.chunk, *a.shape[1:]) for a in arrays)
 
 
-def _logprobs_fwd(h_ND, w, targets_N, spec):
+def _logprobs_fwd(h_ND, w, bias, targets_N, spec):
     w_c = w.astype(spec.dtype)
+    b_f = None if bias is None else bias.astype(jnp.float32)
 
     def one(_, x):
         h_CD, targets_C = x
-        _, _, log_z_C1, target_C = _chunk_logits(h_CD, targets_C, w_c, spec)
+        _, _, log_z_C1, target_C = _chunk_logits(h_CD, targets_C, w_c, b_f, spec)
         return None, target_C - log_z_C1[:, 0]
 
     _, logp_KC = jax.lax.scan(one, None, _chunks_of(spec, h_ND, targets_N))
-    return logp_KC.reshape(-1), (h_ND, w, targets_N)
+    return logp_KC.reshape(-1), (h_ND, w, bias, targets_N)
 
 
 def _logprobs_bwd(spec, residuals, g_N):
-    h_ND, w, targets_N = residuals
+    h_ND, w, bias, targets_N = residuals
     w_c = w.astype(spec.dtype)
+    b_f = None if bias is None else bias.astype(jnp.float32)
 
-    def one(d_w_acc, x):  # d(sum g * logp) = the weighted cross-entropy's gradient with weights -g
+    def one(acc, x):  # d(sum g * logp) = the weighted cross-entropy's gradient with weights -g
+        d_w_acc, d_b_acc = acc
         h_CD, targets_C, g_C = x
-        x_CD, logits_CV, log_z_C1, _ = _chunk_logits(h_CD, targets_C, w_c, spec)
-        d_h_CD, d_w = _chunk_grads(x_CD, logits_CV, log_z_C1, targets_C, -g_C.astype(jnp.float32), w_c, spec)
-        return d_w_acc + d_w, d_h_CD.astype(h_CD.dtype)
+        x_CD, logits_CV, log_z_C1, _ = _chunk_logits(h_CD, targets_C, w_c, b_f, spec)
+        d_h_CD, d_w, d_b = _chunk_grads(x_CD, logits_CV, log_z_C1, targets_C, -g_C.astype(jnp.float32), w_c,
+                                        b_f is not None, spec)
+        return (d_w_acc + d_w, None if d_b is None else d_b_acc + d_b), d_h_CD.astype(h_CD.dtype)
 
-    d_w, d_h_KCD = jax.lax.scan(one, jnp.zeros(w.shape, jnp.float32), _chunks_of(spec, h_ND, targets_N, g_N))
-    return d_h_KCD.reshape(h_ND.shape), d_w.astype(w.dtype), None
+    init = (jnp.zeros(w.shape, jnp.float32), None if b_f is None else jnp.zeros_like(b_f))
+    (d_w, d_b), d_h_KCD = jax.lax.scan(one, init, _chunks_of(spec, h_ND, targets_N, g_N))
+    return d_h_KCD.reshape(h_ND.shape), d_w.astype(w.dtype), _cast_like(d_b, bias), None
 
 
 _logprobs.defvjp(_logprobs_fwd, _logprobs_bwd)

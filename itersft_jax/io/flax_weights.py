@@ -26,7 +26,7 @@ from itersft_jax.shared.weight_files import (
 )
 
 # The model types transformers had Flax causal-LM classes for, among our families.
-FLAX_MODEL_TYPES = ("gemma", "gpt2", "llama", "mistral", "opt", "gpt_neo")
+FLAX_MODEL_TYPES = ("gemma", "gpt2", "gptj", "llama", "mistral", "opt", "gpt_neo")
 # Families whose Flax class has no tied head: ``lm_head`` is always in the tree, even when the config ties it.
 HEAD_ALWAYS_IN_TREE = ("llama", "mistral")
 
@@ -169,6 +169,9 @@ def hf_to_flax(tensors: dict[str, np.ndarray], hf_config) -> dict:
     if model_type not in FLAX_MODEL_TYPES:
         raise ValueError(f"flax_format: transformers had Flax classes for {', '.join(FLAX_MODEL_TYPES)}, "
                          f"not {model_type!r}; save safetensors only")
+    if model_type == "gptj" and getattr(hf_config, "tie_word_embeddings", False):
+        raise ValueError("flax_format: transformers' Flax GPT-J cannot run a tied head (FlaxGPTJForCausalLM applies "
+                         "lm_head without its bias); save safetensors only, or untie the head")
     paths = flax_paths(get_family(model_type).hf_layout(hf_config))
     flat = {}
     for name, array in tensors.items():

@@ -43,6 +43,8 @@ FAMILIES = {
     "olmo2": ("olmo2",),
     "smollm3": ("smollm3",),
     "gpt_neo": ("gpt_neo",),
+    "gpt_neox": ("gpt_neox",),
+    "gptj": ("gptj",),
 }
 _FAMILY_OF_TYPE = {model_type: family for family, types in FAMILIES.items() for model_type in types}
 
@@ -65,7 +67,7 @@ def get_family(model_type: str):
 # Model types whose positions come from a learned table of ``max_position_embeddings`` rows (GPT-2's ``n_positions``
 # is an alias of it): a position past the table has no embedding — JAX's lookup gives NaN, torch's an IndexError —
 # so the trainers and the sampler refuse longer sequences. RoPE families take any length, as transformers does.
-LEARNED_POSITIONS = ("gpt2", "opt")
+LEARNED_POSITIONS = ("gpt2", "opt", "gpt_neo")
 
 
 def position_limit(config) -> int | None:

@@ -18,7 +18,8 @@ from itersft_jax.models.remat import normalize_remat, run_layers
 
 
 class CausalLMBase(nnx.Module):
-    """What every family's ``CausalLM`` shares; a family implements ``hidden_states`` and ``head_weight``.
+    """What every family's ``CausalLM`` shares; a family implements ``hidden_states`` and ``head_weight`` (and
+    ``head_bias`` when its head has one).
 
     ``configure`` records the settings resolved once per model: compute dtype, remat policy, attention
     implementation, cache shape and final-logit soft-cap.
@@ -49,10 +50,14 @@ class CausalLMBase(nnx.Module):
         """``(weight, transposed)`` of the output projection (see ``LMHead``)."""
         raise NotImplementedError
 
+    def head_bias(self) -> jax.Array | None:
+        """The output projection's bias ``[V]``, for the families that have one (GPT-J); ``None`` by default."""
+        return None
+
     def head(self) -> LMHead:
         """The output projection as data (see ``LMHead``)."""
         weight, transposed = self.head_weight()
-        return LMHead(weight, transposed, self.final_softcap, self.dtype)
+        return LMHead(weight, transposed, self.final_softcap, self.dtype, self.head_bias())
 
     def __call__(self, input_ids_BT, positions_BT, attention_mask_BS, cache: KVCache | None = None,
                  last_only: bool = False, neftune=None):

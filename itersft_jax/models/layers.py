@@ -16,21 +16,23 @@ from itersft_jax.models.lora import adapter_delta
 
 
 class LMHead(NamedTuple):
-    """The output projection of a causal LM, as data: ``logits = softcap(h @ W)``.
+    """The output projection of a causal LM, as data: ``logits = softcap(h @ W + b)``.
 
     ``weight`` is ``[D, V]`` (an ``nnx.Linear`` kernel) or, with ``transposed``, ``[V, D]`` (a tied embedding
     table); ``softcap`` is Gemma's final-logit soft-capping ``c * tanh(logits / c)`` or ``None``; ``dtype`` is
-    the compute dtype of the product. The loss (``itersft_jax.core.loss``) takes this instead of logits, so it can
-    compute the head chunk by chunk and never hold ``[N, V]``.
+    the compute dtype of the product; ``bias`` is ``[V]`` (GPT-J's ``lm_head``, added in fp32) or ``None``. The
+    loss (``itersft_jax.core.loss``) takes this instead of logits, so it can compute the head chunk by chunk and
+    never hold ``[N, V]``.
     """
 
     weight: jax.Array
     transposed: bool
     softcap: float | None
     dtype: Any
+    bias: jax.Array | None = None
 
 def head_logits(head: LMHead, h_ND: jax.Array, keep_fp32: bool = False) -> jax.Array:
-    """``softcap(h @ W)`` over the flattened leading axes, accumulated in fp32, returned in ``head.dtype``
+    """``softcap(h @ W + b)`` over the flattened leading axes, accumulated in fp32, returned in ``head.dtype``
     (``keep_fp32``: in fp32, the soft-cap too — the sampler's logits, the same numbers as ``token_logprobs``)."""
     lead = h_ND.shape[:-1]
     x = h_ND.reshape(-1, h_ND.shape[-1]).astype(head.dtype)
@@ -39,6 +41,8 @@ def head_logits(head: LMHead, h_ND: jax.Array, keep_fp32: bool = False) -> jax.A
     else:
         w = head.weight.astype(head.dtype)
         logits = jnp.dot(x, w.T if head.transposed else w, preferred_element_type=jnp.float32)
+    if head.bias is not None:
+        logits = logits + head.bias.astype(jnp.float32)  # logits are fp32 here
     if head.softcap is not None:
         logits = head.softcap * jnp.tanh(logits / head.softcap)
     return logits.astype(jnp.float32 if keep_fp32 else head.dtype).reshape(*lead, logits.shape[-1])

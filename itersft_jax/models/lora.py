@@ -159,7 +159,8 @@ def resolve_targets(hf_config, target_modules) -> dict[str, tuple]:
             raise ValueError(f"`peft_config.target_modules` is not set and PEFT has no default for model_type "
                              f"{hf_config.model_type!r}: name the modules to adapt (e.g. 'all-linear')")
     if target_modules == "all-linear":
-        chosen = [name for name in modules if name.split(".")[-1] != "lm_head"]
+        # the output head: ``lm_head``, or GPT-NeoX's ``embed_out`` (its checkpoint name)
+        chosen = [name for name in modules if name.split(".")[-1] not in ("lm_head", "embed_out")]
     elif isinstance(target_modules, str):
         chosen = [name for name in modules if re.fullmatch(target_modules, name)]
     else:

@@ -2,9 +2,10 @@
 
 Types: ``default``, ``linear``, ``dynamic`` (NTK), ``llama3``, ``yarn`` and ``longrope``, each with HF's
 ``attention_factor`` (yarn's mscale, longrope's sqrt(1 + ln(s) / ln(L))) multiplying cos and sin; a
-``partial_rotary_factor`` rotates only the first ``rotary_dim`` dims of each head (Phi-3). Inverse frequencies of
-the static types are computed once on the host in fp32, as HF's init functions do; ``cos``/``sin`` in fp32, cast to
-the compute dtype.
+``partial_rotary_factor`` rotates only the first ``rotary_dim`` dims of each head (Phi-3, GPT-NeoX); an
+``interleaved`` rope pairs neighbouring dims (GPT-J's ``rotate_every_two``) instead of the two halves
+(``rotate_half``). Inverse frequencies of the static types are computed once on the host in fp32, as HF's init
+functions do; ``cos``/``sin`` in fp32, cast to the compute dtype.
 
 Two types depend on the sequence, decided per call from ``seq_len = max(positions) + 1`` over the batch, as HF's
 ``dynamic_rope_update`` does per forward:
@@ -43,6 +44,7 @@ class Rope:
     rotary_dim: int              # head_dim * partial_rotary_factor: HF rotates these first dims of each head
     params: tuple                # sorted (key, value) pairs of the type's parameters (lists as tuples)
     max_position_embeddings: int
+    interleaved: bool = False    # GPT-J's layout: dims (2i, 2i + 1) rotate together, not (i, i + R/2)
 
     def get(self, key: str, default=None):
         return dict(self.params).get(key, default)
@@ -173,7 +175,9 @@ def inv_freq_and_factor(rope: Rope) -> tuple[np.ndarray, float]:
 
 def cos_sin(rope: Rope, positions_BT: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """``cos``/``sin`` ``[B, T, rotary_dim]`` for HF's rotate-half RoPE (fp32, times the attention factor, cast to
-    ``dtype``). ``dynamic`` and ``longrope`` read ``seq_len = max(positions) + 1`` (see the module docstring)."""
+    ``dtype``); for an ``interleaved`` rope each frequency appears twice in a row (``repeat_interleave``), the layout
+    ``apply_rope(..., interleaved=True)`` reads. ``dynamic`` and ``longrope`` read ``seq_len = max(positions) + 1``
+    (see the module docstring)."""
     seq_len = jnp.max(positions_BT) + 1
     if rope.rope_type == "dynamic":
         dim, max_len, factor = rope.rotary_dim, rope.max_position_embeddings, rope.get("factor")
@@ -186,14 +190,21 @@ def cos_sin(rope: Rope, positions_BT: jax.Array, dtype) -> tuple[jax.Array, jax.
     else:
         inv_freq, attention_factor = inv_freq_and_factor(rope)
     freqs_BTF = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-    emb_BTR = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
+    if rope.interleaved:
+        emb_BTR = jnp.repeat(freqs_BTF, 2, axis=-1)
+    else:
+        emb_BTR = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
     return (jnp.cos(emb_BTR) * attention_factor).astype(dtype), (jnp.sin(emb_BTR) * attention_factor).astype(dtype)
 
 
-def apply_rope(x_BTNH: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on the first ``R`` dims of every head; the rest pass through (partial rotary)."""
+def apply_rope(x_BTNH: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array, interleaved: bool = False) -> jax.Array:
+    """Rotate-half RoPE on the first ``R`` dims of every head; the rest pass through (partial rotary).
+    ``interleaved``: GPT-J's ``rotate_every_two``, each pair ``(x[2i], x[2i + 1])`` rotated by frequency ``i``."""
     r = cos_BTR.shape[-1]
     x_rot, x_pass = x_BTNH[..., :r], x_BTNH[..., r:]
-    rotated = jnp.concatenate([-x_rot[..., r // 2:], x_rot[..., :r // 2]], axis=-1)
+    if interleaved:
+        rotated = jnp.stack([-x_rot[..., 1::2], x_rot[..., 0::2]], axis=-1).reshape(x_rot.shape)
+    else:
+        rotated = jnp.concatenate([-x_rot[..., r // 2:], x_rot[..., :r // 2]], axis=-1)
     out = x_rot * cos_BTR[:, :, None, :] + rotated * sin_BTR[:, :, None, :]
     return out if r == x_BTNH.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)

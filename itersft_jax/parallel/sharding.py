@@ -28,8 +28,9 @@ LOGICAL_TO_MESH: dict[str, str | None] = {
     "norm": None,
 }
 
-_COLUMN = r"(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|fc1|c_fc|c_attn)"
-_ROW = r"(o_proj|out_proj|down_proj|fc2|dense|c_proj)"
+_COLUMN = (r"(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|fc1|c_fc|c_attn"
+           r"|query_key_value|dense_h_to_4h|fc_in)")  # GPT-NeoX's fused QKV is per head: a column split keeps heads
+_ROW = r"(o_proj|out_proj|down_proj|fc2|dense|c_proj|dense_4h_to_h|fc_out)"
 
 # (path regex, logical axes per dimension). First match wins; paths are '/'-joined without layer indices.
 PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
@@ -37,7 +38,7 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (rf"{_COLUMN}/bias$", ("hidden",)),
     (rf"{_ROW}/kernel$", ("hidden", "embed")),
     (rf"{_ROW}/bias$", ("norm",)),
-    (r"(embed_tokens|wte)/embedding$", ("vocab", "embed")),
+    (r"(embed_tokens|wte|embed_in)/embedding$", ("vocab", "embed")),
     (r"lm_head/kernel$", ("embed", "vocab")),
     (r"lm_head/bias$", ("vocab",)),
     (r"(embed_positions|wpe)/embedding$", ("position", "embed")),

@@ -108,6 +108,19 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
                   attention_types=[[["global", "local"], 1]], window_size=256, initializer_range=0.1, **common)
         kw.update(overrides)
         return tf.GPTNeoConfig(**kw)
+    # GPT-NeoX and GPT-J: weights drawn with std 0.05, not 0.02, so that attention scores (and with them the rotary
+    # options) move the logits by more than 1e-3
+    if model_type == "gpt_neox":  # Pythia's shape: parallel residual, rotary on a quarter of each head (4 of 16 dims)
+        kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256, rotary_pct=0.25, use_parallel_residual=True, initializer_range=0.05,
+                  **common)
+        kw.update(overrides)
+        return tf.GPTNeoXConfig(**kw)
+    if model_type == "gptj":  # rotary on every dim of the 16-dim heads (the options case takes fewer)
+        kw = dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, rotary_dim=16, n_positions=256, initializer_range=0.05,
+                  **common)
+        kw.update(overrides)
+        return tf.GPTJConfig(**kw)
     if model_type == "bart":
         kw = dict(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96,
@@ -142,7 +155,7 @@ def perturbed_tiny_model(model_type: str, vocab_size: int, **overrides):
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
+            if name.endswith("bias") or "norm" in name or ".ln_" in name:  # ln_: GPT-2's and GPT-J's LayerNorms
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
     return model
 
