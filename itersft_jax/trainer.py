@@ -80,7 +80,7 @@ class IterativeSFTTrainer(TrainerShell):
                  optimizers=(None, None), preprocess_logits_for_metrics=None, compute_metrics=None, callbacks=None,
                  peft_config=None):
         self.args = resolve_config(args)
-        check_fields(self.args, "jax")
+        check_fields(self.args, "jax", platform=jax.default_backend())
         if self.args.log_level != "passive":  # as transformers.Trainer does, plus this package's own logger
             level = self.args.get_process_log_level()
             logging.getLogger("itersft_jax").setLevel(level)

@@ -197,7 +197,7 @@ def test_library_errors_name_the_flag(capsys):
     sampling = {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
     cases = [
         (library_error(outputs.check_generation_args, **{**sampling, "num_return_sequences": 0}),
-         "--samples-per-prompt: `num_return_sequences` must be an integer >= 1"),
+         "--samples-per-prompt: `num_return_sequences` must be an integer in [1, 65536], got 0"),
         (library_error(outputs.check_generation_args, **{**sampling, "temperature": -1.0}), "--temperature: "),
         (library_error(outputs.prompt_rows, [], None, None, no_tokenizer_hint=""), "--prompts-per-round: "),
         (library_error(ChatDemoConfig, model="m", batch_size=0), "--batch-size: `batch_size`"),

@@ -29,7 +29,7 @@ FIELDS_PAGE = os.path.join(os.path.dirname(__file__), "..", "docs", "configurati
 REFUSED_VALUES = {
     ("num_train_epochs", "both"): 2.0,
     ("lr_scheduler_type", "torch"): "reduce_lr_on_plateau",
-    ("optim_args", "jax"): "beta1=0.8,amsgrad=True",
+    ("optim_args", "both"): "beta1=0.8,amsgrad=True",  # JAX's AdamW: no amsgrad; torch's AdamW reads no key
     ("optim_target_modules", "jax"): ["q_proj"],
     ("average_tokens_across_devices", "both"): False,
     ("fp16", "jax"): True,
@@ -116,13 +116,23 @@ def test_refused_value_raises_naming_the_field(default_args, name, where):
 
 
 @pytest.mark.parametrize(("name", "value"), [
-    ("num_train_epochs", 1), ("optim_args", "beta1=0.8, beta2=0.95"), ("full_determinism", True),
+    ("num_train_epochs", 1), ("full_determinism", True),
     ("activation_checkpointing_kwargs", {"use_reentrant": True, "every_n_layers": 1}),
     ("lr_scheduler_type", "cosine"), ("neftune_noise_alpha", 5.0), ("include_num_input_tokens_seen", "all"),
     ("data_seed", 7), ("torch_compile", True)])
 def test_honoured_values_pass(default_args, name, value):
     args = with_value(default_args, name, value)
     assert refusals(args, "jax") == [] and refusals(args, "torch") == []  # XLA:CPU is deterministic
+
+
+def test_optim_args_keys_each_engine_reads(default_args):
+    """The JAX AdamW reads beta1/beta2 from optim_args; transformers' AdamW reads none (before: dropped without a
+    word on the torch engine — its betas are adam_beta1/adam_beta2); both SGDs read momentum."""
+    adamw = with_value(default_args, "optim_args", "beta1=0.8, beta2=0.95")
+    assert refusals(adamw, "jax") == []
+    assert "adam_beta1" in refusals(adamw, "torch")[0]
+    sgd = with_value(with_value(default_args, "optim", "sgd"), "optim_args", "momentum=0.9,nesterov=True")
+    assert refusals(sgd, "jax") == [] and refusals(sgd, "torch") == []
 
 
 def test_unknown_field_is_refused_when_set(tmp_path):

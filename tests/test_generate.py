@@ -132,11 +132,14 @@ def test_eos_stops_each_row_independently(llama):
 
 def test_num_return_sequences_and_output(llama, tokenizer):
     _, trainer = llama
-    out = generate(trainer, PROMPTS[:2], max_new_tokens=NEW, num_return_sequences=2, eos_token_id=[])
+    out = generate(trainer, PROMPTS[:2], max_new_tokens=NEW, num_return_sequences=2, eos_token_id=[],
+                   do_sample=True, temperature=1e-5, seed=0)  # as good as greedy: the two rows agree
     assert isinstance(out, GenerationOutput) and out["sequences"] is out.sequences
     assert len(out.sequences) == 4 and out.sequences[0] == out.sequences[1] != out.sequences[2]
     assert out.prompt_ids[1] == out.prompt_ids[0] == tokenizer(PROMPTS[0]).input_ids
     assert all(len(s) == NEW for s in out.sequences) and not any(out.finished)
+    with pytest.raises(ValueError, match="`num_return_sequences`=2 with greedy decoding"):  # as transformers
+        generate(trainer, PROMPTS[:2], max_new_tokens=NEW, num_return_sequences=2)
     sampled = generate(trainer, PROMPTS[:2], max_new_tokens=NEW, num_return_sequences=3, do_sample=True,
                        eos_token_id=[], seed=0)
     assert len(set(map(tuple, sampled.sequences[:3]))) > 1  # the copies of one prompt are sampled apart

@@ -176,10 +176,13 @@ def test_without_max_steps_schedule_is_warmup_then_constant(tokenizer, tmp_path,
     lrs = [trainer.step(input_ids=random_samples(1, len(tokenizer)))["learning_rate"] for _ in range(2)]
     assert lrs == pytest.approx([1e-3, 1e-3])
     caplog.set_level(logging.WARNING, logger="itersft_torch.trainer")
-    ratio = make_trainer("torch", tiny_model("llama", len(tokenizer)), tokenizer, tmp_path / "out", warmup_steps=0.1,
-                         lr_scheduler_type="cosine", learning_rate=1e-3)
-    assert "ratio of `max_steps`" in caplog.text and "'cosine' needs `max_steps`" in caplog.text
-    assert ratio.step(input_ids=random_samples(2, len(tokenizer)))["learning_rate"] == pytest.approx(1e-3)
+    cosine = make_trainer("torch", tiny_model("llama", len(tokenizer)), tokenizer, tmp_path / "out",
+                          lr_scheduler_type="cosine", learning_rate=1e-3)
+    assert "'cosine' needs `max_steps`" in caplog.text
+    assert cosine.step(input_ids=random_samples(2, len(tokenizer)))["learning_rate"] == pytest.approx(1e-3)
+    # A warmup ratio needs max_steps: refused when the config is built (it was ignored, with a warning).
+    with pytest.raises(ValueError, match="`warmup_steps`=0.1 is a ratio of `max_steps`"):
+        make_trainer("torch", model, tokenizer, tmp_path / "out", warmup_steps=0.1, lr_scheduler_type="cosine")
 
 
 def test_model_id_loading_and_dtype_strings(tiny_model_dir, tmp_path):

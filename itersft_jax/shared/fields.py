@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,20 +27,20 @@ HONOURED, REFUSED, NOT_APPLICABLE = "honoured", "refused", "n/a"
 
 @dataclass(frozen=True)
 class Rule:
-    """One engine's decision for one field. ``refuse(value, args)`` returns why a value is refused (or None);
+    """One engine's decision for one field. ``refuse(value, args, platform)`` returns why a value is refused (or None);
     it is called only for values that differ from the field's default."""
 
     status: str
     note: str
-    refuse: Callable[[Any, Any], str | None] | None = None
+    refuse: Callable[[Any, Any, str | None], str | None] | None = None
 
 
-def honoured(note: str, refuse: Callable[[Any, Any], str | None] | None = None) -> Rule:
+def honoured(note: str, refuse: Callable[[Any, Any, str | None], str | None] | None = None) -> Rule:
     return Rule(HONOURED, note, refuse)
 
 
 def refused(instead: str, accepts: Callable[[Any], bool] = lambda value: False) -> Rule:
-    return Rule(REFUSED, instead, lambda value, args: None if accepts(value) else instead)
+    return Rule(REFUSED, instead, lambda value, args, platform=None: None if accepts(value) else instead)
 
 
 def not_applicable(why: str) -> Rule:
@@ -74,7 +73,7 @@ def _optim_args_keys(value) -> set[str]:
     return {item.split("=")[0].strip() for item in str(value).split(",") if item.strip()}
 
 
-def _jax_optim_args(value, args) -> str | None:
+def _jax_optim_args(value, args, platform=None) -> str | None:
     """The JAX optimizers read these ``optim_args`` keys (optim.py); any other key would be dropped."""
     optim = _optim_name(args)
     known = {"sgd": {"momentum", "dampening", "nesterov"}, "adafactor": set()}.get(optim, {"beta1", "beta2"})
@@ -94,20 +93,21 @@ _TORCH_OPTIM_ARGS = {"adamw_torch": set(), "adamw_torch_fused": set(), "adafacto
                      "rmsprop": {"momentum", "alpha", "eps", "weight_decay", "centered"}}
 
 
-def _torch_optim_args(value, args) -> str | None:
+def _torch_optim_args(value, args, platform=None) -> str | None:
     optim = _optim_name(args)
     known = _TORCH_OPTIM_ARGS.get(optim)
     unknown = sorted(_optim_args_keys(value) - known) if known is not None else []
     if unknown:
-        return (f"transformers' {optim} reads only {sorted(known) or 'no keys'} from optim_args, not {unknown}; "
-                "pass optimizers=(optimizer, scheduler) for anything else")
+        betas = " (AdamW's betas and eps are adam_beta1, adam_beta2, adam_epsilon)" if "adamw" in optim else ""
+        return (f"transformers' {optim} reads only {sorted(known) or 'no keys'} from optim_args, not {unknown}"
+                f"{betas}; pass optimizers=(optimizer, scheduler) for anything else")
     return None
 
 
 JAX_REMAT_POLICIES = ("full", "dots", "offload")  # models.remat.REMAT_POLICIES, named here without jax
 
 
-def _jax_checkpointing_kwargs(value, args) -> str | None:
+def _jax_checkpointing_kwargs(value, args, platform=None) -> str | None:
     """nnx.remat of every decoder layer with a ``policy`` (what it saves); ``use_reentrant`` (a torch
     implementation switch) and ``every_n_layers=1`` describe it too; nothing else does."""
     extra = {k: v for k, v in dict(value or {}).items()
@@ -119,13 +119,13 @@ def _jax_checkpointing_kwargs(value, args) -> str | None:
     return None
 
 
-def _jax_gradient_checkpointing_kwargs(value, args) -> str | None:
+def _jax_gradient_checkpointing_kwargs(value, args, platform=None) -> str | None:
     if hasattr(args, "activation_checkpointing_kwargs"):
         return None  # transformers >= 5 mirrors it there: checked once, under the new name
-    return _jax_checkpointing_kwargs(value, args)
+    return _jax_checkpointing_kwargs(value, args, platform)
 
 
-def _torch_schedule(value, args) -> str | None:
+def _torch_schedule(value, args, platform=None) -> str | None:
     name = enum_name(value)
     if name in ("reduce_lr_on_plateau", "greedy"):
         return (f"lr_scheduler_type={name!r} steps on evaluation metrics, which step() never feeds to the "
@@ -133,14 +133,13 @@ def _torch_schedule(value, args) -> str | None:
     return None
 
 
-def _jax_full_determinism(value, args) -> str | None:
+def _jax_full_determinism(value, args, platform=None) -> str | None:
     """XLA is deterministic on CPU and TPU; on GPU only with ``--xla_gpu_deterministic_ops``, a flag read when
     jax starts its backend — too late to set here."""
     if not value:
         return None
-    jax = sys.modules["jax"]  # asked by the JAX engine only, which has imported it (this layer imports no jax)
     deterministic_flag = "--xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", "")
-    if jax.default_backend() == "gpu" and not deterministic_flag:
+    if platform == "gpu" and not deterministic_flag:
         return ("on a GPU, XLA is deterministic only with XLA_FLAGS=--xla_gpu_deterministic_ops=true set before "
                 "jax starts; set it in the environment of the process")
     return None
@@ -199,7 +198,7 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "gradient_accumulation_steps": both(honoured("micro-batches per optimizer update, token-weighted")),
     "average_tokens_across_devices": both(honoured(
         "always: an update's loss is its summed CE over every label token on every device / their count",
-        refuse=lambda value, args: None if value else (
+        refuse=lambda value, args, platform=None: None if value else (
             "both engines always normalise by the label tokens of the whole update across devices "
             "(per-device means would weight tokens unequally); leave it True"))),
     "max_grad_norm": both(honoured("global-norm clipping with torch's formula; 0 disables it")),
@@ -424,8 +423,10 @@ def _show(name: str, value: Any) -> str:
     return repr(enum_name(value) if hasattr(value, "value") else value)
 
 
-def refusals(args, engine: str) -> list[str]:
-    """Every refused field of ``args`` on ``engine``, as messages naming the field (empty: all accepted)."""
+def refusals(args, engine: str, platform: str | None = None) -> list[str]:
+    """Every refused field of ``args`` on ``engine``, as messages naming the field (empty: all accepted).
+    ``platform``: the engine's device platform (``"cpu"``, ``"gpu"``, ``"tpu"``; None: unknown), for the rules that
+    depend on it — the engine passes it, this layer imports no jax."""
     if engine not in ENGINES:
         raise ValueError(f"`engine` must be one of {ENGINES}, got {engine!r}")
     label = {"jax": "the JAX engine", "torch": "the torch backend"}[engine]
@@ -444,16 +445,16 @@ def refusals(args, engine: str) -> list[str]:
         rule = rules[engine]
         if rule.refuse is None or default:
             continue
-        why = rule.refuse(value, args)
+        why = rule.refuse(value, args, platform)
         if why:
             messages.append(f"`{f.name}={_show(f.name, value)}` is not supported by {label}: {why}")
     return messages
 
 
-def check_fields(args, engine: str) -> None:
+def check_fields(args, engine: str, platform: str | None = None) -> None:
     """Raise ``ValueError`` listing every field of ``args`` that ``engine`` refuses (called by each trainer's
     constructor, before any state is built)."""
-    messages = refusals(args, engine)
+    messages = refusals(args, engine, platform)
     if messages:
         raise ValueError("IterativeSFTConfig: " + "\n".join(messages) if len(messages) == 1
                          else "IterativeSFTConfig:\n- " + "\n- ".join(messages))
