@@ -40,6 +40,9 @@ FAMILIES = {
     "gemma": ("gemma", "gemma2", "gemma3_text"),
     "gpt2": ("gpt2",),
     "opt": ("opt",),
+    "mixtral": ("mixtral",),
+    "qwen_moe": ("qwen2_moe", "qwen3_moe"),
+    "olmoe": ("olmoe",),
 }
 _FAMILY_OF_TYPE = {model_type: family for family, types in FAMILIES.items() for model_type in types}
 

@@ -1,16 +1,18 @@
-"""The pre-norm RoPE decoder that Llama, Mistral, Qwen2/3, Phi-3 and Gemma 1/2/3 share, in Flax NNX.
+"""The pre-norm RoPE decoder that Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3 and the MoE families share, in Flax NNX.
 
 One implementation; each family's quirks are switches in ``Spec``, read from its HF config by the family file
 (``llama.py``, ``phi3.py``, ``gemma.py``): biases, q/k RMSNorm, per-layer sliding windows and RoPE variants,
 Gemma's ``(1 + w)`` fp32 RMSNorm, sqrt(D)-scaled embeddings, sandwich norms, ``query_pre_attn_scalar`` and
 soft-caps, and Phi-3's fused ``qkv_proj``/``gate_up_proj`` (split by the weight mapping: the modules are
-Llama's). Parameter paths mirror HF names (``model.layers[i].self_attn.q_proj.kernel`` is
+Llama's); the MoE families (``mixtral.py``, ``qwen_moe.py``, ``olmoe.py``) add a sparse MLP (``moe.MoESpec``:
+``moe.py``), OLMoE q/k norms over the whole projection and ``clip_qkv``. Parameter paths mirror HF names (``model.layers[i].self_attn.q_proj.kernel`` is
 ``model.layers.{i}.self_attn.q_proj.weight`` transposed), so the checkpoint layout is a table (``layout``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from itersft_jax.models import mapping
+from itersft_jax.models import mapping, moe
 from itersft_jax.models.attention import attention
 from itersft_jax.models.base import CausalLMBase
 from itersft_jax.models.cache import KVCache
@@ -56,6 +58,9 @@ class Spec:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     fused: bool = False               # HF stores qkv_proj and gate_up_proj fused (Phi-3)
+    qk_norm_full: bool = False        # RMSNorm on the whole q/k projection, before the split into heads (OLMoE)
+    clip_qkv: float | None = None     # q, k, v clamped to [-c, c] after the projections (and q/k norms) (OLMoE)
+    moe: moe.MoESpec | None = None    # sparse MoE MLPs on the layers ``moe.sparse`` marks (moe.py)
 
     @classmethod
     def read(cls, config, *, act: str, windows: tuple, ropes: tuple[Rope, ...], layer_ropes: tuple[int, ...],
@@ -66,6 +71,8 @@ class Spec:
         if heads % kv_heads:
             raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
         activation(act)  # fail at construction on an unknown name
+        if switches.get("qk_norm") and switches.get("qk_norm_full"):
+            raise ValueError("qk_norm (per head) and qk_norm_full (whole projection) exclude each other")
         return cls(
             vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
             num_layers=config.num_hidden_layers, num_heads=heads, num_kv_heads=kv_heads,
@@ -127,16 +134,23 @@ class Attention(nnx.Module):
         self.o_proj = _linear(spec, n * h, d, spec.o_bias, kw)
         if spec.qk_norm:
             self.q_norm, self.k_norm = _norm(spec, h, kw), _norm(spec, h, kw)
-        self.qk_norm = spec.qk_norm
+        elif spec.qk_norm_full:
+            self.q_norm, self.k_norm = _norm(spec, n * h, kw), _norm(spec, k * h, kw)
+        self.qk_norm, self.qk_norm_full, self.clip = spec.qk_norm, spec.qk_norm_full, spec.clip_qkv
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.scale = spec.query_scale if spec.query_scale is not None else h ** -0.5
         self.window, self.softcap, self.rope = spec.windows[layer_idx], spec.attn_softcap, spec.layer_ropes[layer_idx]
 
     def __call__(self, x_BTD, kv, ctx, cos_sins):
         b, t, _ = x_BTD.shape
-        q_BTNH = dense(self.q_proj, x_BTD).reshape(b, t, self.num_heads, self.head_dim)
-        k_BTKH = dense(self.k_proj, x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v_BTKH = dense(self.v_proj, x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q_BTF, k_BTF, v_BTF = dense(self.q_proj, x_BTD), dense(self.k_proj, x_BTD), dense(self.v_proj, x_BTD)
+        if self.qk_norm_full:
+            q_BTF, k_BTF = self.q_norm(q_BTF), self.k_norm(k_BTF)
+        if self.clip is not None:
+            q_BTF, k_BTF, v_BTF = (jnp.clip(a, -self.clip, self.clip) for a in (q_BTF, k_BTF, v_BTF))
+        q_BTNH = q_BTF.reshape(b, t, self.num_heads, self.head_dim)
+        k_BTKH = k_BTF.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v_BTKH = v_BTF.reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
         cos_BTR, sin_BTR = cos_sins[self.rope]
@@ -147,8 +161,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, spec: Spec, kw: dict):
-        d, f = spec.hidden_size, spec.intermediate_size
+    def __init__(self, spec: Spec, kw: dict, size: int | None = None):
+        d, f = spec.hidden_size, spec.intermediate_size if size is None else size
         self.gate_proj = _linear(spec, d, f, spec.mlp_bias, kw)
         self.up_proj = _linear(spec, d, f, spec.mlp_bias, kw)
         self.down_proj = _linear(spec, f, d, spec.mlp_bias, kw)
@@ -167,7 +181,12 @@ class DecoderLayer(nnx.Module):
     def __init__(self, spec: Spec, layer_idx: int, kw: dict):
         d = spec.hidden_size
         self.self_attn = Attention(spec, layer_idx, kw)
-        self.mlp = MLP(spec, kw)
+        self.sparse = spec.moe is not None and spec.moe.sparse[layer_idx]
+        if self.sparse:
+            shared = MLP(spec, kw, spec.moe.shared_expert_size) if spec.moe.shared_expert_size else None
+            self.mlp = moe.SparseMoeBlock(spec.moe, d, spec.act, _init(spec), kw, shared)
+        else:
+            self.mlp = MLP(spec, kw)
         self.input_layernorm = _norm(spec, d, kw)
         self.post_attention_layernorm = _norm(spec, d, kw)
         self.sandwich = spec.sandwich_norms
@@ -177,11 +196,12 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, h_BTD, kv, ctx, cos_sins):
         attn_BTD, kv = self.self_attn(self.input_layernorm(h_BTD), kv, ctx, cos_sins)
+        mlp = functools.partial(self.mlp, segment_ids_BT=ctx.segment_ids_BT) if self.sparse else self.mlp
         if self.sandwich:
             h_BTD = h_BTD + self.post_attention_layernorm(attn_BTD)
-            return h_BTD + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h_BTD))), kv
+            return h_BTD + self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(h_BTD))), kv
         h_BTD = h_BTD + attn_BTD
-        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD)), kv
+        return h_BTD + mlp(self.post_attention_layernorm(h_BTD)), kv
 
 
 class Model(nnx.Module):
@@ -261,9 +281,11 @@ def layout(spec: Spec, family: str) -> mapping.Layout:
     d, f, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     nh, kh = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     rows = [mapping.tensor("model.embed_tokens.weight", ("model", "embed_tokens", "embedding"), (v, d))]
+    variants = []
     for i in range(spec.num_layers):
         hf, path = f"model.layers.{i}.", ("model", "layers", i)
         attn, mlp = (*path, "self_attn"), (*path, "mlp")
+        sparse = spec.moe is not None and spec.moe.sparse[i]
         if spec.fused:
             qkv = [(*attn, name) for name in ("q_proj", "k_proj", "v_proj")]
             rows += mapping.fused_linear(f"{hf}self_attn.qkv_proj", qkv, d, [nh, kh, kh], spec.qkv_bias)
@@ -272,11 +294,17 @@ def layout(spec: Spec, family: str) -> mapping.Layout:
         else:
             for name, width in (("q_proj", nh), ("k_proj", kh), ("v_proj", kh)):
                 rows += mapping.linear(f"{hf}self_attn.{name}", (*attn, name), d, width, spec.qkv_bias)
-            rows += mapping.linear(f"{hf}mlp.gate_proj", (*mlp, "gate_proj"), d, f, spec.mlp_bias)
-            rows += mapping.linear(f"{hf}mlp.up_proj", (*mlp, "up_proj"), d, f, spec.mlp_bias)
+            if not sparse:
+                rows += mapping.linear(f"{hf}mlp.gate_proj", (*mlp, "gate_proj"), d, f, spec.mlp_bias)
+                rows += mapping.linear(f"{hf}mlp.up_proj", (*mlp, "up_proj"), d, f, spec.mlp_bias)
         rows += mapping.linear(f"{hf}self_attn.o_proj", (*attn, "o_proj"), nh, d, spec.o_bias)
-        rows += mapping.linear(f"{hf}mlp.down_proj", (*mlp, "down_proj"), f, d, spec.mlp_bias)
+        if sparse:
+            rows += _sparse_rows(spec, hf, mlp, variants)
+        else:
+            rows += mapping.linear(f"{hf}mlp.down_proj", (*mlp, "down_proj"), f, d, spec.mlp_bias)
         norms = [("self_attn.q_norm", spec.head_dim), ("self_attn.k_norm", spec.head_dim)] if spec.qk_norm else []
+        if spec.qk_norm_full:
+            norms = [("self_attn.q_norm", nh), ("self_attn.k_norm", kh)]
         norms += [("input_layernorm", d), ("post_attention_layernorm", d)]
         if spec.sandwich_norms:
             norms += [("pre_feedforward_layernorm", d), ("post_feedforward_layernorm", d)]
@@ -287,4 +315,17 @@ def layout(spec: Spec, family: str) -> mapping.Layout:
     ignore = [r".*rotary_emb\.inv_freq"] + (["lm_head.weight"] if spec.tie_word_embeddings else [])
     if not spec.tie_word_embeddings:
         rows.append(mapping.tensor("lm_head.weight", ("lm_head", "kernel"), (v, d), transpose=True))
-    return mapping.Layout(family, tuple(rows), ignore=tuple(ignore))
+    return mapping.Layout(family, tuple(rows), ignore=tuple(ignore), variants=tuple(variants))
+
+
+def _sparse_rows(spec: Spec, hf: str, path: tuple, variants: list) -> list:
+    """A sparse layer's router, experts (see ``moe.expert_rows``) and Qwen2-MoE's shared expert and its gate."""
+    d, shared = spec.hidden_size, spec.moe.shared_expert_size
+    rows, fused = moe.expert_rows(spec.moe, hf, path, d)
+    variants.append((tuple(row.name for row in rows), tuple(fused)))
+    if shared:
+        rows += [row for name, d_in, d_out in (("gate_proj", d, shared), ("up_proj", d, shared), ("down_proj", shared, d))
+                 for row in mapping.linear(f"{hf}mlp.shared_expert.{name}", (*path, "shared_expert", name), d_in, d_out,
+                                           False)]
+        rows += mapping.linear(f"{hf}mlp.shared_expert_gate", (*path, "shared_expert_gate"), d, 1, False)
+    return rows
