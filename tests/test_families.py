@@ -97,12 +97,26 @@ CASES = {
     # Phi-3 keeps original_max_position_embeddings on the config, not in the rope dict
     "phi3-longrope": ("phi3", {"rope_scaling": {k: v for k, v in LONGROPE.items() if not k.startswith("original")},
                                "original_max_position_embeddings": 16}, {"rope_scaling": None}),
+    # Mixture of experts (4 experts, 2 per token): Mixtral always renormalises the top-k probabilities; Qwen/OLMoE
+    # only with norm_topk_prob. Sparse/dense layer patterns change the parameters, so they have no "without" case.
+    "mixtral": ("mixtral", {}, None),
+    "mixtral-window8": ("mixtral", {"sliding_window": 8}, {"sliding_window": None}),
+    "qwen2_moe-shared-expert": ("qwen2_moe", {}, None),
+    "qwen2_moe-norm_topk-window8": ("qwen2_moe", {"norm_topk_prob": True, **QWEN_SLIDING},
+                                    {"norm_topk_prob": False, "use_sliding_window": False}),
+    "qwen2_moe-sparse-step2": ("qwen2_moe", {"decoder_sparse_step": 2}, None),
+    "qwen3_moe": ("qwen3_moe", {}, None),
+    "qwen3_moe-norm_topk-mlp-only": ("qwen3_moe", {"norm_topk_prob": True, "mlp_only_layers": [0]}, None),
+    "olmoe": ("olmoe", {}, None),
+    "olmoe-clip-norm_topk": ("olmoe", {"clip_qkv": 0.5, "norm_topk_prob": True},
+                             {"clip_qkv": None, "norm_topk_prob": False}),
 }
 GENERATE = ["llama-rope-dynamic", "llama-rope-longrope", "qwen3-tied-window8", "gpt2-default", "opt-350m-like",
-            "gemma2-softcaps", "gemma3-global-rope-linear-softcap", "phi3-longrope"]
+            "gemma2-softcaps", "gemma3-global-rope-linear-softcap", "phi3-longrope", "mixtral-window8",
+            "qwen2_moe-norm_topk-window8", "qwen3_moe", "olmoe-clip-norm_topk"]
 SAVE = ["llama-untied", "qwen3-tied-window8", "gpt2-default", "gpt2-untied-gelu-eps", "opt-350m-like",
         "opt-nobias-noaffine", "opt-untied-no-final-ln", "gemma-untied-bias", "gemma2-softcaps", "gemma3",
-        "phi3-partial-window8"]
+        "phi3-partial-window8", "mixtral", "qwen2_moe-sparse-step2", "qwen3_moe-norm_topk-mlp-only", "olmoe"]
 PARITY = ["llama", "qwen2", "gpt2", "opt", "gemma2", "gemma3_text", "phi3"]  # offline.tiny_config defaults
 
 
