@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from itersft_jax.shared.data import (
 from itersft_jax.shared.fields import check_fields, enum_name, shuffle_seed
 from itersft_jax.shared.model_source import is_adapter_dir, is_peft_model
 from itersft_jax.shared.shell import TrainerShell, UpdateRecord, make_callback_handler, validate_shell_args
+from itersft_torch import moe
 from itersft_torch.distributed import check_distributed_setup, check_same_samples, release_gathered_parameters
 from itersft_torch.features import StepFeatures
 
@@ -157,6 +158,14 @@ def _label_tokens(examples: list[Example], is_encoder_decoder: bool) -> int:
     if is_encoder_decoder:  # decoder targets are not shifted: every non-ignored label is predicted
         return sum(int(np.count_nonzero(ex.labels != IGNORE_INDEX)) for ex in examples)
     return count_label_tokens([examples])
+
+
+class _RouterOutputs(NamedTuple):
+    """The last forward's router logits (per sparse layer), attention mask and transformers' aux_loss."""
+
+    router_logits: Any
+    attention_mask: torch.Tensor
+    aux_loss: Any
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,6 +400,12 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         ce_total = torch.zeros((), device=accelerator.device)
         input_tokens = padded_tokens = 0
         model.zero_grad(set_to_none=True)
+        balance = moe.balance_of(accelerator.unwrap_model(model))  # MoE with output_router_logits (itersft_torch.moe)
+        if balance is not None and world > 1:
+            raise NotImplementedError("output_router_logits (the MoE load-balancing loss) on the PyTorch engine runs "
+                                      "in one process for now; use the JAX engine or one process")
+        totals = self._router_totals(model, micro_batches, pad_id, balance) if balance is not None else None
+        aux_total = torch.zeros((), device=accelerator.device)
         for i, micro_batch in enumerate(micro_batches):
             shard = micro_batch[rank * per_device:(rank + 1) * per_device]
             if not shard:  # this rank still joins the collective with a zero-loss sample
@@ -400,7 +415,14 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                 logits, labels, positions = self._forward(model, shard, pad_id, train=True)
                 ce_sum = summed_token_ce(logits, labels, shift=not self.is_encoder_decoder,
                                          label_smoothing=self.args.label_smoothing_factor)
-                accelerator.backward(ce_sum * scale)
+                loss = ce_sum * scale
+                if balance is not None:  # one micro-batch: transformers' aux_loss; several: its share of the update's
+                    router = self._router
+                    aux = router.aux_loss if totals is None else moe.share(
+                        moe.router_sums(router.router_logits, router.attention_mask, balance)[0], *totals, balance)
+                    loss = loss + balance.coef * aux
+                    aux_total += aux.detach()
+                accelerator.backward(loss)
             ce_total += ce_sum.detach()
             input_tokens += sum(len(ex.input_ids) + (len(ex.labels) if self.is_encoder_decoder else 0)
                                 for ex in micro_batch)  # every rank's samples, like JAX
@@ -413,10 +435,27 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             ce_total, padded_tokens = accelerator.reduce(totals, reduction="sum")
             padded_tokens = int(padded_tokens.item())
         loss = ce_total.item() / update_tokens
+        extra = {}
+        if balance is not None:  # the update's loss is transformers': mean CE + coef * aux
+            extra["aux_loss"] = aux_total.item()
+            loss += balance.coef * extra["aux_loss"]
         lr, skipped = self._optimizer_update(loss, grad_norm)
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "num_tokens": update_tokens,
-                   "skipped": int(skipped)}
+                   "skipped": int(skipped), **extra}
         return UpdateRecord(metrics, input_tokens, padded_tokens)
+
+    def _router_totals(self, model, micro_batches, pad_id: int, balance):
+        """The update's top-k assignments and real tokens x sparse layers (a first pass without gradients), or None
+        for an update of one micro-batch (its forward counts its own)."""
+        if len(micro_batches) == 1:
+            return None
+        counts_E = tokens = 0.0
+        with torch.no_grad():
+            for micro_batch in micro_batches:
+                self._forward(model, micro_batch, pad_id, train=True)
+                _, counts, n = moe.router_sums(self._router.router_logits, self._router.attention_mask, balance)
+                counts_E, tokens = counts_E + counts, tokens + n
+        return counts_E, tokens
 
     def _clipped_grad_norm(self, model: torch.nn.Module) -> float:
         """Clip the accumulated gradients to ``max_grad_norm``; their global norm before clipping."""
@@ -522,6 +561,9 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         with self.accelerator.autocast(), noise:
             outputs = model(**inputs)
         logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+        # A MoE model with output_router_logits: its router logits and aux_loss, for step()'s load-balancing loss.
+        self._router = _RouterOutputs(getattr(outputs, "router_logits", None), attention_mask,
+                                      getattr(outputs, "aux_loss", None))
         return logits, labels, arrays["input_ids"].size
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

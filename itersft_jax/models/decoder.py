@@ -5,7 +5,8 @@ One implementation; each family's quirks are switches in ``Spec``, read from its
 Gemma's ``(1 + w)`` fp32 RMSNorm, sqrt(D)-scaled embeddings, sandwich norms, ``query_pre_attn_scalar`` and
 soft-caps, and Phi-3's fused ``qkv_proj``/``gate_up_proj`` (split by the weight mapping: the modules are
 Llama's); the MoE families (``mixtral.py``, ``qwen_moe.py``, ``olmoe.py``) add a sparse MLP (``moe.MoESpec``:
-``moe.py``), OLMoE q/k norms over the whole projection and ``clip_qkv``. Parameter paths mirror HF names (``model.layers[i].self_attn.q_proj.kernel`` is
+``moe.py``), OLMoE q/k norms over the whole projection and ``clip_qkv``. Parameter paths mirror HF names
+(``model.layers[i].self_attn.q_proj.kernel`` is
 ``model.layers.{i}.self_attn.q_proj.weight`` transposed), so the checkpoint layout is a table (``layout``).
 """
 
@@ -324,8 +325,7 @@ def _sparse_rows(spec: Spec, hf: str, path: tuple, variants: list) -> list:
     rows, fused = moe.expert_rows(spec.moe, hf, path, d)
     variants.append((tuple(row.name for row in rows), tuple(fused)))
     if shared:
-        rows += [row for name, d_in, d_out in (("gate_proj", d, shared), ("up_proj", d, shared), ("down_proj", shared, d))
-                 for row in mapping.linear(f"{hf}mlp.shared_expert.{name}", (*path, "shared_expert", name), d_in, d_out,
-                                           False)]
+        for name, d_in, d_out in (("gate_proj", d, shared), ("up_proj", d, shared), ("down_proj", shared, d)):
+            rows += mapping.linear(f"{hf}mlp.shared_expert.{name}", (*path, "shared_expert", name), d_in, d_out, False)
         rows += mapping.linear(f"{hf}mlp.shared_expert_gate", (*path, "shared_expert_gate"), d, 1, False)
     return rows

@@ -28,7 +28,6 @@ over the real tokens of every sparse layer. The blocks record what it needs (``R
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -110,7 +109,7 @@ class Stats(NamedTuple):
 def collect_router_stats(model, fn):
     """``(fn(model), Stats or None)``: ``fn``'s result and the router statistics its forward recorded (``None`` when
     the model has no sparse layer)."""
-    if not any(isinstance(m, SparseMoeBlock) for _, m in model.iter_modules()):
+    if not any(isinstance(m, SparseMoeBlock) for _, m in nnx.iter_modules(model)):
         return fn(model), None
     token = _COLLECT.set(True)
     try:
@@ -350,7 +349,7 @@ def use_mesh(model, mesh) -> None:
     """Run ``model``'s sparse blocks expert-parallel on ``mesh`` (a mesh with an ``expert`` axis of size > 1), or
     plainly (``None``, or a mesh without one). The mesh becomes static model data (part of the graphdef)."""
     expert_mesh = mesh if mesh is not None and dict(mesh.shape).get(EXPERT_AXIS, 1) > 1 else None
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(module, SparseMoeBlock):
             module.mesh = expert_mesh
 
