@@ -238,7 +238,8 @@ def _blocked_fwd(x_NBD, block_expert_N, gate_EDF, up_EDF, down_EFD, act):
         return y_BD, g_BF, u_BF
 
     def skip(x_BD, e):
-        return jnp.zeros_like(x_BD), jnp.zeros((b, f), dt), jnp.zeros((b, f), dt)
+        zero_BF = _varying_like(jnp.zeros((b, f), dt), x_BD, gate_EDF, up_EDF, down_EFD)
+        return _varying_like(jnp.zeros_like(x_BD), x_BD, gate_EDF, up_EDF, down_EFD), zero_BF, zero_BF
 
     def body(_, inp):
         x_BD, e = inp
@@ -266,18 +267,38 @@ def _blocked_bwd(act, residuals, dy_NBD):
         return carry, dx_BD
 
     def skip(carry, x_BD, e, g_BF, u_BF, dy_BD):
-        return carry, jnp.zeros_like(x_BD)
+        return carry, _varying_like(jnp.zeros_like(x_BD), *everything)
 
     def body(carry, inp):
         e = inp[1]
         return jax.lax.cond(e < num_experts, run, skip, carry, *inp)
 
-    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (gate_EDF, up_EDF, down_EFD))
+    everything = (x_NBD, dy_NBD, g_NBF, gate_EDF, up_EDF, down_EFD)
+    zeros = tuple(_varying_like(jnp.zeros(w.shape, jnp.float32), *everything) for w in (gate_EDF, up_EDF, down_EFD))
     (d_gate, d_up, d_down), dx_NBD = jax.lax.scan(body, zeros, (x_NBD, block_expert_N, g_NBF, u_NBF, dy_NBD))
-    return (dx_NBD, None, d_gate.astype(gate_EDF.dtype), d_up.astype(up_EDF.dtype), d_down.astype(down_EFD.dtype))
+    grads = [_summed_like(d.astype(w.dtype), w) for d, w in ((d_gate, gate_EDF), (d_up, up_EDF), (d_down, down_EFD))]
+    return (_summed_like(dx_NBD, x_NBD), None, *grads)
 
 
 blocked_ffn.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def _varying_axes(value) -> set:
+    return set(getattr(getattr(jax.typeof(value), "manual_axis_type", None), "varying", None) or ())
+
+
+def _summed_like(cotangent, primal):
+    """A cotangent summed over the manual mesh axes it varies over and its primal does not (inside ``shard_map``: the
+    gradient of a value every device of those axes shares is the sum of theirs)."""
+    axes = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+    return jax.lax.psum(cotangent, axes) if axes else cotangent
+
+
+def _varying_like(value, *refs):
+    """``value`` typed as varying over every manual mesh axis any of ``refs`` varies over (inside ``shard_map``; the
+    branches of a ``cond`` and a loop's carry must agree), else as it is."""
+    axes = set().union(*(_varying_axes(ref) for ref in refs)) - _varying_axes(value)
+    return jax.lax.pcast(value, tuple(sorted(axes)), to="varying") if axes else value
 
 
 # ----------------------------------------------------------------------------- modules
@@ -348,10 +369,14 @@ class SparseMoeBlock(nnx.Module):
 def use_mesh(model, mesh) -> None:
     """Run ``model``'s sparse blocks expert-parallel on ``mesh`` (a mesh with an ``expert`` axis of size > 1), or
     plainly (``None``, or a mesh without one). The mesh becomes static model data (part of the graphdef)."""
-    expert_mesh = mesh if mesh is not None and dict(mesh.shape).get(EXPERT_AXIS, 1) > 1 else None
+    n_expert = 1 if mesh is None else dict(mesh.shape).get(EXPERT_AXIS, 1)
     for _, module in nnx.iter_modules(model):
         if isinstance(module, SparseMoeBlock):
-            module.mesh = expert_mesh
+            num_experts = module.experts.gate_proj.shape[0]
+            if num_experts % n_expert:
+                raise ValueError(f"`mesh`: the expert axis ({n_expert} devices) must divide the model's "
+                                 f"{num_experts} experts")
+            module.mesh = mesh if n_expert > 1 else None
 
 
 # ----------------------------------------------------------------------------- expert parallelism
@@ -396,8 +421,10 @@ def expert_parallel_mlp(mesh, x_ND, ids_NK, weights_NK, keep_NK, gate_EDF, up_ED
             gate_eDF = jax.lax.all_gather(gate_eDF, fsdp, axis=1, tiled=True)
             up_eDF = jax.lax.all_gather(up_eDF, fsdp, axis=1, tiled=True)
             down_eFD = jax.lax.all_gather(down_eFD, fsdp, axis=2, tiled=True)
-        gathered = [jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True) for a in (x_nD, ids_nK, w_nK, keep_nK)]
+        gathered = [jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
+                    for a in (x_nD, ids_nK, w_nK, keep_nK.astype(jnp.int32))]
         x_gD, ids_gK, w_gK, keep_gK = gathered
+        keep_gK = keep_gK != 0
         first = jax.lax.axis_index(EXPERT_AXIS) * local_experts
         mine_gK = keep_gK & (ids_gK >= first) & (ids_gK < first + local_experts)
         y_gD = expert_mlp(x_gD, jnp.where(mine_gK, ids_gK - first, 0), w_gK, mine_gK, gate_eDF, up_eDF, down_eFD,
