@@ -41,6 +41,13 @@ from flax import nnx
 from itersft_jax.models.layers import activation
 
 EXPERT_AXIS = "expert"  # the mesh axis experts are split over (shared.mesh_spec)
+# The grouped matmul, read when a forward is traced: "auto" (the blocked loop on the CPU, ragged_dot elsewhere),
+# "blocked" or "ragged" (benchmarks/moe_step.py compares them).
+GROUPED_MATMUL = "auto"
+# How a sparse layer runs on a mesh with an ``expert`` axis, read by ``use_mesh``: "tokens" (``shard_map``: tokens
+# travel to the experts' devices) or "xla" (the plain program on expert-split weights: XLA's partitioner gathers the
+# weights), compared in benchmarks/moe_step.py.
+EXPERT_PARALLEL = "tokens"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +193,8 @@ def expert_mlp(x_ND, ids_NK, weights_NK, keep_NK, gate_EDF, up_EDF, down_EFD, ac
 
     n, k = ids_NK.shape
     num_experts = gate_EDF.shape[0]
-    blocked = cpu_tuned_matmuls() if blocked is None else blocked
+    if blocked is None:
+        blocked = cpu_tuned_matmuls() if GROUPED_MATMUL == "auto" else GROUPED_MATMUL == "blocked"
     block = block_rows(n * k, num_experts) if blocked else 1
     dest_C, source_R, counts_E, block_expert, rows = dispatch(ids_NK, keep_NK, num_experts, block)
     x_RD = jnp.take(x_ND, source_R, axis=0, mode="fill", fill_value=0)
@@ -376,7 +384,7 @@ def use_mesh(model, mesh) -> None:
             if num_experts % n_expert:
                 raise ValueError(f"`mesh`: the expert axis ({n_expert} devices) must divide the model's "
                                  f"{num_experts} experts")
-            module.mesh = mesh if n_expert > 1 else None
+            module.mesh = mesh if n_expert > 1 and EXPERT_PARALLEL == "tokens" else None
 
 
 # ----------------------------------------------------------------------------- expert parallelism
