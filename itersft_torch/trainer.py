@@ -417,9 +417,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                                          label_smoothing=self.args.label_smoothing_factor)
                 loss = ce_sum * scale
                 if balance is not None:  # one micro-batch: transformers' aux_loss; several: its share of the update's
-                    router = self._router
-                    aux = router.aux_loss if totals is None else moe.share(
-                        moe.router_sums(router.router_logits, router.attention_mask, balance)[0], *totals, balance)
+                    aux = self._aux_share(balance, totals)
                     loss = loss + balance.coef * aux
                     aux_total += aux.detach()
                 accelerator.backward(loss)
@@ -444,7 +442,15 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                    "skipped": int(skipped), **extra}
         return UpdateRecord(metrics, input_tokens, padded_tokens)
 
-    def _router_totals(self, model, micro_batches, pad_id: int, balance):
+    def _aux_share(self, balance, totals):
+        """The last forward's share of the load-balancing loss: transformers' own ``aux_loss`` when it is the only
+        micro-batch (``totals`` None), else its probabilities against the whole update's counts."""
+        router = self._router
+        if totals is None:
+            return router.aux_loss
+        return moe.share(moe.router_sums(router.router_logits, router.attention_mask, balance)[0], *totals, balance)
+
+    def _router_totals(self, model, micro_batches, pad_id: int, balance, train: bool = True):
         """The update's top-k assignments and real tokens x sparse layers (a first pass without gradients), or None
         for an update of one micro-batch (its forward counts its own)."""
         if len(micro_batches) == 1:
@@ -452,7 +458,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         counts_E = tokens = 0.0
         with torch.no_grad():
             for micro_batch in micro_batches:
-                self._forward(model, micro_batch, pad_id, train=True)
+                self._forward(model, micro_batch, pad_id, train=train)
                 _, counts, n = moe.router_sums(self._router.router_logits, self._router.attention_mask, balance)
                 counts_E, tokens = counts_E + counts, tokens + n
         return counts_E, tokens
@@ -494,6 +500,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                                       "encoder-decoder: use step()")
         if self.accelerator.num_processes > 1:
             raise NotImplementedError("the low-level API runs in one process on the PyTorch engine for now")
+        from itersft_jax.shared.datum import LOGPROBS_ONLY
         from itersft_torch.rl_losses import datum_loss
 
         model = self.model_wrapped
@@ -501,13 +508,21 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         model.train(backward)
         per_device = self.args.per_device_train_batch_size
         loss_sum, count, padded, logprobs = 0.0, 0, 0, []
+        shards = [[Example(d.model_input, np.full(len(d), IGNORE_INDEX)) for d in data[start:start + per_device]]
+                  for start in range(0, len(data), per_device)]
+        # A MoE with output_router_logits: coef * the pass's load-balancing loss joins the summed loss (not for
+        # logprobs-only passes), as on the JAX engine.
+        balance = None if loss_fn == LOGPROBS_ONLY else moe.balance_of(self.accelerator.unwrap_model(model))
         try:
+            totals = (self._router_totals(model, shards, self._pad_id(), balance, train=backward)
+                      if balance is not None else None)
             with contextlib.nullcontext() if backward else torch.no_grad():
-                for start in range(0, len(data), per_device):
+                for start, examples in zip(range(0, len(data), per_device), shards):
                     shard = data[start:start + per_device]
-                    examples = [Example(d.model_input, np.full(len(d), IGNORE_INDEX)) for d in shard]
                     logits_BTV, _, positions = self._forward(model, examples, self._pad_id(), train=backward)
                     loss, logp_BT = datum_loss(logits_BTV, shard, loss_fn, config)
+                    if balance is not None:
+                        loss = loss + balance.coef * self._aux_share(balance, totals)
                     if backward:
                         self.accelerator.backward(loss)
                     loss_sum += float(loss.detach())

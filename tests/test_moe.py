@@ -179,3 +179,28 @@ def test_lora_on_a_moe_adapts_attention_and_the_shared_expert_gate(tmp_path):
     mask = np.ones_like(ids)
     expected = np.asarray(trainer.model(ids, positions_from_mask(mask), mask)[0])
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_low_level_passes_add_the_load_balancing_loss_alike(tmp_path):
+    """forward_backward and forward (cross_entropy, token-weighted) on a Mixtral with the load-balancing loss on: the
+    summed loss equals the torch engine's (1e-5) and exceeds the plain cross-entropy by coef * aux; the pass's data
+    spans two micro-batches on the torch engine (its first, counting pass)."""
+    from itersft_jax.shared.datum import make_data
+
+    tokenizer = make_tokenizer()
+    model_dir = save_tiny_model(tmp_path / "m", "mixtral", tokenizer, output_router_logits=True,
+                                router_aux_loss_coef=0.5)
+    prompts = tokenizer(TEXTS[:3]).input_ids
+    completions = tokenizer([" four.", " 42.", " b"], add_special_tokens=False).input_ids
+    data = make_data(prompts, completions)
+    sums = {}
+    for backend in ("jax", "torch"):
+        trainer = IterativeSFTTrainer(model_dir, args=IterativeSFTConfig(
+            output_dir=str(tmp_path / backend), backend=backend, per_device_train_batch_size=2, report_to="none",
+            disable_tqdm=True, gradient_checkpointing=False), processing_class=tokenizer)
+        sums[backend] = (trainer.forward(data).metrics["loss:sum"], trainer.forward_backward(data).metrics["loss:sum"])
+        ce = sum(-float(np.sum(lp[-len(c):])) for lp, c in zip(trainer.compute_logprobs(
+            [np.concatenate([p, c]) for p, c in zip(prompts, completions)]), completions))
+        assert 0.5 * 1.5 < sums[backend][0] - ce < 0.5 * 4  # coef * aux; aux ~ k = 2 when the routing is balanced
+    assert abs(sums["jax"][0] - sums["jax"][1]) <= 1e-5
+    np.testing.assert_allclose(sums["jax"], sums["torch"], atol=1e-5)
