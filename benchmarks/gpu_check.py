@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py --preset llama-3.2-1b --out-dir "$OUT"     # on a lent H100/H200, ~8 minutes
     python benchmarks/gpu_check.py --smoke                                     # on a CPU: every part, tiny, < 1 min
+    python benchmarks/gpu_check.py --preset olmoe-1b-7b --out-dir "$OUT"      # issue 29's MoE shape (OLMoE-1B-7B)
 
 Parts (``--parts``, default all; run in the order b c d f a g h, each job in its own process):
 
@@ -24,7 +25,9 @@ h. the sampler (issue 20): the continuous engine on 512 prompts x 8 (256-token p
 
 MFU = tokens/s x (6 N + 12 L D T) / peak, N the parameters (a tied head counted once), peak the device's bf16 dense
 FLOP/s (H100 and H200: 989e12; ``--peak-tflops`` for others). Models are random: weights drawn on the device from
-the preset's ``transformers.LlamaConfig`` (``--preset llama-3.2-1b`` is issue 9's shape: 1.24B parameters).
+the preset's ``transformers.LlamaConfig`` (``--preset llama-3.2-1b`` is issue 9's shape: 1.24B parameters), or
+``--preset olmoe-1b-7b``: OLMoE-1B-7B's mixture of experts (6.9B parameters, 1.3B active: MFU counts the active ones;
+part a then compares a tiny random OLMoE, ``--smoke`` runs the tiny OLMoE).
 
 Each job is a process forked from this one after it imported jax, flax, torch and transformers but before any of
 them touched a device: JAX preallocates device memory (here ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`` unless set)
@@ -52,7 +55,7 @@ import tempfile
 import time
 import traceback
 
-from gpu_common import Plan, Recorder, peak_flops
+from gpu_common import PRESETS, SMOKE_PRESETS, Plan, Recorder, peak_flops
 from gpu_report import memory_per_token, report
 
 # (job, part, engine, worker function, timeout on a GPU in s), in running order: issue 9's targets first.
@@ -76,7 +79,8 @@ MIN_JOB_S = 30  # a job is not started with less budget than this left
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["llama-3.2-1b", "tiny"], default="llama-3.2-1b")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama-3.2-1b",
+                   help="llama-3.2-1b (issue 9), olmoe-1b-7b (issue 29's mixture of experts), or their tiny shapes")
     p.add_argument("--parts", default=PARTS, help="letters of the parts to run (e needs b/c or d)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke run: tiny preset, [2, 256], one measured step, torch on CPU, results in a temp dir")
@@ -100,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plan", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:  # one shape per part; [2, 256] is what step() packs on a CPU too (no recompilation)
-        args.preset, args.seq, args.batches, args.long, args.prompt = "tiny", 256, [2], [512], 256
+        args.preset, args.seq, args.batches, args.long, args.prompt = SMOKE_PRESETS[args.preset], 256, [2], [512], 256
         args.new_tokens, args.warmup, args.steps = 4, 1, 1
     if set(args.spawn or ()) - {job[0] for job in JOBS}:
         raise SystemExit(f"--spawn: job names of {[job[0] for job in JOBS]}, got {args.spawn}")

@@ -23,7 +23,18 @@ PRESETS = {
                  intermediate_size=128, vocab_size=512, tie_word_embeddings=True, rope_theta=500000.0,
                  rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=1,
                  eos_token_id=2),
+    # Issue 29's MoE shape: OLMoE-1B-7B (allenai/OLMoE-1B-7B-0924): 6.9B parameters, 1.3B active (64 experts of
+    # width 1024, 8 per token), q/k norms over the whole projections, untied head.
+    "olmoe-1b-7b": dict(model_type="olmoe", hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                        num_key_value_heads=16, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
+                        vocab_size=50304, tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=4096,
+                        rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=50279, pad_token_id=1),
+    "tiny-olmoe": dict(model_type="olmoe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                       vocab_size=512, tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
+SMOKE_PRESETS = {"llama-3.2-1b": "tiny", "tiny": "tiny", "olmoe-1b-7b": "tiny-olmoe", "tiny-olmoe": "tiny-olmoe"}
 # The iterative workload's model (part g): the 217M Llama of the earlier H100 run; "tiny" in smoke runs.
 ITERATIVE_MODEL = dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16,
                        intermediate_size=2752, vocab_size=32000, tie_word_embeddings=False,
@@ -92,28 +103,43 @@ def run_iterative(plan: Plan, rec: Recorder, backend: str) -> None:
         rec.failure(label, err, is_out_of_memory(err))
 
 
+def small_preset(plan: Plan) -> str:
+    """Part a's small random model: the tiny preset of the run's family."""
+    return SMOKE_PRESETS[plan.preset]
+
+
 def llama_config(overrides: dict):
+    """A preset's ``transformers`` config: a ``LlamaConfig``, or the family a ``model_type`` key names (OLMoE)."""
     import copy
 
-    from transformers import LlamaConfig
+    from transformers import AutoConfig, LlamaConfig
 
-    return LlamaConfig(**copy.deepcopy(overrides))  # transformers edits rope dicts in place
+    overrides = copy.deepcopy(overrides)  # transformers edits rope dicts in place
+    model_type = overrides.pop("model_type", None)
+    return LlamaConfig(**overrides) if model_type is None else AutoConfig.for_model(model_type, **overrides)
 
 
-def param_count(config) -> int:
-    """Parameters of a Llama config, a tied head counted once (as ``model.parameters()`` counts it)."""
+def param_count(config, active: bool = False) -> int:
+    """Parameters of a Llama or OLMoE config, a tied head counted once (as ``model.parameters()`` counts it);
+    ``active``: a mixture of experts' parameters one token uses (``num_experts_per_tok`` of its experts)."""
     d, f, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     h = getattr(config, "head_dim", None) or d // heads
     attention = d * heads * h * 2 + d * kv * h * 2  # q, o; k, v
-    per_layer = attention + 3 * d * f + 2 * d
+    experts = getattr(config, "num_experts", None)
+    if experts:  # OLMoE: q/k norms over the projections, a router, the experts
+        used = config.num_experts_per_tok if active else experts
+        per_layer = attention + heads * h + kv * h + d * experts + used * 3 * d * f + 2 * d
+    else:
+        per_layer = attention + 3 * d * f + 2 * d
     head = 0 if config.tie_word_embeddings else v * d
     return v * d + head + layers * per_layer + d
 
 
 def flops_per_token(config, seq: int) -> float:
-    """Issue 9's training FLOPs per token: 6 N + 12 L D T (attention, causal not halved), N from ``param_count``."""
-    return 6 * param_count(config) + 12 * config.num_hidden_layers * config.hidden_size * seq
+    """Issue 9's training FLOPs per token: 6 N + 12 L D T (attention, causal not halved), N from ``param_count``
+    (a mixture of experts: its active parameters)."""
+    return 6 * param_count(config, active=True) + 12 * config.num_hidden_layers * config.hidden_size * seq
 
 
 def peak_flops(device_name: str, override_tflops: float | None) -> float | None:

@@ -22,6 +22,7 @@ from gpu_common import (
     mfu,
     param_count,
     run_iterative,
+    small_preset,
 )
 
 
@@ -147,13 +148,13 @@ def long_context(plan: Plan, rec: Recorder) -> None:
 
 
 def parity(plan: Plan, rec: Recorder) -> None:
-    """Part a, PyTorch side: a small random Llama (the tiny preset: GQA, tied head, llama3 RoPE) saved for the JAX
-    worker, with its fp32 logits on this device for a right-padded batch."""
+    """Part a, PyTorch side: a small random model (the tiny preset of the run's family: for Llama GQA, tied head,
+    llama3 RoPE) saved for the JAX worker, with its fp32 logits on this device for a right-padded batch."""
     import torch
     from transformers import AutoModelForCausalLM
 
     _setup(plan, rec)
-    hf_config = llama_config(PRESETS["tiny"])
+    hf_config = llama_config(PRESETS[small_preset(plan)])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").float().eval()
     path = os.path.join(plan.workdir, "parity")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from itersft_jax.shared.shell import (
     make_callback_handler,
     validate_shell_args,
 )
+from itersft_torch import moe
 from itersft_torch.distributed import check_distributed_setup, check_same_samples, release_gathered_parameters
 from itersft_torch.features import StepFeatures
 
@@ -191,6 +192,14 @@ def _label_tokens(examples: list[Example], is_encoder_decoder: bool) -> int:
     if is_encoder_decoder:  # decoder targets are not shifted: every non-ignored label is predicted
         return sum(int(np.count_nonzero(ex.labels != IGNORE_INDEX)) for ex in examples)
     return count_label_tokens([examples])
+
+
+class _RouterOutputs(NamedTuple):
+    """The last forward's router logits (per sparse layer), attention mask and transformers' aux_loss."""
+
+    router_logits: Any
+    attention_mask: torch.Tensor
+    aux_loss: Any
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -459,6 +468,12 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         ce_total = torch.zeros((), device=accelerator.device)
         input_tokens = padded_tokens = 0
         model.zero_grad(set_to_none=True)
+        balance = moe.balance_of(accelerator.unwrap_model(model))  # MoE with output_router_logits (itersft_torch.moe)
+        if balance is not None and world > 1:
+            raise NotImplementedError("output_router_logits (the MoE load-balancing loss) on the PyTorch engine runs "
+                                      "in one process for now; use the JAX engine or one process")
+        totals = self._router_totals(model, micro_batches, pad_id, balance) if balance is not None else None
+        aux_total = torch.zeros((), device=accelerator.device)
         for i, micro_batch in enumerate(micro_batches):
             shard = micro_batch[rank * per_device:(rank + 1) * per_device]
             if not shard:  # this rank still joins the collective with a zero-loss sample
@@ -468,7 +483,12 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                 logits, labels, positions = self._forward(model, shard, pad_id, train=True)
                 ce_sum = summed_token_ce(logits, labels, shift=not self.is_encoder_decoder,
                                          label_smoothing=self.args.label_smoothing_factor)
-                accelerator.backward(ce_sum * scale)
+                loss = ce_sum * scale
+                if balance is not None:  # one micro-batch: transformers' aux_loss; several: its share of the update's
+                    aux = self._aux_share(balance, totals)
+                    loss = loss + balance.coef * aux
+                    aux_total += aux.detach()
+                accelerator.backward(loss)
             ce_total += ce_sum.detach()
             input_tokens += sum(len(ex.input_ids) + (len(ex.labels) if self.is_encoder_decoder else 0)
                                 for ex in micro_batch)  # every rank's samples, like JAX
@@ -481,10 +501,35 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             ce_total, padded_tokens = accelerator.reduce(totals, reduction="sum")
             padded_tokens = int(padded_tokens.item())
         loss = ce_total.item() / update_tokens
+        extra = {}
+        if balance is not None:  # the update's loss is transformers': mean CE + coef * aux
+            extra["aux_loss"] = aux_total.item()
+            loss += balance.coef * extra["aux_loss"]
         lr, skipped = self._optimizer_update(loss, grad_norm)
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "num_tokens": update_tokens,
-                   "skipped": int(skipped)}
+                   "skipped": int(skipped), **extra}
         return UpdateRecord(metrics, input_tokens, padded_tokens)
+
+    def _aux_share(self, balance, totals):
+        """The last forward's share of the load-balancing loss: transformers' own ``aux_loss`` when it is the only
+        micro-batch (``totals`` None), else its probabilities against the whole update's counts."""
+        router = self._router
+        if totals is None:
+            return router.aux_loss
+        return moe.share(moe.router_sums(router.router_logits, router.attention_mask, balance)[0], *totals, balance)
+
+    def _router_totals(self, model, micro_batches, pad_id: int, balance, train: bool = True):
+        """The update's top-k assignments and real tokens x sparse layers (a first pass without gradients), or None
+        for an update of one micro-batch (its forward counts its own)."""
+        if len(micro_batches) == 1:
+            return None
+        counts_E = tokens = 0.0
+        with torch.no_grad():
+            for micro_batch in micro_batches:
+                self._forward(model, micro_batch, pad_id, train=train)
+                _, counts, n = moe.router_sums(self._router.router_logits, self._router.attention_mask, balance)
+                counts_E, tokens = counts_E + counts, tokens + n
+        return counts_E, tokens
 
     def _clipped_grad_norm(self, model: torch.nn.Module) -> float:
         """Clip the accumulated gradients to ``max_grad_norm``; their global norm before clipping."""
@@ -524,6 +569,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
                                       "encoder-decoder: use step()")
         if self.accelerator.num_processes > 1:
             raise NotImplementedError("the low-level API runs in one process on the PyTorch engine for now")
+        from itersft_jax.shared.datum import LOGPROBS_ONLY
         from itersft_torch.rl_losses import datum_loss
 
         model = self.model_wrapped
@@ -547,13 +593,21 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             for p, grad in pending.items():
                 p.grad = grad if p.grad is None else grad.add_(p.grad)
 
+        shards = [[Example(d.model_input, np.full(len(d), IGNORE_INDEX)) for d in data[start:start + per_device]]
+                  for start in range(0, len(data), per_device)]
+        # A MoE with output_router_logits: coef * the pass's load-balancing loss joins the summed loss (not for
+        # logprobs-only passes), as on the JAX engine.
+        balance = None if loss_fn == LOGPROBS_ONLY else moe.balance_of(self.accelerator.unwrap_model(model))
         try:
+            totals = (self._router_totals(model, shards, self._pad_id(), balance, train=backward)
+                      if balance is not None else None)
             with contextlib.nullcontext() if backward else torch.no_grad():
-                for start in range(0, len(data), per_device):
+                for start, examples in zip(range(0, len(data), per_device), shards):
                     shard = data[start:start + per_device]
-                    examples = [Example(d.model_input, np.full(len(d), IGNORE_INDEX)) for d in shard]
                     logits_BTV, _, positions = self._forward(model, examples, self._pad_id(), train=backward)
                     loss, logp_BT = datum_loss(logits_BTV, shard, loss_fn, config)
+                    if balance is not None:
+                        loss = loss + balance.coef * self._aux_share(balance, totals)
                     if backward:
                         self.accelerator.backward(loss)
                     loss_sum += float(loss.detach())
@@ -616,6 +670,9 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         with self.accelerator.autocast(), noise:
             outputs = model(**inputs)
         logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+        # A MoE model with output_router_logits: its router logits and aux_loss, for step()'s load-balancing loss.
+        self._router = _RouterOutputs(getattr(outputs, "router_logits", None), attention_mask,
+                                      getattr(outputs, "aux_loss", None))
         return logits, labels, arrays["input_ids"].size
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -59,3 +59,37 @@ def test_parameter_count_of_the_1b_preset():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     assert param_count(config) == sum(p.numel() for p in model.parameters()) == 1_235_814_400
+
+
+def test_gpu_check_smoke_moe_preset(tmp_path):
+    """``--preset olmoe-1b-7b`` (issue 29) smoke-run as its tiny OLMoE: parity and the JAX training part."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--smoke", "--preset", "olmoe-1b-7b",
+               "--parts", "ab", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (jsonl,) = tmp_path.glob("results_cpu_*.jsonl")
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert not [r for r in rows if r.get("status") == "error"]
+    jobs = [r for r in rows if r["kind"] == "job"]
+    assert {r["job"] for r in jobs} == {"fixed_jax", "parity_torch", "parity_jax"} and all(r["status"] == "ok"
+                                                                                          for r in jobs), jobs
+    assert all(r["params"] == r["expected_params"] for r in rows if r["kind"] == "model")
+    results = [r for r in rows if r["kind"] == "result" and r["status"] == "ok"]
+    assert all(r["max_abs_diff"] < 1e-5 for r in results if r["part"] == "a")
+    (api,) = [r for r in results if r.get("path") == "trainer.step()"]
+    assert api["recompiles"] == 0
+
+
+def test_parameter_count_of_the_olmoe_preset():
+    """MFU's N for the MoE preset: all parameters equal transformers' count of OLMoE-1B-7B (6,919,161,856); the
+    active ones (8 of 64 experts per token) are 1,282,017,280 — OLMoE's "1.3B active"."""
+    import torch
+    from gpu_common import PRESETS, llama_config, param_count
+    from transformers import AutoModelForCausalLM
+
+    config = llama_config(PRESETS["olmoe-1b-7b"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert param_count(config) == sum(p.numel() for p in model.parameters()) == 6_919_161_856
+    assert param_count(config, active=True) == 1_282_017_280

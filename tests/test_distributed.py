@@ -44,7 +44,7 @@ def test_two_processes_equal_one(tmp_path, tokenizer):
         assert p.returncode == 0, err[-4000:]
     with open(out / "losses.json") as f:
         two = json.load(f)
-    assert two["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert two["mesh"] == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
     assert two["resumed"] == two["continued"]  # the 2-process checkpoint resumes bit-identically
     assert os.path.isfile(out / "checkpoint-4" / "itersft_manifest.json")
 

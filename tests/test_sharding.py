@@ -113,8 +113,8 @@ def test_bad_mesh_is_refused_naming_the_field(tmp_path):
             resolve_sizes(bad, 8)
     with pytest.raises(ValueError, match="takes 16 devices, but 8"):
         resolve_sizes("fsdp:8,tensor:2", 8)
-    assert resolve_sizes("data:2,fsdp:-1", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert resolve_sizes(None, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert resolve_sizes("data:2,fsdp:-1", 8) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+    assert resolve_sizes(None, 8) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
 
 
 def test_loading_goes_straight_into_the_sharded_layout(sharded_run):

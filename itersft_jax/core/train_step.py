@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ from itersft_jax.core.loss import causal_lm_loss, check_loss_options
 from itersft_jax.core.rl_losses import datum_loss
 from itersft_jax.models.attention.masks import positions_from_segments
 from itersft_jax.models.lora import dropout_rng
+from itersft_jax.models.moe import Stats, collect_router_stats, load_balancing_loss
+from itersft_jax.shared.data import IGNORE_INDEX
+from itersft_jax.shared.datum import LOGPROBS_ONLY
 
 
 @jax.tree_util.register_dataclass
@@ -69,8 +72,10 @@ def state_shardings(state: TrainState, mesh) -> tuple[TrainState, Any]:
     return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated, frozen=frozen), params
 
 
-def _model_head(params, graphdef, input_ids_BT, attention_mask_BT, *, neftune=None, frozen=None, dropout_key=None):
-    """Hidden states ``[B, T, D]`` and the LM head of one micro-batch.
+def _model_head(params, graphdef, input_ids_BT, attention_mask_BT, *, neftune=None, frozen=None, dropout_key=None,
+                router_stats: bool = False):
+    """Hidden states ``[B, T, D]``, the LM head and (``router_stats``, a MoE model) the micro-batch's router
+    statistics (``models.moe.Stats``; else None) of one micro-batch.
     ``neftune``: ``None`` or ``(alpha, key)``, NEFTune noise on the input embeddings (training only);
     ``frozen``: the parameters not trained (merged with ``params``); ``dropout_key``: LoRA dropout (training)."""
     if frozen is not None:
@@ -79,28 +84,118 @@ def _model_head(params, graphdef, input_ids_BT, attention_mask_BT, *, neftune=No
         frozen = jax.tree.map(lambda x: x, frozen)
     model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
     positions_BT = positions_from_segments(attention_mask_BT)
+
+    def forward(m):
+        return m.hidden_states(input_ids_BT, positions_BT, attention_mask_BT, neftune=neftune)[0]
+
     with dropout_rng(dropout_key):
-        h_BTD = model.hidden_states(input_ids_BT, positions_BT, attention_mask_BT, neftune=neftune)[0]
-    return h_BTD, model.head()
+        h_BTD, stats = collect_router_stats(model, forward) if router_stats else (forward(model), None)
+    return h_BTD, model.head(), stats
 
 
-def _summed_loss(params, micro, *, graphdef, label_smoothing=0.0, chunk_size=None, **model_kwargs):
-    """Summed token loss of one micro-batch of ``step()`` (HF labels) and ``(label-token count, None)``."""
-    h_BTD, head = _model_head(params, graphdef, micro["input_ids"], micro["attention_mask"], **model_kwargs)
+class Balance(NamedTuple):
+    """The MoE load-balancing loss of one update (or low-level pass), added to its summed loss.
+
+    ``coef``: ``router_aux_loss_coef``; ``scale``: the summed loss's divisor (the update's label tokens for
+    ``step()``, 1 for the low-level API's sums), so the update's loss is ``mean CE + coef * aux`` as in
+    transformers; ``counts_E``, ``tokens``: the whole update's top-k assignments and real tokens x sparse layers
+    (``router_totals``) — each micro-batch adds its probabilities' share, so the sum over micro-batches is the
+    update's loss whatever the split; ``own``: one micro-batch holds every token (its own counts are the
+    update's: no first pass)."""
+
+    coef: float
+    scale: jax.Array
+    counts_E: jax.Array
+    tokens: jax.Array
+    own: jax.Array
+
+    def share(self, stats: Stats) -> jax.Array:
+        """This micro-batch's share of the update's (unscaled) load-balancing loss."""
+        counts_E = jnp.where(self.own, stats.counts_E, self.counts_E)
+        return load_balancing_loss(stats, counts_E, jnp.where(self.own, stats.tokens, self.tokens))
+
+
+def _summed_loss(params, micro, *, graphdef, label_smoothing=0.0, chunk_size=None, balance: Balance | None = None,
+                 **model_kwargs):
+    """Summed token loss of one micro-batch of ``step()`` (HF labels) and ``(label-token count, None)`` — with
+    ``balance``, the load-balancing share added and the count ``{"tokens", "aux_loss"}``."""
+    h_BTD, head, stats = _model_head(params, graphdef, micro["input_ids"], micro["attention_mask"],
+                                     router_stats=balance is not None, **model_kwargs)
     loss, count = causal_lm_loss(h_BTD, head, micro["labels"], label_smoothing=label_smoothing, chunk_size=chunk_size)
+    loss, count = _balanced(loss, count, stats, balance)
     return loss, (count, None)
 
 
-def _summed_datum_loss(params, micro, *, graphdef, loss_fn, config, chunk_size=None, **model_kwargs):
-    """Summed loss of one packed micro-batch of ``Datum`` s and ``(target-token count, logprobs [M, T])``."""
-    h_BTD, head = _model_head(params, graphdef, micro["input_ids"], micro["attention_mask"], **model_kwargs)
+def _summed_datum_loss(params, micro, *, graphdef, loss_fn, config, chunk_size=None, balance: Balance | None = None,
+                       **model_kwargs):
+    """Summed loss of one packed micro-batch of ``Datum`` s and ``(target-token count, logprobs [M, T])`` (with
+    ``balance`` as ``_summed_loss``)."""
+    h_BTD, head, stats = _model_head(params, graphdef, micro["input_ids"], micro["attention_mask"],
+                                     router_stats=balance is not None, **model_kwargs)
     loss, count, logp_BT = datum_loss(h_BTD, head, micro, loss_fn=loss_fn, config=config, chunk_size=chunk_size)
+    loss, count = _balanced(loss, count, stats, balance)
     return loss, (count, logp_BT)
+
+
+def _balanced(loss, count, stats, balance: Balance | None):
+    """``(loss, count)`` with the load-balancing share added (``balance``): the count becomes ``{"tokens",
+    "aux_loss"}``."""
+    if balance is None:
+        return loss, count
+    aux = balance.share(stats)
+    return loss + balance.coef * balance.scale * aux, {"tokens": count, "aux_loss": aux}
+
+
+def load_balance(graphdef, state: TrainState) -> float | None:
+    """``router_aux_loss_coef`` of a MoE model whose load-balancing loss is on (``output_router_logits``), else
+    None (read from the static model at trace time)."""
+    model = nnx.merge(graphdef, state.model_state())
+    moe = getattr(getattr(model, "spec", None), "moe", None)
+    return None if moe is None else moe.aux_loss_coef
+
+
+def router_totals(state: TrainState, batch: dict[str, jax.Array], *, graphdef, skip_single: bool = True,
+                  neftune_alpha: float | None = None, lora_dropout: bool = False, key_offset=None):
+    """``(counts_E, tokens, own)``: the top-k assignments and real tokens (x sparse layers) of the whole batch, by a
+    forward pass over its micro-batches that hold tokens (the same noise and dropout as the gradient loop's, so
+    the same routing). ``own``: only one micro-batch holds tokens — with ``skip_single`` the pass is then skipped
+    (zeros), that micro-batch counting its own."""
+    used = _micro_batches_holding_tokens(batch)
+    own = used <= 1
+
+    def run(i, carry):
+        params, frozen, counts_E, tokens = carry
+        micro = {k: jax.lax.dynamic_index_in_dim(batch[k], i, keepdims=False)
+                 for k in ("input_ids", "attention_mask")}
+        neftune, dropout_key = _micro_keys(state, i, key_offset, neftune_alpha, lora_dropout)
+        _, _, stats = _model_head(params, graphdef, micro["input_ids"], micro["attention_mask"], frozen=frozen,
+                                  neftune=neftune, dropout_key=dropout_key, router_stats=True)
+        return params, frozen, counts_E + jax.lax.stop_gradient(stats.counts_E), tokens + stats.tokens
+
+    num_experts = _num_experts(graphdef, state)
+    zero = jnp.zeros((), jnp.float32)
+    init = (state.params, state.frozen, jnp.zeros((num_experts,), jnp.float32), zero)
+    stop = jnp.where(own, 0, used) if skip_single else used
+    _, _, counts_E, tokens = jax.lax.fori_loop(0, stop, run, init)
+    return counts_E, tokens, own
+
+
+def _num_experts(graphdef, state: TrainState) -> int:
+    return nnx.merge(graphdef, state.model_state()).spec.moe.num_experts
+
+
+def _micro_keys(state: TrainState, i, key_offset, neftune_alpha, lora_dropout):
+    """Micro-batch ``i``'s NEFTune ``(alpha, key)`` and LoRA dropout key (each None when off)."""
+    micro_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                   i if key_offset is None else i + key_offset)
+    neftune = (neftune_alpha, micro_key) if neftune_alpha else None
+    dropout_key = jax.random.fold_in(micro_key, _LORA_DROPOUT_STREAM) if lora_dropout else None
+    return neftune, dropout_key
 
 
 def accumulate_gradients(state: TrainState, batch: dict[str, jax.Array], micro_loss, *, grads=None,
                          neftune_alpha: float | None = None, lora_dropout: bool = False, grad_sharding=None,
-                         key_offset=None, per_token: bool = False):
+                         key_offset=None, per_token: bool = False, count_init=None):
     """``(summed gradients, summed loss, token count, per-token output [A, M, T] or None)`` of ``batch``.
 
     ``micro_loss(params, micro, neftune=, frozen=, dropout_key=) -> (loss_sum, (count, per_token_BT))``, the
@@ -108,6 +203,7 @@ def accumulate_gradients(state: TrainState, batch: dict[str, jax.Array], micro_l
     from ``grads`` (an accumulator like ``state.params``; zeros when None). Micro-batch ``i``'s random keys are
     ``fold_in(fold_in(state.rng, state.step), i [+ key_offset])``: ``key_offset`` numbers the micro-batches of
     several calls accumulating into one update. ``grad_sharding`` pins the accumulator (see ``train_step``).
+    ``count`` may be a pytree of scalars (summed leaf by leaf from ``count_init``, default a scalar zero).
     """
 
     def pin(grads):
@@ -118,21 +214,19 @@ def accumulate_gradients(state: TrainState, batch: dict[str, jax.Array], micro_l
     def accumulate(i, carry):
         grads_acc, loss_acc, count_acc, per_token_acc = carry
         micro = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in batch.items()}
-        micro_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                                       i if key_offset is None else i + key_offset)
-        neftune = (neftune_alpha, micro_key) if neftune_alpha else None
-        dropout_key = jax.random.fold_in(micro_key, _LORA_DROPOUT_STREAM) if lora_dropout else None
+        neftune, dropout_key = _micro_keys(state, i, key_offset, neftune_alpha, lora_dropout)
         (loss_sum, (count, out_BT)), grads = grad_fn(state.params, micro, neftune=neftune, frozen=state.frozen,
                                                      dropout_key=dropout_key)
         grads_acc = pin(jax.tree.map(jnp.add, grads_acc, pin(grads)))
         if per_token:
             per_token_acc = jax.lax.dynamic_update_index_in_dim(per_token_acc, out_BT, i, 0)
-        return grads_acc, loss_acc + loss_sum, count_acc + count, per_token_acc
+        return grads_acc, loss_acc + loss_sum, jax.tree.map(jnp.add, count_acc, count), per_token_acc
 
     if grads is None:
         grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     per_token_init = jnp.zeros(batch["input_ids"].shape, jnp.float32) if per_token else None
-    init = (pin(grads), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), per_token_init)
+    count_init = jnp.zeros((), jnp.float32) if count_init is None else count_init
+    init = (pin(grads), jnp.zeros((), jnp.float32), count_init, per_token_init)
     return jax.lax.fori_loop(0, _micro_batches_holding_tokens(batch), accumulate, init)
 
 
@@ -182,14 +276,26 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
     Gradients are taken for ``state.params`` only; ``state.frozen`` (LoRA's base) rides along unchanged.
     ``lora_dropout``: the model's adapters have dropout, keyed like NEFTune's noise (another stream).
     """
-    loss_fn = functools.partial(_summed_loss, graphdef=graphdef, label_smoothing=label_smoothing,
-                                chunk_size=loss_chunk_size)
     micro_batches = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-    grads, loss_sum, count, _ = accumulate_gradients(state, micro_batches, loss_fn, neftune_alpha=neftune_alpha,
-                                                     lora_dropout=lora_dropout, grad_sharding=grad_sharding)
+    noise = dict(neftune_alpha=neftune_alpha, lora_dropout=lora_dropout)
+    balance, count_init = None, None
+    coef = load_balance(graphdef, state)
+    if coef is not None:  # MoE with output_router_logits: the load-balancing loss of the whole update
+        # The label-token count is known before the loop (the division below uses the same count).
+        scale = jnp.maximum(jnp.sum(micro_batches["labels"][..., 1:] != IGNORE_INDEX).astype(jnp.float32), 1.0)
+        balance = Balance(coef, scale, *router_totals(state, micro_batches, graphdef=graphdef, **noise))
+        count_init = {"tokens": jnp.zeros((), jnp.float32), "aux_loss": jnp.zeros((), jnp.float32)}
+    loss_fn = functools.partial(_summed_loss, graphdef=graphdef, label_smoothing=label_smoothing,
+                                chunk_size=loss_chunk_size, balance=balance)
+    grads, loss_sum, count, _ = accumulate_gradients(state, micro_batches, loss_fn, grad_sharding=grad_sharding,
+                                                     count_init=count_init, **noise)
+    aux = None if balance is None else count["aux_loss"]
+    count = count if balance is None else count["tokens"]
     # One division for the whole update: token-weighted, whatever the micro-batch split. An update with
     # no label tokens has loss 0 and zero gradients instead of NaN.
-    return apply_gradients(state, grads, loss_sum, count, jnp.maximum(count, 1.0), tx=tx, schedule=schedule)
+    new_state, metrics = apply_gradients(state, grads, loss_sum, count, jnp.maximum(count, 1.0), tx=tx,
+                                         schedule=schedule)
+    return new_state, metrics if aux is None else {**metrics, "aux_loss": aux}
 
 
 _LORA_DROPOUT_STREAM = 0x10A  # folded into a micro-batch's key: LoRA dropout masks apart from NEFTune's noise
@@ -204,32 +310,53 @@ def forward_backward_step(state: TrainState, grads, batch: dict[str, jax.Array],
                           neftune_alpha: float | None = None, grad_sharding=None, lora_dropout: bool = False):
     """``(grads + the gradient of the summed loss over batch, outputs)`` for a packed batch of ``Datum`` s
     (``packing.pack_data``): the same gradient loop as ``train_step``, with ``rl_losses.datum_loss``. Outputs:
-    ``loss_sum``, ``num_tokens`` (target positions), ``logprobs`` ``[A, M, T]`` (each position's target)."""
+    ``loss_sum``, ``num_tokens`` (target positions), ``logprobs`` ``[A, M, T]`` (each position's target); a MoE
+    model with ``output_router_logits`` adds ``router_aux_loss_coef`` times the batch's load-balancing loss to the
+    sum (``aux_loss``, unscaled, among the outputs)."""
+    noise = dict(neftune_alpha=neftune_alpha, lora_dropout=lora_dropout)
+    balance, count_init = _datum_balance(state, batch, graphdef, loss_fn, key_offset=key_offset, **noise)
     micro_loss = functools.partial(_summed_datum_loss, graphdef=graphdef, loss_fn=loss_fn, config=config,
-                                   chunk_size=loss_chunk_size)
+                                   chunk_size=loss_chunk_size, balance=balance)
     grads, loss_sum, count, logp = accumulate_gradients(
-        state, batch, micro_loss, grads=grads, neftune_alpha=neftune_alpha, lora_dropout=lora_dropout,
-        grad_sharding=grad_sharding, key_offset=key_offset, per_token=True)
-    return grads, {"loss_sum": loss_sum, "num_tokens": count, "logprobs": logp}
+        state, batch, micro_loss, grads=grads, grad_sharding=grad_sharding, key_offset=key_offset, per_token=True,
+        count_init=count_init, **noise)
+    if balance is None:
+        return grads, {"loss_sum": loss_sum, "num_tokens": count, "logprobs": logp}
+    return grads, {"loss_sum": loss_sum, "num_tokens": count["tokens"], "logprobs": logp,
+                   "aux_loss": count["aux_loss"]}
+
+
+def _datum_balance(state, batch, graphdef, loss_fn: str, **keys):
+    """The low-level passes' ``Balance`` (scale 1: their losses are sums) and count init, or ``(None, None)``
+    (a dense model, the load-balancing loss off, or a logprobs-only pass)."""
+    coef = None if loss_fn == LOGPROBS_ONLY else load_balance(graphdef, state)
+    if coef is None:
+        return None, None
+    balance = Balance(coef, jnp.float32(1.0), *router_totals(state, batch, graphdef=graphdef, **keys))
+    return balance, {"tokens": jnp.zeros((), jnp.float32), "aux_loss": jnp.zeros((), jnp.float32)}
 
 
 def forward_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, loss_fn: str, config: tuple,
                  loss_chunk_size: int | None = None) -> dict[str, jax.Array]:
     """``forward_backward_step``'s outputs without gradients (no noise, no dropout), parameters unchanged."""
+    balance, count_init = _datum_balance(state, batch, graphdef, loss_fn)
     micro_loss = functools.partial(_summed_datum_loss, graphdef=graphdef, loss_fn=loss_fn, config=config,
-                                   chunk_size=loss_chunk_size)
+                                   chunk_size=loss_chunk_size, balance=balance)
 
     def run(i, carry):
         params, frozen, loss_acc, count_acc, logp_acc = carry  # params in the carry: see eval_step
         micro = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in batch.items()}
         loss_sum, (count, logp_BT) = micro_loss(params, micro, frozen=frozen)
         logp_acc = jax.lax.dynamic_update_index_in_dim(logp_acc, logp_BT, i, 0)
-        return params, frozen, loss_acc + loss_sum, count_acc + count, logp_acc
+        return params, frozen, loss_acc + loss_sum, jax.tree.map(jnp.add, count_acc, count), logp_acc
 
     zero = jnp.zeros((), jnp.float32)
-    init = (state.params, state.frozen, zero, zero, jnp.zeros(batch["input_ids"].shape, jnp.float32))
+    init = (state.params, state.frozen, zero, zero if count_init is None else count_init,
+            jnp.zeros(batch["input_ids"].shape, jnp.float32))
     _, _, loss_sum, count, logp = jax.lax.fori_loop(0, _micro_batches_holding_tokens(batch), run, init)
-    return {"loss_sum": loss_sum, "num_tokens": count, "logprobs": logp}
+    if balance is None:
+        return {"loss_sum": loss_sum, "num_tokens": count, "logprobs": logp}
+    return {"loss_sum": loss_sum, "num_tokens": count["tokens"], "logprobs": logp, "aux_loss": count["aux_loss"]}
 
 
 def optim_step(state: TrainState, grads, loss_sum, count, *, tx: optax.GradientTransformation, schedule=None):

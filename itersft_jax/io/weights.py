@@ -264,7 +264,12 @@ def load_model(source, *, dtype=None, param_dtype=None, remat: bool | str = Fals
     else:
         params = _place_on_mesh(expected, params, mesh)
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state), hf_config
+    model = nnx.merge(graphdef, state)
+    if mesh is not None:
+        from itersft_jax.models import moe
+
+        moe.use_mesh(model, mesh)  # sparse MoE layers run expert-parallel over an ``expert`` axis
+    return model, hf_config
 
 
 def _place_on_mesh(expected: dict, params: dict, mesh) -> dict:

@@ -45,6 +45,9 @@ FAMILIES = {
     "gpt_neo": ("gpt_neo",),
     "gpt_neox": ("gpt_neox",),
     "gptj": ("gptj",),
+    "mixtral": ("mixtral",),
+    "qwen_moe": ("qwen2_moe", "qwen3_moe"),
+    "olmoe": ("olmoe",),
 }
 _FAMILY_OF_TYPE = {model_type: family for family, types in FAMILIES.items() for model_type in types}
 

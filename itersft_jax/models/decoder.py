@@ -1,17 +1,20 @@
-"""The RoPE decoder that Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3, OLMo 2 and SmolLM3 share, in Flax NNX.
+"""The RoPE decoder that Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3, OLMo 2, SmolLM3 and the MoE families share, in
+Flax NNX.
 
 One implementation; each family's quirks are switches in ``Spec``, read from its HF config by the family file
 (``llama.py``, ``phi3.py``, ``gemma.py``, ``olmo2.py``, ``smollm3.py``): biases, q/k RMSNorm (per head, or over the
 whole projection), per-layer sliding windows and RoPE variants (or none: NoPE layers), Gemma's ``(1 + w)`` fp32
 RMSNorm, sqrt(D)-scaled embeddings, sandwich norms, OLMo 2's post-norms, ``query_pre_attn_scalar`` and soft-caps,
-and Phi-3's fused ``qkv_proj``/``gate_up_proj`` (split by the weight mapping: the modules are Llama's).
-Parameter paths mirror HF names (``model.layers[i].self_attn.q_proj.kernel`` is
+and Phi-3's fused ``qkv_proj``/``gate_up_proj`` (split by the weight mapping: the modules are Llama's); the MoE
+families (``mixtral.py``, ``qwen_moe.py``, ``olmoe.py``) add a sparse MLP (``moe.MoESpec``: ``moe.py``) and OLMoE's
+``clip_qkv``. Parameter paths mirror HF names (``model.layers[i].self_attn.q_proj.kernel`` is
 ``model.layers.{i}.self_attn.q_proj.weight`` transposed), so the checkpoint layout is a table (``layout``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from itersft_jax.models import mapping
+from itersft_jax.models import mapping, moe
 from itersft_jax.models.attention import attention
 from itersft_jax.models.base import CausalLMBase
 from itersft_jax.models.cache import KVCache
@@ -57,9 +60,11 @@ class Spec:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     fused: bool = False               # HF stores qkv_proj and gate_up_proj fused (Phi-3)
-    qk_norm_full: bool = False        # RMSNorm on the whole q/k projection, before the split into heads (OLMo 2)
+    qk_norm_full: bool = False        # RMSNorm on the whole q/k projection, before the split into heads (OLMo 2, OLMoE)
     post_norms: bool = False          # no input norms: attention and MLP outputs normed before the residual (OLMo 2)
     norm_scale_fp32: bool = False     # RMSNorm scales the fp32 normed value, then casts (OLMo 2; Llama casts first)
+    clip_qkv: float | None = None     # q, k, v clamped to [-c, c] after the projections (and q/k norms) (OLMoE)
+    moe: moe.MoESpec | None = None    # sparse MoE MLPs on the layers ``moe.sparse`` marks (moe.py)
 
     @classmethod
     def read(cls, config, *, act: str, windows: tuple, ropes: tuple[Rope, ...],
@@ -138,19 +143,21 @@ class Attention(nnx.Module):
             self.q_norm, self.k_norm = _norm(spec, h, kw), _norm(spec, h, kw)
         elif spec.qk_norm_full:
             self.q_norm, self.k_norm = _norm(spec, n * h, kw), _norm(spec, k * h, kw)
-        self.qk_norm, self.qk_norm_full = spec.qk_norm, spec.qk_norm_full
+        self.qk_norm, self.qk_norm_full, self.clip = spec.qk_norm, spec.qk_norm_full, spec.clip_qkv
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.scale = spec.query_scale if spec.query_scale is not None else h ** -0.5
         self.window, self.softcap, self.rope = spec.windows[layer_idx], spec.attn_softcap, spec.layer_ropes[layer_idx]
 
     def __call__(self, x_BTD, kv, ctx, cos_sins):
         b, t, _ = x_BTD.shape
-        q_BTF, k_BTF = dense(self.q_proj, x_BTD), dense(self.k_proj, x_BTD)
+        q_BTF, k_BTF, v_BTF = dense(self.q_proj, x_BTD), dense(self.k_proj, x_BTD), dense(self.v_proj, x_BTD)
         if self.qk_norm_full:
             q_BTF, k_BTF = self.q_norm(q_BTF), self.k_norm(k_BTF)
+        if self.clip is not None:
+            q_BTF, k_BTF, v_BTF = (jnp.clip(a, -self.clip, self.clip) for a in (q_BTF, k_BTF, v_BTF))
         q_BTNH = q_BTF.reshape(b, t, self.num_heads, self.head_dim)
         k_BTKH = k_BTF.reshape(b, t, self.num_kv_heads, self.head_dim)
-        v_BTKH = dense(self.v_proj, x_BTD).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v_BTKH = v_BTF.reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
         if self.rope is not None:  # None: a NoPE layer (SmolLM3)
@@ -162,8 +169,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, spec: Spec, kw: dict):
-        d, f = spec.hidden_size, spec.intermediate_size
+    def __init__(self, spec: Spec, kw: dict, size: int | None = None):
+        d, f = spec.hidden_size, spec.intermediate_size if size is None else size
         self.gate_proj = _linear(spec, d, f, spec.mlp_bias, kw)
         self.up_proj = _linear(spec, d, f, spec.mlp_bias, kw)
         self.down_proj = _linear(spec, f, d, spec.mlp_bias, kw)
@@ -183,7 +190,12 @@ class DecoderLayer(nnx.Module):
     def __init__(self, spec: Spec, layer_idx: int, kw: dict):
         d = spec.hidden_size
         self.self_attn = Attention(spec, layer_idx, kw)
-        self.mlp = MLP(spec, kw)
+        self.sparse = spec.moe is not None and spec.moe.sparse[layer_idx]
+        if self.sparse:
+            shared = MLP(spec, kw, spec.moe.shared_expert_size) if spec.moe.shared_expert_size else None
+            self.mlp = moe.SparseMoeBlock(spec.moe, d, spec.act, _init(spec), kw, shared)
+        else:
+            self.mlp = MLP(spec, kw)
         self.post_norms = spec.post_norms
         if not self.post_norms:
             self.input_layernorm = _norm(spec, d, kw)
@@ -195,16 +207,17 @@ class DecoderLayer(nnx.Module):
             self.post_feedforward_layernorm = _norm(spec, d, kw)
 
     def __call__(self, h_BTD, kv, ctx, cos_sins):
+        mlp = functools.partial(self.mlp, segment_ids_BT=ctx.segment_ids_BT) if self.sparse else self.mlp
         if self.post_norms:
             attn_BTD, kv = self.self_attn(h_BTD, kv, ctx, cos_sins)
             h_BTD = h_BTD + self.post_attention_layernorm(attn_BTD)
-            return h_BTD + self.post_feedforward_layernorm(self.mlp(h_BTD)), kv
+            return h_BTD + self.post_feedforward_layernorm(mlp(h_BTD)), kv
         attn_BTD, kv = self.self_attn(self.input_layernorm(h_BTD), kv, ctx, cos_sins)
         if self.sandwich:
             h_BTD = h_BTD + self.post_attention_layernorm(attn_BTD)
-            return h_BTD + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h_BTD))), kv
+            return h_BTD + self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(h_BTD))), kv
         h_BTD = h_BTD + attn_BTD
-        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD)), kv
+        return h_BTD + mlp(self.post_attention_layernorm(h_BTD)), kv
 
 
 class Model(nnx.Module):
@@ -284,9 +297,11 @@ def layout(spec: Spec, family: str) -> mapping.Layout:
     d, f, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     nh, kh = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     rows = [mapping.tensor("model.embed_tokens.weight", ("model", "embed_tokens", "embedding"), (v, d))]
+    variants = []
     for i in range(spec.num_layers):
         hf, path = f"model.layers.{i}.", ("model", "layers", i)
         attn, mlp = (*path, "self_attn"), (*path, "mlp")
+        sparse = spec.moe is not None and spec.moe.sparse[i]
         if spec.fused:
             qkv = [(*attn, name) for name in ("q_proj", "k_proj", "v_proj")]
             rows += mapping.fused_linear(f"{hf}self_attn.qkv_proj", qkv, d, [nh, kh, kh], spec.qkv_bias)
@@ -295,10 +310,14 @@ def layout(spec: Spec, family: str) -> mapping.Layout:
         else:
             for name, width in (("q_proj", nh), ("k_proj", kh), ("v_proj", kh)):
                 rows += mapping.linear(f"{hf}self_attn.{name}", (*attn, name), d, width, spec.qkv_bias)
-            rows += mapping.linear(f"{hf}mlp.gate_proj", (*mlp, "gate_proj"), d, f, spec.mlp_bias)
-            rows += mapping.linear(f"{hf}mlp.up_proj", (*mlp, "up_proj"), d, f, spec.mlp_bias)
+            if not sparse:
+                rows += mapping.linear(f"{hf}mlp.gate_proj", (*mlp, "gate_proj"), d, f, spec.mlp_bias)
+                rows += mapping.linear(f"{hf}mlp.up_proj", (*mlp, "up_proj"), d, f, spec.mlp_bias)
         rows += mapping.linear(f"{hf}self_attn.o_proj", (*attn, "o_proj"), nh, d, spec.o_bias)
-        rows += mapping.linear(f"{hf}mlp.down_proj", (*mlp, "down_proj"), f, d, spec.mlp_bias)
+        if sparse:
+            rows += _sparse_rows(spec, hf, mlp, variants)
+        else:
+            rows += mapping.linear(f"{hf}mlp.down_proj", (*mlp, "down_proj"), f, d, spec.mlp_bias)
         norms = [("self_attn.q_norm", spec.head_dim), ("self_attn.k_norm", spec.head_dim)] if spec.qk_norm else []
         if spec.qk_norm_full:
             norms += [("self_attn.q_norm", nh), ("self_attn.k_norm", kh)]
@@ -315,4 +334,16 @@ def layout(spec: Spec, family: str) -> mapping.Layout:
     ignore = [r".*rotary_emb\.inv_freq"] + (["lm_head.weight"] if spec.tie_word_embeddings else [])
     if not spec.tie_word_embeddings:
         rows.append(mapping.tensor("lm_head.weight", ("lm_head", "kernel"), (v, d), transpose=True))
-    return mapping.Layout(family, tuple(rows), ignore=tuple(ignore))
+    return mapping.Layout(family, tuple(rows), ignore=tuple(ignore), variants=tuple(variants))
+
+
+def _sparse_rows(spec: Spec, hf: str, path: tuple, variants: list) -> list:
+    """A sparse layer's router, experts (see ``moe.expert_rows``) and Qwen2-MoE's shared expert and its gate."""
+    d, shared = spec.hidden_size, spec.moe.shared_expert_size
+    rows, fused = moe.expert_rows(spec.moe, hf, path, d)
+    variants.append((tuple(row.name for row in rows), tuple(fused)))
+    if shared:
+        for name, d_in, d_out in (("gate_proj", d, shared), ("up_proj", d, shared), ("down_proj", shared, d)):
+            rows += mapping.linear(f"{hf}mlp.shared_expert.{name}", (*path, "shared_expert", name), d_in, d_out, False)
+        rows += mapping.linear(f"{hf}mlp.shared_expert_gate", (*path, "shared_expert_gate"), d, 1, False)
+    return rows

@@ -146,11 +146,50 @@ def linear_modules(hf_config) -> dict[str, tuple]:
     return out
 
 
+def moe_modules(hf_config) -> list[str]:
+    """HF module names of a mixture of experts' experts (each expert's projections and their ``experts``
+    container) and routers (``mlp.gate``): not LoRA targets on the JAX engine (PEFT reaches them on transformers 5
+    by turning such names into ``target_parameters``)."""
+    from itersft_jax.models import get_family
+
+    names = set()
+    for row in get_family(hf_config.model_type).hf_layout(hf_config).tensors:
+        name = row.name.removesuffix(".weight")
+        if row.expert is not None:
+            names.update((name, name.rsplit(".", 2)[0]))
+        elif row.paths[0][-2:] == ("gate", "weight"):
+            names.add(name)
+    return sorted(names)
+
+
+def _selects(name: str, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
 def resolve_targets(hf_config, target_modules) -> dict[str, tuple]:
     """HF module name -> parameter path of each targeted linear layer, by PEFT's matching rules: a string is a
     full-match regex over the module name (``"all-linear"``: every linear layer but the output head), a list
-    matches a module whose name is an item or ends with ``"." + item``."""
+    matches a module whose name is an item or ends with ``"." + item``. On a mixture of experts, a target that
+    selects an expert or a router (``gate_proj`` on Qwen-MoE, ``w1`` on Mixtral, ``gate``, ``"all-linear"``: PEFT
+    adapts the experts and routers for those) is refused: PEFT would load the saved adapter onto modules the JAX
+    engine never adapted."""
     modules = linear_modules(hf_config)
+    experts = moe_modules(hf_config)
+    if experts and target_modules is not None:
+        if target_modules == "all-linear":
+            raise ValueError("`peft_config.target_modules`='all-linear' on a mixture of experts includes the experts "
+                             "and routers (as PEFT adapts them), which LoRA on the JAX engine does not adapt: name the "
+                             "modules (e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj']) or use backend='torch'")
+        items = [target_modules] if isinstance(target_modules, str) else [[t] for t in target_modules]
+        for item in items:
+            hits = [name for name in experts if _selects(name, item)]
+            if hits:
+                raise ValueError(f"`peft_config.target_modules`: {item if isinstance(item, str) else item[0]!r} "
+                                 f"selects a mixture of experts' experts or router (e.g. {hits[0]!r}), which LoRA on "
+                                 f"the JAX engine does not adapt; target the attention and dense projections (q_proj, "
+                                 f"k_proj, v_proj, o_proj, ...) or use backend='torch'")
     if target_modules is None:  # what get_peft_model does on the torch backend: PEFT's default per architecture
         from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 

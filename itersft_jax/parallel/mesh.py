@@ -12,7 +12,7 @@ __all__ = ["AXES", "BATCH_AXES", "data_parallel_size", "make_mesh"]
 
 
 def make_mesh(spec: str | None, devices: list[Any] | None = None):
-    """A ``jax.sharding.Mesh`` with axes ``("data", "fsdp", "tensor")`` over ``devices`` (default: all of
+    """A ``jax.sharding.Mesh`` with axes ``("data", "fsdp", "expert", "tensor")`` over ``devices`` (default: all of
     ``jax.devices()``, every process's), laid out by ``jax.make_mesh``'s topology-aware ordering when it can
     (tensor groups on the closest devices), else in device order."""
     import jax
@@ -32,5 +32,5 @@ def make_mesh(spec: str | None, devices: list[Any] | None = None):
 
 
 def data_parallel_size(mesh) -> int:
-    """How many different row groups one micro-batch is split into (``data`` x ``fsdp``)."""
+    """How many different row groups one micro-batch is split into (``data`` x ``fsdp`` x ``expert``)."""
     return int(math.prod(mesh.shape[a] for a in BATCH_AXES))

@@ -5,7 +5,10 @@ A parameter's path (``model/layers/3/self_attn/q_proj/kernel``; layer indices dr
 each logical axis into a mesh axis (``itersft_jax.parallel.mesh``): the model width (``embed``) over ``fsdp``; attention
 heads, the MLP hidden dimension and the vocabulary over ``tensor``. Column-parallel projections (q/k/v, gate/up,
 fc1) split their output features over ``tensor``, row-parallel ones (o, down, fc2) their input features, so an
-attention block or an MLP needs one reduction of its output, as in Megatron.
+attention block or an MLP needs one reduction of its output, as in Megatron. A mixture of experts' stacked expert
+weights (``experts/gate_proj`` ``[E, D, F]``, ...) split their expert axis over ``expert`` (and ``D``, ``F`` as
+the dense MLP's), so each device of an expert group holds ``1/n`` of the experts; the sparse block's
+``shard_map`` (``models/moe.py``) expects exactly this layout.
 
 A dimension whose size the mesh axis does not divide stays whole on that axis (never an error: a 3-head model
 on ``tensor:2`` still runs, with that projection replicated over ``tensor``); a path no rule names (new
@@ -24,6 +27,7 @@ LOGICAL_TO_MESH: dict[str, str | None] = {
     "embed": "fsdp",  # the model width
     "hidden": "tensor",  # attention heads x head_dim, the MLP hidden dimension
     "vocab": "tensor",
+    "expert": "expert",  # a mixture of experts' expert index
     "position": None,
     "norm": None,
 }
@@ -34,6 +38,8 @@ _ROW = r"(o_proj|out_proj|down_proj|fc2|dense|c_proj|dense_4h_to_h|fc_out)"
 
 # (path regex, logical axes per dimension). First match wins; paths are '/'-joined without layer indices.
 PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"experts/(gate_proj|up_proj)$", ("expert", "embed", "hidden")),
+    (r"experts/down_proj$", ("expert", "hidden", "embed")),
     (rf"{_COLUMN}/kernel$", ("embed", "hidden")),
     (rf"{_COLUMN}/bias$", ("hidden",)),
     (rf"{_ROW}/kernel$", ("hidden", "embed")),

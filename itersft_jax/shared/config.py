@@ -85,8 +85,9 @@ class IterativeSFTConfig(TrainingArguments):
                                  "choices": list(BACKENDS)})
     mesh: str | None = field(
         default=None, metadata={"help": "JAX engine: the device mesh, comma-separated axis:size items over the axes "
-                                         "data, fsdp, tensor (e.g. 'fsdp:8', 'data:2,fsdp:4', 'fsdp:4,tensor:2'; "
-                                         "one size may be -1 = the rest). Default: every device on fsdp."})
+                                         "data, fsdp, expert, tensor (e.g. 'fsdp:8', 'data:2,fsdp:4', "
+                                         "'fsdp:4,tensor:2', 'fsdp:2,expert:4'; one size may be -1 = the rest). "
+                                         "Default: every device on fsdp."})
     max_skipped_updates: int | None = field(
         default=None, metadata={"help": "Raise after this many updates in a row were skipped as non-finite "
                                          "(None: never raise; each skip is counted and warned about)."})

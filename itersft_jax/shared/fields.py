@@ -376,7 +376,8 @@ FIELDS: dict[str, dict[str, Rule]] = {
                                   honoured("empties the accelerator cache after each step() call")),
     "backend": both(honoured("picks the engine (IterativeSFTTrainer facade)")),
     "max_skipped_updates": both(honoured("raise after this many non-finite updates in a row (shell.py)")),
-    "mesh": each(honoured("the device mesh: data / fsdp / tensor axes (itersft_jax.parallel.mesh, parallel.sharding)"),
+    "mesh": each(honoured("the device mesh: data / fsdp / expert / tensor axes (itersft_jax.parallel.mesh, "
+                          "parallel.sharding)"),
                  refused("the torch backend's parallelism is set by its launcher (accelerate launch / torchrun, "
                          "an accelerate config for FSDP)")),
 }

@@ -1,4 +1,5 @@
-"""The device mesh of the JAX engine: named axes ``data``, ``fsdp`` and ``tensor``, set by ``IterativeSFTConfig.mesh``.
+"""The device mesh of the JAX engine: named axes ``data``, ``fsdp``, ``expert`` and ``tensor``, set by
+``IterativeSFTConfig.mesh``.
 
 ``mesh`` is a string (``HfArgumentParser`` passes it from the command line as is): comma-separated ``axis:size``
 items, e.g. ``"fsdp:8"``, ``"data:2,fsdp:4"``, ``"fsdp:4,tensor:2"``; one size may be ``-1`` (the devices left
@@ -7,10 +8,13 @@ over); a bare ``"-1"`` means ``"fsdp:-1"``. Unset (``None``): every device on ``
 - ``data``: replicas of the parameters, each fed its own rows (pure data parallelism);
 - ``fsdp``: parameters, gradients and optimizer state split across the devices (ZeRO-3 style), the rows too —
   with a batch of rows on every device it costs the same compute as ``data`` and holds 1/n of the state;
+- ``expert``: a mixture-of-experts model's experts (and their gradients and optimizer state) split across the
+  devices, each holding ``1/n`` of them; the other parameters are replicated over it and the rows split, as with
+  ``data``, and a sparse layer exchanges tokens between the devices of an expert group (``models/moe.py``);
 - ``tensor``: attention heads and the MLP hidden dimension split across the devices (Megatron style); the
   devices of one tensor group see the same rows.
 
-The batch's rows are split over ``data`` x ``fsdp`` (``BATCH_AXES``); ``parallel.sharding`` says how each
+The batch's rows are split over ``data`` x ``fsdp`` x ``expert`` (``BATCH_AXES``); ``parallel.sharding`` says how each
 parameter is split. This module parses the spec without JAX (the config checks it); ``parallel.mesh`` builds the
 ``jax.sharding.Mesh``.
 """
@@ -19,20 +23,20 @@ from __future__ import annotations
 
 import math
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the row axis of a batch is split over these
+AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the row axis of a batch is split over these
 
 
 def parse_mesh(spec: str | None) -> dict[str, int]:
-    """``{"data": n, "fsdp": n, "tensor": n}`` from ``spec`` (sizes may hold one ``-1``); ValueError naming
+    """``{"data": n, "fsdp": n, "expert": n, "tensor": n}`` from ``spec`` (sizes may hold one ``-1``); ValueError naming
     ``mesh`` on bad syntax, unknown or repeated axes, or sizes that are not positive (or -1)."""
     if spec is None:
-        return {"data": 1, "fsdp": -1, "tensor": 1}
+        return {"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}
     if not isinstance(spec, str):
         raise TypeError(f"`mesh` must be a string like 'fsdp:8' or 'data:2,fsdp:4', got {type(spec).__name__}")
     text = spec.replace(" ", "")
     if text in ("-1", "auto"):
-        return {"data": 1, "fsdp": -1, "tensor": 1}
+        return {"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}
     sizes: dict[str, int] = {}
     for item in text.split(","):
         name, sep, size = item.partition(":")

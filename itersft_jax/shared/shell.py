@@ -61,7 +61,9 @@ class StepStats(dict):
     tokens trained on; ``samples`` samples kept; ``updates`` optimizer updates applied in this call;
     ``skipped_updates`` updates skipped as non-finite; ``global_step`` updates applied in total; ``seconds`` wall
     time of the call; ``tokens_per_second`` non-padding input tokens per second; ``padded_tokens`` input positions
-    computed, padding included.
+    computed, padding included. A MoE model with ``output_router_logits`` also reports ``aux_loss``, the mean over the
+    applied updates of each update's load-balancing loss (unscaled; ``loss`` includes ``router_aux_loss_coef`` times
+    it, as transformers' does).
     """
 
     KEYS = ("loss", "learning_rate", "grad_norm", "num_tokens", "samples", "updates", "skipped_updates",
@@ -449,6 +451,8 @@ class TrainerShell(LowLevelAPI):
             logger.warning("step(): %d of %d updates had a non-finite loss or gradient norm and were skipped "
                            "(parameters, optimizer state and global_step unchanged by them)", skipped, ran)
         seconds = time.perf_counter() - start
+        balanced = [m["aux_loss"] for m in applied if "aux_loss" in m]  # a MoE's load-balancing loss
+        extra = {"aux_loss": sum(balanced) / len(balanced)} if balanced else {}
         return StepStats(
             loss=sum(m["loss"] * m["num_tokens"] for m in applied) / tokens if tokens else math.nan,
             learning_rate=host[-1]["learning_rate"] if host else math.nan,
@@ -456,7 +460,7 @@ class TrainerShell(LowLevelAPI):
             num_tokens=tokens, samples=samples, updates=len(applied), skipped_updates=skipped,
             global_step=int(self.state.global_step), seconds=seconds,
             tokens_per_second=seen / seconds if seconds > 0 else math.inf, padded_tokens=padded,
-            **input_token_stats(self.args, self.state))
+            **input_token_stats(self.args, self.state), **extra)
 
     # ------------------------------------------------------------------------------------------------------
     # Evaluation

@@ -83,6 +83,25 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
         cls = {"gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig,
                "phi3": tf.Phi3Config}[model_type]
         return cls(**kw)
+    if model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):  # 4 experts, 2 per token, 2 layers
+        kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, num_experts_per_tok=2,
+                  tie_word_embeddings=False, **common)
+        if model_type == "mixtral":
+            kw.update(num_local_experts=4, intermediate_size=32)
+        else:
+            kw.update(num_experts=4, moe_intermediate_size=32 if model_type != "olmoe" else None)
+        if model_type == "olmoe":
+            kw.update(intermediate_size=32)
+            kw.pop("moe_intermediate_size")
+        if model_type == "qwen2_moe":
+            kw["shared_expert_intermediate_size"] = 48
+        if model_type == "qwen3_moe":
+            kw["head_dim"] = 16
+        kw.update(overrides)
+        cls = {"mixtral": tf.MixtralConfig, "qwen2_moe": tf.Qwen2MoeConfig, "qwen3_moe": tf.Qwen3MoeConfig,
+               "olmoe": tf.OlmoeConfig}[model_type]
+        return cls(**kw)
     if model_type == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
                   attn_pdrop=0.0, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)

@@ -40,13 +40,18 @@ def make(model_dir: str, out_dir: str, mesh: str | None, peft_config=None, **ove
     return IterativeSFTTrainer(model_dir, args=IterativeSFTConfig(**kwargs), peft_config=peft_config)
 
 
-def mixed_steps(trainer) -> list[float]:
-    """Three step() calls in the three input forms; the per-update losses (from the log history)."""
+def mixed_steps(trainer, stats: list | None = None) -> list[float]:
+    """Three step() calls in the three input forms; the per-update losses (from the log history). ``stats``: a list
+    that receives each call's StepStats."""
     tok = trainer.processing_class
-    trainer.step(texts=TEXTS * 2)  # 18 samples: updates of 16 and 2
-    trainer.step(prompts=PROMPTS, completions=COMPLETIONS)
     ids = tok(TEXTS[:6]).input_ids
-    trainer.step(input_ids=ids, labels=[[-100] * 3 + row[3:] for row in ids])
+    calls = [dict(texts=TEXTS * 2),  # 18 samples: updates of 16 and 2
+             dict(prompts=PROMPTS, completions=COMPLETIONS),
+             dict(input_ids=ids, labels=[[-100] * 3 + row[3:] for row in ids])]
+    for call in calls:
+        out = trainer.step(**call)
+        if stats is not None:
+            stats.append(out)
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
