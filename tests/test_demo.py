@@ -58,7 +58,7 @@ def test_quick_demo_importance_sampling_trains_through_the_low_level_api(tmp_pat
 
 
 def test_group_advantages_are_normalised_within_each_prompts_group():
-    from itersft_jax.apps.demo import group_advantages
+    from itersft_jax.apps.grpo import group_advantages
 
     adv = group_advantages([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], 4)
     assert adv[4:] == [0.0] * 4  # a group whose samples agree: no signal

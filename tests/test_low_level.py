@@ -96,6 +96,54 @@ def test_builtin_loss_and_gradients_equal_float64_reference(tiny_model_dir, toke
     assert forward.metrics["loss:sum"] == pytest.approx(out.metrics["loss:sum"], rel=1e-6, abs=1e-6)
 
 
+def reference_metrics(model_dir, data: list[Datum], loss_fn: str, lo: float = 0.8, hi: float = 1.2) -> dict:
+    """The RL diagnostics as documented (``docs/low_level_api.md``), in float64: the HF model in double, over the
+    tokens with a non-zero advantage, written out here."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
+    d, adv = [], []
+    with torch.no_grad():
+        for datum in data:
+            logp_all = torch.log_softmax(model(input_ids=torch.tensor(datum.model_input)[None]).logits[0], dim=-1)
+            logp = logp_all.gather(-1, torch.tensor(datum.loss_fn_inputs["target_tokens"])[:, None])[:, 0].numpy()
+            on = datum.loss_fn_inputs["advantages"] != 0
+            d.extend(logp[on] - datum.loss_fn_inputs["logprobs"][on])
+            adv.extend(datum.loss_fn_inputs["advantages"][on])
+    d, adv = np.array(d), np.array(adv)
+    r = np.exp(d)
+    want = {"log_ratio_abs:mean": np.abs(d).mean(), "kl_sampler:mean": (r - 1 - d).mean(),
+            "trained_tokens:sum": float(len(d))}
+    if loss_fn == "ppo":  # tokens whose gradient the clip removes
+        want["clip_fraction:mean"] = np.mean([(x > hi and a > 0) or (x < lo and a < 0) for x, a in zip(r, adv)])
+    elif loss_fn == "cispo":  # tokens whose weight the clip changes
+        want["clip_fraction:mean"] = np.mean([x > hi or x < lo for x in r])
+    assert np.min(np.abs(np.concatenate([r - lo, r - hi]))) > 1e-4  # no ratio within rounding of a threshold
+    return want
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+@pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo", "cispo"])
+def test_rl_loss_metrics_equal_float64_reference(tiny_model_dir, tokenizer, tmp_path, backend, loss_fn):
+    """forward_backward's diagnostics (mean |log-ratio|, KL to the sampler, clipped fraction) are computed over the
+    trained tokens as documented: float64 reference within 1e-5; the clipped fraction exactly (no ratio near a
+    threshold). The prompt positions (advantage 0, sampler logprob 0) are left out — with them, |log-ratio| would be
+    ~6. ``cross_entropy`` reports none of them."""
+    model_dir = tiny_model_dir("llama")
+    data = rl_data()
+    want = reference_metrics(model_dir, data, loss_fn)
+    if loss_fn != "importance_sampling":
+        assert 0 < want["clip_fraction:mean"] < 1  # the data clip some tokens and not others
+    trainer = sgd_trainer(model_dir, tokenizer, tmp_path, backend)
+    got = trainer.forward_backward(data, loss_fn).metrics
+    assert got["trained_tokens:sum"] == want["trained_tokens:sum"] == sum(len(c) for c in COMPLETIONS)
+    for key in ("log_ratio_abs:mean", "kl_sampler:mean"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), key
+    assert got.get("clip_fraction:mean") == want.get("clip_fraction:mean")
+    assert trainer.forward(data, loss_fn).metrics["kl_sampler:mean"] == pytest.approx(got["kl_sampler:mean"], abs=1e-6)
+    assert set(trainer.forward(make_data(PROMPTS, COMPLETIONS)).metrics) == {"loss:sum", "num_tokens"}
+
+
 def test_ppo_clip_thresholds_come_from_loss_fn_config(tiny_model_dir, tokenizer, tmp_path):
     model_dir = tiny_model_dir("llama")
     data = rl_data()
