@@ -165,6 +165,18 @@ def test_demo_model_quick_jax(chat_model_dir, tmp_path):
     assert "2-digit" in summary["task"]
 
 
+def test_demo_model_grpo_quick_jax(chat_model_dir, tmp_path):
+    """`demo --model M --loss ppo`: the same samples as expert iteration go through GRPO; the round's record and line
+    carry the RL diagnostics (a random model rarely answers, so there may be no signal and no update)."""
+    lines = []
+    cfg = ChatDemoConfig.quick(model=chat_model_dir, output_dir=str(tmp_path / "grpo"), loss="ppo", plot=False)
+    metrics = demo_chat.run_chat(cfg, log=lines.append)
+    m = metrics[1]
+    assert m["phase"] == "ppo" and m["sampled"] == 4 * 2 and "reward" in lines[1] and "clip" in lines[1]
+    assert {"reward", "signal", "completion_tokens", "log_ratio", "kl_sampler", "clip_fraction", "kl_round"} <= set(m)
+    assert 0 <= m["signal"] <= 1 and m["completion_tokens"] > 0
+
+
 def test_demo_model_torch_no_plot(chat_model_dir, tmp_path, capsys):
     """--backend torch runs the same loop; --no-plot writes no curve.png and does not claim one."""
     out = str(tmp_path / "demo-model-torch")

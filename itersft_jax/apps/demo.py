@@ -238,7 +238,7 @@ def run(cfg: DemoConfig, log=None) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         words = sample_words(rng, cfg.prompts_per_round, cfg.min_len, cfg.max_len, excluded)
         if cfg.loss != "expert_iteration":
-            metrics.append(policy_gradient_round(trainer, cfg, words, r, rng))
+            metrics.append(policy_gradient_round(trainer, cfg, words, r))
             metrics[-1].update(pass_rate=pass_rate(trainer, cfg, held_out, r), seconds=time.perf_counter() - t0)
             bar.set_postfix(pass_rate=f"{metrics[-1]['pass_rate']:.2f}")
             log(round_line(metrics[-1]))
@@ -272,15 +272,16 @@ def run(cfg: DemoConfig, log=None) -> list[dict[str, Any]]:
     return metrics
 
 
-def policy_gradient_round(trainer, cfg: DemoConfig, words: list[str], r: int, rng: random.Random) -> dict:
+def policy_gradient_round(trainer, cfg: DemoConfig, words: list[str], r: int) -> dict:
     """One round of ``--loss``: ``updates_per_round`` updates, each on fresh prompts (``updates_per_sample`` > 1
     reuses a sampling call's data for that many updates): ``trainer.sample()`` with behaviour logprobs, the checker's
     rewards, GRPO's group advantages (``apps/grpo.py``), ``forward_backward`` + ``optim_step``. Logs the
     diagnostics of ``grpo.Diagnostics`` and ``kl_round``: the KL from the round's first sampling policy to the
     policy after the round (``forward`` on the first call's data)."""
-    from itersft_jax.apps.grpo import Diagnostics, grpo_update
+    from itersft_jax.apps.grpo import Diagnostics, grpo_update, policy_drift
 
     diagnostics, first = Diagnostics(), None
+    shuffle = random.Random(cfg.seed * 1000 + r)  # not `rng`: the rounds draw the prompts expert iteration draws
     calls = max(cfg.updates_per_round // cfg.updates_per_sample, 1)
     per_call = -(-len(words) // calls)
     for c in range(calls):
@@ -293,11 +294,11 @@ def policy_gradient_round(trainer, cfg: DemoConfig, words: list[str], r: int, rn
         rewards = [float(check(chunk[out.prompt_index(i)], text)) for i, text in enumerate(out.texts)]
         data = grpo_update(trainer, out, rewards, loss=cfg.loss, group=cfg.samples_per_prompt,
                            normalization=cfg.normalization, max_tokens=cfg.max_len + 2,
-                           minibatches=cfg.updates_per_sample, rng=rng, diagnostics=diagnostics,
+                           minibatches=cfg.updates_per_sample, rng=shuffle, diagnostics=diagnostics,
                            positive_only=not cfg.negative_advantages)
         first = first or data
     record = diagnostics.record(cfg.loss)
-    record["kl_round"] = trainer.forward(first, cfg.loss).metrics["kl_sampler:mean"] if first else 0.0
+    record["kl_round"] = policy_drift(trainer, first, cfg.loss)
     sampled = len(diagnostics.rewards)
     return {"round": r, "phase": cfg.loss, "correct": int(sum(diagnostics.rewards)), "kept": diagnostics.kept,
             "sampled": sampled, "trained_on": diagnostics.kept, "loss": diagnostics.loss, **record}
@@ -339,7 +340,7 @@ def rl_text(m: dict) -> str:
     """The RL diagnostics of a round (``grpo.Diagnostics.record``), for the round's line."""
     clip = f" clip {m['clip_fraction']:.3f}" if "clip_fraction" in m else ""
     return (f" | reward {m['reward']:.3f} signal {m['signal']:4.0%} len {m['completion_tokens']:4.1f} "
-            f"|log-ratio| {m['log_ratio']:.3f} kl {m['kl_sampler']:.4f}{clip} kl_round {m['kl_round']:.4f}")
+            f"|log-ratio| {m['log_ratio']:.3f} kl {m['kl_sampler']:.4f}{clip} kl_round {m.get('kl_round', 0):.4f}")
 
 
 def loss_text(loss: float) -> str:

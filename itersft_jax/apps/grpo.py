@@ -122,3 +122,9 @@ def grpo_update(trainer, out, rewards: Sequence[float], *, loss: str, group: int
         diagnostics.add_update(trainer.forward_backward(batch, loss, loss_fn_config).metrics)
         trainer.optim_step()
     return data
+
+
+def policy_drift(trainer, data: list, loss: str) -> float:
+    """``kl_sampler`` of ``data`` (a sampling call's, unscaled) under the current parameters: how far the updates
+    since that call moved the policy (the KL from the sampling policy to the current one, per token)."""
+    return trainer.forward(data, loss).metrics["kl_sampler:mean"] if data else 0.0
