@@ -31,6 +31,8 @@ import os
 import random
 import time
 
+import common  # noqa: F401  (puts the repository root on sys.path)
+
 LOSS_TYPES = {"constant": "dr_grpo", "sequence": "grpo", "token": "dapo"}
 
 

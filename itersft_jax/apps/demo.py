@@ -16,17 +16,17 @@ The loop, the one ``IterativeSFTTrainer`` exists for:
   accepts (one per prompt and answer), ``step()`` on them, and measure the greedy pass rate on held-out
   prompts the model is never trained on.
 
-``--loss importance_sampling`` (or ``ppo``, ``cispo``) replaces the filter-and-``step()`` of rounds 1..R with a
-policy-gradient update through the low-level API: ``trainer.sample()`` draws ``k`` completions per prompt with
-their behaviour logprobs (temperature 1), the exact checker gives each a reward of 1 or 0, the advantages are
-normalised within each prompt's group (GRPO-style: ``(r - mean) / std``; a group whose samples all agree teaches
-nothing and is dropped), and ``forward_backward(data, loss)`` + ``optim_step()`` run over mini-batches of the
-round's data, ``passes_per_round`` times — the later passes are off-policy, which the loss's importance ratio
-(and ppo's or cispo's clipping) corrects for. By default only the above-mean samples train (their advantages
-stay as normalised): on this tiny model, starting from a 4.5% pass rate, pushing down the below-mean samples
-as well lowered the held-out pass rate in every setting tried (learning rates 1e-4 to 3e-3, 1 or 3 passes, 4
-or 8 samples, temperature 0.7 or 1, importance_sampling, ppo and cispo; ``docs/cli.md`` has the curves);
-``negative_advantages=True`` keeps them.
+``--loss importance_sampling`` (or ``ppo``, ``cispo``) replaces the filter-and-``step()`` of rounds 1..R with GRPO
+through the low-level API (``apps/grpo.py``): the warm-started weights get a fresh optimizer at
+``rl_learning_rate``; each round makes ``updates_per_round`` updates, each on its own fresh prompts —
+``trainer.sample()`` draws ``k`` completions per prompt with their behaviour logprobs, the exact checker gives each
+a reward of 1 or 0, the advantages are normalised within each prompt's group (``(r - mean) / std``, both signs; a
+group whose samples all agree is dropped), divided by a constant (Dr. GRPO), and ``forward_backward(data, loss)`` +
+``optim_step()`` train on them. The round's line adds the diagnostics: mean reward, the fraction of groups with
+signal, mean completion length, mean |log-ratio| and KL between trainer and sampler (and ppo's / cispo's clipped
+fraction), and ``kl_round``, how far the round moved the policy from its first sampling policy. The loop this
+replaced (3 passes of 32-sample updates over each round's samples at the warm start's 3e-3) collapsed to a 0% pass
+rate with both signs of advantage: ``docs/cli.md`` has the curves and the mechanism.
 
 Outputs in ``--output-dir``: the final model as a Hugging Face directory (``AutoModelForCausalLM``
 loads it), ``metrics.json`` (one entry per round) and ``curve.png`` (pass rate and loss per round).

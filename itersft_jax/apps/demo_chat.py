@@ -9,6 +9,10 @@ allowed) and accepts it iff it equals the exact answer. The loop never sees a go
 * **rounds 1..R** sample ``k`` completions per fresh problem, keep the verified ones that ended their turn
   (one copy per problem and completion), ``step()`` on them and measure the held-out pass rate again.
 
+``--loss ppo`` (or ``importance_sampling``, ``cispo``) trains the same samples with GRPO instead
+(``policy_gradient_round``, ``apps/grpo.py``): reward 1 for a verified completion that ended its turn (what expert
+iteration keeps), 0 otherwise, group advantages of both signs, ``updates_per_round`` updates.
+
 Training samples are the model's own tokens: ``input_ids = prompt_ids + completion_ids`` and ``labels =
 [-100] * len(prompt_ids) + completion_ids``, where ``prompt_ids`` come from ``apply_chat_template(...,
 add_generation_prompt=True)`` (the template's own special tokens, no BOS added twice) and
