@@ -165,11 +165,14 @@ def test_demo_model_quick_jax(chat_model_dir, tmp_path):
     assert "2-digit" in summary["task"]
 
 
-def test_demo_model_grpo_quick_jax(chat_model_dir, tmp_path):
-    """`demo --model M --loss ppo`: the same samples as expert iteration go through GRPO; the round's record and line
-    carry the RL diagnostics (a random model rarely answers, so there may be no signal and no update)."""
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_demo_model_grpo_quick(chat_model_dir, tmp_path, backend):
+    """`demo --model M --loss ppo`: the same samples as expert iteration go through GRPO, on either engine; the
+    round's record and line carry the RL diagnostics (a random model rarely answers, so there may be no signal and
+    no update)."""
     lines = []
-    cfg = ChatDemoConfig.quick(model=chat_model_dir, output_dir=str(tmp_path / "grpo"), loss="ppo", plot=False)
+    cfg = ChatDemoConfig.quick(model=chat_model_dir, output_dir=str(tmp_path / "grpo"), loss="ppo", plot=False,
+                               backend=backend)
     metrics = demo_chat.run_chat(cfg, log=lines.append)
     m = metrics[1]
     assert m["phase"] == "ppo" and m["sampled"] == 4 * 2 and "reward" in lines[1] and "clip" in lines[1]
