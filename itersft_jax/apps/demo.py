@@ -367,7 +367,7 @@ def curve_figure(metrics: list[dict], title: str):
     rounds = [m["round"] for m in metrics]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(rounds, [100 * m["pass_rate"] for m in metrics], "o-", color="tab:blue")
-    ax.set_xlabel("round (0 = before expert iteration)")
+    ax.set_xlabel("round (0 = before the rounds of sampling and training)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("held-out pass rate (%)", color="tab:blue")
     ax.set_ylim(0, 100)
