@@ -78,7 +78,7 @@ DEMO = [
     ("--model {tmp}/empty-dir --temperature nan", "--temperature"),
     ("--model {tmp}/empty-dir --batch-size 0", "--batch-size"),
     ("--quick --loss reinforce", "--loss"),
-    ("--model {tmp}/empty-dir --loss ppo", "--loss"),  # the chat demo runs expert iteration only
+    ("--model {tmp}/empty-dir --loss reinforce", "--loss"),
 ]
 CONVERT = [
     ("", "gguf_file"),

@@ -58,7 +58,7 @@ def test_quick_demo_importance_sampling_trains_through_the_low_level_api(tmp_pat
 
 
 def test_group_advantages_are_normalised_within_each_prompts_group():
-    from itersft_jax.apps.demo import group_advantages
+    from itersft_jax.apps.grpo import group_advantages
 
     adv = group_advantages([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], 4)
     assert adv[4:] == [0.0] * 4  # a group whose samples agree: no signal
@@ -163,6 +163,21 @@ def test_demo_model_quick_jax(chat_model_dir, tmp_path):
     assert summary["rounds"] == json.loads(json.dumps(metrics))
     assert metrics[0]["phase"] == "pretrained" and metrics[1]["sampled"] == 4 * 2
     assert "2-digit" in summary["task"]
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_demo_model_grpo_quick(chat_model_dir, tmp_path, backend):
+    """`demo --model M --loss ppo`: the same samples as expert iteration go through GRPO, on either engine; the
+    round's record and line carry the RL diagnostics (a random model rarely answers, so there may be no signal and
+    no update)."""
+    lines = []
+    cfg = ChatDemoConfig.quick(model=chat_model_dir, output_dir=str(tmp_path / "grpo"), loss="ppo", plot=False,
+                               backend=backend)
+    metrics = demo_chat.run_chat(cfg, log=lines.append)
+    m = metrics[1]
+    assert m["phase"] == "ppo" and m["sampled"] == 4 * 2 and "reward" in lines[1] and "clip" in lines[1]
+    assert {"reward", "signal", "completion_tokens", "log_ratio", "kl_sampler", "clip_fraction", "kl_round"} <= set(m)
+    assert 0 <= m["signal"] <= 1 and m["completion_tokens"] > 0
 
 
 def test_demo_model_torch_no_plot(chat_model_dir, tmp_path, capsys):

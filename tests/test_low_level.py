@@ -96,6 +96,54 @@ def test_builtin_loss_and_gradients_equal_float64_reference(tiny_model_dir, toke
     assert forward.metrics["loss:sum"] == pytest.approx(out.metrics["loss:sum"], rel=1e-6, abs=1e-6)
 
 
+def reference_metrics(model_dir, data: list[Datum], lo: float = 0.8, hi: float = 1.2) -> dict[str, dict]:
+    """The RL diagnostics as documented (``docs/low_level_api.md``) for each RL loss, in float64: the HF model in
+    double, over the tokens with a non-zero advantage, written out here."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
+    d, adv = [], []
+    with torch.no_grad():
+        for datum in data:
+            logp_all = torch.log_softmax(model(input_ids=torch.tensor(datum.model_input)[None]).logits[0], dim=-1)
+            logp = logp_all.gather(-1, torch.tensor(datum.loss_fn_inputs["target_tokens"])[:, None])[:, 0].numpy()
+            on = datum.loss_fn_inputs["advantages"] != 0
+            d.extend(logp[on] - datum.loss_fn_inputs["logprobs"][on])
+            adv.extend(datum.loss_fn_inputs["advantages"][on])
+    d, adv = np.array(d), np.array(adv)
+    r = np.exp(d)
+    assert np.min(np.abs(np.concatenate([r - lo, r - hi]))) > 1e-4  # no ratio within rounding of a threshold
+    common = {"log_ratio_abs:mean": np.abs(d).mean(), "kl_sampler:mean": (r - 1 - d).mean(),
+              "trained_tokens:sum": float(len(d))}
+    return {"importance_sampling": common,
+            # ppo: the tokens whose gradient the clip removes; cispo: the tokens whose weight the clip changes
+            "ppo": {**common, "clip_fraction:mean": np.mean([(x > hi and a > 0) or (x < lo and a < 0)
+                                                             for x, a in zip(r, adv)])},
+            "cispo": {**common, "clip_fraction:mean": np.mean([x > hi or x < lo for x in r])}}
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_rl_loss_metrics_equal_float64_reference(tiny_model_dir, tokenizer, tmp_path, backend):
+    """forward_backward's diagnostics (mean |log-ratio|, KL to the sampler, clipped fraction) are computed over the
+    trained tokens as documented: float64 reference within 1e-5; the clipped fraction exactly (no ratio near a
+    threshold). The prompt positions (advantage 0, sampler logprob 0) are left out — with them, |log-ratio| would be
+    ~6. ``cross_entropy`` reports none of them."""
+    model_dir = tiny_model_dir("llama")
+    data = rl_data()
+    reference_all = reference_metrics(model_dir, data)
+    assert 0 < reference_all["ppo"]["clip_fraction:mean"] <= reference_all["cispo"]["clip_fraction:mean"] < 1
+    trainer = sgd_trainer(model_dir, tokenizer, tmp_path, backend)
+    for loss_fn, want in reference_all.items():
+        got = trainer.forward(data, loss_fn).metrics
+        assert got["trained_tokens:sum"] == want["trained_tokens:sum"] == sum(len(c) for c in COMPLETIONS)
+        for key in ("log_ratio_abs:mean", "kl_sampler:mean"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), (loss_fn, key)
+        assert got.get("clip_fraction:mean") == want.get("clip_fraction:mean"), loss_fn
+    assert trainer.forward_backward(data, "ppo").metrics == pytest.approx(trainer.forward(data, "ppo").metrics,
+                                                                         rel=1e-6, abs=1e-6)
+    assert set(trainer.forward(make_data(PROMPTS, COMPLETIONS)).metrics) == {"loss:sum", "num_tokens"}
+
+
 def test_ppo_clip_thresholds_come_from_loss_fn_config(tiny_model_dir, tokenizer, tmp_path):
     model_dir = tiny_model_dir("llama")
     data = rl_data()
@@ -456,3 +504,32 @@ def test_sample_gives_the_behaviour_logprobs_the_training_forward_computes(tiny_
         trainer.sample(["hello"], return_logprobs=False)
     with pytest.raises(ValueError, match="logprobs"):
         samples_to_data(trainer.generate(["hello"], max_new_tokens=2))
+
+
+def test_grpo_update_trains_the_signal_groups_and_reports_as_documented(tiny_model_dir, tokenizer, tmp_path):
+    """apps/grpo.py (the demos' GRPO loop): group advantages of both signs summing to 0 per group, groups whose rewards
+    agree dropped, one update per minibatch, and the round's diagnostics as `Diagnostics.record` documents them."""
+    from itersft_jax.apps.grpo import Diagnostics, grpo_update, policy_drift, scale_advantages
+
+    trainer = sgd_trainer(tiny_model_dir("llama"), tokenizer, tmp_path, "jax", learning_rate=0.5)
+    out = trainer.sample(input_ids=PROMPTS[:2], num_samples=4, max_new_tokens=5, do_sample=True, seed=0)
+    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]  # the second prompt's group has no signal
+    diagnostics = Diagnostics()
+    data = grpo_update(trainer, out, rewards, loss="ppo", group=4, normalization="constant", max_tokens=5,
+                       minibatches=2, diagnostics=diagnostics)
+    assert len(data) == diagnostics.kept == 4 and trainer.state.global_step == 2
+    per_sample = [d.loss_fn_inputs["advantages"][d.loss_fn_inputs["advantages"] != 0] for d in data]
+    assert all(np.all(a == a[0]) for a in per_sample) and abs(sum(a[0] for a in per_sample)) < 1e-12
+    assert sorted(a[0] for a in per_sample)[-1] == pytest.approx(3 ** 0.5)
+    record = diagnostics.record("ppo")
+    assert record["reward"] == 5 / 8 and record["signal"] == 0.5 and record["updates"] == 2
+    assert record["completion_tokens"] == np.mean([len(s) for s in out.sequences])
+    # The first update is on-policy (ratio 1): the round's mean |log-ratio| is the second update's, weighted by its
+    # share of the tokens; the drift after both updates is positive.
+    assert 0 < record["log_ratio"] and 0 <= record["clip_fraction"] <= 1 and policy_drift(trainer, data, "ppo") > 0
+    lengths = [len(a) for a in per_sample]
+    for norm, divisors in (("constant", [2 * 5] * 4), ("sequence", [n * 2 for n in lengths]),
+                           ("token", [sum(lengths)] * 4)):
+        scaled = scale_advantages(data, norm, num_samples=2, max_tokens=5)
+        for d, s, div in zip(data, scaled, divisors):
+            np.testing.assert_allclose(s.loss_fn_inputs["advantages"], d.loss_fn_inputs["advantages"] / div)

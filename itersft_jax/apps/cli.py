@@ -78,9 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"seed of model, data and sampling, {seed.span} (default {d.seed})")
     demo.add_argument("--backend", choices=("jax", "torch"), default=d.backend, help="training engine")
     demo.add_argument("--loss", choices=("expert_iteration", *RL_LOSSES), default=d.loss,
-                      help="built-in task: filter and step() on the verified samples (expert_iteration), or a "
-                           "policy-gradient update of the low-level API on rewarded samples with group-normalised "
-                           "advantages (default expert_iteration)")
+                      help="filter and step() on the verified samples (expert_iteration), or GRPO through the "
+                           "low-level API with this loss: rewarded samples, group-normalised advantages of both "
+                           "signs (default expert_iteration)")
     demo.add_argument("--output-dir", default=d.output_dir,
                       help="where the model, metrics and plot go; created if missing, must be writable")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (for tests)")
@@ -111,12 +111,10 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         wrong += ["--bf16"] if args.bf16 else []
         if wrong:
             fail(prog, f"{', '.join(wrong)} apply to `demo --model` runs only")
-    elif args.loss != "expert_iteration":
-        fail(prog, f"--loss {args.loss} applies to the built-in task only; `demo --model` runs expert iteration")
     overrides = {k: v for k, v in {**given, **model_only}.items() if v is not None}
-    overrides.update(seed=args.seed, backend=args.backend, output_dir=args.output_dir, plot=not args.no_plot)
+    overrides.update(seed=args.seed, backend=args.backend, output_dir=args.output_dir, plot=not args.no_plot,
+                     loss=args.loss)
     if args.model is None:
-        overrides["loss"] = args.loss
         from itersft_jax.apps.demo import DemoConfig, run
 
         cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)

@@ -16,17 +16,17 @@ The loop, the one ``IterativeSFTTrainer`` exists for:
   accepts (one per prompt and answer), ``step()`` on them, and measure the greedy pass rate on held-out
   prompts the model is never trained on.
 
-``--loss importance_sampling`` (or ``ppo``, ``cispo``) replaces the filter-and-``step()`` of rounds 1..R with a
-policy-gradient update through the low-level API: ``trainer.sample()`` draws ``k`` completions per prompt with
-their behaviour logprobs (temperature 1), the exact checker gives each a reward of 1 or 0, the advantages are
-normalised within each prompt's group (GRPO-style: ``(r - mean) / std``; a group whose samples all agree teaches
-nothing and is dropped), and ``forward_backward(data, loss)`` + ``optim_step()`` run over mini-batches of the
-round's data, ``passes_per_round`` times — the later passes are off-policy, which the loss's importance ratio
-(and ppo's or cispo's clipping) corrects for. By default only the above-mean samples train (their advantages
-stay as normalised): on this tiny model, starting from a 4.5% pass rate, pushing down the below-mean samples
-as well lowered the held-out pass rate in every setting tried (learning rates 1e-4 to 3e-3, 1 or 3 passes, 4
-or 8 samples, temperature 0.7 or 1, importance_sampling, ppo and cispo; ``docs/cli.md`` has the curves);
-``negative_advantages=True`` keeps them.
+``--loss importance_sampling`` (or ``ppo``, ``cispo``) replaces the filter-and-``step()`` of rounds 1..R with GRPO
+through the low-level API (``apps/grpo.py``): the warm-started weights get a fresh optimizer at
+``rl_learning_rate``; each round makes ``updates_per_round`` updates, each on its own fresh prompts —
+``trainer.sample()`` draws ``k`` completions per prompt with their behaviour logprobs, the exact checker gives each
+a reward of 1 or 0, the advantages are normalised within each prompt's group (``(r - mean) / std``, both signs; a
+group whose samples all agree is dropped), divided by a constant (Dr. GRPO), and ``forward_backward(data, loss)`` +
+``optim_step()`` train on them. The round's line adds the diagnostics: mean reward, the fraction of groups with
+signal, mean completion length, mean |log-ratio| and KL between trainer and sampler (and ppo's / cispo's clipped
+fraction), and ``kl_round``, how far the round moved the policy from its first sampling policy. The loop this
+replaced (3 passes of 32-sample updates over each round's samples at the warm start's 3e-3) collapsed to a 0% pass
+rate with both signs of advantage: ``docs/cli.md`` has the curves and the mechanism.
 
 Outputs in ``--output-dir``: the final model as a Hugging Face directory (``AutoModelForCausalLM``
 loads it), ``metrics.json`` (one entry per round) and ``curve.png`` (pass rate and loss per round).
@@ -70,7 +70,12 @@ class DemoConfig:
     num_layers: int = 2
     seed: int = 0
     loss: str = "expert_iteration"  # or a policy-gradient loss of the low-level API: see RL_LOSSES
-    negative_advantages: bool = False  # --loss: also push down the below-mean samples (see the module docstring)
+    # --loss (GRPO, apps/grpo.py): a fresh optimizer from the warm-started weights, at its own learning rate
+    rl_learning_rate: float = 3e-4
+    updates_per_round: int = 8  # optimizer updates per round, each on the samples of its own prompts
+    updates_per_sample: int = 1  # updates per sampling call (> 1: the later ones off-policy, ppo/cispo clip them)
+    normalization: str = "constant"  # of the summed loss: "constant" (Dr. GRPO), "sequence", "token" (grpo.py)
+    negative_advantages: bool = True  # False: only the above-mean samples train (the advantages clipped at 0)
     backend: str = "jax"
     output_dir: str = "demo_output"
     plot: bool = True
@@ -226,12 +231,14 @@ def run(cfg: DemoConfig, log=None) -> list[dict[str, Any]]:
 
     if cfg.loss not in ("expert_iteration", *RL_LOSSES):
         raise ValueError(f"`loss` must be 'expert_iteration' or one of {RL_LOSSES}, got {cfg.loss!r}")
+    if cfg.loss != "expert_iteration":
+        trainer = rl_trainer(trainer, cfg, tokenizer)
     bar = tqdm(range(1, cfg.rounds + 1), desc=cfg.loss.replace("_", " "), unit="round", leave=False)
     for r in bar:
         t0 = time.perf_counter()
         words = sample_words(rng, cfg.prompts_per_round, cfg.min_len, cfg.max_len, excluded)
         if cfg.loss != "expert_iteration":
-            metrics.append(policy_gradient_round(trainer, cfg, words, r, rng))
+            metrics.append(policy_gradient_round(trainer, cfg, words, r))
             metrics[-1].update(pass_rate=pass_rate(trainer, cfg, held_out, r), seconds=time.perf_counter() - t0)
             bar.set_postfix(pass_rate=f"{metrics[-1]['pass_rate']:.2f}")
             log(round_line(metrics[-1]))
@@ -265,46 +272,44 @@ def run(cfg: DemoConfig, log=None) -> list[dict[str, Any]]:
     return metrics
 
 
-def group_advantages(rewards: list[float], group: int) -> list[float]:
-    """GRPO-style advantages: each reward minus its prompt group's mean, over the group's standard deviation
-    (0 where the group's rewards all agree: no signal)."""
-    out = []
-    for i in range(0, len(rewards), group):
-        chunk = rewards[i:i + group]
-        mean = sum(chunk) / len(chunk)
-        std = math.sqrt(sum((x - mean) ** 2 for x in chunk) / len(chunk))
-        out.extend((x - mean) / std if std > 0 else 0.0 for x in chunk)
-    return out
+def policy_gradient_round(trainer, cfg: DemoConfig, words: list[str], r: int) -> dict:
+    """One round of ``--loss``: ``updates_per_round`` updates, each on fresh prompts (``updates_per_sample`` > 1
+    reuses a sampling call's data for that many updates): ``trainer.sample()`` with behaviour logprobs, the checker's
+    rewards, GRPO's group advantages (``apps/grpo.py``), ``forward_backward`` + ``optim_step``. Logs the
+    diagnostics of ``grpo.Diagnostics`` and ``kl_round``: the KL from the round's first sampling policy to the
+    policy after the round (``forward`` on the first call's data)."""
+    from itersft_jax.apps.grpo import Diagnostics, grpo_update, policy_drift
+
+    diagnostics, first = Diagnostics(), None
+    shuffle = random.Random(cfg.seed * 1000 + r)  # not `rng`: the rounds draw the prompts expert iteration draws
+    calls = max(cfg.updates_per_round // cfg.updates_per_sample, 1)
+    per_call = -(-len(words) // calls)
+    for c in range(calls):
+        chunk = words[c * per_call:(c + 1) * per_call]
+        if not chunk:
+            break
+        out = trainer.sample([make_prompt(w) for w in chunk], num_samples=cfg.samples_per_prompt,
+                             max_new_tokens=cfg.max_len + 2, do_sample=True, temperature=cfg.temperature,
+                             seed=(cfg.seed * 1_000_003 + r * 1009 + c) % 2**31)
+        rewards = [float(check(chunk[out.prompt_index(i)], text)) for i, text in enumerate(out.texts)]
+        data = grpo_update(trainer, out, rewards, loss=cfg.loss, group=cfg.samples_per_prompt,
+                           normalization=cfg.normalization, max_tokens=cfg.max_len + 2,
+                           minibatches=cfg.updates_per_sample, rng=shuffle, diagnostics=diagnostics,
+                           positive_only=not cfg.negative_advantages)
+        first = first or data
+    record = diagnostics.record(cfg.loss)
+    record["kl_round"] = policy_drift(trainer, first, cfg.loss)
+    sampled = len(diagnostics.rewards)
+    return {"round": r, "phase": cfg.loss, "correct": int(sum(diagnostics.rewards)), "kept": diagnostics.kept,
+            "sampled": sampled, "trained_on": diagnostics.kept, "loss": diagnostics.loss, **record}
 
 
-def policy_gradient_round(trainer, cfg: DemoConfig, words: list[str], r: int, rng: random.Random) -> dict:
-    """One round of ``--loss``: sample with behaviour logprobs, reward with the checker, group-normalised
-    advantages, ``forward_backward`` + ``optim_step`` over shuffled mini-batches of ``batch_size`` samples."""
-    from itersft_jax.shared.datum import samples_to_data
-
-    out = trainer.sample([make_prompt(w) for w in words], num_samples=cfg.samples_per_prompt,
-                         max_new_tokens=cfg.max_len + 2, do_sample=True, temperature=cfg.temperature,
-                         seed=cfg.seed * 1000 + r)
-    rewards = [float(check(words[out.prompt_index(i)], text)) for i, text in enumerate(out.texts)]
-    advantages = group_advantages(rewards, cfg.samples_per_prompt)
-    if not cfg.negative_advantages:
-        advantages = [max(a, 0.0) for a in advantages]
-    data = [d for d, a in zip(samples_to_data(out, advantages), advantages) if a != 0.0]
-    losses = []
-    for _ in range(cfg.passes_per_round if data else 0):
-        rng.shuffle(data)
-        for i in range(0, len(data), cfg.batch_size):
-            batch = data[i:i + cfg.batch_size]
-            # Each sample weighs the same whatever its length (its token advantages sum to its own advantage, so
-            # a group's advantages still sum to 0), and the loss is a mean over the batch's samples: wrong
-            # completions run longer, and a per-token mean would let them outweigh the right ones.
-            scaled = [type(d)(d.model_input, {**d.loss_fn_inputs, "advantages": d.loss_fn_inputs["advantages"]
-                                              / (float(d.loss_fn_inputs["weights"].sum()) * len(batch))})
-                      for d in batch]
-            losses.append(trainer.forward_backward(scaled, cfg.loss).metrics["loss:sum"])
-            trainer.optim_step()
-    return {"round": r, "phase": cfg.loss, "correct": int(sum(rewards)), "kept": len(data), "sampled": len(rewards),
-            "trained_on": len(data), "loss": losses[-1] if losses else float("nan")}
+def rl_trainer(trainer, cfg: DemoConfig, tokenizer):
+    """The RL rounds' trainer: the warm-started weights (saved to ``output_dir/warm_start``) with a fresh optimizer
+    at ``rl_learning_rate`` — what an RL run started from an SFT checkpoint does."""
+    path = os.path.join(cfg.output_dir, "warm_start")
+    trainer.save_model(path)
+    return build_trainer(dataclasses.replace(cfg, learning_rate=cfg.rl_learning_rate), tokenizer, path)
 
 
 def finish(trainer, cfg, metrics: list[dict], *, task: str, start: float, log, title: str) -> None:
@@ -328,7 +333,14 @@ def round_line(m: dict) -> str:
     return (f"round {m['round']:2d}  held-out pass rate {m['pass_rate']:6.1%} | correct {m['correct']:4d}/"
             f"{m['sampled']:<4d} kept {m['kept']:3d} trained on {m['trained_on']:4d} | "
             f"loss {loss_text(m['loss'])} | "
-            f"{m['seconds']:4.1f}s")
+            f"{m['seconds']:4.1f}s" + (rl_text(m) if "reward" in m else ""))
+
+
+def rl_text(m: dict) -> str:
+    """The RL diagnostics of a round (``grpo.Diagnostics.record``), for the round's line."""
+    clip = f" clip {m['clip_fraction']:.3f}" if "clip_fraction" in m else ""
+    return (f" | reward {m['reward']:.3f} signal {m['signal']:4.0%} len {m['completion_tokens']:4.1f} "
+            f"|log-ratio| {m['log_ratio']:.3f} kl {m['kl_sampler']:.4f}{clip} kl_round {m.get('kl_round', 0):.4f}")
 
 
 def loss_text(loss: float) -> str:
@@ -355,7 +367,7 @@ def curve_figure(metrics: list[dict], title: str):
     rounds = [m["round"] for m in metrics]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(rounds, [100 * m["pass_rate"] for m in metrics], "o-", color="tab:blue")
-    ax.set_xlabel("round (0 = before expert iteration)")
+    ax.set_xlabel("round (0 = before the rounds of sampling and training)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("held-out pass rate (%)", color="tab:blue")
     ax.set_ylim(0, 100)

@@ -9,6 +9,10 @@ allowed) and accepts it iff it equals the exact answer. The loop never sees a go
 * **rounds 1..R** sample ``k`` completions per fresh problem, keep the verified ones that ended their turn
   (one copy per problem and completion), ``step()`` on them and measure the held-out pass rate again.
 
+``--loss ppo`` (or ``importance_sampling``, ``cispo``) trains the same samples with GRPO instead
+(``policy_gradient_round``, ``apps/grpo.py``): reward 1 for a verified completion that ended its turn (what expert
+iteration keeps), 0 otherwise, group advantages of both signs, ``updates_per_round`` updates.
+
 Training samples are the model's own tokens: ``input_ids = prompt_ids + completion_ids`` and ``labels =
 [-100] * len(prompt_ids) + completion_ids``, where ``prompt_ids`` come from ``apply_chat_template(...,
 add_generation_prompt=True)`` (the template's own special tokens, no BOS added twice) and
@@ -58,6 +62,11 @@ class ChatDemoConfig:
     learning_rate: float = 2e-5
     batch_size: int = 8
     passes_per_round: int = 1  # step() calls per round on the round's verified samples
+    # --loss importance_sampling / ppo / cispo: GRPO (apps/grpo.py) instead of expert iteration, on the same samples
+    loss: str = "expert_iteration"
+    updates_per_round: int = 4  # optimizer updates per round
+    updates_per_sample: int = 2  # updates per sampling call (the later ones off-policy: ppo / cispo clip them)
+    normalization: str = "constant"  # Dr. GRPO: every token's advantage over samples x max_new_tokens
     bf16: bool = False
     seed: int = 0
     backend: str = "jax"
@@ -75,6 +84,13 @@ class ChatDemoConfig:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
         if self.backend not in ("jax", "torch"):
             raise ValueError(f"`backend` must be 'jax' or 'torch', got {self.backend!r}")
+        from itersft_jax.apps.demo import RL_LOSSES
+
+        if self.loss not in ("expert_iteration", *RL_LOSSES):
+            raise ValueError(f"`loss` must be 'expert_iteration' or one of {RL_LOSSES}, got {self.loss!r}")
+        if self.updates_per_round < 1 or not 1 <= self.updates_per_sample <= self.updates_per_round:
+            raise ValueError(f"need 1 <= updates_per_sample <= updates_per_round, got {self.updates_per_sample} and "
+                             f"{self.updates_per_round}")
 
     @classmethod
     def quick(cls, **overrides) -> ChatDemoConfig:
@@ -296,6 +312,43 @@ def expert_iteration_round(trainer, cfg: ChatDemoConfig, tokenizer, problems: li
             "sample_seconds": t1 - t0, "train_seconds": time.perf_counter() - t1}
 
 
+def policy_gradient_round(trainer, cfg: ChatDemoConfig, tokenizer, problems: list[Problem], eos: list[int], *,
+                          seed: int) -> dict[str, Any]:
+    """GRPO on the round's samples (``--loss``): the same prompts, samples per prompt and temperature as expert
+    iteration; reward 1 for a verified completion that ended its turn (what expert iteration keeps), else 0; group
+    advantages of both signs; ``updates_per_round`` updates (``apps/grpo.py``). Returns the counts, the
+    diagnostics and the phase timings."""
+    from itersft_jax.apps.grpo import Diagnostics, grpo_update, policy_drift
+
+    diagnostics, sample_seconds, train_seconds, first = Diagnostics(), 0.0, 0.0, None
+    shuffle = random.Random(seed)
+    calls = cfg.updates_per_round // cfg.updates_per_sample
+    per_call = -(-len(problems) // calls)
+    correct = 0
+    for c in range(calls):
+        chunk = problems[c * per_call:(c + 1) * per_call]
+        if not chunk:
+            break
+        t0 = time.perf_counter()
+        out = trainer.sample(input_ids=encode_prompts(tokenizer, chunk), num_samples=cfg.samples_per_prompt,
+                             max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
+                             eos_token_id=eos, seed=seed * 1009 + c)
+        verified = [check(chunk[out.prompt_index(row)], text) for row, text in enumerate(out.texts)]
+        correct += sum(verified)
+        rewards = [float(v and out.finished[row]) for row, v in enumerate(verified)]
+        t1 = time.perf_counter()
+        data = grpo_update(trainer, out, rewards, loss=cfg.loss, group=cfg.samples_per_prompt,
+                           normalization=cfg.normalization, max_tokens=cfg.max_new_tokens,
+                           minibatches=cfg.updates_per_sample, rng=shuffle, diagnostics=diagnostics)
+        first = first or data
+        sample_seconds += t1 - t0
+        train_seconds += time.perf_counter() - t1
+    return {"correct": correct, "kept": diagnostics.kept, "sampled": len(diagnostics.rewards),
+            "trained_on": diagnostics.kept, "loss": diagnostics.loss, **diagnostics.record(cfg.loss),
+            "kl_round": policy_drift(trainer, first, cfg.loss), "sample_seconds": sample_seconds,
+            "train_seconds": train_seconds}
+
+
 def run_chat(cfg: ChatDemoConfig, log=None) -> list[dict[str, Any]]:
     """Run expert iteration on ``cfg.model``; returns the per-round metrics (also in ``metrics.json``)."""
     from transformers import AutoTokenizer
@@ -323,15 +376,18 @@ def run_chat(cfg: ChatDemoConfig, log=None) -> list[dict[str, Any]]:
     excluded = set(held_out)
     for r in range(1, cfg.rounds + 1):
         problems = sample_problems(rng, cfg.prompts_per_round, cfg.digits, cfg.ops, excluded)
-        record = expert_iteration_round(trainer, cfg, tokenizer, problems, eos, seed=cfg.seed * 1000 + r)
+        if cfg.loss == "expert_iteration":
+            record = expert_iteration_round(trainer, cfg, tokenizer, problems, eos, seed=cfg.seed * 1000 + r)
+        else:
+            record = policy_gradient_round(trainer, cfg, tokenizer, problems, eos, seed=cfg.seed * 1000 + r)
         t0 = time.perf_counter()
         record["pass_rate"] = pass_rate(trainer, cfg, held_out, held_out_ids, eos)
         record["eval_seconds"] = time.perf_counter() - t0
         record["seconds"] = record["sample_seconds"] + record["train_seconds"] + record["eval_seconds"]
-        metrics.append({"round": r, "phase": "expert_iteration", **record})
+        metrics.append({"round": r, "phase": cfg.loss, **record})
         log(round_line(metrics[-1]))
 
     task = f"arithmetic: {cfg.digits}-digit operands, ops {cfg.ops!r}, checked on the completion's last integer"
     finish(trainer, cfg, metrics, task=task, start=start, log=log,
-           title=f"itersft demo --model: expert iteration on {cfg.digits}-digit arithmetic")
+           title=f"itersft demo --model: {cfg.loss.replace('_', ' ')} on {cfg.digits}-digit arithmetic")
     return metrics

@@ -281,6 +281,46 @@ def builtin_loss(ops: LossOps, loss_fn: str, logp, inputs: dict[str, Any], confi
     raise ValueError(f"unknown loss {loss_fn!r}")
 
 
+RL_LOSSES = ("importance_sampling", "ppo", "cispo")  # the losses with a sampler's logprobs and advantages
+
+
+def loss_metrics(loss_fn: str, data: Sequence[Datum], logprobs: Sequence, config: dict[str, float]) -> dict[str, float]:
+    """Diagnostics of an importance-sampled loss, in float64 on the host, over the **trained tokens** — the positions
+    whose advantage is non-zero — of ``data``, with ``logprobs`` the trainer's per-datum logprobs (what
+    ``forward_backward`` returns). ``{}`` for ``cross_entropy``. With ``d = logp - logp_sampler`` and ``r = exp(d)``:
+
+    * ``"log_ratio_abs:mean"``: the mean ``|d|`` (0 on fresh samples: the sampler's logprobs are the trainer's);
+    * ``"kl_sampler:mean"``: ``KL(sampler || trainer)`` per token, the non-negative, unbiased estimator
+      ``mean(r - 1 - d)`` ("k3"; exact in expectation only when the tokens were drawn at temperature 1 without
+      top-k/top-p, since the logprobs are the temperature-1 policy's);
+    * ``"clip_fraction:mean"`` (``ppo``, ``cispo``): the fraction of tokens the clip acts on — ``ppo``: the clipped
+      term wins the ``min`` and the token's gradient is zero (``r > hi`` with ``A > 0``, ``r < lo`` with ``A < 0``);
+      ``cispo``: the weight ``clip(r, lo, hi)`` differs from ``r``;
+    * ``"trained_tokens:sum"``: how many tokens these means are over (to weight them across calls).
+    """
+    if loss_fn not in RL_LOSSES:
+        return {}
+    d, adv = [], []
+    for datum, lp in zip(data, logprobs):
+        a = datum.loss_fn_inputs["advantages"]
+        on = a != 0
+        d.append(np.asarray(lp, np.float64)[on] - datum.loss_fn_inputs["logprobs"][on])
+        adv.append(a[on])
+    d, adv = np.concatenate(d), np.concatenate(adv)
+    n = len(d)
+    if n == 0:
+        return {"trained_tokens:sum": 0.0}
+    ratio = np.exp(d)
+    out = {"log_ratio_abs:mean": float(np.mean(np.abs(d))), "kl_sampler:mean": float(np.mean(ratio - 1.0 - d)),
+           "trained_tokens:sum": float(n)}
+    lo, hi = config.get("clip_low_threshold"), config.get("clip_high_threshold")
+    if loss_fn == "ppo":
+        out["clip_fraction:mean"] = float(np.mean(((ratio > hi) & (adv > 0)) | ((ratio < lo) & (adv < 0))))
+    elif loss_fn == "cispo":
+        out["clip_fraction:mean"] = float(np.mean((ratio > hi) | (ratio < lo)))
+    return out
+
+
 def samples_to_data(output, advantages: Sequence | None = None) -> list[Datum]:
     """The data of a ``GenerationOutput`` from ``trainer.sample(...)`` (or ``generate(..., return_logprobs=True)``):
     one ``Datum`` per row — its prompt and completion, the sampler's logprobs, and ``advantages[row]`` (a number or

@@ -34,6 +34,7 @@ from itersft_jax.shared.datum import (
     Datum,
     check_data,
     check_loss_fn,
+    loss_metrics,
     padded_inputs,
 )
 from itersft_jax.shared.interrupts import deferred_interrupt
@@ -44,7 +45,8 @@ from itersft_jax.shared.outputs import MAX_RETURN_SEQUENCES
 class ForwardBackwardOutput:
     """What ``forward_backward`` / ``forward`` / ``forward_backward_custom`` return: ``loss_fn_outputs``, one dict per
     datum (``{"logprobs": fp32 array as long as its model_input}``), and ``metrics`` (``"loss:sum"``, the summed loss;
-    ``"num_tokens"``, target positions; a custom function's own metrics beside them)."""
+    ``"num_tokens"``, target positions; the RL losses' diagnostics, ``datum.loss_metrics``; a custom function's own
+    metrics beside them)."""
 
     loss_fn_outputs: list[dict[str, np.ndarray]]
     metrics: dict[str, float]
@@ -224,8 +226,8 @@ class LowLevelAPI(abc.ABC):
                 pending.num_tokens += count
                 pending.input_tokens += sum(len(d) for d in data)
                 pending.padded_tokens += padded
-        return ForwardBackwardOutput([{"logprobs": lp} for lp in logprobs],
-                                     {"loss:sum": loss_sum, "num_tokens": count})
+        metrics = {"loss:sum": loss_sum, "num_tokens": count, **loss_metrics(loss_fn, data, logprobs, config)}
+        return ForwardBackwardOutput([{"logprobs": lp} for lp in logprobs], metrics)
 
     def _refuse_while_pending(self, what: str) -> None:
         if self._pending is not None:
