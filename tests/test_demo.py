@@ -194,14 +194,13 @@ def test_demo_model_torch_no_plot(chat_model_dir, tmp_path, capsys):
 
 def test_demo_model_errors(tmp_path, tokenizer):
     """What only loading the model reveals (the command's up-front checks are in test_cli.py)."""
-    from transformers import GPTNeoXConfig
+    from transformers import BloomConfig
 
-    neox = str(tmp_path / "neox")
-    GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                  vocab_size=len(tokenizer)).save_pretrained(neox)
+    bloom = str(tmp_path / "bloom")  # a model type the JAX engine does not implement
+    BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=len(tokenizer)).save_pretrained(bloom)
     with pytest.raises(demo_chat.ModelSetupError, match="--backend torch"):
-        demo_chat.check_backend_supports(neox, "jax")
-    demo_chat.check_backend_supports(neox, "torch")  # any transformers model there
+        demo_chat.check_backend_supports(bloom, "jax")
+    demo_chat.check_backend_supports(bloom, "torch")  # any transformers model there
     with pytest.raises(demo_chat.ModelSetupError, match="no chat template"):
         demo_chat.encode_prompts(tokenizer, [Problem(1, "+", 2)])
     with pytest.raises(ValueError, match="`ops`"):

@@ -148,13 +148,13 @@ def test_trust_remote_code_is_refused(tiny_model_dir):
 
 
 def test_unknown_model_type_lists_supported_and_suggests_torch(tmp_path):
-    from transformers import GPTNeoXConfig
+    from transformers import BloomConfig
 
-    GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    BloomConfig(hidden_size=32, n_layer=1, n_head=2).save_pretrained(tmp_path)  # no JAX family, no weights needed
     with pytest.raises(ValueError) as err:
         weights.load_model(str(tmp_path))
     message = str(err.value)
-    assert "gpt_neox" in message and "llama, mistral" in message and "backend='torch'" in message
+    assert "bloom" in message and "llama, mistral" in message and "backend='torch'" in message
 
 
 def test_bf16_checkpoint_loads(tmp_path):

@@ -142,7 +142,9 @@ def linear_modules(hf_config) -> dict[str, tuple]:
     for row in layout.tensors:
         if row.name.endswith(".weight") and all(path[-1] == "kernel" for path in row.paths):
             paths = tuple(path[:-1] for path in row.paths)
-            out[row.name.removesuffix(".weight")] = paths[0] if len(paths) == 1 else paths
+            # the head's module is ``lm_head`` also where the checkpoint says ``embed_out`` (GPT-NeoX on transformers 5)
+            name = "lm_head" if paths == (("lm_head",),) else row.name.removesuffix(".weight")
+            out[name] = paths[0] if len(paths) == 1 else paths
     return out
 
 
@@ -198,8 +200,7 @@ def resolve_targets(hf_config, target_modules) -> dict[str, tuple]:
             raise ValueError(f"`peft_config.target_modules` is not set and PEFT has no default for model_type "
                              f"{hf_config.model_type!r}: name the modules to adapt (e.g. 'all-linear')")
     if target_modules == "all-linear":
-        # the output head: ``lm_head``, or GPT-NeoX's ``embed_out`` (its checkpoint name)
-        chosen = [name for name in modules if name.split(".")[-1] not in ("lm_head", "embed_out")]
+        chosen = [name for name in modules if name.split(".")[-1] != "lm_head"]  # PEFT leaves the output head out
     elif isinstance(target_modules, str):
         chosen = [name for name in modules if re.fullmatch(target_modules, name)]
     else:

@@ -48,6 +48,9 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"lm_head/kernel$", ("embed", "vocab")),
     (r"lm_head/bias$", ("vocab",)),
     (r"(embed_positions|wpe)/embedding$", ("position", "embed")),
+    # a mixture of experts' router [D, E] and Qwen2-MoE's shared-expert gate [D, 1]: every device needs all experts'
+    # logits, so only the model width splits
+    (r"mlp/(gate/weight|shared_expert_gate/kernel)$", ("embed", None)),
     (r"(norm|layernorm|ln_\w+|layer_norm)/(weight|scale|bias)$", ("norm",)),
 )
 _COMPILED = tuple((re.compile(pattern), axes) for pattern, axes in PARAM_RULES)

@@ -293,7 +293,7 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     most KV cache rows one device held: ``B / (data x fsdp)`` under a mesh), and the shapes each program ran at.
     """
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                          top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences)
+                          top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, greedy_repeats=True)
     prompts = id_rows(prompts, vocab_size)
     if mesh is not None and mesh.size == 1:
         mesh = None

@@ -51,10 +51,12 @@ MAX_RETURN_SEQUENCES = 1 << 16
 
 def check_generation_args(*, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,
                           num_return_sequences: int = 1, seed: Any = None, return_text: Any = True,
-                          return_logprobs: Any = False) -> None:
+                          return_logprobs: Any = False, greedy_repeats: bool = False) -> None:
     """``TypeError`` / ``ValueError`` naming the argument for any setting ``generate`` cannot honour: integers in
     range, finite numbers, booleans, ``temperature >= MIN_TEMPERATURE`` when sampling, ``top_p`` in (0, 1], and
-    ``num_return_sequences == 1`` for greedy decoding (its rows would all be the same, as transformers refuses)."""
+    ``num_return_sequences == 1`` for greedy decoding (its rows would all be the same, as transformers refuses).
+    ``greedy_repeats=True`` (the sampler's engines, below the public ``generate``) lets greedy decoding repeat a
+    prompt's rows: the engines' own tests compare the continuous engine with the static one row by row."""
     check_int(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
     check_int(num_return_sequences, "num_return_sequences", 1, MAX_RETURN_SEQUENCES)
     check_int(top_k, "top_k", 0, (1 << 31) - 1)
@@ -68,7 +70,7 @@ def check_generation_args(*, max_new_tokens: int, do_sample: bool, temperature: 
                          f"greedy decoding set do_sample=False")
     if not 0 < top_p <= 1:
         raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
-    if not do_sample and num_return_sequences > 1:
+    if not do_sample and num_return_sequences > 1 and not greedy_repeats:
         raise ValueError(f"`num_return_sequences`={num_return_sequences} with greedy decoding (do_sample=False) "
                          f"would return {num_return_sequences} identical rows per prompt; set do_sample=True")
 
