@@ -163,15 +163,21 @@ def test_custom_fn_reproducing_importance_sampling_gives_the_same_gradients(tiny
         loss = -xp.sum(xp.exp(logprobs - inputs["logprobs"]) * inputs["advantages"] * inputs["mask"])
         return loss, {"mean_logprob": xp.sum(logprobs * inputs["mask"]) / xp.sum(inputs["mask"])}
 
+    # The custom path (logprobs, then the user's loss, then the model's VJP) and the built-in loss's one program
+    # differ in fp32 operation order, so they are compared where either is judged: against the float64 reference,
+    # at the built-in's own bar (1e-5). Comparing the two fp32 paths with each other at 1e-6 depended on the CPU
+    # (seen: one entry of 20480 off by 1.4e-6, 4.6e-6 relative, on one machine; within 1e-6 on another).
     model_dir = tiny_model_dir("llama")
     data = rl_data()
+    want_loss, want_grads = reference(model_dir, data, "importance_sampling")
     builtin = sgd_trainer(model_dir, tokenizer, tmp_path / "a", backend)
     want = builtin.forward_backward(data, "importance_sampling")
     custom = sgd_trainer(model_dir, tokenizer, tmp_path / "b", backend)
     got = custom.forward_backward_custom(data, importance_sampling)
     assert got.metrics["loss:sum"] == pytest.approx(want.metrics["loss:sum"], rel=1e-6, abs=1e-6)
+    assert got.metrics["loss:sum"] == pytest.approx(want_loss, rel=1e-5, abs=1e-5)
     assert math.isfinite(got.metrics["mean_logprob"])
-    assert_grads_close(custom.accumulated_gradients(), builtin.accumulated_gradients(), rtol=1e-6, atol=1e-6)
+    assert_grads_close(custom.accumulated_gradients(), want_grads, rtol=1e-5, atol=1e-5)
 
 
 def _params(trainer) -> dict[str, np.ndarray]:
