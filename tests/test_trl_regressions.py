@@ -186,18 +186,41 @@ def test_h_gradient_checkpointing_is_enabled_and_bf16_is_off_on_cpu_torch(enable
     assert head_dtypes == [torch.float32]
 
 
+def _count_primitive(jaxpr, name: str) -> int:
+    """Equations of primitive ``name`` in ``jaxpr`` and in every jaxpr nested in its equations' parameters."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's Jaxpr
+                if hasattr(inner, "eqns"):
+                    count += _count_primitive(inner, name)
+    return count
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_h_gradient_checkpointing_is_enabled_and_bf16_is_off_on_cpu_jax(enabled, tokenizer, tmp_path):
     """(h) on the JAX engine: gradient_checkpointing (the default) rematerializes every decoder layer — the
-    compiled step holds the remat — and the CPU default computes in fp32."""
+    program the trainer's jitted step compiled for the update holds one remat per layer, and none without it —
+    and the CPU default computes in fp32."""
+    import jax
     import jax.numpy as jnp
 
-    trainer = make_trainer("jax", tiny_model("llama", len(tokenizer)), tokenizer, tmp_path,
-                           **({} if enabled else {"gradient_checkpointing": False}))
+    model = tiny_model("llama", len(tokenizer))
+    trainer = make_trainer("jax", model, tokenizer, tmp_path, **({} if enabled else {"gradient_checkpointing": False}))
     assert trainer.args.bf16 is False and trainer.compute_dtype == jnp.float32
-    assert trainer.model.remat == ("full" if enabled else None)
+    step, programs = trainer.train_step, []
+
+    def traced_step(state, batch):  # the program jit compiles for these arguments (traced before they are donated)
+        programs.append(jax.make_jaxpr(step)(state, batch).jaxpr)
+        return step(state, batch)
+
+    trainer.train_step = traced_step
     trainer.step(texts=TEXTS[:1])
-    assert trainer.model.remat == ("full" if enabled else None)  # what the compiled step ran with
+    remat = jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0).eqns[0].primitive.name  # JAX's name for it
+    assert len(programs) == 1
+    assert _count_primitive(programs[0], remat) == (model.config.num_hidden_layers if enabled else 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
