@@ -7,6 +7,7 @@ import pickle
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
+from itersft_jax.shared import config as config_module
 from itersft_jax.shared.config import IterativeSFTConfig, resolve_config
 
 
@@ -24,8 +25,13 @@ def test_explicit_bf16_on_cpu_does_not_crash(tmp_path):
     assert cfg.bf16 is True and cfg.use_cpu is True
 
 
-def test_fp16_turns_unset_bf16_off(tmp_path):
-    assert IterativeSFTConfig(output_dir=str(tmp_path), fp16=False).bf16 is False
+def test_fp16_turns_unset_bf16_off(tmp_path, monkeypatch):
+    # As on a machine with a bf16 accelerator; the torch side has no bf16 GPU here (a JAX GPU install beside a
+    # CPU torch): unset bf16 then means bf16 on, with the torch backend on the CPU rather than a crash.
+    monkeypatch.setattr(config_module, "bf16_available", lambda: True)
+    assert IterativeSFTConfig(output_dir=str(tmp_path), fp16=True).bf16 is False
+    cfg = IterativeSFTConfig(output_dir=str(tmp_path), fp16=False)
+    assert cfg.bf16 is True and cfg.use_cpu is True
 
 
 @pytest.mark.parametrize("kwargs,fragment", [

@@ -83,8 +83,10 @@ def test_texts_truncation(tokenizer, mode):
 
 
 def test_texts_labels_equal_to_texts_are_accepted_for_causal_lm(tokenizer):
-    out = prepare_examples(texts=["a b"], texts_labels=["a b"], tokenizer=tokenizer)
-    assert len(out) == 1
+    texts = ["a b", "hello world"]
+    out = prepare_examples(texts=texts, texts_labels=list(texts), tokenizer=tokenizer)
+    expected = [tokenizer(t).input_ids for t in texts]
+    assert ids_labels(out) == [(x, x) for x in expected]  # as without texts_labels: every token a label
 
 
 def test_texts_labels_are_the_decoder_targets_for_encoder_decoder(tokenizer):

@@ -15,6 +15,7 @@ import torch
 
 from itersft_jax import IterativeSFTConfig
 from itersft_jax.core.train_step import count_compilations
+from itersft_jax.sampler.engine import sampler_chunk, sampler_prefill
 from itersft_jax.sampler.generate import GenerationOutput, generate
 from itersft_jax.sampler.sampling import filter_logits
 from itersft_jax.sampler.static import cache_mask, generate_ids
@@ -161,18 +162,21 @@ def test_bare_module_and_errors(llama):
 
 def test_compiles_once_across_prompt_lengths_and_settings(llama):
     """Every sampling setting is a run-time value: six calls with one prompt bucket prefill-compile once, and
-    the decode chunk compiles only for the (slots, cache) shapes the engine reports it ran at."""
+    the decode chunk compiles once for each (slots, cache) shape the engine reports it ran at. The two functions'
+    caches are emptied first: what earlier tests compiled does not count."""
     _, trainer = llama
     rng = np.random.default_rng(0)
     chunk_shapes = set()
+    sampler_prefill.clear_cache()
+    sampler_chunk.clear_cache()
     with count_compilations("sampler_prefill") as prefill, count_compilations("sampler_chunk") as decode:
-        for call in range(6):  # prompt lengths 17..24: one bucket (24) not used by the other tests
+        for call in range(6):  # prompt lengths 17..24: one bucket (24)
             rows = [rng.integers(3, 300, rng.integers(17, 25)).tolist() for _ in range(3)]
             out = generate(trainer, input_ids=rows, max_new_tokens=9 + call, do_sample=call % 2 == 1,
                            top_k=[0, 5][call % 2], top_p=[1.0, 0.9][call % 2], temperature=0.5 + call,
                            eos_token_id=[2, 3][: 1 + call % 2])
             chunk_shapes |= out.stats["chunk_shapes"]
-    assert prefill.count == 1 and decode.count <= len(chunk_shapes)
+    assert prefill.count == 1 and decode.count == len(chunk_shapes)
 
 
 def test_generate_sees_the_update_of_the_previous_step(tiny_model_dir, tmp_path, tokenizer):

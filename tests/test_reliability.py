@@ -25,17 +25,20 @@ from itersft_jax.shared.datum import Datum
 
 
 def test_kill_9_during_saves_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
-    """A worker trains with save_steps=1 and is SIGKILLed inside a save; the output directory never holds a
-    partial checkpoint-N, and resuming gives later losses and parameters bit-identical to a run that was
-    never interrupted. On a non-atomic save the kill leaves a partial newest checkpoint-N."""
+    """A worker trains with save_steps=1, announces each save and is SIGKILLed 0.2 and 0.45 of a typical save's
+    duration (~0.3 s; the rename into place comes after ~0.7 of it) after announcing one: the kill finds that save's
+    temporary directory, the output directory never holds a partial checkpoint-N, and resuming gives later losses
+    and parameters bit-identical to a run that was never interrupted. A save written in place leaves no temporary
+    (and a partial checkpoint-N)."""
     model_dir, calls = tiny_model_dir("llama"), 5
     reference = []
     trainer = kill_resume.make_trainer(model_dir, str(tmp_path / "reference"))
     kill_resume.run_calls(trainer, 0, calls, reference.append)
     with open(tmp_path / "workers.log", "w") as log:
-        for kill, (kill_call, fraction) in enumerate([(2, 0.3), (3, 0.7)]):  # a call here is mostly its save
+        for kill, (kill_call, fraction) in enumerate([(2, 0.2), (3, 0.45)]):
             out = str(tmp_path / f"kill-{kill}")
-            left = kill_resume.kill_during_call(model_dir, out, calls, kill_call, fraction, log)
+            left = kill_resume.kill_during_save(model_dir, out, calls, kill_call, fraction, log)
+            assert f".tmp-checkpoint-{kill_call + 1}-" in left, f"kill {kill} did not land inside the save: {left}"
             partial = [name for name in os.listdir(out)
                        if name.startswith("checkpoint-") and not os.path.isfile(os.path.join(out, name, MANIFEST_FILE))]
             assert not partial, f"kill {kill}: partial checkpoints visible after the kill: {left}"

@@ -1,10 +1,10 @@
 """One test per TRL 0.23.1 IterativeSFTTrainer defect (DESIGN.md (a)-(l)), on both engines.
 
 Each docstring says what TRL did; each test asserts the fixed behaviour in a way TRL's behaviour fails. The
-reference is torch's: one padded forward of all samples, sum of token CE / label tokens, clipping, one AdamW
-step (``tests/support/torch_reference.py``). Tolerances, fp32 on CPU: the torch engine 1e-6 on losses and
-parameters (only the reduction order differs); the JAX engine 1e-5 (another implementation of the same math:
-XLA's reductions and its own AdamW).
+reference is torch's: one padded forward of all samples, sum of token CE / label tokens, clipping, one SGD
+step at lr 1 (``tests/support/torch_reference.py``), so the parameters compare the clipped gradient's values.
+Tolerances, fp32 on CPU: the torch engine 1e-6 on losses and parameters (only the reduction order differs); the JAX
+engine 1e-5 (another implementation of the same math: XLA's reductions and its own optimizer).
 """
 
 from __future__ import annotations
@@ -25,6 +25,17 @@ TEXTS = [
     "12 + 30 = 42.",
 ]
 TOL = {"torch": 1e-6, "jax": 1e-5}
+# Adam's first step is about lr * sign(g): parameters after it show the gradient's signs, not its values. SGD at lr 1
+# moves each parameter by the clipped gradient itself, so parameters within TOL compare gradients element by element.
+SGD = {"optim": "sgd", "learning_rate": 1.0}
+
+
+def assert_reference_update(trainer, stats, reference, backend):
+    """The call's loss (TOL), grad norm before clipping (1e-5 relative) and parameters (TOL) are the reference's."""
+    ref, ref_loss, ref_norm = reference
+    assert stats["loss"] == pytest.approx(ref_loss, abs=TOL[backend])
+    assert stats["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
+    assert max_diff(snapshot(ref), trained_state_dict(trainer)) <= TOL[backend]
 
 
 def samples_of(n, vocab, seed=0, lo=6, hi=16):
@@ -63,12 +74,11 @@ def test_b_max_length_truncates_sequences_not_the_batch(backend, mode, tokenizer
     model = tiny_model("llama", len(tokenizer))
     samples = samples_of(6, len(tokenizer), lo=10, hi=14)
     cut = [x[-4:] if mode == "keep_end" else x[:4] for x in samples]
-    ref, ref_loss, _ = reference_update(model, cut)
-    trainer = make_trainer(backend, model, tokenizer, tmp_path, max_length=4, truncation_mode=mode)
+    reference = reference_update(model, cut, lr=1.0, optim="sgd")
+    trainer = make_trainer(backend, model, tokenizer, tmp_path, max_length=4, truncation_mode=mode, **SGD)
     stats = trainer.step(input_ids=samples)
     assert (stats["samples"], stats["num_tokens"]) == (6, 6 * 3)
-    assert stats["loss"] == pytest.approx(ref_loss, abs=TOL[backend])
-    assert max_diff(snapshot(ref), trained_state_dict(trainer)) <= TOL[backend]
+    assert_reference_update(trainer, stats, reference, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -79,17 +89,16 @@ def test_c_causal_lm_labels_are_honoured(backend, tokenizer, tmp_path):
     base = tiny_model("llama", len(tokenizer))
     samples = samples_of(4, len(tokenizer), seed=1)
     masked = [torch.cat([torch.full((len(x) // 2,), -100), x[len(x) // 2:]]) for x in samples]
-    ref, ref_loss, _ = reference_update(base, samples, masked, lr=1e-3)
+    reference = reference_update(base, samples, masked, lr=1.0, optim="sgd")
 
-    trainer = make_trainer(backend, copy.deepcopy(base), tokenizer, tmp_path / "masked", learning_rate=1e-3)
+    trainer = make_trainer(backend, copy.deepcopy(base), tokenizer, tmp_path / "masked", **SGD)
     stats = trainer.step(input_ids=samples, labels=masked)
-    assert stats["loss"] == pytest.approx(ref_loss, abs=TOL[backend])
     assert stats["num_tokens"] == sum(len(x) - len(x) // 2 for x in samples)
-    assert max_diff(snapshot(ref), trained_state_dict(trainer)) <= TOL[backend]
+    assert_reference_update(trainer, stats, reference, backend)
 
-    unmasked = make_trainer(backend, copy.deepcopy(base), tokenizer, tmp_path / "all", learning_rate=1e-3)
+    unmasked = make_trainer(backend, copy.deepcopy(base), tokenizer, tmp_path / "all", **SGD)
     unmasked.step(input_ids=samples, labels=samples)
-    assert max_diff(trained_state_dict(unmasked), trained_state_dict(trainer)) > 1e-4
+    assert max_diff(trained_state_dict(unmasked), trained_state_dict(trainer)) > 1e-3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,12 +110,11 @@ def test_d_eos_is_a_label_when_pad_equals_eos(backend, tokenizer_pad_eq_eos, tmp
     assert tok.pad_token_id == tok.eos_token_id
     model = tiny_model("llama", len(tok))
     ids = [torch.tensor(tok(t)["input_ids"] + [tok.eos_token_id]) for t in TEXTS[:2]]
-    ref, ref_loss, _ = reference_update(model, ids)
-    trainer = make_trainer(backend, model, tok, tmp_path)
+    reference = reference_update(model, ids, lr=1.0, optim="sgd")
+    trainer = make_trainer(backend, model, tok, tmp_path, **SGD)
     stats = trainer.step(input_ids=ids, attention_mask=[torch.ones_like(x) for x in ids])
     assert stats["num_tokens"] == sum(len(x) - 1 for x in ids)  # EOS included
-    assert stats["loss"] == pytest.approx(ref_loss, abs=TOL[backend])
-    assert max_diff(snapshot(ref), trained_state_dict(trainer)) <= TOL[backend]
+    assert_reference_update(trainer, stats, reference, backend)
     completion = tok(" four.", add_special_tokens=False)["input_ids"]
     stats = trainer.step(prompts=["Question: what is two plus two? Answer:"], completions=[" four."])
     assert stats["num_tokens"] == len(completion) + 1
@@ -178,18 +186,41 @@ def test_h_gradient_checkpointing_is_enabled_and_bf16_is_off_on_cpu_torch(enable
     assert head_dtypes == [torch.float32]
 
 
+def _count_primitive(jaxpr, name: str) -> int:
+    """Equations of primitive ``name`` in ``jaxpr`` and in every jaxpr nested in its equations' parameters."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's Jaxpr
+                if hasattr(inner, "eqns"):
+                    count += _count_primitive(inner, name)
+    return count
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_h_gradient_checkpointing_is_enabled_and_bf16_is_off_on_cpu_jax(enabled, tokenizer, tmp_path):
     """(h) on the JAX engine: gradient_checkpointing (the default) rematerializes every decoder layer — the
-    compiled step holds the remat — and the CPU default computes in fp32."""
+    program the trainer's jitted step compiled for the update holds one remat per layer, and none without it —
+    and the CPU default computes in fp32."""
+    import jax
     import jax.numpy as jnp
 
-    trainer = make_trainer("jax", tiny_model("llama", len(tokenizer)), tokenizer, tmp_path,
-                           **({} if enabled else {"gradient_checkpointing": False}))
+    model = tiny_model("llama", len(tokenizer))
+    trainer = make_trainer("jax", model, tokenizer, tmp_path, **({} if enabled else {"gradient_checkpointing": False}))
     assert trainer.args.bf16 is False and trainer.compute_dtype == jnp.float32
-    assert trainer.model.remat == ("full" if enabled else None)
+    step, programs = trainer.train_step, []
+
+    def traced_step(state, batch):  # the program jit compiles for these arguments (traced before they are donated)
+        programs.append(jax.make_jaxpr(step)(state, batch).jaxpr)
+        return step(state, batch)
+
+    trainer.train_step = traced_step
     trainer.step(texts=TEXTS[:1])
-    assert trainer.model.remat == ("full" if enabled else None)  # what the compiled step ran with
+    remat = jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0).eqns[0].primitive.name  # JAX's name for it
+    assert len(programs) == 1
+    assert _count_primitive(programs[0], remat) == (model.config.num_hidden_layers if enabled else 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -4,9 +4,9 @@ It is a ``transformers.TrainingArguments`` (so ``HfArgumentParser`` and every Tr
 TRL's extra fields and defaults, plus ``backend``. Differences from TRL 0.23.1 are deliberate:
 
 * ``bf16`` left unset means "bf16 where an accelerator supports it": on a CPU-only machine it resolves
-  to False instead of crashing (TRL's own quick start raised there). An explicit ``bf16=True`` on a
-  machine without a bf16 GPU is honoured on the CPU (``use_cpu=True`` for the torch backend; the JAX
-  engine computes in bf16 with fp32 master weights).
+  to False instead of crashing (TRL's own quick start raised there). ``bf16=True``, explicit or resolved
+  from a JAX accelerator, on a machine without a bf16 torch GPU is honoured on the CPU (``use_cpu=True``
+  for the torch backend; the JAX engine computes in bf16 with fp32 master weights).
 * ``logging_steps``/``save_steps``/``eval_steps`` given as ratios in (0, 1) are resolved against
   ``max_steps`` here, and refused when ``max_steps`` is not set (TRL never logged at all).
 """
@@ -116,7 +116,8 @@ class IterativeSFTConfig(TrainingArguments):
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
         if self.bf16 is None:
             self.bf16 = (not self.fp16) and bf16_available()
-        elif self.bf16 and not self.use_cpu and not _torch_bf16_gpu():
+        # Also when bf16 resolved on from a JAX accelerator beside a CPU-only torch (TrainingArguments would raise).
+        if self.bf16 and not self.use_cpu and not _torch_bf16_gpu():
             logger.info("bf16=True without a bf16-capable torch GPU: the torch backend runs on the CPU")
             self.use_cpu = True
         # TRL's default gradient_checkpointing=True, without tripping transformers 5's deprecation warning.

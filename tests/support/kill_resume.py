@@ -3,10 +3,11 @@
     PYTHONPATH=$PWD python tests/support/kill_resume.py [--kills 10] [--calls 10] [--seed 0]
 
 A worker process trains a tiny Llama with ``save_steps=1`` and ``save_total_limit=2``; every ``step()``
-call is one update, so every call ends with a checkpoint save. The harness SIGKILLs the worker at a random
-moment inside a random call after the first (a call is ~95% save on this model), then a fresh trainer in a
-new process resumes with ``resume_from_checkpoint(True)``, runs the remaining calls and reports each call's
-loss and the final parameters' SHA-256. A kill passes when every later loss is bit-identical to the
+call is one update, so every call ends with a checkpoint save, which the worker announces. The harness SIGKILLs
+the worker a random fraction of a typical save's duration after it announced the save of a random call after the
+first (the rename into place comes after ~0.7 of a save, the rotation of old checkpoints after it), then a fresh
+trainer in a new process resumes with ``resume_from_checkpoint(True)``, runs the remaining calls and reports each
+call's loss and the final parameters' SHA-256. A kill passes when every later loss is bit-identical to the
 uninterrupted run's and the final parameters are too. Prints one row per kill and exits non-zero on a
 failure. ``tests/test_reliability.py`` runs a lean version (two kills) in the suite.
 """
@@ -70,12 +71,28 @@ def run_calls(trainer, start: int, stop: int, emit) -> None:
     emit(f"DIGEST {params_digest(trainer)}")
 
 
+def announce_saves(trainer, emit) -> None:
+    """``SAVING N`` before each checkpoint save of ``trainer`` and ``SAVED N <seconds>`` after it: the harness kills
+    between the two."""
+    save = trainer.save_checkpoint
+
+    def announced(checkpoint_dir: str | None = None) -> str:
+        step, t0 = trainer.state.global_step, time.perf_counter()
+        emit(f"SAVING {step}")
+        path = save(checkpoint_dir)
+        emit(f"SAVED {step} {time.perf_counter() - t0:.4f}")
+        return path
+
+    trainer.save_checkpoint = announced  # what the save cadence calls
+
+
 def worker(model_dir: str, output_dir: str, calls: int, resume: bool) -> None:
     """Subprocess entry: train ``calls`` calls (after resuming when asked), one line per event on stdout."""
     def emit(line: str) -> None:
         print(line, flush=True)
 
     trainer = make_trainer(model_dir, output_dir)
+    announce_saves(trainer, emit)
     start = 0
     if resume:
         path = trainer.resume_from_checkpoint(True)
@@ -113,18 +130,17 @@ def run_to_end(model_dir: str, output_dir: str, calls: int, resume: bool, log) -
     return lines
 
 
-def kill_during_call(model_dir: str, output_dir: str, calls: int, kill_call: int, fraction: float, log) -> str:
-    """Start a worker, SIGKILL it ``fraction`` of a typical call's duration into call ``kill_call``.
-    Returns what the output directory holds right after the kill."""
+def kill_during_save(model_dir: str, output_dir: str, calls: int, kill_call: int, fraction: float, log) -> str:
+    """Start a worker and SIGKILL it ``fraction`` of a typical save's duration after it announced the save of call
+    ``kill_call`` (``checkpoint-<kill_call + 1>``). Returns what the output directory holds right after the kill."""
     proc = spawn(model_dir, output_dir, calls, False, log)
     durations = []
     for line in proc.stdout:
-        if line.startswith("LOSS"):
-            call, seconds = int(line.split()[1]), float(line.split()[3])
-            if call > 0:  # call 0 compiles
-                durations.append(seconds)
-            if call == kill_call - 1:
-                break
+        kind, step, *rest = line.split()
+        if kind == "SAVED" and int(step) > 1:  # the first save compiles the gathering of the parameters
+            durations.append(float(rest[0]))
+        if kind == "SAVING" and int(step) == kill_call + 1:
+            break
     time.sleep(fraction * statistics.median(durations))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -163,7 +179,7 @@ def main() -> int:
     for k in range(args.kills):
         out = os.path.join(workdir, f"kill-{k}")
         kill_call, fraction = rng.randint(2, args.calls - 1), rng.uniform(0.0, 1.0)
-        left = kill_during_call(model_dir, out, args.calls, kill_call, fraction, log)
+        left = kill_during_save(model_dir, out, args.calls, kill_call, fraction, log)
         try:
             ok, resumed, detail = check_resume(run_to_end(model_dir, out, args.calls, True, log), reference)
         except RuntimeError as err:
@@ -172,7 +188,8 @@ def main() -> int:
         print(f"{k:>4} | {kill_call:>4} | {fraction:>4.2f} | {left[:58]:<58} | {resumed or '-':<13} | "
               f"{'PASS' if ok else 'FAIL'}: {detail}", flush=True)
     print(f"{passed} of {args.kills} kills resumed bit-identically. 'call': the kill was aimed into this step() call "
-          f"(0-based; it saves checkpoint-<call+1>), 'at' x a typical call's duration after the previous call ended. "
+          f"(0-based; it saves checkpoint-<call+1>), 'at' x a typical save's duration after the worker announced "
+          f"that save. "
           f"Work dir: {workdir}")
     return 0 if passed == args.kills else 1
 

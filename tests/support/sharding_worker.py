@@ -3,8 +3,8 @@
     python tests/support/sharding_worker.py MODEL_DIR OUT_DIR   # 8 devices: every mesh, checkpoint re-mesh, generate
 
 Writes ``OUT_DIR/results.json``: per mesh the per-update losses of three mixed step() calls, the per-device
-fraction of the state's bytes, the params (``<mesh>.npz``), the losses of a resume under another mesh, and
-greedy generations.
+fraction of the state's bytes, the params (``<mesh>.npz``), the losses and state layout of a resume under another
+mesh, and greedy generations.
 """
 
 from __future__ import annotations
@@ -73,6 +73,15 @@ def device_fraction(trainer) -> float:
         for shard in x.addressable_shards:
             per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
     return max(per_device.values()) / whole
+
+
+def layout(trainer) -> dict[str, list]:
+    """Per leaf of params + optimizer state: the axis sizes of its sharding's mesh and its PartitionSpec."""
+    import jax
+
+    flat = jax.tree_util.tree_flatten_with_path((trainer.train_state.params, trainer.train_state.opt_state))[0]
+    return {jax.tree_util.keystr(path): [dict(getattr(x.sharding, "mesh", {"one device": 1}).shape),
+                                         str(getattr(x.sharding, "spec", None))] for path, x in flat}
 
 
 def generations(trainer) -> list[list[int]]:
@@ -145,13 +154,13 @@ def main(model_dir: str, out_dir: str) -> None:
             results["continued"] = [trainer.step(texts=TEXTS[:5])["loss"]]
         if mesh == "fsdp:4,tensor:2":
             results["generate"] = generations(trainer)
+            results["layout"] = layout(trainer)
     results["loaded_sharded"] = loaded_sharded_equals_plain(model_dir, make_mesh_for("fsdp:4,tensor:2"))
     results["lora"] = lora_losses(model_dir, os.path.join(out_dir, "lora"), "fsdp:4,tensor:2")
     results["low_level"] = low_level_losses(model_dir, os.path.join(out_dir, "low-level"), "data:2,fsdp:2,tensor:2")
     resumed = make(model_dir, os.path.join(out_dir, "resumed"), "fsdp:4,tensor:2")
     resumed.resume_from_checkpoint(checkpoint)
-    spec = resumed.train_state.params["model"] if "model" in resumed.train_state.params else resumed.train_state.params
-    results["resumed_sharding"] = str(jax.tree.leaves(spec)[0].sharding.spec)
+    results["resumed_layout"] = layout(resumed)
     results["resumed"] = [resumed.step(texts=TEXTS[:5])["loss"]]
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f)

@@ -17,15 +17,17 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 
 def max_diff(a: dict, b: dict) -> float:
-    """The largest absolute difference over the tensors both state dicts hold (a tied head is saved once)."""
-    shared = set(a) & set(b)
-    assert shared, "no tensor in common"
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in shared)
+    """The largest absolute difference between two state dicts that name the same tensors. No exclusions: the tiny
+    models of these tests have untied heads, so every side lists lm_head.weight (a tied one would be listed once)."""
+    assert a and set(a) == set(b), f"tensors on one side only: {sorted(set(a) ^ set(b))}"
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def reference_update(model, samples, labels=None, *, lr=5e-5, max_grad_norm=1.0):
+def reference_update(model, samples, labels=None, *, lr=5e-5, max_grad_norm=1.0, optim="adamw"):
     """One forward of all samples in one right-padded batch, sum of shifted token CE / label-token count,
-    backward, clip, one torch AdamW step (weight decay 0, HF's default betas/eps) on a copy."""
+    backward, clip, one torch AdamW step (weight decay 0, HF's default betas/eps; ``optim="sgd"``: plain SGD,
+    whose step is lr x the clipped gradient, magnitudes and all) on a copy. Returns (copy, loss, grad norm
+    before clipping)."""
     ref = copy.deepcopy(model).train()
     labels = labels if labels is not None else samples
     length = max(len(x) for x in samples)
@@ -40,5 +42,7 @@ def reference_update(model, samples, labels=None, *, lr=5e-5, max_grad_norm=1.0)
     loss = ce / (targets != -100).sum()
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_grad_norm or float("inf"))
-    torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=0.0).step()
+    optimizer = {"adamw": lambda: torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=0.0),
+                 "sgd": lambda: torch.optim.SGD(ref.parameters(), lr=lr)}[optim]()
+    optimizer.step()
     return ref, loss.item(), norm.item()
