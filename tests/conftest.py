@@ -10,6 +10,15 @@ import pytest  # noqa: E402
 from offline import make_tokenizer, save_tiny_model  # noqa: E402
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker per usable core, at most 4 (each holds JAX, torch and its
+    compiled programs: ~2 GB), or ``ITERSFT_TEST_WORKERS``."""
+    wanted = os.environ.get("ITERSFT_TEST_WORKERS")
+    if wanted:
+        return int(wanted)
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer("standard")
