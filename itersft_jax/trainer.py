@@ -422,7 +422,8 @@ class IterativeSFTTrainer(TrainerShell):
 
         if checkpoint_dir is None:
             checkpoint_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        path = save_checkpoint(self, checkpoint_dir)
+        path = save_checkpoint(checkpoint_dir, self.train_state, self.counters(), write_model=self.save_model,
+                               output_dir=self.args.output_dir)
         if distributed.is_main_process():
             rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
         return path
@@ -443,7 +444,10 @@ class IterativeSFTTrainer(TrainerShell):
         where it was. Checkpoints are verified first (``itersft_jax.io.checkpoint``)."""
         from itersft_jax.io.checkpoint import resume_from_checkpoint
 
-        return resume_from_checkpoint(self, checkpoint_dir)
+        path, self.train_state, counters = resume_from_checkpoint(self.args.output_dir, self.train_state,
+                                                                  checkpoint_dir)
+        self.restore_counters(counters)
+        return path
 
     def save_state(self, path: str) -> str:
         """The low-level API's checkpoint: ``save_checkpoint(path)`` (weights, optimizer state, step, RNG key and
@@ -452,7 +456,9 @@ class IterativeSFTTrainer(TrainerShell):
         from itersft_jax.io.checkpoint import save_checkpoint
         from itersft_jax.shared.atomic_dir import check_state_target
 
-        return save_checkpoint(self, check_state_target(path, "path", output_dir=self.args.output_dir))
+        path = check_state_target(path, "path", output_dir=self.args.output_dir)
+        return save_checkpoint(path, self.train_state, self.counters(), write_model=self.save_model,
+                               output_dir=self.args.output_dir)
 
     def load_state(self, path: str) -> str:
         """Restore what :meth:`save_state` wrote (verified first); the run continues bit for bit."""
@@ -460,7 +466,8 @@ class IterativeSFTTrainer(TrainerShell):
         from itersft_jax.io.checkpoint import load_checkpoint
         from itersft_jax.shared.atomic_dir import check_state_source
 
-        load_checkpoint(self, check_state_source(path))
+        self.train_state, counters = load_checkpoint(check_state_source(path), self.train_state)
+        self.restore_counters(counters)
         return path
 
     def _hub_pusher(self):
@@ -491,11 +498,18 @@ class IterativeSFTTrainer(TrainerShell):
                                               revision=revision, private=private, blocking=blocking)
 
     def generate(self, *args, **kwargs):
-        """Sample completions with the current parameters; see ``itersft_jax.sampler.generate``."""
-        from itersft_jax.sampler.generate import generate
+        """Sample completions with the current parameters (no copy); see
+        ``itersft_jax.sampler.generate.generate_from_params`` for the arguments."""
+        from itersft_jax.sampler.generate import generate_from_params
 
-        with self.precision():
-            return generate(self, *args, **kwargs)
+        if kwargs.get("tokenizer") is None:
+            kwargs["tokenizer"] = self.processing_class
+        if kwargs.get("hf_config") is None:
+            kwargs["hf_config"] = self.config
+        with self.precision():  # the live params (LoRA: + base); unseeded calls counted by the trainer
+            return generate_from_params(self.graphdef, self.train_state.model_state(), *args,
+                                        base_seed=int(self.args.seed), next_call=self.next_generation_call,
+                                        mesh=self.mesh, **kwargs)
 
     def precision(self):
         """The matmul-precision context every device call of this trainer runs in (``"highest"`` for fp32 compute

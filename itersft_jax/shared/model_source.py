@@ -9,7 +9,6 @@ the loaders would send it to the hub, and the user would read "Repo id must be i
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT adapter directory
@@ -43,6 +42,7 @@ def is_adapter_dir(source: Any) -> bool:
 
 
 def is_peft_model(source: Any) -> bool:
-    """Whether ``source`` is a ``peft.PeftModel`` (peft is an optional extra: a PeftModel means it is imported)."""
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(source, peft.PeftModel)
+    """Whether ``source`` is a ``peft.PeftModel``, read from its class's bases (peft is an optional extra: nothing is
+    imported to answer)."""
+    return any(cls.__name__ == "PeftModel" and cls.__module__.split(".")[0] == "peft"
+               for cls in type(source).__mro__)
