@@ -34,16 +34,24 @@ from itersft_jax.core.train_step import (
 )
 from itersft_jax.core.trainable import split_trainable
 from itersft_jax.io.peft_io import attach_from_source, resolve_model_source
-from itersft_jax.io.weights import load_model, save_pretrained
+from itersft_jax.io.weights import load_model, resolve_model_dir, save_pretrained
 from itersft_jax.models import position_limit
 from itersft_jax.parallel import distributed
 from itersft_jax.parallel.mesh import BATCH_AXES, data_parallel_size, make_mesh
 from itersft_jax.shared.atomic_dir import check_model_target
 from itersft_jax.shared.config import resolve_config
-from itersft_jax.shared.data import bucket_length, collate, plan_updates, prepare_examples, warn_beyond_positions
+from itersft_jax.shared.data import (
+    bucket_length,
+    collate,
+    plan_updates,
+    prepare_examples,
+    training_pad_id,
+    warn_beyond_positions,
+)
 from itersft_jax.shared.datum import check_custom_output
-from itersft_jax.shared.fields import check_fields, enum_name, shuffle_seed
+from itersft_jax.shared.fields import check_fields, shuffle_seed
 from itersft_jax.shared.interrupts import deferred_interrupt
+from itersft_jax.shared.model_source import load_tokenizer
 from itersft_jax.shared.low_level import loss_inputs
 from itersft_jax.shared.shell import (
     TrainerShell,
@@ -89,8 +97,6 @@ class IterativeSFTTrainer(TrainerShell):
         check_trainer_arguments(processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
                                 peft_config=peft_config, eval_dataset=eval_dataset)
         check_optimizers(optimizers)
-        if enum_name(self.args.save_strategy) == "best":
-            raise ValueError("`save_strategy`='best' is not supported by the JAX engine; use 'steps' or 'epoch'")
         self.data_collator = data_collator
         self.eval_dataset = eval_dataset
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
@@ -117,7 +123,8 @@ class IterativeSFTTrainer(TrainerShell):
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             model_init_kwargs=init_kwargs, mesh=self.mesh)
         self._base_name = os.fspath(source.base) if isinstance(source.base, (str, os.PathLike)) else None
-        self.processing_class = processing_class if processing_class is not None else _load_tokenizer(model)
+        self.processing_class = (processing_class if processing_class is not None
+                                 else load_tokenizer(model, resolve=resolve_model_dir))
         # With LoRA only the adapters train (fp32); the frozen base is stored in the compute dtype (bf16 with
         # bf16=True: no fp32 master copy and no optimizer state for it).
         self.adapters = attach_from_source(module, self.config, source, seed=self.args.seed)
@@ -240,8 +247,7 @@ class IterativeSFTTrainer(TrainerShell):
         return jax.device_get(metrics)  # the host sync
 
     def _pad_id(self) -> int:
-        pad_id = getattr(self.processing_class, "pad_token_id", None)
-        return 0 if pad_id is None else int(pad_id)
+        return training_pad_id(self.processing_class)
 
     # ------------------------------------------------------------------------------------------------------
     # The low-level API's hooks (itersft_jax.shared.low_level)
@@ -572,24 +578,3 @@ def _create_sharded_state(params, frozen, tx, seed: int, mesh):
     params, frozen = jax.device_put((params, frozen), (param_sharding, shardings.frozen))
     state = jax.jit(create, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
     return state, shardings, param_sharding
-
-
-def _load_tokenizer(model):
-    from transformers import AutoTokenizer
-
-    from itersft_jax.shared.model_source import ADAPTER_CONFIG, is_adapter_dir
-
-    if is_adapter_dir(model) and not any(os.path.isfile(os.path.join(model, f))
-                                         for f in ("tokenizer.json", "tokenizer_config.json")):
-        import json
-
-        with open(os.path.join(model, ADAPTER_CONFIG)) as f:  # no tokenizer beside the adapter: the base's
-            model = json.load(f).get("base_model_name_or_path") or model
-    source = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
-    if not source:
-        raise ValueError("`processing_class` is required when the model object has no name_or_path")
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        return AutoTokenizer.from_pretrained(source)
-    from itersft_jax.io.weights import resolve_model_dir
-
-    return AutoTokenizer.from_pretrained(resolve_model_dir(source))

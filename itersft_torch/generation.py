@@ -17,20 +17,12 @@ from itersft_jax.shared.outputs import (
     GenerationOutput,
     check_generation_args,
     check_generation_positions,
+    default_eos_ids,
     eos_id_list,
+    generation_pad_id,
     prompt_rows,
 )
 from itersft_torch.distributed import release_gathered_parameters
-
-
-def _eos_ids(eos_token_id, tokenizer, config, vocab_size: int | None) -> list[int]:
-    """The given EOS ids, or the model config's plus the tokenizer's (as the JAX engine); at most MAX_EOS_IDS."""
-    if eos_token_id is not None:
-        return eos_id_list(eos_token_id, vocab_size)
-    ids = eos_id_list(getattr(config, "eos_token_id", None))
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids = eos_id_list([*ids, tokenizer.eos_token_id])
-    return ids
 
 
 def _root_parameters_gathered(trainer) -> contextlib.AbstractContextManager:
@@ -71,10 +63,8 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
     check_generation_positions(rows, max_new_tokens, trainer.position_limit,
                                "prompts" if prompts is not None else "input_ids")
 
-    eos = _eos_ids(eos_token_id, tokenizer, model.config, trainer.vocab_size)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if pad is not None else getattr(model.config, "pad_token_id", None)
-    pad = pad if pad is not None else (eos[0] if eos else 0)
+    eos = default_eos_ids(eos_token_id, tokenizer, model.config, trainer.vocab_size)
+    pad = generation_pad_id(tokenizer, model.config, eos)
     longest = max(len(r) for r in rows)
     device = next(model.parameters()).device
     ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows], device=device)

@@ -30,11 +30,12 @@ from itersft_jax.shared.data import (
     count_label_tokens,
     plan_updates,
     prepare_examples,
+    training_pad_id,
     warn_beyond_positions,
 )
 from itersft_jax.shared.datum import check_custom_output
 from itersft_jax.shared.fields import check_fields, enum_name, shuffle_seed
-from itersft_jax.shared.model_source import is_adapter_dir, is_peft_model
+from itersft_jax.shared.model_source import is_adapter_dir, is_peft_model, load_tokenizer
 from itersft_jax.shared.shell import (
     TrainerShell,
     UpdateRecord,
@@ -267,7 +268,8 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
 
             model = get_peft_model(model, peft_config)
         if processing_class is None:
-            processing_class = self._load_tokenizer(model, args)
+            processing_class = load_tokenizer(model, **{k: v for k, v in (args.model_init_kwargs or {}).items()
+                                                        if k in _CONFIG_KWARGS})
         optimizer, scheduler = optimizers
         if scheduler is not None and optimizer is None:
             raise ValueError("`optimizers` gives a scheduler without its optimizer; pass (optimizer, scheduler)")
@@ -321,18 +323,6 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         self.model_wrapped, self.optimizer = accelerator.prepare(self.model, self.optimizer)
         if self.is_fsdp_enabled:
             self.model = self.model_wrapped
-
-    @staticmethod
-    def _load_tokenizer(model: torch.nn.Module, args: IterativeSFTConfig):
-        from transformers import AutoTokenizer
-
-        path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
-        if not path:
-            logger.warning("no `processing_class` and the model has no name_or_path: step() takes `input_ids` "
-                           "only (texts and prompts/completions need a tokenizer)")
-            return None
-        kwargs = {k: v for k, v in (args.model_init_kwargs or {}).items() if k in _CONFIG_KWARGS}
-        return AutoTokenizer.from_pretrained(path, **kwargs)
 
     def _create_step_scheduler(self):
         """Trainer's schedule when ``max_steps > 0``; otherwise one that needs no total length."""
@@ -650,7 +640,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         return float(loss.detach()), metrics, logprobs.grad.cpu().numpy()
 
     def _pad_id(self) -> int:
-        return getattr(self.text_tokenizer, "pad_token_id", None) or 0
+        return training_pad_id(self.text_tokenizer)
 
     def _forward(self, model: torch.nn.Module, shard: list[Example], pad_id: int, train: bool = False):
         """Logits, labels and the number of input positions computed (padding included) of one micro-batch."""

@@ -36,7 +36,7 @@ from transformers import EvalPrediction
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerCallback
 
 from itersft_jax.shared.data import Example
-from itersft_jax.shared.fields import enum_name, input_token_stats
+from itersft_jax.shared.fields import counts_input_tokens, enum_name, input_token_stats
 from itersft_jax.shared.interrupts import deferred_interrupt
 from itersft_jax.shared.low_level import LowLevelAPI
 
@@ -322,7 +322,7 @@ class TrainerShell(LowLevelAPI):
         logs = dict(logs)
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
-        if enum_name(self.args.include_num_input_tokens_seen) not in ("no", "False"):
+        if counts_input_tokens(self.args):
             logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
