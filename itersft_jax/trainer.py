@@ -27,10 +27,11 @@ from itersft_jax.core.optim import check_optimizers, resolve_optimizer
 from itersft_jax.core.packing import first_fit_decreasing, pack_data, pack_update, rows_per_micro_batch
 from itersft_jax.core.train_step import (
     LowLevelSteps,
-    TrainState,
+    create_sharded_state,
+    jit_value_and_grad,
     make_eval_step,
+    make_logits_fn,
     make_train_step,
-    state_shardings,
 )
 from itersft_jax.core.trainable import split_trainable
 from itersft_jax.io.peft_io import attach_from_source, resolve_model_source
@@ -51,8 +52,8 @@ from itersft_jax.shared.data import (
 from itersft_jax.shared.datum import check_custom_output
 from itersft_jax.shared.fields import check_fields, shuffle_seed
 from itersft_jax.shared.interrupts import deferred_interrupt
-from itersft_jax.shared.model_source import load_tokenizer
 from itersft_jax.shared.low_level import loss_inputs
+from itersft_jax.shared.model_source import load_tokenizer
 from itersft_jax.shared.shell import (
     TrainerShell,
     UpdateRecord,
@@ -136,7 +137,7 @@ class IterativeSFTTrainer(TrainerShell):
 
         num_training_steps = self.args.max_steps if self.args.max_steps > 0 else None
         self.tx, self.schedule = resolve_optimizer(self.args, params, optimizers, num_training_steps)
-        self.train_state, self._state_sharding, self._param_sharding = _create_sharded_state(
+        self.train_state, self._state_sharding, self._param_sharding = create_sharded_state(
             params, frozen, self.tx, self.args.seed, self.mesh)
         # Public: the compiled pure step, `(train_state, batch) -> (train_state, metrics)`, that step() calls for
         # each update (batches placed with `batch_sharding`, called inside `precision()`) — for benchmarks and tools.
@@ -323,7 +324,7 @@ class IterativeSFTTrainer(TrainerShell):
                 raise TypeError(f"`fn` failed on logprobs of shape {logprobs_NL.shape} and inputs "
                                 f"{sorted(inputs)}: {type(err).__name__}: {err}"[:1000]) from err
             check_custom_output(out)
-            self._custom_fns[fn] = jax.jit(jax.value_and_grad(fn, has_aux=True))
+            self._custom_fns[fn] = jit_value_and_grad(fn)
         (loss, metrics), grad = self._custom_fns[fn](logprobs_NL, inputs)
         loss, metrics, grad = jax.device_get((loss, metrics, grad))
         return float(loss), {k: float(v) for k, v in (metrics or {}).items()}, np.asarray(grad)[:, :width]
@@ -356,15 +357,7 @@ class IterativeSFTTrainer(TrainerShell):
         ``[B, T, V]`` (or ``preprocess_logits_for_metrics(logits, labels)``) and labels ``[B, T]``, on the
         host as numpy. Rows are padded to the length ladder, so a few shapes compile."""
         if self._logits_fn is None:
-            from itersft_jax.models.attention.masks import positions_from_segments
-
-            graphdef = self.graphdef
-
-            def logits_fn(params, input_ids_BT, mask_BT):
-                model = nnx.merge(graphdef, params)
-                return model(input_ids_BT, positions_from_segments(mask_BT), mask_BT)[0]
-
-            self._logits_fn = jax.jit(logits_fn)
+            self._logits_fn = make_logits_fn(self.graphdef)
         rows = self.args.per_device_eval_batch_size * self._data_parallel
         for batch in self._eval_batches(examples, rows):
             length = self._bucket(max(len(ex.input_ids) for ex in batch), self.args.max_length)
@@ -565,16 +558,3 @@ class CallbackModel:
         """Parameters of the model (``only_trainable``: those the optimizer updates — with LoRA, the adapters)."""
         state = self.trainer.params if only_trainable else self.trainer.train_state.model_state()
         return sum(int(x.size) for x in jax.tree.leaves(state))
-
-
-def _create_sharded_state(params, frozen, tx, seed: int, mesh):
-    """``(train state, its shardings, the params' shardings)``: the parameters (and the frozen ones) moved to
-    their slices of the mesh, then the optimizer state created in place by one jitted init whose outputs are
-    sharded alike (no device ever holds a whole copy of the optimizer state)."""
-    def create(p, f):
-        return TrainState.create(p, tx, seed=seed, frozen=f)
-
-    shardings, param_sharding = state_shardings(jax.eval_shape(create, params, frozen), mesh)
-    params, frozen = jax.device_put((params, frozen), (param_sharding, shardings.frozen))
-    state = jax.jit(create, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
-    return state, shardings, param_sharding

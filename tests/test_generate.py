@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from compilations import count_compilations
 
 from itersft_jax import IterativeSFTConfig
-from itersft_jax.core.train_step import count_compilations
 from itersft_jax.sampler.generate import GenerationOutput, generate
 from itersft_jax.sampler.sampling import filter_logits
 from itersft_jax.sampler.static import cache_mask, generate_ids

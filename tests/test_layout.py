@@ -146,27 +146,3 @@ def test_state_is_passed_explicitly_below_the_trainers():
             if isinstance(node, ast.Attribute) and node.attr == "modules" and getattr(node.value, "id", "") == "sys":
                 broken.append(f"{path.relative_to(ROOT)}:{node.lineno}: sys.modules in the shared layer")
     assert not broken, "\n".join(broken)
-
-
-def test_old_flat_module_paths_still_import_the_moved_modules_with_a_warning():
-    """0.1's documented paths (``itersft_jax.weights``, ``itersft_jax.config``, ...) give the moved module itself
-    — one object, so a patch through either path is seen by both — with a DeprecationWarning naming the new path;
-    the moved module keeps its own identity (``__spec__``)."""
-    code = ("import warnings, importlib.util\n"
-            "warnings.simplefilter('error')\n"
-            "import itersft_jax.io.weights as new\n"
-            "warnings.simplefilter('always')\n"
-            "with warnings.catch_warnings(record=True) as seen:\n"
-            "    import itersft_jax.weights as old\n"
-            "    from itersft_jax.config import IterativeSFTConfig\n"
-            "assert old is new and new.__spec__.name == 'itersft_jax.io.weights', new.__spec__\n"
-            "assert IterativeSFTConfig.__module__ == 'itersft_jax.shared.config'\n"
-            "messages = [str(w.message) for w in seen if w.category is DeprecationWarning]\n"
-            "assert any('itersft_jax.io.weights' in m for m in messages), messages\n"
-            "from itersft_jax.moved import MOVED\n"
-            "for old_name, new_name in MOVED.items():\n"
-            "    assert importlib.util.find_spec('itersft_jax.' + new_name), new_name\n"
-            "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.stdout.strip() == "ok", out.stdout + out.stderr

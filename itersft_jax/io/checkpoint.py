@@ -82,9 +82,10 @@ def save_checkpoint(checkpoint_dir: str, train_state, counters: dict[str, Any], 
                     write_model: Callable[[str], Any], output_dir: str | None = None) -> str:
     """Write a full checkpoint to ``checkpoint_dir``, atomically (see the module docstring): ``write_model(dir)``
     writes the model files (a trainer passes its ``save_model``), ``train_state`` goes to orbax, ``counters`` (a
-    JSON-serializable dict with ``global_step``) beside them. An existing checkpoint there is replaced. A path that exists and is not a checkpoint or
-    state directory itersft wrote (nor an empty directory), the working directory and the directories above it or
-    above ``output_dir``, and a file are refused before anything is written (``atomic_dir.check_state_target``).
+    JSON-serializable dict with ``global_step``) beside them. An existing checkpoint there is replaced. A path that
+    exists and is not a checkpoint or state directory itersft wrote (nor an empty directory), the working directory
+    and the directories above it or above ``output_dir``, and a file are refused before anything is written
+    (``atomic_dir.check_state_target``).
 
     Several processes (``jax.distributed``): every process calls it with the same directory on a filesystem
     they share; each writes its own shards of the train state (orbax), process 0 the model files, counters and

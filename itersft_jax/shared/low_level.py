@@ -21,7 +21,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
@@ -244,6 +243,3 @@ def loss_inputs(data: list[Datum], loss_fn: str) -> list[Datum]:
     keys = LOSS_INPUTS.get(loss_fn, (TARGETS,))
     return [Datum(d.model_input, {k: d.loss_fn_inputs[k] for k in keys}) for d in data]
 
-
-def host_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()}
