@@ -1,10 +1,11 @@
-"""The JAX ``IterativeSFTTrainer``: a thin stateful shell around the pure ``train_step``.
+"""The JAX ``IterativeSFTTrainer``: the JAX engine (``shared.engine.Engine``) around the pure ``train_step``.
 
-The engine-independent half — statistics, the log / evaluate / save cadence, transformers' callback protocol,
-``evaluate()`` — is ``itersft_jax.shared.shell.TrainerShell``, shared with the PyTorch engine. This module adds what is
-particular to JAX: the host-side packing of each update, the one jitted ``train_step`` per update, and metrics
-that stay on the device until the shell needs them (a log, an evaluation, a checkpoint, or the end of the call),
-so the host never waits on the device between them.
+The engine-independent half — ``step()``'s call template, the per-update callback flow, statistics, the log / evaluate
+/ save cadence, the low-level API, ``evaluate()`` — is written once in ``itersft_jax.shared`` (``flow``, ``low_level``,
+``evaluation``, ``api``) and composed here. This module adds what is particular to JAX: the host-side packing of each
+update, the jitted functions of ``core.train_step`` per update, and metrics that stay on the device until the flow
+needs them (a log, an evaluation, a checkpoint, or the end of the call), so the host never waits on the device
+between them.
 """
 
 from __future__ import annotations
@@ -39,33 +40,22 @@ from itersft_jax.io.weights import load_model, resolve_model_dir, save_pretraine
 from itersft_jax.models import position_limit
 from itersft_jax.parallel import distributed
 from itersft_jax.parallel.mesh import BATCH_AXES, data_parallel_size, make_mesh
+from itersft_jax.shared.api import TrainerAPI
 from itersft_jax.shared.atomic_dir import check_model_target
 from itersft_jax.shared.config import resolve_config
-from itersft_jax.shared.data import (
-    bucket_length,
-    collate,
-    plan_updates,
-    prepare_examples,
-    training_pad_id,
-    warn_beyond_positions,
-)
+from itersft_jax.shared.data import bucket_length, collate, prepare_examples, training_pad_id
 from itersft_jax.shared.datum import check_custom_output
-from itersft_jax.shared.fields import check_fields, shuffle_seed
+from itersft_jax.shared.engine import Engine, PassResult, UpdateRecord, eval_batches
+from itersft_jax.shared.fields import check_fields
+from itersft_jax.shared.flow import check_trainer_arguments, make_callback_handler, validate_flow_args
 from itersft_jax.shared.interrupts import deferred_interrupt
 from itersft_jax.shared.low_level import loss_inputs
 from itersft_jax.shared.model_source import load_tokenizer
-from itersft_jax.shared.shell import (
-    TrainerShell,
-    UpdateRecord,
-    check_trainer_arguments,
-    make_callback_handler,
-    validate_shell_args,
-)
 
 logger = logging.getLogger(__name__)
 
 
-class IterativeSFTTrainer(TrainerShell):
+class IterativeSFTTrainer(TrainerAPI, Engine):
     """Iterative SFT on the JAX engine, with TRL's constructor signature (plus ``callbacks``).
 
     ``model``: a hub id, a local HF directory, or a ``transformers.PreTrainedModel`` (its weights are
@@ -78,12 +68,12 @@ class IterativeSFTTrainer(TrainerShell):
     the shared data layer pads. ``eval_dataset`` feeds ``evaluate()`` and ``eval_strategy``;
     ``compute_metrics`` / ``preprocess_logits_for_metrics`` work as in ``transformers.Trainer`` (see
     ``evaluate``). ``callbacks``: ``transformers.TrainerCallback`` instances or classes, run after the
-    ``report_to`` integrations (see ``itersft_jax.shared.shell`` for the events). Callbacks receive as ``model`` a
+    ``report_to`` integrations (see ``itersft_jax.shared.flow`` for the events). Callbacks receive as ``model`` a
     :class:`CallbackModel` (the HF config and the live parameters), as ``optimizer`` the optax transformation
     and as ``lr_scheduler`` the optax schedule.
     """
 
-    _metrics_on_host = False  # update metrics stay on the device until the shell syncs
+    metrics_on_host = False  # update metrics stay on the device until the flow syncs
 
     def __init__(self, model, args=None, data_collator=None, eval_dataset=None, processing_class=None,
                  optimizers=(None, None), preprocess_logits_for_metrics=None, compute_metrics=None, callbacks=None,
@@ -94,7 +84,7 @@ class IterativeSFTTrainer(TrainerShell):
             level = self.args.get_process_log_level()
             logging.getLogger("itersft_jax").setLevel(level)
             transformers_logging.set_verbosity(level)
-        validate_shell_args(self.args, eval_dataset)
+        validate_flow_args(self.args, eval_dataset)
         check_trainer_arguments(processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
                                 peft_config=peft_config, eval_dataset=eval_dataset)
         check_optimizers(optimizers)
@@ -174,11 +164,11 @@ class IterativeSFTTrainer(TrainerShell):
                                   train_batch_size=self.args.per_device_train_batch_size)
         self.state.compute_steps(self.args, max(self.args.max_steps, 0))
         self.control = TrainerControl()
-        self._init_shell()
+        self.compose()  # the flow, the low-level API (itersft_jax.shared.api)
         self.callback_handler = make_callback_handler(
             self.args, callbacks, model=CallbackModel(self), processing_class=self.processing_class,
             optimizer=self.tx, lr_scheduler=self.schedule)
-        self._check_eval_dataset()
+        self.flow.evaluator.check_dataset()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # ------------------------------------------------------------------------------------------------------
@@ -197,19 +187,16 @@ class IterativeSFTTrainer(TrainerShell):
     # ------------------------------------------------------------------------------------------------------
     # Training
 
-    def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None,
-             prompts=None, completions=None) -> dict[str, Any]:
-        """Train on one batch of samples; see the README's step() contract. Returns the call's ``StepStats``."""
-        self._refuse_while_pending("step()")
-        examples = self._prepare_examples(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
-            texts_labels=texts_labels, prompts=prompts, completions=completions)
-        warn_beyond_positions(examples, getattr(self.config, "max_position_embeddings", None), self)
-        updates = plan_updates(examples, micro_batch_size=self.micro_batch_size,
-                               gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-                               seed=shuffle_seed(self.args), call_index=self._calls)
-        # Every update of the call has one shape, [A, R, T]: its samples packed into rows of T tokens (see
-        # packing.py); A * R rows hold any update of micro_batch_size * accumulation samples.
+    def step_micro_batch_size(self) -> int:
+        return self.micro_batch_size
+
+    def config_positions(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
+
+    @contextlib.contextmanager
+    def training_call(self, updates):
+        """Every update of the call has one shape, [A, R, T]: its samples packed into rows of T tokens (see
+        packing.py); A * R rows hold any update of micro_batch_size * accumulation samples."""
         longest = max(len(ex.input_ids) for update in updates for mb in update for ex in mb)
         self._row_length = max(self._row_length, self._bucket(longest, self.args.max_length))
         rows = rows_per_micro_batch(self._row_length, self._data_parallel, self._rows_per_device)
@@ -225,9 +212,9 @@ class IterativeSFTTrainer(TrainerShell):
             # Computed tokens: micro-batches after the last one holding a token are skipped by the step.
             return UpdateRecord(metrics, input_tokens, used * rows * self._row_length)
 
-        return self._run_call(updates, run_update, samples=len(examples))
+        yield run_update
 
-    def _prepare_examples(self, **forms):
+    def prepare_examples(self, **forms):
         return prepare_examples(**forms, tokenizer=self.processing_class, max_length=self.args.max_length,
                                 truncation_mode=self.args.truncation_mode, vocab_size=self.config.vocab_size,
                                 max_positions=self.position_limit)
@@ -244,19 +231,19 @@ class IterativeSFTTrainer(TrainerShell):
         caps = [c for c in (max_length, self.position_limit) if c]
         return bucket_length(longest, min(caps) if caps else None)
 
-    def _fetch(self, metrics: list[dict]) -> list[dict]:
+    def fetch(self, metrics: list[dict]) -> list[dict]:
         return jax.device_get(metrics)  # the host sync
 
     def _pad_id(self) -> int:
         return training_pad_id(self.processing_class)
 
     # ------------------------------------------------------------------------------------------------------
-    # The low-level API's hooks (itersft_jax.shared.low_level)
+    # The low-level API's part of the engine (itersft_jax.shared.low_level)
 
-    def _datum_vocab_size(self) -> int:
+    def datum_vocab_size(self) -> int:
         return self.config.vocab_size
 
-    def _data_pass(self, data, loss_fn, config, backward):
+    def data_pass(self, data, loss_fn, config, backward, key_offset) -> PassResult:
         """Pack the data into rows of the bucketed length (``pack_data``), one jitted pass, logprobs unpacked."""
         data = loss_inputs(data, loss_fn)
         self._datum_row_length = max(self._datum_row_length, self._bucket(max(len(d) for d in data)))
@@ -268,7 +255,7 @@ class IterativeSFTTrainer(TrainerShell):
                                         pad_id=self._pad_id())
         batch = distributed.global_batch(batch, self.batch_sharding)
         key = tuple(sorted(config.items()))
-        commit = _nothing
+        result = PassResult(0.0, 0, [], used * rows * length)
         with self.precision():
             if backward:
                 # The accumulator is donated to the pass; a pending one goes in as a copy, so a pass that fails
@@ -278,22 +265,23 @@ class IterativeSFTTrainer(TrainerShell):
                     grads = self._low_level.zeros(self.train_state.params)
                 else:
                     grads = self._low_level.copy(self._grads)
-                offset = jnp.int32(self._pending.micro_batches if self._pending is not None else 0)
                 new_grads, out = self._low_level.forward_backward(loss_fn, key)(self.train_state, grads, batch,
-                                                                                offset)
+                                                                                jnp.int32(key_offset))
 
                 def commit():
                     self._grads = new_grads
-                    self._pending.micro_batches += num_micro
+
+                result.commit, result.micro_batches = commit, num_micro
             else:
                 out = self._low_level.forward(loss_fn, key)(self.train_state, batch)
         out = jax.device_get(out)
-        logprobs = [np.array(out["logprobs"][a, m, start:start + n]) for a, m, start, n in places]
-        return float(out["loss_sum"]), int(out["num_tokens"]), logprobs, used * rows * length, commit
+        result.logprobs = [np.array(out["logprobs"][a, m, start:start + n]) for a, m, start, n in places]
+        result.loss_sum, result.num_tokens = float(out["loss_sum"]), int(out["num_tokens"])
+        return result
 
-    def accumulated_gradients(self) -> dict[str, np.ndarray]:
-        """The gradients ``forward_backward`` accumulated since the last ``optim_step`` (summed, fp32), on the host
-        by Hugging Face parameter name (with LoRA: by the adapters' paths); empty when none are pending."""
+    def pending_gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradients (summed, fp32) on the host by Hugging Face parameter name (with LoRA: by the
+        adapters' paths)."""
         if self._grads is None:
             return {}
         grads = distributed.host_copy(nnx.to_pure_dict(self._grads))
@@ -304,7 +292,7 @@ class IterativeSFTTrainer(TrainerShell):
 
         return get_family(self.config.model_type).params_to_hf(grads, self.config)
 
-    def _apply_accumulated(self, loss_sum, num_tokens):
+    def apply_accumulated(self, loss_sum, num_tokens):
         with self.precision(), deferred_interrupt():  # the state is donated: replaced in the same breath
             self.train_state, metrics = self._low_level.optim_step(self.train_state, self._grads, loss_sum,
                                                                    num_tokens)
@@ -312,7 +300,7 @@ class IterativeSFTTrainer(TrainerShell):
         metrics = jax.device_get(metrics)
         return {k: float(metrics[k]) for k in ("grad_norm", "learning_rate", "skipped")}
 
-    def _value_and_grad(self, fn, logprobs_NL, inputs):
+    def value_and_grad(self, fn, logprobs_NL, inputs):
         width = logprobs_NL.shape[1]
         length = bucket_length(width)  # padded to the ladder: a few shapes, a few compilations
         pad = ((0, 0), (0, length - width))
@@ -330,9 +318,9 @@ class IterativeSFTTrainer(TrainerShell):
         return float(loss), {k: float(v) for k, v in (metrics or {}).items()}, np.asarray(grad)[:, :width]
 
     # ------------------------------------------------------------------------------------------------------
-    # Evaluation (the shell's evaluate() calls these)
+    # Evaluation (shared.evaluation calls these)
 
-    def _eval_loss(self, examples) -> tuple[float, int]:
+    def eval_loss(self, examples) -> tuple[float, int]:
         """Summed token cross-entropy and label tokens over ``examples``, packed like training updates."""
         if self._eval_step is None:
             self._eval_step = make_eval_step(self.graphdef, batch_sharding=self.batch_sharding,
@@ -352,14 +340,14 @@ class IterativeSFTTrainer(TrainerShell):
         host = jax.device_get(pending)
         return sum(float(m["loss_sum"]) for m in host), sum(int(m["num_tokens"]) for m in host)
 
-    def _eval_predictions(self, examples):
+    def eval_predictions(self, examples):
         """Per batch of ``per_device_eval_batch_size`` x devices samples (one per row, unpacked): the logits
         ``[B, T, V]`` (or ``preprocess_logits_for_metrics(logits, labels)``) and labels ``[B, T]``, on the
         host as numpy. Rows are padded to the length ladder, so a few shapes compile."""
         if self._logits_fn is None:
             self._logits_fn = make_logits_fn(self.graphdef)
         rows = self.args.per_device_eval_batch_size * self._data_parallel
-        for batch in self._eval_batches(examples, rows):
+        for batch in eval_batches(examples, rows):
             length = self._bucket(max(len(ex.input_ids) for ex in batch), self.args.max_length)
             arrays = {k: v[0] for k, v in collate([batch], pad_id=self._pad_id(), rows=rows, length=length).items()}
             with self.precision():
@@ -427,7 +415,7 @@ class IterativeSFTTrainer(TrainerShell):
             rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
         return path
 
-    def _save_for_flow(self) -> None:
+    def save_for_flow(self) -> None:
         """The checkpoint the cadence asked for; with ``push_to_hub`` its model files go to the Hub too."""
         hub = self._hub_pusher() if self.args.push_to_hub else None
         if hub is not None:
@@ -451,7 +439,7 @@ class IterativeSFTTrainer(TrainerShell):
     def save_state(self, path: str) -> str:
         """The low-level API's checkpoint: ``save_checkpoint(path)`` (weights, optimizer state, step, RNG key and
         counters; atomic and verified, ``itersft_jax.io.checkpoint``). Refused while gradients are pending."""
-        self._refuse_while_pending("save_state()")
+        self.flow.refuse_while_pending("save_state()")
         from itersft_jax.io.checkpoint import save_checkpoint
         from itersft_jax.shared.atomic_dir import check_state_target
 
@@ -461,7 +449,7 @@ class IterativeSFTTrainer(TrainerShell):
 
     def load_state(self, path: str) -> str:
         """Restore what :meth:`save_state` wrote (verified first); the run continues bit for bit."""
-        self._refuse_while_pending("load_state()")
+        self.flow.refuse_while_pending("load_state()")
         from itersft_jax.io.checkpoint import load_checkpoint
         from itersft_jax.shared.atomic_dir import check_state_source
 
@@ -518,22 +506,18 @@ class IterativeSFTTrainer(TrainerShell):
         return jax.default_matmul_precision(self.matmul_precision)
 
     # ------------------------------------------------------------------------------------------------------
-    # Counters (what a checkpoint keeps beside the train state)
+    # Counters (what a checkpoint keeps beside the train state) and the flow's other questions
 
-    def counters(self) -> dict[str, Any]:
-        """The shell's counters (``TrainerShell.counters``) plus the packed row lengths (they fix the summation
-        order)."""
-        return {**super().counters(), "row_length": self._row_length, "datum_row_length": self._datum_row_length}
+    def extra_counters(self) -> dict[str, Any]:
+        """The packed row lengths (they fix the summation order)."""
+        return {"row_length": self._row_length, "datum_row_length": self._datum_row_length}
 
-    def restore_counters(self, counters: dict[str, Any]) -> None:
-        """Set the counters from :meth:`counters`' output, so the next call continues where that one was."""
-        super().restore_counters(counters)
+    def restore_extra_counters(self, counters: dict[str, Any]) -> None:
         self._row_length = int(counters.get("row_length", 0))
         self._datum_row_length = int(counters.get("datum_row_length", 0))
 
-
-def _nothing() -> None:
-    """The commit of a pass that changes no state."""
+    def is_best_metric(self, metrics: dict[str, float]) -> bool:
+        raise NotImplementedError("save_strategy='best' is refused on the JAX engine (shared.fields)")
 
 
 class CallbackModel:

@@ -96,7 +96,7 @@ def test_shared_layer_and_torch_backend_import_no_jax_and_nothing_above_shared()
 
 @pytest.mark.parametrize("statement", ["import itersft_torch, itersft_torch.trainer",
                                        "import itersft_jax, itersft_jax.shared.config, itersft_jax.shared.data, "
-                                       "itersft_jax.shared.shell, itersft_jax.shared.outputs"])
+                                       "itersft_jax.shared.flow, itersft_jax.shared.api, itersft_jax.shared.outputs"])
 def test_importing_the_torch_backend_or_the_shared_layer_loads_no_jax(statement):
     code = f"import sys; {statement}; print(sorted(m for m in ('jax', 'flax', 'optax') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,

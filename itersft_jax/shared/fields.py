@@ -149,9 +149,9 @@ def _num_train_epochs_is_one(value) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # The table. Order: the installed transformers' TrainingArguments, then IterativeSFTConfig's own fields.
 
-_SHELL = "trainer shell: "  # JAX cadences and integrations kept by itersft_jax/trainer.py
+_SHELL = "trainer flow: "  # JAX cadences and integrations kept by itersft_jax/shared/flow.py
 _NO_DATALOADER = ("step() takes the samples of each call and evaluate() its samples or eval_dataset columns "
-                  "(shell.evaluate, both engines): there is no dataloader")
+                  "(shared.evaluation, both engines): there is no dataloader")
 _ONE_PROCESS = ("the JAX engine's processes run one program over every device (jax.distributed) and process 0 logs "
                 "and writes; there are no per-node replicas to configure")
 _TORCH_COMPILE_SETTING = each(not_applicable("torch.compile setting; XLA compiles the JAX steps"),
@@ -279,7 +279,7 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "eval_delay": each(honoured(_SHELL + "no evaluation before this update"),
                        honoured("no evaluation before this update")),
     "per_device_eval_batch_size": both(honoured("samples per evaluate() batch (x devices on JAX)")),
-    "prediction_loss_only": both(honoured("evaluate() skips compute_metrics (shell.evaluate)")),
+    "prediction_loss_only": both(honoured("evaluate() skips compute_metrics (shared.evaluation)")),
     "eval_on_start": both(refused("there is no start of training in step(): call trainer.evaluate() before the "
                                   "first step()")),
     "eval_do_concat_batches": both(refused("evaluate() always concatenates the batches' predictions for "
@@ -291,7 +291,7 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "save_only_model": each(refused("JAX checkpoints always hold the whole train state (exact resume); "
                                     "trainer.save_model() writes the model alone"),
                             honoured("Trainer._save_checkpoint")),
-    "save_strategy": each(honoured("checkpoint cadence (trainer shell); 'best' refused (no best-metric tracking)",
+    "save_strategy": each(honoured("checkpoint cadence (trainer flow); 'best' refused (no best-metric tracking)",
                                    lambda value, args, platform=None: "it has no best-metric tracking; use 'steps' "
                                    "or 'epoch'" if enum_name(value) == "best" else None),
                           honoured("checkpoint cadence; 'epoch' = end of each step() call")),
@@ -375,7 +375,7 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "optimize_device_cache": each(not_applicable("XLA's allocator has no cache to empty"),
                                   honoured("empties the accelerator cache after each step() call")),
     "backend": both(honoured("picks the engine (IterativeSFTTrainer facade)")),
-    "max_skipped_updates": both(honoured("raise after this many non-finite updates in a row (shell.py)")),
+    "max_skipped_updates": both(honoured("raise after this many non-finite updates in a row (shared.flow)")),
     "mesh": each(honoured("the device mesh: data / fsdp / expert / tensor axes (itersft_jax.parallel.mesh, "
                           "parallel.sharding)"),
                  refused("the torch backend's parallelism is set by its launcher (accelerate launch / torchrun, "
