@@ -49,7 +49,6 @@ from itersft_jax.shared.engine import Engine, PassResult, UpdateRecord, eval_bat
 from itersft_jax.shared.fields import check_fields
 from itersft_jax.shared.flow import check_trainer_arguments, make_callback_handler, validate_flow_args
 from itersft_jax.shared.interrupts import deferred_interrupt
-from itersft_jax.shared.low_level import loss_inputs
 from itersft_jax.shared.model_source import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -245,7 +244,6 @@ class IterativeSFTTrainer(TrainerAPI, Engine):
 
     def data_pass(self, data, loss_fn, config, backward, key_offset) -> PassResult:
         """Pack the data into rows of the bucketed length (``pack_data``), one jitted pass, logprobs unpacked."""
-        data = loss_inputs(data, loss_fn)
         self._datum_row_length = max(self._datum_row_length, self._bucket(max(len(d) for d in data)))
         length = self._datum_row_length
         rows = rows_per_micro_batch(length, self._data_parallel, self._rows_per_device)

@@ -130,10 +130,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def data_pass(self, data: list[Datum], loss_fn: str, config: dict[str, float], backward: bool,
                   key_offset: int) -> PassResult:
-        """One pass over checked data. With ``backward`` the gradient of the summed loss is computed (its random keys
-        numbered from ``key_offset``) but the accumulator is left as it was until ``PassResult.commit()``: a pass
-        that raises — a bad batch, an out-of-memory error, a Ctrl-C — changes nothing. ``loss_fn`` may also be
-        ``LOGPROBS_ONLY``: the logprobs alone (loss 0)."""
+        """One pass over checked data (reduced to the ``loss_fn_inputs`` that ``loss_fn`` reads). With ``backward``
+        the gradient of the summed loss is computed (its random keys numbered from ``key_offset``) but the
+        accumulator is left as it was until ``PassResult.commit()``: a pass that raises — a bad batch, an
+        out-of-memory error, a Ctrl-C — changes nothing. ``loss_fn`` may also be ``LOGPROBS_ONLY``: the logprobs
+        alone (loss 0)."""
 
     @abc.abstractmethod
     def apply_accumulated(self, loss_sum: float, num_tokens: int) -> dict[str, float]:

@@ -37,7 +37,7 @@ from itersft_jax.shared.datum import (
     loss_metrics,
     padded_inputs,
 )
-from itersft_jax.shared.engine import Engine
+from itersft_jax.shared.engine import Engine, PassResult
 from itersft_jax.shared.flow import PendingUpdate, TrainerFlow
 from itersft_jax.shared.interrupts import deferred_interrupt
 from itersft_jax.shared.outputs import MAX_RETURN_SEQUENCES
@@ -87,7 +87,7 @@ class LowLevelAPI:
         if not callable(fn):
             raise TypeError(f"`fn` must be callable, got {type(fn).__name__}")
         data = self._checked(data, (TARGETS,))
-        logprobs = self.engine.data_pass(data, LOGPROBS_ONLY, {}, backward=False, key_offset=0).logprobs
+        logprobs = self._data_pass(data, LOGPROBS_ONLY, {}, backward=False).logprobs
         inputs = padded_inputs(data)
         logprobs_NL = np.zeros(inputs["mask"].shape, np.float32)
         for i, lp in enumerate(logprobs):
@@ -137,19 +137,24 @@ class LowLevelAPI:
                 raise ValueError(f"`input_ids[{i}]` has {len(seq)} token: logprobs need a sequence of at least 2")
         check_positions([len(s) for s in sequences], self.engine.position_limit, "input_ids")
         data = [Datum(seq[:-1], {TARGETS: seq[1:]}) for seq in sequences]
-        return self.engine.data_pass(data, LOGPROBS_ONLY, {}, backward=False, key_offset=0).logprobs
+        return self._data_pass(data, LOGPROBS_ONLY, {}, backward=False).logprobs
 
     def accumulated_gradients(self) -> dict[str, np.ndarray]:
         """The gradients ``forward_backward`` accumulated since the last ``optim_step`` (summed), on the host by
         parameter name (JAX with LoRA: by the adapters' paths); empty when none are pending."""
         return {} if self.flow.pending is None else self.engine.pending_gradients()
 
+    def _data_pass(self, data: list[Datum], loss_fn: str, config: dict, backward: bool,
+                   key_offset: int = 0) -> PassResult:
+        """``Engine.data_pass`` of the data reduced to what ``loss_fn`` reads (other arrays need not travel)."""
+        return self.engine.data_pass(loss_inputs(data, loss_fn), loss_fn, config, backward, key_offset=key_offset)
+
     def _pass(self, data: list[Datum], loss_fn: str, config: dict, backward: bool) -> ForwardBackwardOutput:
         started = time.perf_counter()
         flow = self.flow
         # Random keys of this pass numbered after those of the passes already pending (from 0 when none is).
         offset = flow.pending.micro_batches if flow.pending is not None else 0
-        result = self.engine.data_pass(data, loss_fn, config, backward, key_offset=offset)
+        result = self._data_pass(data, loss_fn, config, backward, key_offset=offset)
         if backward:  # nothing changed so far: the accumulator and its bookkeeping change together here
             with deferred_interrupt():
                 if flow.pending is None:
