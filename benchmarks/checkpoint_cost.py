@@ -63,11 +63,11 @@ def main() -> None:
     save, hashing, verify, load, resume = [], [], [], [], []
     for _ in range(args.repeats):
         shutil.rmtree(path, ignore_errors=True)
-        save.append(timed(lambda: checkpoint.save_checkpoint(trainer, path)))
+        save.append(timed(lambda: trainer.save_checkpoint(path)))
         hashing.append(timed(lambda: checkpoint.hash_tree(path, skip=set(), fsync=True)))
         verify.append(timed(lambda: checkpoint.verify_checkpoint(path)))
-        load.append(timed(lambda: checkpoint.load_checkpoint(trainer, path, verify=False)))
-        resume.append(timed(lambda: checkpoint.load_checkpoint(trainer, path)))
+        load.append(timed(lambda: checkpoint.load_checkpoint(path, trainer.train_state, verify=False)))
+        resume.append(timed(lambda: checkpoint.load_checkpoint(path, trainer.train_state)))
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
     med = {name: statistics.median(v) for name, v in
            {"save": save, "hashing": hashing, "verify": verify, "load": load, "resume": resume}.items()}

@@ -23,11 +23,21 @@ if ROOT not in sys.path:  # the project importable without installing it (as on 
     sys.path.insert(0, ROOT)
 
 
-def offline():
-    """``tests/support/offline.py``: the offline tokenizer and tiny-model builders (no network)."""
+def support(name: str):
+    """A module of ``tests/support`` (the tests' own helpers, shared with the benchmarks)."""
     if SUPPORT not in sys.path:
         sys.path.insert(0, SUPPORT)
-    return importlib.import_module("offline")
+    return importlib.import_module(name)
+
+
+def offline():
+    """``tests/support/offline.py``: the offline tokenizer and tiny-model builders (no network)."""
+    return support("offline")
+
+
+def count_compilations(fun_name: str | None = "train_step"):
+    """``tests/support/compilations.py``'s counter of XLA compilations (a context manager)."""
+    return support("compilations").count_compilations(fun_name)
 
 
 def status_kib(field: str) -> int:

@@ -149,7 +149,7 @@ def _train_row(plan: Plan, rec: Recorder, trainer, hf_config, device: str, b: in
                api_steps: int = 0) -> bool:
     """One ``[b, t]`` row: ``train_step`` tokens/s, MFU, peak memory (the process's high-water mark: callers go
     from small to large shapes); with ``api_steps`` also a ``trainer.step()`` row. False when it did not run."""
-    from itersft_jax.core.train_step import count_compilations
+    from common import count_compilations
 
     label = f"{b} x {t}"
     common = dict(engine="jax", batch=b, seq=t, remat=trainer.model.remat or "no")  # the policy the model applies

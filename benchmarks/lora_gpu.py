@@ -79,12 +79,11 @@ def jax_worker(model: str, smoke: bool, remat: bool, b: int, t: int, rank: int, 
     from unittest import mock
 
     import numpy as np
-    from common import offline
+    from common import count_compilations, offline
     from gpu_jax import peak_gib, random_model_loader, time_train_step, update_batch
 
     import itersft_jax.trainer as trainer_module
     from itersft_jax import IterativeSFTConfig
-    from itersft_jax.core.train_step import count_compilations
     from itersft_jax.io.weights import jnp_dtype
 
     make_tokenizer = offline().make_tokenizer

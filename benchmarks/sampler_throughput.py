@@ -109,7 +109,7 @@ def run_transformers(hf, prompts, new_tokens, seed):
 
 def measure(name, fn, warmup=None):
     """Cold run (compilations counted; ``warmup`` instead when given: a short call), then the timed warm run."""
-    from itersft_jax.core.train_step import count_compilations
+    from common import count_compilations
 
     with count_compilations(None) as compiles:
         t0 = time.perf_counter()

@@ -2,16 +2,12 @@
 
 The package namespace is lazy: ``import itersft_jax`` (or ``itersft_jax.shared.config`` / ``itersft_jax.shared.data``)
 imports neither jax nor torch; the engines are imported when first used. The layers are sub-packages
-(``docs/architecture.md``); the module paths of 0.1's flat layout still import, with a ``DeprecationWarning``
-(``moved.py``).
+(``docs/architecture.md``).
 """
 
 from __future__ import annotations
 
-from itersft_jax import moved
 from itersft_jax._version import __version__
-
-moved.install()  # 0.1's flat module paths (itersft_jax.weights, ...) keep working, with a DeprecationWarning
 
 __all__ = ["Datum", "IterativeSFTConfig", "IterativeSFTTrainer", "JaxIterativeSFTTrainer", "__version__"]
 

@@ -1,10 +1,11 @@
-"""The JAX ``IterativeSFTTrainer``: a thin stateful shell around the pure ``train_step``.
+"""The JAX ``IterativeSFTTrainer``: the JAX engine (``shared.engine.Engine``) around the pure ``train_step``.
 
-The engine-independent half — statistics, the log / evaluate / save cadence, transformers' callback protocol,
-``evaluate()`` — is ``itersft_jax.shared.shell.TrainerShell``, shared with the PyTorch engine. This module adds what is
-particular to JAX: the host-side packing of each update, the one jitted ``train_step`` per update, and metrics
-that stay on the device until the shell needs them (a log, an evaluation, a checkpoint, or the end of the call),
-so the host never waits on the device between them.
+The engine-independent half — ``step()``'s call template, the per-update callback flow, statistics, the log / evaluate
+/ save cadence, the low-level API, ``evaluate()`` — is written once in ``itersft_jax.shared`` (``flow``, ``low_level``,
+``evaluation``, ``api``) and composed here. This module adds what is particular to JAX: the host-side packing of each
+update, the jitted functions of ``core.train_step`` per update, and metrics that stay on the device until the flow
+needs them (a log, an evaluation, a checkpoint, or the end of the call), so the host never waits on the device
+between them.
 """
 
 from __future__ import annotations
@@ -27,36 +28,33 @@ from itersft_jax.core.optim import check_optimizers, resolve_optimizer
 from itersft_jax.core.packing import first_fit_decreasing, pack_data, pack_update, rows_per_micro_batch
 from itersft_jax.core.train_step import (
     LowLevelSteps,
-    TrainState,
+    create_sharded_state,
+    jit_value_and_grad,
     make_eval_step,
+    make_logits_fn,
     make_train_step,
-    state_shardings,
 )
 from itersft_jax.core.trainable import split_trainable
 from itersft_jax.io.peft_io import attach_from_source, resolve_model_source
-from itersft_jax.io.weights import load_model, save_pretrained
+from itersft_jax.io.weights import load_model, resolve_model_dir, save_pretrained
 from itersft_jax.models import position_limit
 from itersft_jax.parallel import distributed
 from itersft_jax.parallel.mesh import BATCH_AXES, data_parallel_size, make_mesh
+from itersft_jax.shared.api import TrainerAPI
 from itersft_jax.shared.atomic_dir import check_model_target
 from itersft_jax.shared.config import resolve_config
-from itersft_jax.shared.data import bucket_length, collate, plan_updates, prepare_examples, warn_beyond_positions
+from itersft_jax.shared.data import bucket_length, collate, prepare_examples, training_pad_id
 from itersft_jax.shared.datum import check_custom_output
-from itersft_jax.shared.fields import check_fields, enum_name, shuffle_seed
+from itersft_jax.shared.engine import Engine, PassResult, UpdateRecord, eval_batches
+from itersft_jax.shared.fields import check_fields
+from itersft_jax.shared.flow import check_trainer_arguments, make_callback_handler, validate_flow_args
 from itersft_jax.shared.interrupts import deferred_interrupt
-from itersft_jax.shared.low_level import loss_inputs
-from itersft_jax.shared.shell import (
-    TrainerShell,
-    UpdateRecord,
-    check_trainer_arguments,
-    make_callback_handler,
-    validate_shell_args,
-)
+from itersft_jax.shared.model_source import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
-class IterativeSFTTrainer(TrainerShell):
+class IterativeSFTTrainer(TrainerAPI, Engine):
     """Iterative SFT on the JAX engine, with TRL's constructor signature (plus ``callbacks``).
 
     ``model``: a hub id, a local HF directory, or a ``transformers.PreTrainedModel`` (its weights are
@@ -69,12 +67,12 @@ class IterativeSFTTrainer(TrainerShell):
     the shared data layer pads. ``eval_dataset`` feeds ``evaluate()`` and ``eval_strategy``;
     ``compute_metrics`` / ``preprocess_logits_for_metrics`` work as in ``transformers.Trainer`` (see
     ``evaluate``). ``callbacks``: ``transformers.TrainerCallback`` instances or classes, run after the
-    ``report_to`` integrations (see ``itersft_jax.shared.shell`` for the events). Callbacks receive as ``model`` a
+    ``report_to`` integrations (see ``itersft_jax.shared.flow`` for the events). Callbacks receive as ``model`` a
     :class:`CallbackModel` (the HF config and the live parameters), as ``optimizer`` the optax transformation
     and as ``lr_scheduler`` the optax schedule.
     """
 
-    _metrics_on_host = False  # update metrics stay on the device until the shell syncs
+    metrics_on_host = False  # update metrics stay on the device until the flow syncs
 
     def __init__(self, model, args=None, data_collator=None, eval_dataset=None, processing_class=None,
                  optimizers=(None, None), preprocess_logits_for_metrics=None, compute_metrics=None, callbacks=None,
@@ -85,12 +83,10 @@ class IterativeSFTTrainer(TrainerShell):
             level = self.args.get_process_log_level()
             logging.getLogger("itersft_jax").setLevel(level)
             transformers_logging.set_verbosity(level)
-        validate_shell_args(self.args, eval_dataset)
+        validate_flow_args(self.args, eval_dataset)
         check_trainer_arguments(processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
                                 peft_config=peft_config, eval_dataset=eval_dataset)
         check_optimizers(optimizers)
-        if enum_name(self.args.save_strategy) == "best":
-            raise ValueError("`save_strategy`='best' is not supported by the JAX engine; use 'steps' or 'epoch'")
         self.data_collator = data_collator
         self.eval_dataset = eval_dataset
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
@@ -117,7 +113,8 @@ class IterativeSFTTrainer(TrainerShell):
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             model_init_kwargs=init_kwargs, mesh=self.mesh)
         self._base_name = os.fspath(source.base) if isinstance(source.base, (str, os.PathLike)) else None
-        self.processing_class = processing_class if processing_class is not None else _load_tokenizer(model)
+        self.processing_class = (processing_class if processing_class is not None
+                                 else load_tokenizer(model, resolve=resolve_model_dir))
         # With LoRA only the adapters train (fp32); the frozen base is stored in the compute dtype (bf16 with
         # bf16=True: no fp32 master copy and no optimizer state for it).
         self.adapters = attach_from_source(module, self.config, source, seed=self.args.seed)
@@ -129,7 +126,7 @@ class IterativeSFTTrainer(TrainerShell):
 
         num_training_steps = self.args.max_steps if self.args.max_steps > 0 else None
         self.tx, self.schedule = resolve_optimizer(self.args, params, optimizers, num_training_steps)
-        self.train_state, self._state_sharding, self._param_sharding = _create_sharded_state(
+        self.train_state, self._state_sharding, self._param_sharding = create_sharded_state(
             params, frozen, self.tx, self.args.seed, self.mesh)
         # Public: the compiled pure step, `(train_state, batch) -> (train_state, metrics)`, that step() calls for
         # each update (batches placed with `batch_sharding`, called inside `precision()`) — for benchmarks and tools.
@@ -166,11 +163,11 @@ class IterativeSFTTrainer(TrainerShell):
                                   train_batch_size=self.args.per_device_train_batch_size)
         self.state.compute_steps(self.args, max(self.args.max_steps, 0))
         self.control = TrainerControl()
-        self._init_shell()
+        self.compose()  # the flow, the low-level API (itersft_jax.shared.api)
         self.callback_handler = make_callback_handler(
             self.args, callbacks, model=CallbackModel(self), processing_class=self.processing_class,
             optimizer=self.tx, lr_scheduler=self.schedule)
-        self._check_eval_dataset()
+        self.flow.evaluator.check_dataset()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # ------------------------------------------------------------------------------------------------------
@@ -189,19 +186,16 @@ class IterativeSFTTrainer(TrainerShell):
     # ------------------------------------------------------------------------------------------------------
     # Training
 
-    def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None,
-             prompts=None, completions=None) -> dict[str, Any]:
-        """Train on one batch of samples; see the README's step() contract. Returns the call's ``StepStats``."""
-        self._refuse_while_pending("step()")
-        examples = self._prepare_examples(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
-            texts_labels=texts_labels, prompts=prompts, completions=completions)
-        warn_beyond_positions(examples, getattr(self.config, "max_position_embeddings", None), self)
-        updates = plan_updates(examples, micro_batch_size=self.micro_batch_size,
-                               gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-                               seed=shuffle_seed(self.args), call_index=self._calls)
-        # Every update of the call has one shape, [A, R, T]: its samples packed into rows of T tokens (see
-        # packing.py); A * R rows hold any update of micro_batch_size * accumulation samples.
+    def step_micro_batch_size(self) -> int:
+        return self.micro_batch_size
+
+    def config_positions(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
+
+    @contextlib.contextmanager
+    def training_call(self, updates):
+        """Every update of the call has one shape, [A, R, T]: its samples packed into rows of T tokens (see
+        packing.py); A * R rows hold any update of micro_batch_size * accumulation samples."""
         longest = max(len(ex.input_ids) for update in updates for mb in update for ex in mb)
         self._row_length = max(self._row_length, self._bucket(longest, self.args.max_length))
         rows = rows_per_micro_batch(self._row_length, self._data_parallel, self._rows_per_device)
@@ -217,9 +211,9 @@ class IterativeSFTTrainer(TrainerShell):
             # Computed tokens: micro-batches after the last one holding a token are skipped by the step.
             return UpdateRecord(metrics, input_tokens, used * rows * self._row_length)
 
-        return self._run_call(updates, run_update, samples=len(examples))
+        yield run_update
 
-    def _prepare_examples(self, **forms):
+    def prepare_examples(self, **forms):
         return prepare_examples(**forms, tokenizer=self.processing_class, max_length=self.args.max_length,
                                 truncation_mode=self.args.truncation_mode, vocab_size=self.config.vocab_size,
                                 max_positions=self.position_limit)
@@ -236,22 +230,20 @@ class IterativeSFTTrainer(TrainerShell):
         caps = [c for c in (max_length, self.position_limit) if c]
         return bucket_length(longest, min(caps) if caps else None)
 
-    def _fetch(self, metrics: list[dict]) -> list[dict]:
+    def fetch(self, metrics: list[dict]) -> list[dict]:
         return jax.device_get(metrics)  # the host sync
 
     def _pad_id(self) -> int:
-        pad_id = getattr(self.processing_class, "pad_token_id", None)
-        return 0 if pad_id is None else int(pad_id)
+        return training_pad_id(self.processing_class)
 
     # ------------------------------------------------------------------------------------------------------
-    # The low-level API's hooks (itersft_jax.shared.low_level)
+    # The low-level API's part of the engine (itersft_jax.shared.low_level)
 
-    def _datum_vocab_size(self) -> int:
+    def datum_vocab_size(self) -> int:
         return self.config.vocab_size
 
-    def _data_pass(self, data, loss_fn, config, backward):
+    def data_pass(self, data, loss_fn, config, backward, key_offset) -> PassResult:
         """Pack the data into rows of the bucketed length (``pack_data``), one jitted pass, logprobs unpacked."""
-        data = loss_inputs(data, loss_fn)
         self._datum_row_length = max(self._datum_row_length, self._bucket(max(len(d) for d in data)))
         length = self._datum_row_length
         rows = rows_per_micro_batch(length, self._data_parallel, self._rows_per_device)
@@ -261,7 +253,7 @@ class IterativeSFTTrainer(TrainerShell):
                                         pad_id=self._pad_id())
         batch = distributed.global_batch(batch, self.batch_sharding)
         key = tuple(sorted(config.items()))
-        commit = _nothing
+        result = PassResult(0.0, 0, [], used * rows * length)
         with self.precision():
             if backward:
                 # The accumulator is donated to the pass; a pending one goes in as a copy, so a pass that fails
@@ -271,22 +263,23 @@ class IterativeSFTTrainer(TrainerShell):
                     grads = self._low_level.zeros(self.train_state.params)
                 else:
                     grads = self._low_level.copy(self._grads)
-                offset = jnp.int32(self._pending.micro_batches if self._pending is not None else 0)
                 new_grads, out = self._low_level.forward_backward(loss_fn, key)(self.train_state, grads, batch,
-                                                                                offset)
+                                                                                jnp.int32(key_offset))
 
                 def commit():
                     self._grads = new_grads
-                    self._pending.micro_batches += num_micro
+
+                result.commit, result.micro_batches = commit, num_micro
             else:
                 out = self._low_level.forward(loss_fn, key)(self.train_state, batch)
         out = jax.device_get(out)
-        logprobs = [np.array(out["logprobs"][a, m, start:start + n]) for a, m, start, n in places]
-        return float(out["loss_sum"]), int(out["num_tokens"]), logprobs, used * rows * length, commit
+        result.logprobs = [np.array(out["logprobs"][a, m, start:start + n]) for a, m, start, n in places]
+        result.loss_sum, result.num_tokens = float(out["loss_sum"]), int(out["num_tokens"])
+        return result
 
-    def accumulated_gradients(self) -> dict[str, np.ndarray]:
-        """The gradients ``forward_backward`` accumulated since the last ``optim_step`` (summed, fp32), on the host
-        by Hugging Face parameter name (with LoRA: by the adapters' paths); empty when none are pending."""
+    def pending_gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradients (summed, fp32) on the host by Hugging Face parameter name (with LoRA: by the
+        adapters' paths)."""
         if self._grads is None:
             return {}
         grads = distributed.host_copy(nnx.to_pure_dict(self._grads))
@@ -297,7 +290,7 @@ class IterativeSFTTrainer(TrainerShell):
 
         return get_family(self.config.model_type).params_to_hf(grads, self.config)
 
-    def _apply_accumulated(self, loss_sum, num_tokens):
+    def apply_accumulated(self, loss_sum, num_tokens):
         with self.precision(), deferred_interrupt():  # the state is donated: replaced in the same breath
             self.train_state, metrics = self._low_level.optim_step(self.train_state, self._grads, loss_sum,
                                                                    num_tokens)
@@ -305,7 +298,7 @@ class IterativeSFTTrainer(TrainerShell):
         metrics = jax.device_get(metrics)
         return {k: float(metrics[k]) for k in ("grad_norm", "learning_rate", "skipped")}
 
-    def _value_and_grad(self, fn, logprobs_NL, inputs):
+    def value_and_grad(self, fn, logprobs_NL, inputs):
         width = logprobs_NL.shape[1]
         length = bucket_length(width)  # padded to the ladder: a few shapes, a few compilations
         pad = ((0, 0), (0, length - width))
@@ -317,15 +310,15 @@ class IterativeSFTTrainer(TrainerShell):
                 raise TypeError(f"`fn` failed on logprobs of shape {logprobs_NL.shape} and inputs "
                                 f"{sorted(inputs)}: {type(err).__name__}: {err}"[:1000]) from err
             check_custom_output(out)
-            self._custom_fns[fn] = jax.jit(jax.value_and_grad(fn, has_aux=True))
+            self._custom_fns[fn] = jit_value_and_grad(fn)
         (loss, metrics), grad = self._custom_fns[fn](logprobs_NL, inputs)
         loss, metrics, grad = jax.device_get((loss, metrics, grad))
         return float(loss), {k: float(v) for k, v in (metrics or {}).items()}, np.asarray(grad)[:, :width]
 
     # ------------------------------------------------------------------------------------------------------
-    # Evaluation (the shell's evaluate() calls these)
+    # Evaluation (shared.evaluation calls these)
 
-    def _eval_loss(self, examples) -> tuple[float, int]:
+    def eval_loss(self, examples) -> tuple[float, int]:
         """Summed token cross-entropy and label tokens over ``examples``, packed like training updates."""
         if self._eval_step is None:
             self._eval_step = make_eval_step(self.graphdef, batch_sharding=self.batch_sharding,
@@ -345,22 +338,14 @@ class IterativeSFTTrainer(TrainerShell):
         host = jax.device_get(pending)
         return sum(float(m["loss_sum"]) for m in host), sum(int(m["num_tokens"]) for m in host)
 
-    def _eval_predictions(self, examples):
+    def eval_predictions(self, examples):
         """Per batch of ``per_device_eval_batch_size`` x devices samples (one per row, unpacked): the logits
         ``[B, T, V]`` (or ``preprocess_logits_for_metrics(logits, labels)``) and labels ``[B, T]``, on the
         host as numpy. Rows are padded to the length ladder, so a few shapes compile."""
         if self._logits_fn is None:
-            from itersft_jax.models.attention.masks import positions_from_segments
-
-            graphdef = self.graphdef
-
-            def logits_fn(params, input_ids_BT, mask_BT):
-                model = nnx.merge(graphdef, params)
-                return model(input_ids_BT, positions_from_segments(mask_BT), mask_BT)[0]
-
-            self._logits_fn = jax.jit(logits_fn)
+            self._logits_fn = make_logits_fn(self.graphdef)
         rows = self.args.per_device_eval_batch_size * self._data_parallel
-        for batch in self._eval_batches(examples, rows):
+        for batch in eval_batches(examples, rows):
             length = self._bucket(max(len(ex.input_ids) for ex in batch), self.args.max_length)
             arrays = {k: v[0] for k, v in collate([batch], pad_id=self._pad_id(), rows=rows, length=length).items()}
             with self.precision():
@@ -422,12 +407,13 @@ class IterativeSFTTrainer(TrainerShell):
 
         if checkpoint_dir is None:
             checkpoint_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        path = save_checkpoint(self, checkpoint_dir)
+        path = save_checkpoint(checkpoint_dir, self.train_state, self.counters(), write_model=self.save_model,
+                               output_dir=self.args.output_dir)
         if distributed.is_main_process():
             rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
         return path
 
-    def _save_for_flow(self) -> None:
+    def save_for_flow(self) -> None:
         """The checkpoint the cadence asked for; with ``push_to_hub`` its model files go to the Hub too."""
         hub = self._hub_pusher() if self.args.push_to_hub else None
         if hub is not None:
@@ -443,24 +429,30 @@ class IterativeSFTTrainer(TrainerShell):
         where it was. Checkpoints are verified first (``itersft_jax.io.checkpoint``)."""
         from itersft_jax.io.checkpoint import resume_from_checkpoint
 
-        return resume_from_checkpoint(self, checkpoint_dir)
+        path, self.train_state, counters = resume_from_checkpoint(self.args.output_dir, self.train_state,
+                                                                  checkpoint_dir)
+        self.restore_counters(counters)
+        return path
 
     def save_state(self, path: str) -> str:
         """The low-level API's checkpoint: ``save_checkpoint(path)`` (weights, optimizer state, step, RNG key and
         counters; atomic and verified, ``itersft_jax.io.checkpoint``). Refused while gradients are pending."""
-        self._refuse_while_pending("save_state()")
+        self.flow.refuse_while_pending("save_state()")
         from itersft_jax.io.checkpoint import save_checkpoint
         from itersft_jax.shared.atomic_dir import check_state_target
 
-        return save_checkpoint(self, check_state_target(path, "path", output_dir=self.args.output_dir))
+        path = check_state_target(path, "path", output_dir=self.args.output_dir)
+        return save_checkpoint(path, self.train_state, self.counters(), write_model=self.save_model,
+                               output_dir=self.args.output_dir)
 
     def load_state(self, path: str) -> str:
         """Restore what :meth:`save_state` wrote (verified first); the run continues bit for bit."""
-        self._refuse_while_pending("load_state()")
+        self.flow.refuse_while_pending("load_state()")
         from itersft_jax.io.checkpoint import load_checkpoint
         from itersft_jax.shared.atomic_dir import check_state_source
 
-        load_checkpoint(self, check_state_source(path))
+        self.train_state, counters = load_checkpoint(check_state_source(path), self.train_state)
+        self.restore_counters(counters)
         return path
 
     def _hub_pusher(self):
@@ -491,11 +483,18 @@ class IterativeSFTTrainer(TrainerShell):
                                               revision=revision, private=private, blocking=blocking)
 
     def generate(self, *args, **kwargs):
-        """Sample completions with the current parameters; see ``itersft_jax.sampler.generate``."""
-        from itersft_jax.sampler.generate import generate
+        """Sample completions with the current parameters (no copy); see
+        ``itersft_jax.sampler.generate.generate_from_params`` for the arguments."""
+        from itersft_jax.sampler.generate import generate_from_params
 
-        with self.precision():
-            return generate(self, *args, **kwargs)
+        if kwargs.get("tokenizer") is None:
+            kwargs["tokenizer"] = self.processing_class
+        if kwargs.get("hf_config") is None:
+            kwargs["hf_config"] = self.config
+        with self.precision():  # the live params (LoRA: + base); unseeded calls counted by the trainer
+            return generate_from_params(self.graphdef, self.train_state.model_state(), *args,
+                                        base_seed=int(self.args.seed), next_call=self.next_generation_call,
+                                        mesh=self.mesh, **kwargs)
 
     def precision(self):
         """The matmul-precision context every device call of this trainer runs in (``"highest"`` for fp32 compute
@@ -505,22 +504,18 @@ class IterativeSFTTrainer(TrainerShell):
         return jax.default_matmul_precision(self.matmul_precision)
 
     # ------------------------------------------------------------------------------------------------------
-    # Counters (what a checkpoint keeps beside the train state)
+    # Counters (what a checkpoint keeps beside the train state) and the flow's other questions
 
-    def counters(self) -> dict[str, Any]:
-        """The shell's counters (``TrainerShell.counters``) plus the packed row lengths (they fix the summation
-        order)."""
-        return {**super().counters(), "row_length": self._row_length, "datum_row_length": self._datum_row_length}
+    def extra_counters(self) -> dict[str, Any]:
+        """The packed row lengths (they fix the summation order)."""
+        return {"row_length": self._row_length, "datum_row_length": self._datum_row_length}
 
-    def restore_counters(self, counters: dict[str, Any]) -> None:
-        """Set the counters from :meth:`counters`' output, so the next call continues where that one was."""
-        super().restore_counters(counters)
+    def restore_extra_counters(self, counters: dict[str, Any]) -> None:
         self._row_length = int(counters.get("row_length", 0))
         self._datum_row_length = int(counters.get("datum_row_length", 0))
 
-
-def _nothing() -> None:
-    """The commit of a pass that changes no state."""
+    def is_best_metric(self, metrics: dict[str, float]) -> bool:
+        raise NotImplementedError("save_strategy='best' is refused on the JAX engine (shared.fields)")
 
 
 class CallbackModel:
@@ -545,37 +540,3 @@ class CallbackModel:
         """Parameters of the model (``only_trainable``: those the optimizer updates — with LoRA, the adapters)."""
         state = self.trainer.params if only_trainable else self.trainer.train_state.model_state()
         return sum(int(x.size) for x in jax.tree.leaves(state))
-
-
-def _create_sharded_state(params, frozen, tx, seed: int, mesh):
-    """``(train state, its shardings, the params' shardings)``: the parameters (and the frozen ones) moved to
-    their slices of the mesh, then the optimizer state created in place by one jitted init whose outputs are
-    sharded alike (no device ever holds a whole copy of the optimizer state)."""
-    def create(p, f):
-        return TrainState.create(p, tx, seed=seed, frozen=f)
-
-    shardings, param_sharding = state_shardings(jax.eval_shape(create, params, frozen), mesh)
-    params, frozen = jax.device_put((params, frozen), (param_sharding, shardings.frozen))
-    state = jax.jit(create, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
-    return state, shardings, param_sharding
-
-
-def _load_tokenizer(model):
-    from transformers import AutoTokenizer
-
-    from itersft_jax.shared.model_source import ADAPTER_CONFIG, is_adapter_dir
-
-    if is_adapter_dir(model) and not any(os.path.isfile(os.path.join(model, f))
-                                         for f in ("tokenizer.json", "tokenizer_config.json")):
-        import json
-
-        with open(os.path.join(model, ADAPTER_CONFIG)) as f:  # no tokenizer beside the adapter: the base's
-            model = json.load(f).get("base_model_name_or_path") or model
-    source = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
-    if not source:
-        raise ValueError("`processing_class` is required when the model object has no name_or_path")
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        return AutoTokenizer.from_pretrained(source)
-    from itersft_jax.io.weights import resolve_model_dir
-
-    return AutoTokenizer.from_pretrained(resolve_model_dir(source))

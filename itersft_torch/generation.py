@@ -13,24 +13,9 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig
 
-from itersft_jax.shared.outputs import (
-    GenerationOutput,
-    check_generation_args,
-    check_generation_positions,
-    eos_id_list,
-    prompt_rows,
-)
+from itersft_jax.shared import outputs
+from itersft_jax.shared.outputs import GenerationOutput
 from itersft_torch.distributed import release_gathered_parameters
-
-
-def _eos_ids(eos_token_id, tokenizer, config, vocab_size: int | None) -> list[int]:
-    """The given EOS ids, or the model config's plus the tokenizer's (as the JAX engine); at most MAX_EOS_IDS."""
-    if eos_token_id is not None:
-        return eos_id_list(eos_token_id, vocab_size)
-    ids = eos_id_list(getattr(config, "eos_token_id", None))
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids = eos_id_list([*ids, tokenizer.eos_token_id])
-    return ids
 
 
 def _root_parameters_gathered(trainer) -> contextlib.AbstractContextManager:
@@ -59,22 +44,20 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
     ``seed=None`` draws fresh samples on every call (a per-trainer counter folded into ``args.seed``);
     a fixed seed reproduces them.
     """
-    check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                          top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, seed=seed,
-                          return_text=return_text, return_logprobs=return_logprobs)
+    outputs.check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, seed=seed,
+                                  return_text=return_text, return_logprobs=return_logprobs)
     tokenizer = trainer.text_tokenizer
     model = trainer.accelerator.unwrap_model(trainer.model)
     if eos_token_id is not None:
-        eos_id_list(eos_token_id, trainer.vocab_size)  # refused before the prompts are tokenized
-    rows = prompt_rows(prompts, input_ids, tokenizer, vocab_size=trainer.vocab_size,
-                       no_tokenizer_hint="pass `processing_class` to the trainer")
-    check_generation_positions(rows, max_new_tokens, trainer.position_limit,
-                               "prompts" if prompts is not None else "input_ids")
+        outputs.eos_id_list(eos_token_id, trainer.vocab_size)  # refused before the prompts are tokenized
+    rows = outputs.prompt_rows(prompts, input_ids, tokenizer, vocab_size=trainer.vocab_size,
+                               no_tokenizer_hint="pass `processing_class` to the trainer")
+    outputs.check_generation_positions(rows, max_new_tokens, trainer.position_limit,
+                                       "prompts" if prompts is not None else "input_ids")
 
-    eos = _eos_ids(eos_token_id, tokenizer, model.config, trainer.vocab_size)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if pad is not None else getattr(model.config, "pad_token_id", None)
-    pad = pad if pad is not None else (eos[0] if eos else 0)
+    eos = outputs.default_eos_ids(eos_token_id, tokenizer, model.config, trainer.vocab_size)
+    pad = outputs.generation_pad_id(tokenizer, model.config, eos)
     longest = max(len(r) for r in rows)
     device = next(model.parameters()).device
     ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows], device=device)

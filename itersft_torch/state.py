@@ -1,7 +1,7 @@
 """``save_state`` / ``load_state`` on the PyTorch engine: the whole training state, atomic and verified.
 
 A state directory holds ``torch_state.pt`` (the model's ``state_dict``, the optimizer's and the schedule's, torch's
-RNG states — CPU and CUDA —, the fp16 grad scaler's), ``itersft_state.json`` (the shell's counters: global step,
+RNG states — CPU and CUDA —, the fp16 grad scaler's), ``itersft_state.json`` (the flow's counters: global step,
 step() calls that seed the shuffle, log history, tokens seen) and the manifest, written last, with the size and
 SHA-256 of both (``itersft_jax.shared.atomic_dir``, the protocol of the JAX engine's checkpoints): written into a
 temporary beside ``path``, fsynced, renamed. A process killed during a save leaves the previous state or the new one,

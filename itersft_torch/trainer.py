@@ -4,8 +4,10 @@ One ``step()`` call: validate and prepare the samples (``data.prepare_examples``
 (``data.plan_updates``, the very plan the JAX engine gets), then per update accumulate the gradient of the
 summed token cross-entropy over its micro-batches, divided once by the update's label-token count, clip,
 and step the optimizer and the schedule — or skip the update when its loss or gradient norm is not finite.
-Statistics, the log / evaluate / save cadence and the callback flow are ``itersft_jax.shared.shell.TrainerShell``,
-shared with the JAX engine. Never imports jax.
+The engine protocol (``itersft_jax.shared.engine.Engine``) is implemented here; ``step()``'s call template,
+statistics, the log / evaluate / save cadence, the callback flow and the low-level API are written once in
+``itersft_jax.shared`` (``flow``, ``low_level``, ``evaluation``, ``api``) and shared with the JAX engine. Never imports
+jax.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
+from itersft_jax.shared.api import TrainerAPI
 from itersft_jax.shared.atomic_dir import check_model_target
 from itersft_jax.shared.config import IterativeSFTConfig, resolve_config
 from itersft_jax.shared.data import (
@@ -28,20 +31,14 @@ from itersft_jax.shared.data import (
     Example,
     collate,
     count_label_tokens,
-    plan_updates,
     prepare_examples,
-    warn_beyond_positions,
+    training_pad_id,
 )
 from itersft_jax.shared.datum import check_custom_output
-from itersft_jax.shared.fields import check_fields, enum_name, shuffle_seed
-from itersft_jax.shared.model_source import is_adapter_dir, is_peft_model
-from itersft_jax.shared.shell import (
-    TrainerShell,
-    UpdateRecord,
-    check_trainer_arguments,
-    make_callback_handler,
-    validate_shell_args,
-)
+from itersft_jax.shared.engine import Engine, PassResult, UpdateRecord, eval_batches
+from itersft_jax.shared.fields import check_fields, enum_name
+from itersft_jax.shared.flow import check_trainer_arguments, make_callback_handler, validate_flow_args
+from itersft_jax.shared.model_source import is_adapter_dir, is_peft_model, load_tokenizer
 from itersft_torch import moe
 from itersft_torch.distributed import check_distributed_setup, check_same_samples, release_gathered_parameters
 from itersft_torch.features import StepFeatures
@@ -206,7 +203,7 @@ class _RouterOutputs(NamedTuple):
 # The trainer
 
 
-class IterativeSFTTrainer(TrainerShell, Trainer):
+class IterativeSFTTrainer(TrainerAPI, Engine, Trainer):
     """TRL's ``IterativeSFTTrainer`` on ``transformers.Trainer``: the user's loop owns the data and calls
     ``step(...)`` with each batch that survived generation and filtering.
 
@@ -214,7 +211,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
     LM when its config is encoder-decoder), a ``PreTrainedModel`` or a ``peft.PeftModel``.
     ``processing_class`` defaults to ``AutoTokenizer`` of the model's ``name_or_path``; it is read, never
     changed. ``data_collator`` is unused (the shared data layer batches); ``eval_dataset``, ``compute_metrics``,
-    ``preprocess_logits_for_metrics`` and ``callbacks`` work as on the JAX engine (``itersft_jax.shared.shell``).
+    ``preprocess_logits_for_metrics`` and ``callbacks`` work as on the JAX engine (``itersft_jax.shared.flow``).
     ``optimizers`` replaces the optimizer and/or the schedule (default: ``Trainer``'s optimizer with its
     weight-decay mask).
 
@@ -244,7 +241,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
     ):
         args = resolve_config(args)
         check_fields(args, "torch")
-        validate_shell_args(args, eval_dataset)
+        validate_flow_args(args, eval_dataset)
         check_trainer_arguments(processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
                                 peft_config=peft_config, eval_dataset=eval_dataset)
         _check_torch_optimizers(optimizers)
@@ -267,7 +264,8 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
 
             model = get_peft_model(model, peft_config)
         if processing_class is None:
-            processing_class = self._load_tokenizer(model, args)
+            processing_class = load_tokenizer(model, **{k: v for k, v in (args.model_init_kwargs or {}).items()
+                                                        if k in _CONFIG_KWARGS})
         optimizer, scheduler = optimizers
         if scheduler is not None and optimizer is None:
             raise ValueError("`optimizers` gives a scheduler without its optimizer; pass (optimizer, scheduler)")
@@ -296,14 +294,14 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         self.state.max_steps = max(args.max_steps, 0)
         self.state.train_batch_size = args.per_device_train_batch_size
         self.state.compute_steps(args, max(args.max_steps, 0))
-        self._init_shell()
-        # The shell's handler replaces Trainer's: the step()-driven flow rules instead of DefaultFlowCallback,
+        self.compose()  # the flow, the low-level API (itersft_jax.shared.api)
+        # The flow's handler replaces Trainer's: the step()-driven flow rules instead of DefaultFlowCallback,
         # and no progress/printer callback (step() shows its own bar), so both engines run the same callbacks.
         self.callback_handler = make_callback_handler(
             args, callbacks, model=self.model, processing_class=self.processing_class, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler)
         self._accelerate_state = _accelerate_state_snapshot()
-        self._check_eval_dataset()
+        self.flow.evaluator.check_dataset()
         self.control = self.callback_handler.on_init_end(args, self.state, self.control)
 
     def _prepare_model_and_optimizer(self) -> None:
@@ -321,18 +319,6 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         self.model_wrapped, self.optimizer = accelerator.prepare(self.model, self.optimizer)
         if self.is_fsdp_enabled:
             self.model = self.model_wrapped
-
-    @staticmethod
-    def _load_tokenizer(model: torch.nn.Module, args: IterativeSFTConfig):
-        from transformers import AutoTokenizer
-
-        path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
-        if not path:
-            logger.warning("no `processing_class` and the model has no name_or_path: step() takes `input_ids` "
-                           "only (texts and prompts/completions need a tokenizer)")
-            return None
-        kwargs = {k: v for k, v in (args.model_init_kwargs or {}).items() if k in _CONFIG_KWARGS}
-        return AutoTokenizer.from_pretrained(path, **kwargs)
 
     def _create_step_scheduler(self):
         """Trainer's schedule when ``max_steps > 0``; otherwise one that needs no total length."""
@@ -409,39 +395,30 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             self._position_limit = min(limits) if limits else None
         return self._position_limit
 
-    def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None,
-             prompts=None, completions=None) -> dict[str, float]:
-        """Train on one batch of samples; returns the call's ``StepStats`` (see ``itersft_jax.shared.shell``).
+    def step_micro_batch_size(self) -> int:
+        return self.args.per_device_train_batch_size * self.accelerator.num_processes
 
-        Exactly one input form: ``input_ids`` (+ ``attention_mask``, ``labels`` with -100 = no loss),
-        ``texts`` (+ ``texts_labels`` as decoder targets for encoder-decoder models), or ``prompts`` +
-        ``completions`` (loss on completion + EOS). Everything is validated before any state changes. The
-        samples are shuffled and cut into updates of ``per_device_train_batch_size`` x
-        ``gradient_accumulation_steps``; each update's loss is its token-weighted mean cross-entropy.
-        """
-        self._refuse_while_pending("step()")
-        args = self.args
-        examples = self._prepare_examples(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, texts=texts,
-            texts_labels=texts_labels, prompts=prompts, completions=completions)
+    def config_positions(self) -> int | None:
         config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
-        warn_beyond_positions(examples, getattr(config, "max_position_embeddings", None), self)
-        world = self.accelerator.num_processes
-        updates = plan_updates(examples, micro_batch_size=args.per_device_train_batch_size * world,
-                               gradient_accumulation_steps=args.gradient_accumulation_steps, seed=shuffle_seed(args),
-                               call_index=self._calls)
+        return getattr(config, "max_position_embeddings", None)
+
+    @contextlib.contextmanager
+    def training_call(self, updates):
+        """The model in training mode for the call's updates, then back in the mode the caller left it (generation
+        between calls runs in it)."""
+        del updates  # each update is planned in full
         model = self.model_wrapped
         was_training = model.training
         self.is_in_train = True
         try:
-            return self._run_call(updates, lambda update: self._update(model, update), samples=len(examples))
+            yield lambda update: self._update(model, update)
         finally:
             self.is_in_train = False
-            model.train(was_training)  # generation between calls runs in the mode the caller left
-            if args.optimize_device_cache:
+            model.train(was_training)
+            if self.args.optimize_device_cache:
                 _clear_device_cache()
 
-    def _prepare_examples(self, **forms) -> list[Example]:
+    def prepare_examples(self, **forms) -> list[Example]:
         self._restore_accelerate_state()
         examples = prepare_examples(**forms, tokenizer=self.text_tokenizer, max_length=self.args.max_length,
                                     truncation_mode=self.args.truncation_mode, vocab_size=self.vocab_size,
@@ -450,7 +427,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             check_same_samples(self.accelerator, examples)
         return examples
 
-    def _fetch(self, metrics: list[dict]) -> list[dict]:
+    def fetch(self, metrics: list[dict]) -> list[dict]:
         return metrics  # already on the host
 
     def _update(self, model: torch.nn.Module, micro_batches: list[list[Example]]) -> UpdateRecord:
@@ -555,12 +532,12 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         return float(lr), skipped
 
     # ------------------------------------------------------------------------------------------------------
-    # The low-level API's hooks (itersft_jax.shared.low_level)
+    # The low-level API's part of the engine (itersft_jax.shared.low_level)
 
-    def _datum_vocab_size(self) -> int | None:
+    def datum_vocab_size(self) -> int | None:
         return self.vocab_size
 
-    def _data_pass(self, data, loss_fn, config, backward):
+    def data_pass(self, data, loss_fn, config, backward, key_offset) -> PassResult:
         """Micro-batches of ``per_device_train_batch_size`` data, right-padded; the logits' fp32 log-softmax gives
         each target's logprob, the loss formula is ``builtin_loss`` (``itersft_torch.rl_losses``)."""
         self._restore_accelerate_state()
@@ -619,24 +596,21 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             raise
         finally:
             model.train(was_training)
-        return loss_sum, count, logprobs, padded, commit
+        return PassResult(loss_sum, count, logprobs, padded, commit)
 
-    def accumulated_gradients(self) -> dict[str, np.ndarray]:
-        """The gradients ``forward_backward`` accumulated since the last ``optim_step`` (summed), on the host by
-        parameter name; empty when none are pending."""
-        if self._pending is None:
-            return {}
+    def pending_gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradients (summed) on the host by parameter name."""
         model = self.accelerator.unwrap_model(self.model)
         return {name: p.grad.detach().float().cpu().numpy() for name, p in model.named_parameters()
                 if p.grad is not None}
 
-    def _apply_accumulated(self, loss_sum, num_tokens):
+    def apply_accumulated(self, loss_sum, num_tokens):
         self._restore_accelerate_state()
         grad_norm = self._clipped_grad_norm(self.model_wrapped)
         lr, skipped = self._optimizer_update(loss_sum, grad_norm)
         return {"grad_norm": grad_norm, "learning_rate": lr, "skipped": float(skipped)}
 
-    def _value_and_grad(self, fn, logprobs_NL, inputs):
+    def value_and_grad(self, fn, logprobs_NL, inputs):
         device = self.accelerator.device
         logprobs = torch.tensor(logprobs_NL, device=device, requires_grad=True)
         out = fn(logprobs, {k: torch.from_numpy(v).to(device) for k, v in inputs.items()})
@@ -650,7 +624,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         return float(loss.detach()), metrics, logprobs.grad.cpu().numpy()
 
     def _pad_id(self) -> int:
-        return getattr(self.text_tokenizer, "pad_token_id", None) or 0
+        return training_pad_id(self.text_tokenizer)
 
     def _forward(self, model: torch.nn.Module, shard: list[Example], pad_id: int, train: bool = False):
         """Logits, labels and the number of input positions computed (padding included) of one micro-batch."""
@@ -683,17 +657,26 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         self._restore_accelerate_state()
         output_dir = check_model_target(self.args.output_dir if output_dir is None else output_dir, "output_dir",
                                         output_dir=self.args.output_dir)
-        Trainer.save_model(self, output_dir, _internal_call=_internal_call)  # not the shell's abstract one
+        Trainer.save_model(self, output_dir, _internal_call=_internal_call)
         self.accelerator.wait_for_everyone()
 
-    def _save_for_flow(self) -> None:
+    def save_for_flow(self) -> None:
         self._save_checkpoint(self.model_wrapped, trial=None)  # Trainer's: pushes to the Hub with push_to_hub
         self.accelerator.wait_for_everyone()  # on_save callbacks see the whole checkpoint on every process
+
+    def is_best_metric(self, metrics: dict[str, float]) -> bool:
+        return self._determine_best_metric(metrics=metrics, trial=None)  # Trainer's, which records the best
+
+    def extra_counters(self) -> dict[str, Any]:
+        return {}
+
+    def restore_extra_counters(self, counters: dict[str, Any]) -> None:
+        """The PyTorch engine keeps no counters of its own."""
 
     def save_state(self, path: str) -> str:
         """Weights, optimizer and schedule state, RNG and counters, atomically (``itersft_torch.state``): a later
         :meth:`load_state` continues bit for bit. Refused while gradients are pending."""
-        self._refuse_while_pending("save_state()")
+        self.flow.refuse_while_pending("save_state()")
         self._restore_accelerate_state()
         from itersft_torch.state import save_state
 
@@ -701,14 +684,14 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
 
     def load_state(self, path: str) -> str:
         """Restore what :meth:`save_state` wrote (verified first)."""
-        self._refuse_while_pending("load_state()")
+        self.flow.refuse_while_pending("load_state()")
         self._restore_accelerate_state()
         from itersft_torch.state import load_state
 
         return load_state(self, path)
 
     # ------------------------------------------------------------------------------------------------------
-    # Evaluation (the shell's evaluate() calls these)
+    # Evaluation (shared.evaluation calls these)
 
     def _eval_forwards(self, examples: list[Example]):
         """(logits, labels) per batch of ``per_device_eval_batch_size`` samples, in eval mode, without gradients."""
@@ -717,7 +700,7 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
         model.eval()
         try:
             with torch.no_grad():
-                for batch in self._eval_batches(examples, self.args.per_device_eval_batch_size):
+                for batch in eval_batches(examples, self.args.per_device_eval_batch_size):
                     logits, labels, _ = self._forward(model, batch, self._pad_id())
                     yield logits, labels
         finally:
@@ -725,14 +708,14 @@ class IterativeSFTTrainer(TrainerShell, Trainer):
             if self.is_fsdp_enabled:
                 release_gathered_parameters(model)
 
-    def _eval_loss(self, examples: list[Example]) -> tuple[float, int]:
+    def eval_loss(self, examples: list[Example]) -> tuple[float, int]:
         smoothing = self.args.label_smoothing_factor
         loss_sum = sum(float(summed_token_ce(logits, labels, shift=not self.is_encoder_decoder,
                                              label_smoothing=smoothing))
                        for logits, labels in self._eval_forwards(examples))
         return loss_sum, _label_tokens(examples, self.is_encoder_decoder)
 
-    def _eval_predictions(self, examples: list[Example]):
+    def eval_predictions(self, examples: list[Example]):
         for logits, labels in self._eval_forwards(examples):
             if self.preprocess_logits_for_metrics is not None:
                 logits = self.preprocess_logits_for_metrics(logits, labels)

@@ -85,9 +85,9 @@ def test_checkpoint_helpers(tmp_path, tiny_model_dir):
 
     trainer = _trainer(tiny_model_dir("llama"), tmp_path / "t")
     with pytest.raises(CheckpointError, match=f"checkpoint-12 is incomplete: it has no {MANIFEST_FILE}"):
-        load_checkpoint(trainer, str(tmp_path / "checkpoint-12"))
+        load_checkpoint(str(tmp_path / "checkpoint-12"), trainer.train_state)
     with pytest.raises(CheckpointError, match=f"checkpoint-10: {MANIFEST_FILE} is not an itersft manifest"):
-        load_checkpoint(trainer, str(tmp_path / "checkpoint-10"))
+        load_checkpoint(str(tmp_path / "checkpoint-10"), trainer.train_state)
     with pytest.raises(ValueError, match="resume_from_checkpoint.*no checkpoint-N"):
         trainer.resume_from_checkpoint()
 

@@ -1,7 +1,7 @@
 """The trainer contract, written once and run for both engines (tiny Llama, offline, CPU, fp32).
 
 Input forms, bad input leaving every piece of state bit-identical, the statistics, the log / evaluate / save
-cadence, the callback events, the non-finite guard and the max_steps warning: what ``itersft_jax.shared.shell`` promises
+cadence, the callback events, the non-finite guard and the max_steps warning: what ``itersft_jax.shared.flow`` promises
 for both ``IterativeSFTTrainer`` engines. Engine-specific behaviour is tested in test_jax_trainer.py and
 test_torch_backend.py.
 """
@@ -21,7 +21,7 @@ from engines import make_trainer
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from itersft_jax import IterativeSFTConfig
-from itersft_jax.shared.shell import StepStats
+from itersft_jax.shared.flow import StepStats
 from itersft_torch import IterativeSFTTrainer as TorchTrainer
 
 BACKENDS = ["jax", "torch"]
@@ -236,7 +236,7 @@ def test_max_steps_warns_once_and_holds_the_final_lr(backend, llama_dir, tokeniz
     the schedule is exhausted, and the LR stays at its final value (cosine would otherwise climb again)."""
     trainer = make_trainer(backend, llama_dir, tokenizer, tmp_path / backend, fast=True, per_device_train_batch_size=4,
                            max_steps=2, lr_scheduler_type="cosine")
-    caplog.set_level(logging.WARNING, logger="itersft_jax.shared.shell")
+    caplog.set_level(logging.WARNING, logger="itersft_jax.shared.flow")
     lrs = [trainer.step(texts=TEXTS[:4])["learning_rate"] for _ in range(4)]
     assert lrs == pytest.approx([1e-3, 5e-4, 0.0, 0.0], abs=1e-9)
     assert sum("max_steps=2 updates reached" in r.message for r in caplog.records) == 1
@@ -260,7 +260,7 @@ def test_non_finite_updates_are_skipped(backend, inf_weight_dir, tokenizer, tmp_
     bit-identical), counted in `skipped_updates` and warned about; `max_skipped_updates` raises after N in a row."""
     trainer = make_trainer(backend, inf_weight_dir, tokenizer, tmp_path / backend, fast=True)
     before = snapshot(trainer)
-    caplog.set_level(logging.WARNING, logger="itersft_jax.shared.shell")
+    caplog.set_level(logging.WARNING, logger="itersft_jax.shared.flow")
     stats = trainer.step(texts=TEXTS[:4])
     assert (stats["skipped_updates"], stats["updates"], stats["global_step"]) == (2, 0, 0)
     assert math.isnan(stats["loss"]) and trainer.state.global_step == 0

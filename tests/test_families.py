@@ -34,7 +34,7 @@ from itersft_jax.io import weights
 from itersft_jax.models import get_family
 from itersft_jax.models.attention.masks import positions_from_mask, positions_from_segments
 from itersft_jax.sampler.engine import sample_ids
-from itersft_jax.shared.shell import StepStats
+from itersft_jax.shared.flow import StepStats
 
 VOCAB = 320
 ATOL = 1e-4

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from compilations import count_compilations
 
 from itersft_jax import IterativeSFTConfig
-from itersft_jax.core.train_step import count_compilations
 from itersft_jax.sampler.engine import sampler_chunk, sampler_prefill
 from itersft_jax.sampler.generate import GenerationOutput, generate
 from itersft_jax.sampler.sampling import filter_logits
@@ -65,26 +65,26 @@ def test_cached_decoding_logits_equal_full_forward(llama):
     got = np.stack([np.asarray(c) for c in cached], 1)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     # and generate() itself follows the same greedy path
-    out = generate(trainer, input_ids=rows, max_new_tokens=new - 1, eos_token_id=[])
+    out = trainer.generate(input_ids=rows, max_new_tokens=new - 1, eos_token_id=[])
     assert out.sequences == np.stack(tokens, 1).tolist()
 
 
 def test_seeds(llama):
     _, trainer = llama
     kw = {"max_new_tokens": NEW, "do_sample": True, "eos_token_id": []}
-    a, b = generate(trainer, PROMPTS, seed=3, **kw), generate(trainer, PROMPTS, seed=3, **kw)
+    a, b = trainer.generate(PROMPTS, seed=3, **kw), trainer.generate(PROMPTS, seed=3, **kw)
     assert a.sequences == b.sequences
-    assert generate(trainer, PROMPTS, seed=4, **kw).sequences != a.sequences
+    assert trainer.generate(PROMPTS, seed=4, **kw).sequences != a.sequences
     # No seed: every call draws fresh samples (Tunix repeated them), none equals a seeded call by accident.
-    c, d = generate(trainer, PROMPTS, **kw), generate(trainer, PROMPTS, **kw)
+    c, d = trainer.generate(PROMPTS, **kw), trainer.generate(PROMPTS, **kw)
     assert c.sequences != d.sequences and c.sequences != a.sequences
 
 
 def test_top_k_1_and_tiny_top_p_equal_greedy(llama):
     _, trainer = llama
-    greedy = generate(trainer, PROMPTS, max_new_tokens=NEW, eos_token_id=[]).sequences
+    greedy = trainer.generate(PROMPTS, max_new_tokens=NEW, eos_token_id=[]).sequences
     for kw in ({"top_k": 1}, {"top_p": 1e-6}, {"top_k": 1, "temperature": 5.0}):
-        assert generate(trainer, PROMPTS, max_new_tokens=NEW, eos_token_id=[], do_sample=True, seed=0,
+        assert trainer.generate(PROMPTS, max_new_tokens=NEW, eos_token_id=[], do_sample=True, seed=0,
                         **kw).sequences == greedy
 
 
@@ -117,31 +117,31 @@ def test_filter_logits_matches_transformers_warpers():
 
 def test_eos_stops_each_row_independently(llama):
     _, trainer = llama
-    free = generate(trainer, PROMPTS, max_new_tokens=NEW, eos_token_id=[]).sequences
+    free = trainer.generate(PROMPTS, max_new_tokens=NEW, eos_token_id=[]).sequences
     step = next(s for s in range(2, NEW) if free[0][s] not in free[0][:s])
     eos = free[0][step]  # the token greedy emits at `step` for row 0: make it the EOS
-    out = generate(trainer, PROMPTS, max_new_tokens=NEW, eos_token_id=eos)
+    out = trainer.generate(PROMPTS, max_new_tokens=NEW, eos_token_id=eos)
     assert out.sequences[0] == free[0][:step + 1] and out.finished[0]
     for row, seq in zip(free[1:], out.sequences[1:]):
         expected = row[:row.index(eos) + 1] if eos in row else row
         assert seq == expected  # other rows go on until their own EOS
     assert out.finished[1:] == [eos in row for row in free[1:]]
     # a list of EOS ids: whichever comes first
-    both = generate(trainer, PROMPTS, max_new_tokens=NEW, eos_token_id=[free[1][1], eos])
+    both = trainer.generate(PROMPTS, max_new_tokens=NEW, eos_token_id=[free[1][1], eos])
     assert both.sequences[1] == free[1][:2] and both.sequences[0] == out.sequences[0]
 
 
 def test_num_return_sequences_and_output(llama, tokenizer):
     _, trainer = llama
-    out = generate(trainer, PROMPTS[:2], max_new_tokens=NEW, num_return_sequences=2, eos_token_id=[],
+    out = trainer.generate(PROMPTS[:2], max_new_tokens=NEW, num_return_sequences=2, eos_token_id=[],
                    do_sample=True, temperature=1e-5, seed=0)  # as good as greedy: the two rows agree
     assert isinstance(out, GenerationOutput) and out["sequences"] is out.sequences
     assert len(out.sequences) == 4 and out.sequences[0] == out.sequences[1] != out.sequences[2]
     assert out.prompt_ids[1] == out.prompt_ids[0] == tokenizer(PROMPTS[0]).input_ids
     assert all(len(s) == NEW for s in out.sequences) and not any(out.finished)
     with pytest.raises(ValueError, match="`num_return_sequences`=2 with greedy decoding"):  # as transformers
-        generate(trainer, PROMPTS[:2], max_new_tokens=NEW, num_return_sequences=2)
-    sampled = generate(trainer, PROMPTS[:2], max_new_tokens=NEW, num_return_sequences=3, do_sample=True,
+        trainer.generate(PROMPTS[:2], max_new_tokens=NEW, num_return_sequences=2)
+    sampled = trainer.generate(PROMPTS[:2], max_new_tokens=NEW, num_return_sequences=3, do_sample=True,
                        eos_token_id=[], seed=0)
     assert len(set(map(tuple, sampled.sequences[:3]))) > 1  # the copies of one prompt are sampled apart
 
@@ -151,13 +151,13 @@ def test_bare_module_and_errors(llama):
     out = generate(trainer.model, input_ids=[[1, 5, 9]], max_new_tokens=4)
     assert out.texts is None and len(out.sequences[0]) <= 4
     seqs, _finished = generate_ids(trainer.graphdef, trainer.params, [[1, 5, 9]], max_new_tokens=4)
-    assert seqs == generate(trainer, input_ids=[[1, 5, 9]], max_new_tokens=4, eos_token_id=[]).sequences
+    assert seqs == trainer.generate(input_ids=[[1, 5, 9]], max_new_tokens=4, eos_token_id=[]).sequences
     with pytest.raises(ValueError, match="exactly one"):
-        generate(trainer)
+        trainer.generate()
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        generate(trainer, input_ids=[[1, 10**6]])
+        trainer.generate(input_ids=[[1, 10**6]])
     with pytest.raises(TypeError, match="list of str"):
-        generate(trainer, "a single string")
+        trainer.generate("a single string")
 
 
 def test_compiles_once_across_prompt_lengths_and_settings(llama):
@@ -172,7 +172,7 @@ def test_compiles_once_across_prompt_lengths_and_settings(llama):
     with count_compilations("sampler_prefill") as prefill, count_compilations("sampler_chunk") as decode:
         for call in range(6):  # prompt lengths 17..24: one bucket (24)
             rows = [rng.integers(3, 300, rng.integers(17, 25)).tolist() for _ in range(3)]
-            out = generate(trainer, input_ids=rows, max_new_tokens=9 + call, do_sample=call % 2 == 1,
+            out = trainer.generate(input_ids=rows, max_new_tokens=9 + call, do_sample=call % 2 == 1,
                            top_k=[0, 5][call % 2], top_p=[1.0, 0.9][call % 2], temperature=0.5 + call,
                            eos_token_id=[2, 3][: 1 + call % 2])
             chunk_shapes |= out.stats["chunk_shapes"]
@@ -181,9 +181,9 @@ def test_compiles_once_across_prompt_lengths_and_settings(llama):
 
 def test_generate_sees_the_update_of_the_previous_step(tiny_model_dir, tmp_path, tokenizer):
     trainer = make_trainer(tiny_model_dir("llama"), tmp_path, tokenizer, learning_rate=1e-2)
-    before = generate(trainer, ["hello"], max_new_tokens=6).texts[0]
+    before = trainer.generate(["hello"], max_new_tokens=6).texts[0]
     for _ in range(12):
         trainer.step(prompts=["hello"], completions=[" world"])
-    after = generate(trainer, ["hello"], max_new_tokens=6)
+    after = trainer.generate(["hello"], max_new_tokens=6)
     assert after.texts[0] == " world" != before and after.finished[0]
     assert jax.tree.leaves(trainer.params)[0] is jax.tree.leaves(trainer.train_state.params)[0]

@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 import torch
+from compilations import count_compilations
 from engines import make_trainer
 from flax import nnx
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
-from itersft_jax.core.train_step import count_compilations
 from itersft_jax.shared.data import prepare_examples
 
 TEXTS = ["hello world", "The quick brown fox jumps", "a b c", "Iterative supervised fine-tuning",

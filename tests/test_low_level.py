@@ -235,7 +235,7 @@ def test_accumulation_does_not_depend_on_the_split(tiny_model_dir, tokenizer, tm
 
 
 def test_jax_calls_inside_a_bucket_compile_once(tiny_model_dir, tokenizer, tmp_path):
-    from itersft_jax.core.train_step import count_compilations
+    from compilations import count_compilations
 
     trainer = sgd_trainer(tiny_model_dir("llama"), tokenizer, tmp_path, "jax")
     data = rl_data()

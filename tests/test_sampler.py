@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compilations import count_compilations
 from flax import nnx
 from offline import tiny_config
 
 from itersft_jax.core.loss import token_logprobs
-from itersft_jax.core.train_step import count_compilations
 from itersft_jax.models import get_family
 from itersft_jax.sampler.engine import CHUNK_STEPS, sample_ids
 from itersft_jax.sampler.sampling import batch_bucket

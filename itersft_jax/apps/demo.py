@@ -34,7 +34,6 @@ loads it), ``metrics.json`` (one entry per round) and ``curve.png`` (pass rate a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -160,37 +159,16 @@ def build_trainer(cfg: DemoConfig, tokenizer, model):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Generation, per backend
+# Generation
 
 
 def complete(trainer, cfg: DemoConfig, prompts: list[str], *, samples: int, do_sample: bool, seed: int,
              max_new_tokens: int) -> list[str]:
-    """Completions (texts, prompt-major, ``samples`` per prompt) from the trainer's current model."""
-    if cfg.backend == "jax":
-        out = trainer.generate(prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                               temperature=cfg.temperature, num_return_sequences=samples, seed=seed)
-        return out.texts
-    return _complete_torch(trainer, cfg, prompts, samples=samples, do_sample=do_sample, seed=seed,
-                           max_new_tokens=max_new_tokens)
-
-
-def _complete_torch(trainer, cfg, prompts, *, samples, do_sample, seed, max_new_tokens):
-    import torch
-
-    tokenizer = copy.copy(trainer.processing_class)
-    tokenizer.padding_side = "left"
-    model = trainer.model
-    was_training = model.training
-    model.eval()
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=cfg.temperature if do_sample else None, top_k=None, top_p=None,
-                             num_return_sequences=samples, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    """Completions (texts, prompt-major, ``samples`` per prompt) from the trainer's current model: its
+    ``generate``, the same call on both backends."""
+    out = trainer.generate(prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                           temperature=cfg.temperature, num_return_sequences=samples, seed=seed)
+    return out.texts
 
 
 # ---------------------------------------------------------------------------------------------------------

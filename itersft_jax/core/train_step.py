@@ -16,7 +16,6 @@ the old parameters, optimizer state and step counter (bit for bit) and the metri
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -163,20 +162,17 @@ def router_totals(state: TrainState, batch: dict[str, jax.Array], *, graphdef, s
     used = _micro_batches_holding_tokens(batch)
     own = used <= 1
 
-    def run(i, carry):
-        params, frozen, counts_E, tokens = carry
-        micro = {k: jax.lax.dynamic_index_in_dim(batch[k], i, keepdims=False)
-                 for k in ("input_ids", "attention_mask")}
-        neftune, dropout_key = _micro_keys(state, i, key_offset, neftune_alpha, lora_dropout)
-        _, _, stats = _model_head(params, graphdef, micro["input_ids"], micro["attention_mask"], frozen=frozen,
-                                  neftune=neftune, dropout_key=dropout_key, router_stats=True)
-        return params, frozen, counts_E + jax.lax.stop_gradient(stats.counts_E), tokens + stats.tokens
+    def micro_stats(params, micro, **model_kwargs):
+        _, _, stats = _model_head(params, graphdef, micro["input_ids"], micro["attention_mask"], router_stats=True,
+                                  **model_kwargs)
+        return jnp.zeros((), jnp.float32), ((jax.lax.stop_gradient(stats.counts_E), stats.tokens), None)
 
-    num_experts = _num_experts(graphdef, state)
     zero = jnp.zeros((), jnp.float32)
-    init = (state.params, state.frozen, jnp.zeros((num_experts,), jnp.float32), zero)
-    stop = jnp.where(own, 0, used) if skip_single else used
-    _, _, counts_E, tokens = jax.lax.fori_loop(0, stop, run, init)
+    count_init = (jnp.zeros((_num_experts(graphdef, state),), jnp.float32), zero)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    _, _, (counts_E, tokens), _ = accumulate(
+        state, inputs, micro_stats, backward=False, count_init=count_init, neftune_alpha=neftune_alpha,
+        lora_dropout=lora_dropout, key_offset=key_offset, stop=jnp.where(own, 0, used) if skip_single else used)
     return counts_E, tokens, own
 
 
@@ -186,6 +182,8 @@ def _num_experts(graphdef, state: TrainState) -> int:
 
 def _micro_keys(state: TrainState, i, key_offset, neftune_alpha, lora_dropout):
     """Micro-batch ``i``'s NEFTune ``(alpha, key)`` and LoRA dropout key (each None when off)."""
+    if not (neftune_alpha or lora_dropout):
+        return None, None
     micro_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                    i if key_offset is None else i + key_offset)
     neftune = (neftune_alpha, micro_key) if neftune_alpha else None
@@ -193,17 +191,22 @@ def _micro_keys(state: TrainState, i, key_offset, neftune_alpha, lora_dropout):
     return neftune, dropout_key
 
 
-def accumulate_gradients(state: TrainState, batch: dict[str, jax.Array], micro_loss, *, grads=None,
-                         neftune_alpha: float | None = None, lora_dropout: bool = False, grad_sharding=None,
-                         key_offset=None, per_token: bool = False, count_init=None):
-    """``(summed gradients, summed loss, token count, per-token output [A, M, T] or None)`` of ``batch``.
+def accumulate(state: TrainState, batch: dict[str, jax.Array], micro_loss, *, backward: bool = True, grads=None,
+               neftune_alpha: float | None = None, lora_dropout: bool = False, grad_sharding=None,
+               key_offset=None, per_token: bool = False, count_init=None, stop=None):
+    """``(summed gradients or None, summed loss, token count, per-token output [A, M, T] or None)`` of ``batch``:
+    the one loop over micro-batches of training, evaluation and the low-level passes.
 
     ``micro_loss(params, micro, neftune=, frozen=, dropout_key=) -> (loss_sum, (count, per_token_BT))``, the
-    micro-batch's loss; its gradient is summed in fp32 over the ``A`` micro-batches that hold a token, starting
-    from ``grads`` (an accumulator like ``state.params``; zeros when None). Micro-batch ``i``'s random keys are
-    ``fold_in(fold_in(state.rng, state.step), i [+ key_offset])``: ``key_offset`` numbers the micro-batches of
-    several calls accumulating into one update. ``grad_sharding`` pins the accumulator (see ``train_step``).
-    ``count`` may be a pytree of scalars (summed leaf by leaf from ``count_init``, default a scalar zero).
+    micro-batch's loss. The loop runs over the micro-batches up to the last one holding a token (``stop``: another
+    bound), so all-padding micro-batches at the end cost nothing. ``backward``: its gradient is summed in fp32,
+    starting from ``grads`` (an accumulator like ``state.params``; zeros when None). Micro-batch ``i``'s random keys
+    are ``fold_in(fold_in(state.rng, state.step), i [+ key_offset])`` (noise and dropout only with ``backward``
+    or when asked): ``key_offset`` numbers the micro-batches of several calls accumulating into one update.
+    ``grad_sharding`` pins the accumulator (see ``train_step``). ``count`` may be a pytree of scalars (summed leaf
+    by leaf from ``count_init``, default a scalar zero). Without ``backward`` the parameters ride in the loop's
+    carry: a model merged from values closed over from outside the loop cannot run nnx.remat'd layers
+    (gradient_checkpointing) in it.
     """
 
     def pin(grads):
@@ -211,23 +214,30 @@ def accumulate_gradients(state: TrainState, batch: dict[str, jax.Array], micro_l
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)  # d(loss_sum); the token count rides along
 
-    def accumulate(i, carry):
-        grads_acc, loss_acc, count_acc, per_token_acc = carry
+    def run(i, carry):
+        # With backward the parameters are arguments of grad_fn, closed over; without, they ride in the carry.
+        head, (loss_acc, count_acc, per_token_acc) = carry
+        params, frozen = (state.params, state.frozen) if backward else head
         micro = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in batch.items()}
         neftune, dropout_key = _micro_keys(state, i, key_offset, neftune_alpha, lora_dropout)
-        (loss_sum, (count, out_BT)), grads = grad_fn(state.params, micro, neftune=neftune, frozen=state.frozen,
-                                                     dropout_key=dropout_key)
-        grads_acc = pin(jax.tree.map(jnp.add, grads_acc, pin(grads)))
+        kwargs = dict(frozen=frozen, neftune=neftune, dropout_key=dropout_key)
+        if backward:
+            (loss_sum, (count, out_BT)), grads = grad_fn(params, micro, **kwargs)
+            head = pin(jax.tree.map(jnp.add, head, pin(grads)))
+        else:
+            loss_sum, (count, out_BT) = micro_loss(params, micro, **kwargs)
         if per_token:
             per_token_acc = jax.lax.dynamic_update_index_in_dim(per_token_acc, out_BT, i, 0)
-        return grads_acc, loss_acc + loss_sum, jax.tree.map(jnp.add, count_acc, count), per_token_acc
+        return head, (loss_acc + loss_sum, jax.tree.map(jnp.add, count_acc, count), per_token_acc)
 
-    if grads is None:
+    if backward and grads is None:
         grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     per_token_init = jnp.zeros(batch["input_ids"].shape, jnp.float32) if per_token else None
     count_init = jnp.zeros((), jnp.float32) if count_init is None else count_init
-    init = (pin(grads), jnp.zeros((), jnp.float32), count_init, per_token_init)
-    return jax.lax.fori_loop(0, _micro_batches_holding_tokens(batch), accumulate, init)
+    head = pin(grads) if backward else (state.params, state.frozen)
+    stop = _micro_batches_holding_tokens(batch) if stop is None else stop
+    head, sums = jax.lax.fori_loop(0, stop, run, (head, (jnp.zeros((), jnp.float32), count_init, per_token_init)))
+    return (head if backward else None, *sums)
 
 
 def apply_gradients(state: TrainState, grads, loss_sum, count, denom, *, tx: optax.GradientTransformation,
@@ -264,7 +274,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
                lora_dropout: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from ``batch`` (``[A, M, T]`` arrays); pure, jitted by ``make_train_step``.
 
-    ``accumulate_gradients`` of the summed token cross-entropy, then ``apply_gradients`` divided once by the
+    ``accumulate`` (with ``backward``) of the summed token cross-entropy, then ``apply_gradients`` divided once by the
     label-token count: the low-level API's cross_entropy with token-weighted weights + optim_step, in one jit.
     Metrics: ``loss`` (mean token cross-entropy of the update, label-smoothed with ``label_smoothing``),
     ``grad_norm`` (global norm before clipping), ``learning_rate`` (``schedule(state.step)``, NaN without a
@@ -287,8 +297,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, tx: 
         count_init = {"tokens": jnp.zeros((), jnp.float32), "aux_loss": jnp.zeros((), jnp.float32)}
     loss_fn = functools.partial(_summed_loss, graphdef=graphdef, label_smoothing=label_smoothing,
                                 chunk_size=loss_chunk_size, balance=balance)
-    grads, loss_sum, count, _ = accumulate_gradients(state, micro_batches, loss_fn, grad_sharding=grad_sharding,
-                                                     count_init=count_init, **noise)
+    grads, loss_sum, count, _ = accumulate(state, micro_batches, loss_fn, grad_sharding=grad_sharding,
+                                           count_init=count_init, **noise)
     aux = None if balance is None else count["aux_loss"]
     count = count if balance is None else count["tokens"]
     # One division for the whole update: token-weighted, whatever the micro-batch split. An update with
@@ -317,7 +327,7 @@ def forward_backward_step(state: TrainState, grads, batch: dict[str, jax.Array],
     balance, count_init = _datum_balance(state, batch, graphdef, loss_fn, key_offset=key_offset, **noise)
     micro_loss = functools.partial(_summed_datum_loss, graphdef=graphdef, loss_fn=loss_fn, config=config,
                                    chunk_size=loss_chunk_size, balance=balance)
-    grads, loss_sum, count, logp = accumulate_gradients(
+    grads, loss_sum, count, logp = accumulate(
         state, batch, micro_loss, grads=grads, grad_sharding=grad_sharding, key_offset=key_offset, per_token=True,
         count_init=count_init, **noise)
     if balance is None:
@@ -342,18 +352,8 @@ def forward_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, lo
     balance, count_init = _datum_balance(state, batch, graphdef, loss_fn)
     micro_loss = functools.partial(_summed_datum_loss, graphdef=graphdef, loss_fn=loss_fn, config=config,
                                    chunk_size=loss_chunk_size, balance=balance)
-
-    def run(i, carry):
-        params, frozen, loss_acc, count_acc, logp_acc = carry  # params in the carry: see eval_step
-        micro = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in batch.items()}
-        loss_sum, (count, logp_BT) = micro_loss(params, micro, frozen=frozen)
-        logp_acc = jax.lax.dynamic_update_index_in_dim(logp_acc, logp_BT, i, 0)
-        return params, frozen, loss_acc + loss_sum, jax.tree.map(jnp.add, count_acc, count), logp_acc
-
-    zero = jnp.zeros((), jnp.float32)
-    init = (state.params, state.frozen, zero, zero if count_init is None else count_init,
-            jnp.zeros(batch["input_ids"].shape, jnp.float32))
-    _, _, loss_sum, count, logp = jax.lax.fori_loop(0, _micro_batches_holding_tokens(batch), run, init)
+    _, loss_sum, count, logp = accumulate(state, batch, micro_loss, backward=False, per_token=True,
+                                          count_init=count_init)
     if balance is None:
         return {"loss_sum": loss_sum, "num_tokens": count, "logprobs": logp}
     return {"loss_sum": loss_sum, "num_tokens": count["tokens"], "logprobs": logp, "aux_loss": count["aux_loss"]}
@@ -404,14 +404,12 @@ class LowLevelSteps:
             (self._state_sharding, self._batch_sharding), self._replicated()))
 
     def optim_step(self, state: TrainState, grads, loss_sum, count):
-        trained = None if self._state_sharding is None else dataclasses.replace(self._state_sharding, frozen=None)
-        fn = functools.partial(optim_step, tx=self._tx, schedule=self._schedule)
-        jitted = self._jitted("optim_step", fn, lambda: (
-            (trained, self._grad_sharding, self._replicated(), self._replicated()), (trained, self._replicated())),
-            donate=0)
-        new_state, metrics = jitted(dataclasses.replace(state, frozen=None), grads, jnp.float32(loss_sum),
-                                    jnp.float32(count))
-        return dataclasses.replace(new_state, frozen=state.frozen), metrics
+        if "optim_step" not in self._jits:
+            fn = functools.partial(optim_step, tx=self._tx, schedule=self._schedule)
+            replicated = self._replicated()
+            self._jits["optim_step"] = FrozenApart(fn, self._state_sharding,
+                                                   (self._grad_sharding, replicated, replicated), replicated)
+        return self._jits["optim_step"](state, grads, jnp.float32(loss_sum), jnp.float32(count))
 
     def copy(self, grads):
         """A copy of an accumulator (in new buffers, sharded alike): what a pass may donate while the original
@@ -431,18 +429,9 @@ def eval_step(params, batch: dict[str, jax.Array], *, graphdef, label_smoothing:
     """Summed token cross-entropy and label-token count of ``batch`` (``[A, M, T]``), no update."""
     loss_fn = functools.partial(_summed_loss, graphdef=graphdef, label_smoothing=label_smoothing,
                                 chunk_size=loss_chunk_size)
-
-    def accumulate(i, carry):
-        # The params ride in the carry: a model merged from values closed over from outside the loop
-        # cannot run nnx.remat'd layers (gradient_checkpointing) inside it.
-        params_, loss_acc, count_acc = carry
-        micro = {k: jax.lax.dynamic_index_in_dim(batch[k], i, keepdims=False)
-                 for k in ("input_ids", "attention_mask", "labels")}
-        loss_sum, (count, _) = loss_fn(params_, micro)
-        return params_, loss_acc + loss_sum, count_acc + count
-
-    init = (params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    _, loss_sum, count = jax.lax.fori_loop(0, _micro_batches_holding_tokens(batch), accumulate, init)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, rng=None)
+    micro_batches = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    _, loss_sum, count, _ = accumulate(state, micro_batches, loss_fn, backward=False)
     return {"loss_sum": loss_sum, "num_tokens": count}
 
 
@@ -475,7 +464,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None, *
     The state is donated: its buffers are reused for the new state, so the caller must not touch the
     state it passed in (``TrainState.create`` does not copy ``params``). Shardings, when given, pin the
     state, batch and gradient-accumulator layout, and the metrics come back replicated (readable on every
-    host); a state with ``frozen`` parameters (LoRA) passes them beside the donated rest (``_FrozenApart``).
+    host); a state with ``frozen`` parameters (LoRA) passes them beside the donated rest (``FrozenApart``).
     ``label_smoothing`` and ``loss_chunk_size`` go to ``loss.causal_lm_loss`` (checked here, before any step
     runs); ``neftune_alpha`` (``neftune_noise_alpha``) adds NEFTune's noise to the input embeddings of training
     steps only.
@@ -492,58 +481,63 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule=None, *
         kwargs = {"in_shardings": (state_sharding, batch_sharding), "out_shardings": (state_sharding, metrics)}
     if state_sharding is None or state_sharding.frozen is None:
         return jax.jit(step_fn, donate_argnums=0, **kwargs)
-    return _FrozenApart(step_fn, state_sharding, batch_sharding)
+    return FrozenApart(step_fn, state_sharding, (batch_sharding,), state_sharding.step)
 
 
-class _FrozenApart:
-    """The jitted step of a state with ``frozen`` parameters (LoRA's base): those travel as a separate argument
-    that is neither donated nor returned, so XLA never copies or rewrites the base; the rest is donated."""
+class FrozenApart:
+    """``fn(state, *rest) -> (state, out)`` jitted with the state donated, except its ``frozen`` parameters (LoRA's
+    base): those travel as a separate argument that is neither donated nor returned, so XLA never copies or rewrites
+    the base — the one home of that split (``train_step`` with LoRA, the low-level ``optim_step``). Without
+    ``state_sharding`` no shardings are pinned; ``rest_shardings`` / ``out_sharding``: those of ``rest`` and
+    ``out``."""
 
-    def __init__(self, step_fn, state_sharding: TrainState, batch_sharding):
-        def split_step(state, frozen, batch):
-            new_state, metrics = step_fn(dataclasses.replace(state, frozen=frozen), batch)
-            return dataclasses.replace(new_state, frozen=None), metrics
+    def __init__(self, fn, state_sharding: TrainState | None, rest_shardings: tuple = (), out_sharding=None):
+        def split_fn(state, frozen, *rest):
+            new_state, out = fn(dataclasses.replace(state, frozen=frozen), *rest)
+            return dataclasses.replace(new_state, frozen=None), out
 
-        trained = dataclasses.replace(state_sharding, frozen=None)
-        self._jitted = jax.jit(split_step, donate_argnums=0,
-                               in_shardings=(trained, state_sharding.frozen, batch_sharding),
-                               out_shardings=(trained, state_sharding.step))
+        kwargs: dict[str, Any] = {}
+        if state_sharding is not None:
+            trained = dataclasses.replace(state_sharding, frozen=None)
+            kwargs = {"in_shardings": (trained, state_sharding.frozen, *rest_shardings),
+                      "out_shardings": (trained, out_sharding)}
+        split_fn.__name__ = getattr(getattr(fn, "func", fn), "__name__", "split_fn")  # compilations named like fn
+        self._jitted = jax.jit(split_fn, donate_argnums=0, **kwargs)
 
-    def __call__(self, state: TrainState, batch):
-        new_state, metrics = self._jitted(dataclasses.replace(state, frozen=None), state.frozen, batch)
-        return dataclasses.replace(new_state, frozen=state.frozen), metrics
+    def __call__(self, state: TrainState, *rest):
+        new_state, out = self._jitted(dataclasses.replace(state, frozen=None), state.frozen, *rest)
+        return dataclasses.replace(new_state, frozen=state.frozen), out
 
-    def lower(self, state: TrainState, batch):
-        return self._jitted.lower(dataclasses.replace(state, frozen=None), state.frozen, batch)
-
-
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-@dataclasses.dataclass
-class CompileCount:
-    count: int = 0
+    def lower(self, state: TrainState, *rest):
+        return self._jitted.lower(dataclasses.replace(state, frozen=None), state.frozen, *rest)
 
 
-@contextlib.contextmanager
-def count_compilations(fun_name: str | None = "train_step"):
-    """Count XLA compilations inside the block, of functions whose name contains ``fun_name``.
+# ----------------------------------------------------------------------------------------------------------
+# The trainer's other jits: the sharded state's creation, evaluation logits, a custom loss's value and gradient
 
-    ``fun_name=None`` counts every compilation (eager ops included). Usage::
 
-        with count_compilations() as compiles:
-            ...
-        assert compiles.count == 1
-    """
-    counter = CompileCount()
+def create_sharded_state(params, frozen, tx: optax.GradientTransformation, seed: int, mesh):
+    """``(train state, its shardings, the params' shardings)``: the parameters (and the frozen ones) moved to
+    their slices of the mesh, then the optimizer state created in place by one jitted init whose outputs are
+    sharded alike (no device ever holds a whole copy of the optimizer state)."""
+    def create(p, f):
+        return TrainState.create(p, tx, seed=seed, frozen=f)
 
-    def listener(event: str, duration: float, **kwargs):
-        del duration
-        if event == _COMPILE_EVENT and (fun_name is None or fun_name in str(kwargs.get("fun_name", ""))):
-            counter.count += 1
+    shardings, param_sharding = state_shardings(jax.eval_shape(create, params, frozen), mesh)
+    params, frozen = jax.device_put((params, frozen), (param_sharding, shardings.frozen))
+    state = jax.jit(create, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
+    return state, shardings, param_sharding
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield counter
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+
+def make_logits_fn(graphdef):
+    """``logits_fn(params, input_ids_BT, mask_BT) -> logits [B, T, V]`` jitted (evaluate()'s ``compute_metrics``)."""
+    def logits_fn(params, input_ids_BT, mask_BT):
+        model = nnx.merge(graphdef, params)
+        return model(input_ids_BT, positions_from_segments(mask_BT), mask_BT)[0]
+
+    return jax.jit(logits_fn)
+
+
+def jit_value_and_grad(fn):
+    """``fn(logprobs, inputs) -> (loss, metrics)``'s value and gradient, jitted (``forward_backward_custom``)."""
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))

@@ -6,8 +6,8 @@ A checkpoint directory ``checkpoint-N`` holds
   ``save_model`` writes, loadable by ``AutoModelForCausalLM`` (with LoRA: a PEFT adapter directory);
 * ``train_state/``: the ``TrainState`` (fp32 master params, optimizer state, step, rng) with orbax — with
   LoRA the adapters and their optimizer state, not the frozen base (the resuming trainer loads it);
-* ``itersft_state.json``: the shell's counters (``trainer.counters()``: global step, step() calls that seed
-  the shuffle, packed row length, log history), so a resumed run continues exactly where the saved one was;
+* ``itersft_state.json``: the trainer's counters (global step, step() calls that seed the shuffle, packed row
+  length, log history), so a resumed run continues exactly where the saved one was;
 * ``itersft_manifest.json``, written last: the size and SHA-256 of every other file.
 
 **Atomic.** Everything is written into ``.tmp-checkpoint-N-<pid>`` beside the final directory, every file
@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -77,11 +78,14 @@ def _storable(train_state):
     return dataclasses.replace(train_state, rng=jax.random.key_data(train_state.rng), frozen=None)
 
 
-def save_checkpoint(trainer, checkpoint_dir: str) -> str:
-    """Write a full checkpoint of ``trainer`` to ``checkpoint_dir``, atomically (see the module docstring);
-    an existing checkpoint there is replaced. A path that exists and is not a checkpoint or
-    state directory itersft wrote (nor an empty directory), the working directory and the directories above it or
-    above ``output_dir``, and a file are refused before anything is written (``atomic_dir.check_state_target``).
+def save_checkpoint(checkpoint_dir: str, train_state, counters: dict[str, Any], *,
+                    write_model: Callable[[str], Any], output_dir: str | None = None) -> str:
+    """Write a full checkpoint to ``checkpoint_dir``, atomically (see the module docstring): ``write_model(dir)``
+    writes the model files (a trainer passes its ``save_model``), ``train_state`` goes to orbax, ``counters`` (a
+    JSON-serializable dict with ``global_step``) beside them. An existing checkpoint there is replaced. A path that
+    exists and is not a checkpoint or state directory itersft wrote (nor an empty directory), the working directory
+    and the directories above it or above ``output_dir``, and a file are refused before anything is written
+    (``atomic_dir.check_state_target``).
 
     Several processes (``jax.distributed``): every process calls it with the same directory on a filesystem
     they share; each writes its own shards of the train state (orbax), process 0 the model files, counters and
@@ -89,7 +93,7 @@ def save_checkpoint(trainer, checkpoint_dir: str) -> str:
     import orbax.checkpoint as ocp
 
     main = jax.process_index() == 0
-    checkpoint_dir = check_state_target(checkpoint_dir, "checkpoint_dir", output_dir=trainer.args.output_dir)
+    checkpoint_dir = check_state_target(checkpoint_dir, "checkpoint_dir", output_dir=output_dir)
     parent, name = os.path.split(checkpoint_dir)
     tmp = os.path.join(parent, f".tmp-{name}-{_main_pid()}")
     if main:
@@ -98,13 +102,13 @@ def save_checkpoint(trainer, checkpoint_dir: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier("itersft-checkpoint-start")
     try:
-        trainer.save_model(tmp)  # every process takes part (parameters are gathered); process 0 writes
+        write_model(tmp)  # every process takes part (parameters are gathered); process 0 writes
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(os.path.join(tmp, STATE_DIR), _storable(trainer.train_state))
+            checkpointer.save(os.path.join(tmp, STATE_DIR), _storable(train_state))
             checkpointer.wait_until_finished()
         _barrier("itersft-checkpoint-state")
         if main:
-            _finish(trainer, tmp, checkpoint_dir)
+            _finish(counters, tmp, checkpoint_dir)
         _barrier("itersft-checkpoint-done")
     except BaseException:
         if main:
@@ -113,11 +117,11 @@ def save_checkpoint(trainer, checkpoint_dir: str) -> str:
     return checkpoint_dir
 
 
-def _finish(trainer, tmp: str, checkpoint_dir: str) -> None:
+def _finish(counters: dict[str, Any], tmp: str, checkpoint_dir: str) -> None:
     """Counters and manifest into ``tmp``, everything fsynced, then renamed to ``checkpoint_dir``."""
-    counters = json.dumps(trainer.counters(), indent=2).encode()
-    written = {SHELL_FILE: write_synced(os.path.join(tmp, SHELL_FILE), counters)}  # hashed while writing
-    finish(tmp, checkpoint_dir, written, trainer.state.global_step)
+    data = json.dumps(counters, indent=2).encode()
+    written = {SHELL_FILE: write_synced(os.path.join(tmp, SHELL_FILE), data)}  # hashed while writing
+    finish(tmp, checkpoint_dir, written, counters["global_step"])
 
 
 def _main_pid() -> int:
@@ -148,19 +152,13 @@ def verify_checkpoint(checkpoint_dir: str) -> dict[str, Any]:
     return verify(checkpoint_dir, SHELL_FILE, "the JAX trainer's save_checkpoint")
 
 
-def load_checkpoint(trainer, checkpoint_dir: str, verify: bool = True) -> None:
-    """Restore ``trainer`` from a checkpoint written by :func:`save_checkpoint` (same model and optimizer),
-    after verifying it (``verify``). Nothing on the trainer changes unless everything was read."""
+def load_checkpoint(checkpoint_dir: str, like, verify: bool = True) -> tuple[Any, dict[str, Any]]:
+    """``(train state, counters)`` of a checkpoint written by :func:`save_checkpoint`, after verifying it
+    (``verify``); the state is shaped and sharded like the train state ``like`` (same model and optimizer; its
+    frozen parameters are ``like``'s). Nothing is assigned: the caller takes both or neither."""
     checkpoint_dir = os.path.abspath(checkpoint_dir)
     if verify:
         verify_checkpoint(checkpoint_dir)
-    counters, restored = _read_checkpoint(trainer, checkpoint_dir)
-    trainer.train_state = restored
-    trainer.restore_counters(counters)
-
-
-def _read_checkpoint(trainer, checkpoint_dir: str):
-    """(counters, train state) of a checkpoint, shaped and sharded like ``trainer``'s."""
     import orbax.checkpoint as ocp
 
     if not os.path.isdir(os.path.join(checkpoint_dir, STATE_DIR)):
@@ -169,7 +167,7 @@ def _read_checkpoint(trainer, checkpoint_dir: str):
                                   f"({TORCH_STATE_FILE}): load it with a backend='torch' trainer")
         raise CheckpointError(f"checkpoint {checkpoint_dir}: {STATE_DIR}/ is missing")
     counters = check_counters(read_json(checkpoint_dir, SHELL_FILE), f"checkpoint {checkpoint_dir}: {SHELL_FILE}")
-    current = _storable(trainer.train_state)
+    current = _storable(like)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
@@ -178,8 +176,7 @@ def _read_checkpoint(trainer, checkpoint_dir: str):
         detail = str(err) if len(str(err)) < 600 else str(err)[:600] + " ..."
         raise ValueError(f"checkpoint {checkpoint_dir}: {STATE_DIR}/ does not match this trainer's model and "
                          f"optimizer (saved by another configuration?): {type(err).__name__}: {detail}") from err
-    return counters, dataclasses.replace(restored, rng=jax.random.wrap_key_data(restored.rng),
-                                         frozen=trainer.train_state.frozen)
+    return dataclasses.replace(restored, rng=jax.random.wrap_key_data(restored.rng), frozen=like.frozen), counters
 
 
 def checkpoints(output_dir: str) -> list[str]:
@@ -203,23 +200,21 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return complete[-1] if complete else None
 
 
-def resume_from_checkpoint(trainer, checkpoint_dir: str | bool = True) -> str:
-    """Restore ``trainer`` from ``checkpoint_dir``, or with ``True`` from the newest checkpoint under
-    ``output_dir`` that verifies: newer ones that are incomplete or damaged are skipped with a warning
-    saying why. Returns the checkpoint used."""
+def resume_from_checkpoint(output_dir: str, like, checkpoint_dir: str | bool = True) -> tuple[str, Any, dict]:
+    """``(checkpoint used, train state, counters)`` read from ``checkpoint_dir``, or with ``True`` from the newest
+    checkpoint under ``output_dir`` that verifies: newer ones that are incomplete or damaged are skipped with a
+    warning saying why (:func:`load_checkpoint`, shaped like ``like``)."""
     if checkpoint_dir is not True:
         if not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise TypeError(f"`resume_from_checkpoint` takes a checkpoint directory or True, got {checkpoint_dir!r}")
-        load_checkpoint(trainer, os.fspath(checkpoint_dir))
-        return os.fspath(checkpoint_dir)
-    output_dir = trainer.args.output_dir
+        return (os.fspath(checkpoint_dir), *load_checkpoint(os.fspath(checkpoint_dir), like))
     candidates = checkpoints(output_dir)
     if not candidates:
         raise ValueError(f"`resume_from_checkpoint`: no checkpoint-N directory in {output_dir}")
     skipped = []
     for path in reversed(candidates):
         try:
-            load_checkpoint(trainer, path)
+            loaded = load_checkpoint(path, like)
         except CheckpointError as err:  # incomplete or damaged; a configuration mismatch is raised as is
             logger.warning("resume_from_checkpoint: skipping %s: %s", os.path.basename(path), err)
             skipped.append(f"{os.path.basename(path)}: {err}")
@@ -227,7 +222,7 @@ def resume_from_checkpoint(trainer, checkpoint_dir: str | bool = True) -> str:
         if skipped:
             logger.warning("resume_from_checkpoint: resumed from %s, the newest complete checkpoint (%d newer "
                            "skipped)", path, len(skipped))
-        return path
+        return (path, *loaded)
     raise ValueError(f"`resume_from_checkpoint`: no complete checkpoint in {output_dir}:\n  " + "\n  ".join(skipped))
 
 

@@ -177,13 +177,19 @@ _TORCH_ONLY_CHECKPOINTING_KWARGS = ("use_reentrant", "preserve_rng_state", "dete
 def remat_setting(remat: bool | str, gradient_checkpointing_kwargs: dict | None) -> bool | str:
     """``remat`` with ``gradient_checkpointing_kwargs={"policy": ...}`` applied when remat is on (a policy name
     given as ``remat`` itself wins). torch-only keys (``use_reentrant``, ...) are accepted and ignored."""
+    from itersft_jax.models.remat import REMAT_POLICIES
+
     kwargs = dict(gradient_checkpointing_kwargs or {})
     for key in _TORCH_ONLY_CHECKPOINTING_KWARGS:
         kwargs.pop(key, None)
     policy = kwargs.pop("policy", None)
+    names = ", ".join(repr(name) for name in REMAT_POLICIES)  # the one table of policies
     if kwargs:
         raise ValueError(f"gradient_checkpointing_kwargs: unknown keys {sorted(kwargs)} for the JAX backend "
-                         "(it takes 'policy': 'full', 'dots' or 'offload').")
+                         f"(it takes 'policy': {names}).")
+    if policy is not None and (not isinstance(policy, str) or policy not in REMAT_POLICIES):
+        raise ValueError(f"gradient_checkpointing_kwargs: `policy`={policy!r} is not a remat policy of the JAX "
+                         f"engine; it takes {names}")
     return policy if remat is True and policy is not None else remat
 
 

@@ -1,8 +1,8 @@
-"""``generate()``: completions from a JAX trainer's live parameters (or a bare NNX model), through the
+"""``generate()``: completions from given parameters (a trainer's live ones, or a bare NNX model's), through the
 continuous-batching engine (``sampler/engine.py``: design, ladders, randomness, logprobs).
 
 Randomness: a fixed ``seed`` reproduces samples exactly. Without one, every call draws fresh samples — a
-per-trainer (per-model) call counter is folded into ``args.seed`` — so a loop that never passes a seed
+per-trainer (per-model) call counter is folded into the base seed (``args.seed``) — so a loop that never passes a seed
 does not see the same samples twice (Tunix's sampler did), while a whole run stays reproducible.
 """
 
@@ -17,14 +17,20 @@ from flax import nnx
 
 from itersft_jax.models import position_limit
 from itersft_jax.sampler.engine import sample_ids
-from itersft_jax.shared.outputs import GenerationOutput, check_generation_args, check_generation_positions
-from itersft_jax.shared.outputs import eos_id_list as _eos_list
+from itersft_jax.shared.outputs import (
+    GenerationOutput,
+    check_generation_args,
+    check_generation_positions,
+    default_eos_ids,
+    eos_id_list,
+    generation_pad_id,
+)
 from itersft_jax.shared.outputs import prompt_rows as read_prompts
 
 _UNSEEDED_STREAM = 0x5EED  # folded into the base key for calls without a seed; explicit seeds never collide
 
 
-# Call counters for unseeded calls on bare modules (weak: they die with it); a trainer counts its own.
+# Call counters for unseeded calls on bare modules (weak: they die with it); a trainer passes its own.
 _CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -38,56 +44,47 @@ def _unseeded_key(base_seed: int, call: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(base_seed), _UNSEEDED_STREAM), call)
 
 
-def _default_eos(tokenizer, hf_config) -> list[int]:
-    """EOS ids to stop on: the model config's (HF's generation default) and the tokenizer's."""
-    ids = set(_eos_list(getattr(hf_config, "eos_token_id", None)))
-    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)
+def generate(model: nnx.Module, prompts: Sequence[str] | None = None, input_ids=None, *, tokenizer=None,
+             hf_config=None, seed: int | None = None, **kwargs) -> GenerationOutput:
+    """Generate completions with a Flax NNX causal LM (a trainer's ``generate`` passes its live parameters to
+    :func:`generate_from_params` instead). Pass ``tokenizer=`` (for texts) and ``hf_config=`` (for the default EOS
+    and the position limit); the other arguments are :func:`generate_from_params`'. Unseeded calls count per
+    module."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"generate() takes a Flax NNX causal LM (a trainer has its own .generate), got "
+                        f"{type(model).__name__}")
+    graphdef, params = nnx.split(model, nnx.Param)
+    return generate_from_params(graphdef, params, prompts, input_ids, tokenizer=tokenizer, hf_config=hf_config,
+                                seed=seed, base_seed=0, next_call=functools.partial(_next_module_call, model),
+                                **kwargs)
 
 
-def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=None, *,
-             max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, num_return_sequences: int = 1,
-             eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
-             return_text: bool = True, return_logprobs: bool = False, tokenizer=None,
-             hf_config=None) -> GenerationOutput:
-    """Generate completions with a JAX ``IterativeSFTTrainer``'s current parameters (or an NNX model).
+def generate_from_params(graphdef, params, prompts: Sequence[str] | None = None, input_ids=None, *,
+                         max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                         top_k: int = 0, top_p: float = 1.0, num_return_sequences: int = 1,
+                         eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
+                         return_text: bool = True, return_logprobs: bool = False, tokenizer=None, hf_config=None,
+                         base_seed: int = 0, next_call=None, mesh=None) -> GenerationOutput:
+    """Generate completions with the parameters ``params`` of the model ``graphdef`` (JetStream's engine style: the
+    state is an argument, so a trainer passes its live parameters — no copy).
 
-    Give ``prompts`` (texts, tokenized with the tokenizer's own special tokens) or ``input_ids`` (a list of
-    token-id sequences, no padding). ``eos_token_id``: int or list; default the model config's EOS plus the
-    tokenizer's; ``[]`` never stops early. ``seed``: fixed -> reproducible; ``None`` -> a fresh stream per
-    call (see the module docstring). For a bare ``nnx.Module`` pass ``tokenizer=`` (for texts) and
-    ``hf_config=`` (for the default EOS) yourself.
+    Give ``prompts`` (texts, tokenized with ``tokenizer``'s own special tokens) or ``input_ids`` (a list of
+    token-id sequences, no padding). ``eos_token_id``: int or list; default ``hf_config``'s EOS plus the
+    tokenizer's (``shared.outputs.default_eos_ids``); ``[]`` never stops early. ``seed``: fixed -> reproducible;
+    ``None`` -> the key of call ``next_call()`` folded into ``base_seed`` (see the module docstring). ``mesh``: the
+    decode slots and their KV cache are split over data x fsdp.
 
     Each distinct prompt is prefilled once and its ``num_return_sequences`` rows decode in slots refilled as
     rows end (``sampler/engine.py``). ``return_logprobs``: ``GenerationOutput.logprobs`` holds each generated
     token's fp32 log-probability under the model at temperature 1 (not the temperature/top-k/top-p-warped
-    sampling distribution), equal to ``core.loss.token_logprobs`` of the finished sequence. Under a trainer's
-    mesh the decode slots and their KV cache are split over data x fsdp. Compilations are bounded by the
-    engine's ladders, whatever the sampling settings, EOS ids or ``max_new_tokens``.
+    sampling distribution), equal to ``core.loss.token_logprobs`` of the finished sequence. Compilations are
+    bounded by the engine's ladders, whatever the sampling settings, EOS ids or ``max_new_tokens``.
     """
-    if not isinstance(trainer_or_model, nnx.Module) and hasattr(trainer_or_model, "train_state"):  # a trainer
-        trainer = trainer_or_model
-        graphdef, params = trainer.graphdef, trainer.train_state.model_state()  # the live params (LoRA: + base)
-        tokenizer = tokenizer if tokenizer is not None else trainer.processing_class
-        hf_config = hf_config if hf_config is not None else trainer.config
-        unseeded_call = trainer.next_generation_call if seed is None else None
-        base_seed = int(trainer.args.seed)
-        mesh = getattr(trainer, "mesh", None)
-    elif isinstance(trainer_or_model, nnx.Module):
-        graphdef, params = nnx.split(trainer_or_model, nnx.Param)
-        unseeded_call = functools.partial(_next_module_call, trainer_or_model) if seed is None else None
-        base_seed = 0
-        mesh = None
-    else:
-        raise TypeError("generate() takes a JAX IterativeSFTTrainer or a Flax NNX causal LM, got "
-                        f"{type(trainer_or_model).__name__}")
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                           top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, seed=seed,
                           return_text=return_text, return_logprobs=return_logprobs)
     vocab_size = getattr(hf_config, "vocab_size", None)
-    eos_token_id = _eos_list(eos_token_id, vocab_size) if eos_token_id is not None else None
+    eos_token_id = eos_id_list(eos_token_id, vocab_size) if eos_token_id is not None else None
     prompt_rows = read_prompts(prompts, input_ids, tokenizer,
                                no_tokenizer_hint="pass `tokenizer=` or `input_ids=`", vocab_size=vocab_size)
     if hf_config is not None:
@@ -95,14 +92,9 @@ def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=N
                                    "prompts" if prompts is not None else "input_ids")
     rows = [row for row in prompt_rows for _ in range(num_return_sequences)]
 
-    if eos_token_id is None:
-        eos_token_id = _default_eos(tokenizer, hf_config)
-    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    if pad_id is None:
-        pad_id = getattr(hf_config, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = _eos_list(eos_token_id)[0] if _eos_list(eos_token_id) else 0
-    key = jax.random.key(seed) if seed is not None else _unseeded_key(base_seed, unseeded_call())
+    eos_token_id = default_eos_ids(eos_token_id, tokenizer, hf_config)
+    pad_id = generation_pad_id(tokenizer, hf_config, eos_token_id)
+    key = jax.random.key(seed) if seed is not None else _unseeded_key(base_seed, next_call() if next_call else 0)
 
     result = sample_ids(
         graphdef, params, prompt_rows, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,

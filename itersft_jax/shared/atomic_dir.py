@@ -261,7 +261,7 @@ def verify(checkpoint_dir: str, required: str, writer: str) -> dict[str, Any]:
     return manifest
 
 
-# The shell's counters (``TrainerShell.counters``) as a state or checkpoint stores them: field -> the types it may
+# The flow's counters (``TrainerFlow.counters``) as a state or checkpoint stores them: field -> the types it may
 # hold. Checked before anything is restored, so an edited or foreign counters file cannot leave a half-loaded trainer.
 COUNTER_TYPES = {"global_step": (int,), "calls": (int,), "log_history": (list,),
                  "num_input_tokens_seen": (int, float, type(None)), "row_length": (int,), "datum_row_length": (int,)}

@@ -424,6 +424,13 @@ def bucket_length(length: int, max_length: int | None = None, minimum: int = 16)
     return bucket
 
 
+def training_pad_id(tokenizer) -> int:
+    """The id that pads training and evaluation rows on both engines: the tokenizer's pad id, else 0 (padding is
+    never attended nor in the loss, so its value only has to be a valid id)."""
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return 0 if pad_id is None else int(pad_id)
+
+
 def collate(micro_batches: list[list[Example]], *, pad_id: int = 0, rows: int | None = None,
             length: int | None = None, num_micro_batches: int | None = None,
             label_length: int | None = None) -> dict[str, np.ndarray]:

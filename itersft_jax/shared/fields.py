@@ -104,18 +104,15 @@ def _torch_optim_args(value, args, platform=None) -> str | None:
     return None
 
 
-JAX_REMAT_POLICIES = ("full", "dots", "offload")  # models.remat.REMAT_POLICIES, named here without jax
-
-
 def _jax_checkpointing_kwargs(value, args, platform=None) -> str | None:
-    """nnx.remat of every decoder layer with a ``policy`` (what it saves); ``use_reentrant`` (a torch
-    implementation switch) and ``every_n_layers=1`` describe it too; nothing else does."""
+    """nnx.remat of every decoder layer with a ``policy`` (what it saves; its names are checked where the model is
+    built, against ``models.remat.REMAT_POLICIES``, the one table); ``use_reentrant`` (a torch implementation
+    switch) and ``every_n_layers=1`` describe it too; nothing else does."""
     extra = {k: v for k, v in dict(value or {}).items()
-             if k != "use_reentrant" and not (k == "every_n_layers" and v == 1)
-             and not (k == "policy" and v in JAX_REMAT_POLICIES)}
+             if k not in ("use_reentrant", "policy") and not (k == "every_n_layers" and v == 1)}
     if extra:
         return (f"the JAX engine rematerializes every decoder layer (nnx.remat) and has no {sorted(extra)}; "
-                f"it takes 'policy' ({', '.join(JAX_REMAT_POLICIES)}) and use_reentrant, or use backend='torch'")
+                f"it takes 'policy' and use_reentrant, or use backend='torch'")
     return None
 
 
@@ -152,9 +149,9 @@ def _num_train_epochs_is_one(value) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # The table. Order: the installed transformers' TrainingArguments, then IterativeSFTConfig's own fields.
 
-_SHELL = "trainer shell: "  # JAX cadences and integrations kept by itersft_jax/trainer.py
+_SHELL = "trainer flow: "  # JAX cadences and integrations kept by itersft_jax/shared/flow.py
 _NO_DATALOADER = ("step() takes the samples of each call and evaluate() its samples or eval_dataset columns "
-                  "(shell.evaluate, both engines): there is no dataloader")
+                  "(shared.evaluation, both engines): there is no dataloader")
 _ONE_PROCESS = ("the JAX engine's processes run one program over every device (jax.distributed) and process 0 logs "
                 "and writes; there are no per-node replicas to configure")
 _TORCH_COMPILE_SETTING = each(not_applicable("torch.compile setting; XLA compiles the JAX steps"),
@@ -282,7 +279,7 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "eval_delay": each(honoured(_SHELL + "no evaluation before this update"),
                        honoured("no evaluation before this update")),
     "per_device_eval_batch_size": both(honoured("samples per evaluate() batch (x devices on JAX)")),
-    "prediction_loss_only": both(honoured("evaluate() skips compute_metrics (shell.evaluate)")),
+    "prediction_loss_only": both(honoured("evaluate() skips compute_metrics (shared.evaluation)")),
     "eval_on_start": both(refused("there is no start of training in step(): call trainer.evaluate() before the "
                                   "first step()")),
     "eval_do_concat_batches": both(refused("evaluate() always concatenates the batches' predictions for "
@@ -294,7 +291,9 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "save_only_model": each(refused("JAX checkpoints always hold the whole train state (exact resume); "
                                     "trainer.save_model() writes the model alone"),
                             honoured("Trainer._save_checkpoint")),
-    "save_strategy": each(honoured("checkpoint cadence (trainer shell)"),
+    "save_strategy": each(honoured("checkpoint cadence (trainer flow); 'best' refused (no best-metric tracking)",
+                                   lambda value, args, platform=None: "it has no best-metric tracking; use 'steps' "
+                                   "or 'epoch'" if enum_name(value) == "best" else None),
                           honoured("checkpoint cadence; 'epoch' = end of each step() call")),
     "save_steps": both(honoured("checkpoint every N updates")),
     "save_on_each_node": each(not_applicable(_ONE_PROCESS), honoured("Trainer._save_checkpoint")),
@@ -311,9 +310,10 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "load_best_model_at_end": both(refused(
         "step() has no end of training to load it at; load the best checkpoint yourself "
         "(save_strategy='best' keeps it)")),
-    "metric_for_best_model": each(honoured(_SHELL + "with save_strategy='best'"),
+    "metric_for_best_model": each(not_applicable("save_strategy='best' is refused on the JAX engine"),
                                   honoured("with save_strategy='best'")),
-    "greater_is_better": each(honoured(_SHELL + "with save_strategy='best'"), honoured("with save_strategy='best'")),
+    "greater_is_better": each(not_applicable("save_strategy='best' is refused on the JAX engine"),
+                              honoured("with save_strategy='best'")),
     "ignore_data_skip": both(not_applicable("step() has no dataset to skip into when resuming")),
     "restore_callback_states_from_checkpoint": both(refused(
         "callback states are not saved in checkpoints; resume restores the train state and counters")),
@@ -375,7 +375,7 @@ FIELDS: dict[str, dict[str, Rule]] = {
     "optimize_device_cache": each(not_applicable("XLA's allocator has no cache to empty"),
                                   honoured("empties the accelerator cache after each step() call")),
     "backend": both(honoured("picks the engine (IterativeSFTTrainer facade)")),
-    "max_skipped_updates": both(honoured("raise after this many non-finite updates in a row (shell.py)")),
+    "max_skipped_updates": both(honoured("raise after this many non-finite updates in a row (shared.flow)")),
     "mesh": each(honoured("the device mesh: data / fsdp / expert / tensor axes (itersft_jax.parallel.mesh, "
                           "parallel.sharding)"),
                  refused("the torch backend's parallelism is set by its launcher (accelerate launch / torchrun, "
@@ -466,9 +466,15 @@ def shuffle_seed(args) -> int:
     return int(args.data_seed if getattr(args, "data_seed", None) is not None else args.seed)
 
 
+def counts_input_tokens(args) -> bool:
+    """Whether ``include_num_input_tokens_seen`` asks for ``num_input_tokens_seen`` in step()'s result and the logs
+    (the one reader of the field: False becomes "no" in transformers' ``__post_init__``)."""
+    return enum_name(getattr(args, "include_num_input_tokens_seen", "no")) not in ("no", "False")
+
+
 def input_token_stats(args, state) -> dict[str, int]:
     """step()'s ``num_input_tokens_seen`` when ``include_num_input_tokens_seen`` asks for it (else nothing)."""
-    if str(getattr(args, "include_num_input_tokens_seen", "no")) in ("no", "False"):
+    if not counts_input_tokens(args):
         return {}
     return {"num_input_tokens_seen": int(state.num_input_tokens_seen or 0)}
 

@@ -8,9 +8,13 @@ the loaders would send it to the hub, and the user would read "Repo id must be i
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-import sys
+from collections.abc import Callable
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT adapter directory
 
@@ -43,6 +47,31 @@ def is_adapter_dir(source: Any) -> bool:
 
 
 def is_peft_model(source: Any) -> bool:
-    """Whether ``source`` is a ``peft.PeftModel`` (peft is an optional extra: a PeftModel means it is imported)."""
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(source, peft.PeftModel)
+    """Whether ``source`` is a ``peft.PeftModel``, read from its class's bases (peft is an optional extra: nothing is
+    imported to answer)."""
+    return any(cls.__name__ == "PeftModel" and cls.__module__.split(".")[0] == "peft"
+               for cls in type(source).__mro__)
+
+
+def load_tokenizer(model: Any, *, resolve: Callable[[str], str] | None = None, **from_pretrained_kwargs):
+    """The tokenizer stored with ``model`` when no ``processing_class`` is given — one behaviour on both engines: a
+    path or hub id, or a model object's ``name_or_path`` (``config._name_or_path``); an adapter directory without a
+    tokenizer of its own gives its base model's. ``resolve`` turns a hub id into a local directory first (the JAX
+    engine's download). Without any name: a warning and ``None`` (step() then takes ``input_ids`` only)."""
+    from transformers import AutoTokenizer
+
+    if is_adapter_dir(model) and not any(os.path.isfile(os.path.join(model, f))
+                                         for f in ("tokenizer.json", "tokenizer_config.json")):
+        with open(os.path.join(model, ADAPTER_CONFIG)) as f:  # no tokenizer beside the adapter: the base's
+            model = json.load(f).get("base_model_name_or_path") or model
+    if isinstance(model, (str, os.PathLike)):
+        source = model
+    else:
+        source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not source:
+        logger.warning("no `processing_class` and the model has no name_or_path: step() takes `input_ids` only "
+                       "(texts and prompts/completions need a tokenizer)")
+        return None
+    if resolve is not None and not os.path.isdir(source):
+        source = resolve(source)
+    return AutoTokenizer.from_pretrained(source, **from_pretrained_kwargs)

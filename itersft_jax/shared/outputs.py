@@ -100,6 +100,25 @@ def eos_id_list(eos_token_id: Any, vocab_size: int | None = None) -> list[int]:
     return ids
 
 
+def default_eos_ids(eos_token_id: Any, tokenizer, hf_config, vocab_size: int | None = None) -> list[int]:
+    """The EOS ids a ``generate`` call stops on, on both engines: the given ids (checked), or by default the model
+    config's (HF's generation default) plus the tokenizer's."""
+    if eos_token_id is not None:
+        return eos_id_list(eos_token_id, vocab_size)
+    ids = eos_id_list(getattr(hf_config, "eos_token_id", None))
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids = eos_id_list([*ids, tokenizer.eos_token_id])
+    return ids
+
+
+def generation_pad_id(tokenizer, hf_config, eos_ids: list[int]) -> int:
+    """The id that pads a ``generate`` call's rows, on both engines: the tokenizer's pad id, else the model
+    config's, else the first EOS id, else 0."""
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    pad = pad if pad is not None else getattr(hf_config, "pad_token_id", None)
+    return int(pad if pad is not None else (eos_ids[0] if eos_ids else 0))
+
+
 def check_generation_positions(rows: list[list[int]], max_new_tokens: int, max_positions: int | None,
                                prompt_name: str) -> None:
     """``ValueError`` when a prompt plus ``max_new_tokens`` runs past the model's learned position table (GPT-2,

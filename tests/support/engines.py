@@ -60,11 +60,11 @@ def fingerprint(trainer) -> str:
         digest.update(str((array.dtype, array.shape)).encode())
         digest.update(array.tobytes())
 
-    pending = trainer._pending
+    pending = trainer.flow.pending
     counters = dict(trainer.counters())  # without the wall times of the logs: they differ between equal runs
     counters["log_history"] = [{k: v for k, v in entry.items() if "second" not in k}
                                for entry in counters.get("log_history", [])]
-    digest.update(json.dumps([counters, trainer._generate_calls, trainer.state.global_step,
+    digest.update(json.dumps([counters, trainer.flow.generate_calls, trainer.state.global_step,
                               None if pending is None else vars(pending)], sort_keys=True, default=str).encode())
     if trainer.args.backend == "torch":
         import torch

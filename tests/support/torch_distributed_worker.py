@@ -179,9 +179,9 @@ def _expect_refusal(out: Path, phase: str, model_dir: str, **overrides) -> None:
 
 
 def main(mode: str, model_dir: str, out: str) -> None:
-    import itersft_jax.shared.shell as shell
+    import itersft_jax.shared.flow as flow
 
-    shell.PROGRESS_BAR_MIN_UPDATES = 1  # show the bar for these short calls: only rank 0 may draw it
+    flow.PROGRESS_BAR_MIN_UPDATES = 1  # show the bar for these short calls: only rank 0 may draw it
     out_dir = Path(out)
     if mode == "ddp":
         # Without use_cpu, accelerate finds no GPU and leaves each process alone although torchrun started two.
