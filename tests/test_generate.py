@@ -87,31 +87,54 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(llama):
                         **kw).sequences == greedy
 
 
-def test_filter_logits_matches_transformers_warpers():
+def transformers_kept(logits, temperature, top_k, top_p, min_p):
+    """The kept set of transformers' warpers in its order (temperature, top-k, top-p, min-p), with our tie rule
+    at the top-p threshold: transformers keeps those of the tied tokens its sort puts last; we keep them all."""
     from transformers.generation.logits_process import (
+        MinPLogitsWarper,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
     )
 
-    for temperature, top_k, top_p in [(1.0, 5, 1.0), (0.7, 0, 0.8), (1.3, 10, 0.5), (1.0, 3, 1.0),
-                                      (0.5, 0, 0.95)]:
-        logits = np.random.default_rng(top_k).normal(size=(4, 50)).astype(np.float32) * 3
-        if top_p == 1:
-            # ties at the top-k boundary are all kept, as in HF (at a top-p boundary HF keeps an
-            # arbitrary subset of tied tokens, by sort order; we keep them all)
-            logits[0, :5] = 7.0
-        expected = torch.from_numpy(logits.copy())
-        expected = TemperatureLogitsWarper(temperature)(None, expected)
-        if top_k:
-            expected = TopKLogitsWarper(top_k)(None, expected)
-        if top_p < 1:
-            expected = TopPLogitsWarper(top_p)(None, expected)
-        knobs = {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
-                 "top_p": np.float32(top_p)}
-        got = np.asarray(filter_logits(jnp.asarray(logits), knobs))
-        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected.numpy()))
-        np.testing.assert_allclose(got[np.isfinite(got)], expected.numpy()[np.isfinite(got)], rtol=1e-6)
+    scores = TemperatureLogitsWarper(temperature)(None, torch.from_numpy(logits.copy()))
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        cut = TopPLogitsWarper(top_p)(None, scores.clone())
+        least = torch.where(torch.isfinite(cut), scores, torch.inf).amin(-1, keepdim=True)
+        scores = torch.where(scores >= least, scores, -torch.inf)  # + the tokens tied with the least kept one
+    if min_p:
+        scores = MinPLogitsWarper(min_p)(None, scores)
+    return scores.numpy()
+
+
+def test_filter_logits_equals_transformers_warpers_without_a_sort():
+    """The threshold searches keep exactly transformers' set (top-k ties kept as it does; the top-p tie rule
+    above), and the kept logits are its values: random, peaked, flat and tied rows, top_p 1 and 1e-6, top_k
+    past the vocabulary, min_p after temperature and top-p."""
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(size=50) * 3, rng.normal(size=50) * 0.05, np.r_[40.0, rng.normal(size=49)],
+            np.zeros(50), np.r_[[2.0] * 6, [1.0] * 20, rng.normal(size=24) - 3],
+            np.log(np.r_[[0.3] * 2, [0.1] * 4, [0.0] * 44] + 1e-9), rng.normal(size=50) * 30]
+    logits = np.stack(rows).astype(np.float32)
+    # row 5 at top_p 0.65: 0.6 of mass above its four tied 0.1s, transformers keeps one of them, we keep all
+    settings = [(1.0, 5, 1.0, 0.0), (0.7, 0, 0.8, 0.0), (1.3, 10, 0.5, 0.0), (1.0, 3, 1.0, 0.0),
+                (0.5, 0, 0.95, 0.0), (1.0, 0, 1e-6, 0.0), (1.0, 0, 0.65, 0.0), (1.0, 1000, 0.9, 0.0),
+                (0.8, 0, 1.0, 0.1), (1.5, 20, 0.9, 0.05), (1.0, 0, 0.999, 0.0), (2.0, 0, 0.3, 0.5)]
+    fn = jax.jit(filter_logits)
+    for temperature, top_k, top_p, min_p in settings:
+        knobs = {"temperature": np.float32(temperature), "top_k": np.int32(top_k), "top_p": np.float32(top_p),
+                 "min_p": np.float32(min_p)}
+        got = np.asarray(fn(jnp.asarray(logits), knobs))
+        expected = transformers_kept(logits, temperature, top_k, top_p, min_p)
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected),
+                                      err_msg=f"T={temperature} k={top_k} p={top_p} min_p={min_p}")
+        np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(got)], rtol=1e-6)
+    # ties at the top-p threshold: all kept (two 0.3s: p=0.3 keeps both, transformers one of them)
+    tied = np.asarray(fn(jnp.asarray(logits[5:6]), {"temperature": np.float32(1), "top_k": np.int32(0),
+                                                      "top_p": np.float32(0.3), "min_p": np.float32(0)}))
+    assert np.isfinite(tied).sum() == 2
 
 
 def test_eos_stops_each_row_independently(llama):

@@ -280,9 +280,9 @@ def _kv_bytes(state: dict) -> int:
 
 def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return_sequences: int = 1,
                max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
-               key: jax.Array | None = None, vocab_size: int | None = None, num_slots: int = NUM_SLOTS,
-               mesh=None) -> SamplerResult:
+               top_p: float = 1.0, min_p: float = 0.0, eos_token_id: int | Sequence[int] | None = None,
+               pad_token_id: int = 0, key: jax.Array | None = None, vocab_size: int | None = None,
+               num_slots: int = NUM_SLOTS, mesh=None) -> SamplerResult:
     """The engine for a bare model: ``graphdef``/``params`` from ``nnx.split(model, nnx.Param)``.
 
     ``prompts``: one list of token ids per prompt (no padding); each gives ``num_return_sequences`` rows.
@@ -293,11 +293,12 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     most KV cache rows one device held: ``B / (data x fsdp)`` under a mesh), and the shapes each program ran at.
     """
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                          top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, greedy_repeats=True)
+                          top_k=top_k, top_p=top_p, min_p=min_p, num_return_sequences=num_return_sequences,
+                          greedy_repeats=True)
     prompts = id_rows(prompts, vocab_size)
     if mesh is not None and mesh.size == 1:
         mesh = None
-    knobs = make_knobs(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+    knobs = make_knobs(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                        pad_token_id=pad_token_id, eos_token_id=eos_token_id)
     key = jax.random.key(0) if key is None else key
     n = num_return_sequences

@@ -51,9 +51,10 @@ MAX_RETURN_SEQUENCES = 1 << 16
 
 def check_generation_args(*, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,
                           num_return_sequences: int = 1, seed: Any = None, return_text: Any = True,
-                          return_logprobs: Any = False, greedy_repeats: bool = False) -> None:
+                          return_logprobs: Any = False, greedy_repeats: bool = False, min_p: float = 0.0) -> None:
     """``TypeError`` / ``ValueError`` naming the argument for any setting ``generate`` cannot honour: integers in
-    range, finite numbers, booleans, ``temperature >= MIN_TEMPERATURE`` when sampling, ``top_p`` in (0, 1], and
+    range, finite numbers, booleans, ``temperature >= MIN_TEMPERATURE`` when sampling, ``top_p`` in (0, 1], ``min_p`` in
+    [0, 1], and
     ``num_return_sequences == 1`` for greedy decoding (its rows would all be the same, as transformers refuses).
     ``greedy_repeats=True`` (the sampler's engines, below the public ``generate``) lets greedy decoding repeat a
     prompt's rows: the engines' own tests compare the continuous engine with the static one row by row."""
@@ -70,6 +71,9 @@ def check_generation_args(*, max_new_tokens: int, do_sample: bool, temperature: 
                          f"greedy decoding set do_sample=False")
     if not 0 < top_p <= 1:
         raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
+    min_p = check_real(min_p, "min_p")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"`min_p` must be in [0, 1] (0: off), got {min_p}")
     if not do_sample and num_return_sequences > 1 and not greedy_repeats:
         raise ValueError(f"`num_return_sequences`={num_return_sequences} with greedy decoding (do_sample=False) "
                          f"would return {num_return_sequences} identical rows per prompt; set do_sample=True")
