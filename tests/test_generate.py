@@ -206,3 +206,56 @@ def test_generate_sees_the_update_of_the_previous_step(tiny_model_dir, tmp_path,
     after = generate(trainer, ["hello"], max_new_tokens=6)
     assert after.texts[0] == " world" != before and after.finished[0]
     assert jax.tree.leaves(trainer.params)[0] is jax.tree.leaves(trainer.train_state.params)[0]
+
+
+def test_processors_and_stop_strings_equal_transformers(llama, tokenizer):
+    """Greedy, token for token against transformers ``generate`` on the same weights (one prompt: no padding):
+    ``repetition_penalty`` with ``min_new_tokens`` (the EOS is a token greedy emits early: blocked until then),
+    and ``stop_strings`` (a piece of the greedy text across a token boundary: the row ends at the token that
+    completes it, which transformers' ``StopStringCriteria`` keeps too)."""
+    from transformers import AutoModelForCausalLM
+
+    path, trainer = llama
+    hf = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    prompt = PROMPTS[2]
+    ids = tokenizer(prompt).input_ids
+
+    def theirs(eos, **kw):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0, **kw)
+        row = out[0, len(ids):].tolist()
+        return row[:row.index(eos) + 1] if eos in row else row
+
+    plain = generate(trainer, [prompt], max_new_tokens=NEW, eos_token_id=[]).sequences[0]
+    penalized = generate(trainer, [prompt], max_new_tokens=NEW, eos_token_id=[], repetition_penalty=1.5)
+    assert penalized.sequences[0] != plain  # the penalty changes this row
+    eos = penalized.sequences[0][1]
+    out = generate(trainer, [prompt], max_new_tokens=NEW, eos_token_id=eos, repetition_penalty=1.5, min_new_tokens=5)
+    assert out.sequences[0] == theirs(eos, repetition_penalty=1.5, min_new_tokens=5)
+    assert len(out.sequences[0]) >= 6 and eos not in out.sequences[0][:5]
+
+    # a stop string across a token boundary, from printable text (a random model emits stray bytes too)
+    texts = [tokenizer.decode([t]) for t in plain]
+    i = next(i for i in range(3, NEW) if len(texts[i - 1]) >= 2 and texts[i]
+             and (texts[i - 1] + texts[i]).isprintable() and "\ufffd" not in texts[i - 1] + texts[i])
+    stop = texts[i - 1][-2:] + texts[i][:1]  # completed by token i
+    unused = next(t for t in range(3, 300) if t not in plain)
+    out = generate(trainer, [prompt], max_new_tokens=NEW, eos_token_id=unused, stop_strings=[stop, "never seen"])
+    assert out.sequences[0] == theirs(unused, stop_strings=[stop, "never seen"], tokenizer=tokenizer)
+    assert stop in out.texts[0] and out.finish_reasons == ["stop_string"] and out.finished == [True]
+    assert len(out.sequences[0]) <= i + 1
+
+
+def test_new_arguments_are_checked_naming_them(llama):
+    _, trainer = llama
+    for kwargs, exc, name in ((dict(min_p=1.5), ValueError, "min_p"), (dict(min_p="0.1"), TypeError, "min_p"),
+                              (dict(min_new_tokens=NEW + 1), ValueError, "min_new_tokens"),
+                              (dict(min_new_tokens=1.0), TypeError, "min_new_tokens"),
+                              (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
+                              (dict(stop_strings=[""]), TypeError, "stop_strings"),
+                              (dict(stop_strings=[3]), TypeError, "stop_strings")):
+        with pytest.raises(exc, match=f"`{name}`"):
+            generate(trainer, PROMPTS, max_new_tokens=NEW, **kwargs)
+    with pytest.raises(ValueError, match="`stop_strings` need a tokenizer"):
+        generate(trainer.model, input_ids=[[1, 5]], stop_strings=["a"])

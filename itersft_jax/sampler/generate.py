@@ -20,6 +20,7 @@ from itersft_jax.sampler.engine import sample_ids
 from itersft_jax.shared.outputs import GenerationOutput, check_generation_args, check_generation_positions
 from itersft_jax.shared.outputs import eos_id_list as _eos_list
 from itersft_jax.shared.outputs import prompt_rows as read_prompts
+from itersft_jax.shared.stops import check_stop_strings
 
 _UNSEEDED_STREAM = 0x5EED  # folded into the base key for calls without a seed; explicit seeds never collide
 
@@ -48,17 +49,22 @@ def _default_eos(tokenizer, hf_config) -> list[int]:
 
 def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=None, *,
              max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, num_return_sequences: int = 1,
+             top_p: float = 1.0, min_p: float = 0.0, num_return_sequences: int = 1,
              eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
-             return_text: bool = True, return_logprobs: bool = False, tokenizer=None,
+             return_text: bool = True, return_logprobs: bool = False, min_new_tokens: int = 0,
+             repetition_penalty: float = 1.0, stop_strings: str | Sequence[str] | None = None, tokenizer=None,
              hf_config=None) -> GenerationOutput:
     """Generate completions with a JAX ``IterativeSFTTrainer``'s current parameters (or an NNX model).
 
     Give ``prompts`` (texts, tokenized with the tokenizer's own special tokens) or ``input_ids`` (a list of
     token-id sequences, no padding). ``eos_token_id``: int or list; default the model config's EOS plus the
     tokenizer's; ``[]`` never stops early. ``seed``: fixed -> reproducible; ``None`` -> a fresh stream per
-    call (see the module docstring). For a bare ``nnx.Module`` pass ``tokenizer=`` (for texts) and
-    ``hf_config=`` (for the default EOS) yourself.
+    call (see the module docstring). For a bare ``nnx.Module`` pass ``tokenizer=`` (for texts and
+    ``stop_strings``) and ``hf_config=`` (for the default EOS) yourself.
+
+    transformers' names and semantics: ``min_p`` (after temperature, top-k, top-p), ``min_new_tokens`` (EOS
+    blocked before), ``repetition_penalty`` (on the logits of every token the row holds, prompt included; greedy
+    too), ``stop_strings`` (a row ends at the token completing one; ``finish_reasons`` says why each row ended).
 
     Each distinct prompt is prefilled once and its ``num_return_sequences`` rows decode in slots refilled as
     rows end (``sampler/engine.py``). ``return_logprobs``: ``GenerationOutput.logprobs`` holds each generated
@@ -85,7 +91,9 @@ def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=N
                         f"{type(trainer_or_model).__name__}")
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                           top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, seed=seed,
-                          return_text=return_text, return_logprobs=return_logprobs)
+                          return_text=return_text, return_logprobs=return_logprobs, min_p=min_p,
+                          min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
+    stop_strings = check_stop_strings(stop_strings, tokenizer)
     vocab_size = getattr(hf_config, "vocab_size", None)
     eos_token_id = _eos_list(eos_token_id, vocab_size) if eos_token_id is not None else None
     prompt_rows = read_prompts(prompts, input_ids, tokenizer,
@@ -106,12 +114,14 @@ def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=N
 
     result = sample_ids(
         graphdef, params, prompt_rows, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
-        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-        pad_token_id=int(pad_id), key=key, mesh=mesh)
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        eos_token_id=eos_token_id, pad_token_id=int(pad_id), key=key, mesh=mesh, min_new_tokens=min_new_tokens,
+        repetition_penalty=repetition_penalty, stop_strings=stop_strings, tokenizer=tokenizer)
     sequences = result.sequences
     texts = None
     if return_text and tokenizer is not None:
         texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
     return GenerationOutput(sequences=sequences, texts=texts, prompt_ids=rows, finished=result.finished,
                             num_return_sequences=num_return_sequences,
-                            logprobs=result.logprobs if return_logprobs else None, stats=result.stats)
+                            logprobs=result.logprobs if return_logprobs else None, stats=result.stats,
+                            finish_reasons=result.finish_reasons)

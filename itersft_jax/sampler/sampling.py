@@ -109,13 +109,31 @@ def sample_rows(logits_BV: jax.Array, keys_B: jax.Array, knobs: dict) -> jax.Arr
     return jax.lax.cond(knobs["do_sample"], sample, greedy, logits_BV)
 
 
+def process_logits(logits_BV: jax.Array, seen_BV: jax.Array, gen_B: jax.Array, knobs: dict) -> jax.Array:
+    """transformers' logits processors before the warpers (greedy decoding too): ``repetition_penalty`` (a logit
+    of a token the row holds, prompt included, divided by the penalty when positive, multiplied when negative),
+    then ``min_new_tokens`` (every EOS id at -inf while the row has fewer new tokens). Each is skipped by a
+    ``cond`` when off."""
+    def penalize(x):
+        pen = knobs["repetition_penalty"]
+        return jnp.where(seen_BV, jnp.where(x < 0, x * pen, x / pen), x)
+
+    def block_eos(x):
+        eos_V = jnp.any(jnp.arange(x.shape[-1])[:, None] == knobs["eos_ids"][None, :], axis=-1)
+        return jnp.where((gen_B < knobs["min_new"])[:, None] & eos_V[None, :], -jnp.inf, x)
+
+    logits_BV = jax.lax.cond(knobs["repetition_penalty"] != 1.0, penalize, lambda x: x, logits_BV)
+    return jax.lax.cond(jnp.any(gen_B < knobs["min_new"]), block_eos, lambda x: x, logits_BV)
+
+
 def make_knobs(*, do_sample: bool, temperature: float, top_k: int, top_p: float, pad_token_id: int,
-               eos_token_id, min_p: float = 0.0) -> dict:
+               eos_token_id, min_p: float = 0.0, min_new_tokens: int = 0, repetition_penalty: float = 1.0) -> dict:
     """Every sampling setting as a run-time value (no setting recompiles); EOS ids padded to ``MAX_EOS_IDS``."""
     eos = eos_id_list(eos_token_id)
     return {"do_sample": np.bool_(do_sample), "filter": np.bool_(top_k > 0 or top_p < 1.0 or min_p > 0),
             "temperature": np.float32(temperature), "top_k": np.int32(top_k), "top_p": np.float32(top_p),
-            "min_p": np.float32(min_p),            "pad_id": np.int32(pad_token_id),
+            "min_p": np.float32(min_p), "min_new": np.int32(min_new_tokens),
+            "repetition_penalty": np.float32(repetition_penalty), "pad_id": np.int32(pad_token_id),
             "eos_ids": np.asarray(eos + [-1] * (MAX_EOS_IDS - len(eos)), np.int32)}
 
 

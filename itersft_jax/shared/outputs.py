@@ -24,7 +24,9 @@ class GenerationOutput:
     ``prompt_ids``: the prompt tokens of each row, without padding. ``logprobs`` (``return_logprobs=True``):
     per row, each generated token's log-probability under the model at temperature 1 (fp32, aligned with
     ``sequences[row]``), whatever the sampling settings. ``stats``: what the engine measured (JAX: decode
-    steps, slot occupancy, KV bytes held, ...; torch: ``None``).
+    steps, slot occupancy, KV bytes held, ...; torch: ``None``). ``finish_reasons``: why each row ended,
+    ``"eos"``, ``"stop_string"`` (``stop_strings``: the row is cut after the token that completed one, which it
+    keeps, as transformers does; ``finished`` is True for it too) or ``"length"`` (``max_new_tokens``).
     """
 
     sequences: list[list[int]]
@@ -34,6 +36,7 @@ class GenerationOutput:
     num_return_sequences: int = 1
     logprobs: list[list[float]] | None = None
     stats: dict | None = None
+    finish_reasons: list[str] | None = None
 
     def __getitem__(self, key: str) -> Any:  # dict-style access, like HF's ModelOutput
         return getattr(self, key)
@@ -51,10 +54,12 @@ MAX_RETURN_SEQUENCES = 1 << 16
 
 def check_generation_args(*, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,
                           num_return_sequences: int = 1, seed: Any = None, return_text: Any = True,
-                          return_logprobs: Any = False, greedy_repeats: bool = False, min_p: float = 0.0) -> None:
+                          return_logprobs: Any = False, greedy_repeats: bool = False, min_p: float = 0.0,
+                          min_new_tokens: int = 0, repetition_penalty: float = 1.0) -> None:
     """``TypeError`` / ``ValueError`` naming the argument for any setting ``generate`` cannot honour: integers in
     range, finite numbers, booleans, ``temperature >= MIN_TEMPERATURE`` when sampling, ``top_p`` in (0, 1], ``min_p`` in
     [0, 1], and
+    ``min_new_tokens`` in [0, max_new_tokens], ``repetition_penalty > 0``,
     ``num_return_sequences == 1`` for greedy decoding (its rows would all be the same, as transformers refuses).
     ``greedy_repeats=True`` (the sampler's engines, below the public ``generate``) lets greedy decoding repeat a
     prompt's rows: the engines' own tests compare the continuous engine with the static one row by row."""
@@ -74,6 +79,9 @@ def check_generation_args(*, max_new_tokens: int, do_sample: bool, temperature: 
     min_p = check_real(min_p, "min_p")
     if not 0 <= min_p <= 1:
         raise ValueError(f"`min_p` must be in [0, 1] (0: off), got {min_p}")
+    check_int(min_new_tokens, "min_new_tokens", 0, max_new_tokens)
+    if not check_real(repetition_penalty, "repetition_penalty") > 0:
+        raise ValueError(f"`repetition_penalty` must be > 0 (1: off), got {repetition_penalty}")
     if not do_sample and num_return_sequences > 1 and not greedy_repeats:
         raise ValueError(f"`num_return_sequences`={num_return_sequences} with greedy decoding (do_sample=False) "
                          f"would return {num_return_sequences} identical rows per prompt; set do_sample=True")
