@@ -52,7 +52,7 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
              num_return_sequences: int = 1, eos_token_id: int | Sequence[int] | None = None,
              seed: int | None = None, return_text: bool = True, return_logprobs: bool = False, min_p: float = 0.0,
              min_new_tokens: int = 0, repetition_penalty: float = 1.0,
-             stop_strings: str | Sequence[str] | None = None) -> GenerationOutput:
+             stop_strings: str | Sequence[str] | None = None, messages=None) -> GenerationOutput:
     """Generate completions with the trainer's current model (see ``itersft_jax.sampler.generate.generate``).
 
     ``return_logprobs``: each generated token's log-probability under the model at temperature 1:
@@ -77,10 +77,11 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
     model = trainer.accelerator.unwrap_model(trainer.model)
     if eos_token_id is not None:
         eos_id_list(eos_token_id, trainer.vocab_size)  # refused before the prompts are tokenized
-    rows = prompt_rows(prompts, input_ids, tokenizer, vocab_size=trainer.vocab_size,
+    prompt_name = "prompts" if prompts is not None else "messages" if messages is not None else "input_ids"
+    rows = prompt_rows(prompts, input_ids, tokenizer, vocab_size=trainer.vocab_size, messages=messages,
                        no_tokenizer_hint="pass `processing_class` to the trainer")
     check_generation_positions(rows, max_new_tokens, trainer.position_limit,
-                               "prompts" if prompts is not None else "input_ids")
+                               prompt_name)
 
     eos = _eos_ids(eos_token_id, tokenizer, model.config, trainer.vocab_size)
     pad = getattr(tokenizer, "pad_token_id", None)

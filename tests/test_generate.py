@@ -259,3 +259,27 @@ def test_new_arguments_are_checked_naming_them(llama):
             generate(trainer, PROMPTS, max_new_tokens=NEW, **kwargs)
     with pytest.raises(ValueError, match="`stop_strings` need a tokenizer"):
         generate(trainer.model, input_ids=[[1, 5]], stop_strings=["a"])
+
+
+def test_messages_go_through_the_chat_template(llama, tokenizer):
+    """``messages``: each chat through the tokenizer's template with the generation prompt, tokenized without
+    adding special tokens again; the same rows as ``input_ids`` of that text. No template: a clear error."""
+    import copy
+
+    _, trainer = llama
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant:{% endif %}")
+    messages = [[{"role": "user", "content": "hello"}], [{"role": "system", "content": "be brief"},
+                                                         {"role": "user", "content": "12 + 30 ="}]]
+    out = generate(trainer, messages=messages, max_new_tokens=4, eos_token_id=[], tokenizer=chat)
+    expected = [chat("user: hello\nassistant:", add_special_tokens=False).input_ids,
+                chat("system: be brief\nuser: 12 + 30 =\nassistant:", add_special_tokens=False).input_ids]
+    assert out.prompt_ids == expected
+    assert out.sequences == generate(trainer, input_ids=expected, max_new_tokens=4, eos_token_id=[]).sequences
+    with pytest.raises(ValueError, match="no chat template"):
+        generate(trainer, messages=messages, max_new_tokens=4)
+    with pytest.raises(ValueError, match="exactly one"):
+        generate(trainer, PROMPTS, messages=messages, tokenizer=chat)
+    with pytest.raises(TypeError, match="`messages"):
+        generate(trainer, messages=["hello"], tokenizer=chat)

@@ -42,6 +42,9 @@ def test_processors_and_stop_strings_equal_the_jax_engine(tiny_model_dir, tokeni
     assert outs[0].sequences == outs[1].sequences and outs[0].texts == outs[1].texts
     assert outs[0].finish_reasons == outs[1].finish_reasons == ["stop_string"] and stop in outs[1].texts[0]
     assert len(outs[1].sequences[0]) < 10 and outs[1].finished == [True]
+    for engine in engines:  # `messages` need a chat template, which this tokenizer lacks: refused on both
+        with pytest.raises(ValueError, match="no chat template"):
+            engine.generate(messages=[[{"role": "user", "content": "hi"}]])
 
 
 def test_sampling_seeds_rows_and_eos(tiny_model_dir, tokenizer, tmp_path):

@@ -53,14 +53,15 @@ def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=N
              eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
              return_text: bool = True, return_logprobs: bool = False, min_new_tokens: int = 0,
              repetition_penalty: float = 1.0, stop_strings: str | Sequence[str] | None = None, tokenizer=None,
-             hf_config=None) -> GenerationOutput:
+             hf_config=None, messages=None) -> GenerationOutput:
     """Generate completions with a JAX ``IterativeSFTTrainer``'s current parameters (or an NNX model).
 
-    Give ``prompts`` (texts, tokenized with the tokenizer's own special tokens) or ``input_ids`` (a list of
-    token-id sequences, no padding). ``eos_token_id``: int or list; default the model config's EOS plus the
-    tokenizer's; ``[]`` never stops early. ``seed``: fixed -> reproducible; ``None`` -> a fresh stream per
-    call (see the module docstring). For a bare ``nnx.Module`` pass ``tokenizer=`` (for texts and
-    ``stop_strings``) and ``hf_config=`` (for the default EOS) yourself.
+    Give ``prompts`` (texts, tokenized with the tokenizer's own special tokens), ``input_ids`` (a list of
+    token-id sequences, no padding) or ``messages`` (a list of chats, each a list of ``{"role", "content"}``
+    dicts: the tokenizer's chat template with the generation prompt). ``eos_token_id``: int or list; default
+    the model config's EOS plus the tokenizer's; ``[]`` never stops early. ``seed``: fixed -> reproducible;
+    ``None`` -> a fresh stream per call (see the module docstring). For a bare ``nnx.Module`` pass
+    ``tokenizer=`` (for texts, chats and ``stop_strings``) and ``hf_config=`` (for the default EOS) yourself.
 
     transformers' names and semantics: ``min_p`` (after temperature, top-k, top-p), ``min_new_tokens`` (EOS
     blocked before), ``repetition_penalty`` (on the logits of every token the row holds, prompt included; greedy
@@ -96,11 +97,12 @@ def generate(trainer_or_model, prompts: Sequence[str] | None = None, input_ids=N
     stop_strings = check_stop_strings(stop_strings, tokenizer)
     vocab_size = getattr(hf_config, "vocab_size", None)
     eos_token_id = _eos_list(eos_token_id, vocab_size) if eos_token_id is not None else None
-    prompt_rows = read_prompts(prompts, input_ids, tokenizer,
+    prompt_name = "prompts" if prompts is not None else "messages" if messages is not None else "input_ids"
+    prompt_rows = read_prompts(prompts, input_ids, tokenizer, messages=messages,
                                no_tokenizer_hint="pass `tokenizer=` or `input_ids=`", vocab_size=vocab_size)
     if hf_config is not None:
         check_generation_positions(prompt_rows, max_new_tokens, position_limit(hf_config),
-                                   "prompts" if prompts is not None else "input_ids")
+                                   prompt_name)
     rows = [row for row in prompt_rows for _ in range(num_return_sequences)]
 
     if eos_token_id is None:

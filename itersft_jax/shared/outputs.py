@@ -147,11 +147,38 @@ def _is_empty(value: Any) -> bool:
         return False
 
 
+def chat_prompts(messages, tokenizer, no_tokenizer_hint: str) -> list[str]:
+    """``messages`` (one conversation per prompt: a list of ``{"role", "content"}`` dicts) -> prompt texts through
+    the tokenizer's chat template, with the generation prompt."""
+    if isinstance(messages, (str, dict)) or not isinstance(messages, (list, tuple)) or not messages:
+        raise TypeError("`messages` must be a non-empty list of conversations, each a list of "
+                        "{'role': ..., 'content': ...} dicts")
+    for i, conversation in enumerate(messages):
+        if not isinstance(conversation, (list, tuple)) or not conversation or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
+            raise TypeError(f"`messages[{i}]` must be a non-empty list of {{'role': ..., 'content': ...}} dicts")
+    if tokenizer is None:
+        raise ValueError(f"`messages` need a tokenizer with a chat template; {no_tokenizer_hint}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("`messages`: the tokenizer has no chat template (tokenizer.chat_template is None); set one "
+                         "or pass `prompts` with the template applied")
+    return [tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False) for c in messages]
+
+
 def prompt_rows(prompts, input_ids, tokenizer, *, no_tokenizer_hint: str,
-                vocab_size: int | None = None) -> list[list[int]]:
+                vocab_size: int | None = None, messages=None) -> list[list[int]]:
     """The prompts of a ``generate`` call as token-id rows: exactly one of ``prompts`` (texts, tokenized with
-    the tokenizer's own special tokens) and ``input_ids`` (unpadded token-id sequences, checked against
-    ``vocab_size`` when given)."""
+    the tokenizer's own special tokens), ``input_ids`` (unpadded token-id sequences, checked against
+    ``vocab_size`` when given) and ``messages`` (conversations: the chat template with the generation prompt, the
+    template's text tokenized without adding special tokens again)."""
+    if messages is not None:
+        if prompts is not None or input_ids is not None:
+            raise ValueError("pass exactly one of `prompts` (texts), `input_ids` (token ids) and `messages` (chats)")
+        texts = chat_prompts(messages, tokenizer, no_tokenizer_hint)
+        rows = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("`messages`: the chat template gave an empty prompt")
+        return id_rows(rows, vocab_size)
     if (prompts is None) == (input_ids is None):
         raise ValueError("pass exactly one of `prompts` (texts) and `input_ids` (token ids)")
     for name, value in (("prompts", prompts), ("input_ids", input_ids)):
