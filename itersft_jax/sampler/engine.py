@@ -8,7 +8,8 @@ samples from the trainer's live parameters):
   prefilled once (``sampler_prefill``, a batch of prompts left-padded to a prompt bucket); its KV and its
   last-position logits stay on the device until its n rows are inserted.
 * **Slots.** A decode state of ``B`` slots holds, per layer, keys/values ``[B, K, L, H]`` in the compute dtype
-  and each slot's next-token logits ``[B, V]`` (fp32). Every slot's tokens are *right-aligned* at one shared
+  and each slot's next-token logits ``[B, V]`` (fp32), with a ``[B, V]`` mask of the tokens its row holds (prompt
+  and generated: ``repetition_penalty``). Every slot's tokens are *right-aligned* at one shared
   write index ``g``: a slot whose row holds ``n`` tokens (prompt + generated) owns cache slots
   ``[g - n, g)``; a per-slot ``start`` masks everything before, so the model's attention (one shared cache
   index) serves rows of any length and age. ``sampler_insert`` copies a prefilled prompt's KV into a free
