@@ -16,6 +16,13 @@ steps actually run: a static batch decodes every row until its longest ends), co
     python benchmarks/sampler_throughput.py [--prompts 64] [--new-tokens 256] [--smoke]
 
 Writes ``benchmarks/results/sampler_throughput.md`` (``--out``).
+
+``--top-p-workload [MODEL_DIR]`` (issue 28): 16 chat prompts (the tokenizer's chat template) x 4 samples, up to
+96 new tokens, temperature 0.8, stopping at the model's EOS, with ``top_p=1.0`` and ``top_p=0.95``: our
+``generate`` and transformers ``generate`` (one batch of 64 rows), one process, same weights. MODEL_DIR: a Hugging
+Face directory with a chat template (``itersft demo --model smollm2`` converts SmolLM2-135M-Instruct into
+``~/.cache/itersft``); without it, a random Llama from a config (hidden 256, 4 layers, vocab 8192) with a
+one-line template. Writes ``benchmarks/results/sampler_top_p.md``.
 """
 
 from __future__ import annotations
@@ -128,6 +135,90 @@ def measure(name, fn, warmup=None):
     return row
 
 
+CHAT_QUESTIONS = [
+    "What is 17 times 23?", "Name three rivers in Europe.", "Write a haiku about rain.",
+    "Explain what a prime number is.", "How do I boil an egg?", "Give me a synonym for happy.",
+    "What is the capital of Canada?", "Summarize the plot of Romeo and Juliet.", "Why is the sky blue?",
+    "List four fruits that are red.", "What does a compiler do?", "Translate 'good morning' into French.",
+    "How many legs does a spider have?", "Suggest a name for a cat.", "What is 1234 + 4321?",
+    "Describe the taste of lemon."]
+
+
+def top_p_workload(model_dir: str | None, out: str) -> None:
+    """Issue 28's workload: tokens/s and decode step time with top_p 1.0 and 0.95, ours vs transformers."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from itersft_jax.io.weights import load_model
+    from itersft_jax.sampler.generate import generate
+
+    if model_dir:
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                 tokenize=False) for q in CHAT_QUESTIONS]
+        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        eos = sorted({int(tokenizer.eos_token_id)} | set(np.atleast_1d(hf.config.eos_token_id).tolist()))
+        name = os.path.basename(os.path.normpath(model_dir))
+    else:
+        config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                             tie_word_embeddings=False, eos_token_id=EOS, pad_token_id=0)
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(config).float().eval()
+        rng = np.random.default_rng(0)
+        prompt_ids = [rng.integers(3, 8192, rng.integers(20, 40)).tolist() for _ in CHAT_QUESTIONS]
+        eos, name = [EOS], "random Llama (hidden 256, 4 layers, vocab 8192)"
+    module, _ = load_model(hf)
+    n, new, temperature = 4, 96, 0.8
+    width = max(map(len, prompt_ids))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in prompt_ids])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in prompt_ids])
+
+    def ours(top_p, seed):
+        t0 = time.perf_counter()
+        res = generate(module, input_ids=prompt_ids, num_return_sequences=n, max_new_tokens=new, do_sample=True,
+                       temperature=temperature, top_p=top_p, eos_token_id=eos, seed=seed)
+        return time.perf_counter() - t0, sum(map(len, res.sequences)), res.stats["decode_steps"]
+
+    def theirs(top_p, seed, max_new=new):
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            res = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=None,
+                              top_p=top_p, max_new_tokens=max_new, num_return_sequences=n, eos_token_id=eos,
+                              pad_token_id=0, return_dict_in_generate=True)
+        rows = res.sequences[:, width:].tolist()
+        tokens = sum(len(r[:next((i + 1 for i, t in enumerate(r) if t in eos), len(r))]) for r in rows)
+        return time.perf_counter() - t0, tokens, len(rows[0])
+
+    theirs(1.0, 0, 4)  # warm-up
+    rows = []
+    for top_p in (1.0, 0.95):
+        ours(top_p, 0)  # cold: compiles
+        for engine, fn in (("itersft JAX generate", ours), ("transformers generate", theirs)):
+            seconds, tokens, steps = fn(top_p, 1)
+            rows.append((top_p, engine, tokens / seconds, seconds / steps * 1e3, tokens, seconds))
+            print(f"top_p={top_p} {engine}: {tokens / seconds:.1f} tok/s, {seconds / steps * 1e3:.0f} ms/step, "
+                  f"{tokens} tokens, {seconds:.1f}s", flush=True)
+    lines = ["# top-p workload (benchmarks/sampler_throughput.py --top-p-workload)", "",
+             f"Model: {name}, fp32. {len(prompt_ids)} chat prompts x {n}, up to {new} new tokens, temperature "
+             f"{temperature}, EOS {eos}; {platform.machine()}, {os.cpu_count()} CPUs visible. Each setting: ours cold "
+             f"(compiles), then ours and transformers timed (seed 1). Step = wall time / decode steps.", "",
+             "| top_p | engine | real tokens/s | ms per decode step | tokens | seconds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {p} | {e} | {t:.1f} | {ms:.0f} | {k} | {s:.1f} |" for p, e, t, ms, k, s in rows]
+    by = {(p, e): (t, ms) for p, e, t, ms, *_ in rows}
+    ours_name, theirs_name = "itersft JAX generate", "transformers generate"
+    lines += ["", f"Ours with top_p 0.95: step time {by[(0.95, ours_name)][1] / by[(1.0, ours_name)][1]:.2f}x the "
+              f"step without top_p; tokens/s {by[(0.95, ours_name)][0] / by[(0.95, theirs_name)][0]:.2f}x "
+              f"transformers' with top_p 0.95 ({by[(1.0, ours_name)][0] / by[(1.0, theirs_name)][0]:.2f}x at 1.0)."]
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=64)
@@ -136,7 +227,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 8 prompts, 32 new tokens")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sampler_throughput.md"))
+    parser.add_argument("--top-p-workload", nargs="?", const="", default=None, metavar="MODEL_DIR",
+                        help="issue 28's chat workload with top_p 1.0 and 0.95 (a random Llama without MODEL_DIR)")
     args = parser.parse_args()
+    if args.top_p_workload is not None:
+        return top_p_workload(args.top_p_workload or None,
+                              os.path.join(os.path.dirname(__file__), "results", "sampler_top_p.md"))
     if args.smoke:
         args.prompts, args.new_tokens, args.mean_length, args.vocab = 8, 32, 12.0, 512
     import numpy as np

@@ -15,6 +15,7 @@ from transformers import GenerationConfig
 
 from itersft_jax.shared import outputs
 from itersft_jax.shared.outputs import GenerationOutput
+from itersft_jax.shared.stops import StopStrings, check_stop_strings
 from itersft_torch.distributed import release_gathered_parameters
 
 
@@ -34,27 +35,37 @@ def _root_parameters_gathered(trainer) -> contextlib.AbstractContextManager:
 def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_return_sequences: int = 1, eos_token_id: int | Sequence[int] | None = None,
-             seed: int | None = None, return_text: bool = True, return_logprobs: bool = False) -> GenerationOutput:
+             seed: int | None = None, return_text: bool = True, return_logprobs: bool = False, min_p: float = 0.0,
+             min_new_tokens: int = 0, repetition_penalty: float = 1.0,
+             stop_strings: str | Sequence[str] | None = None, messages=None) -> GenerationOutput:
     """Generate completions with the trainer's current model (see ``itersft_jax.sampler.generate.generate``).
 
     ``return_logprobs``: each generated token's log-probability under the model at temperature 1:
     ``log_softmax`` (fp32) of transformers' raw ``output_logits`` (before temperature/top-k/top-p), as the
     JAX engine returns.
 
+    ``min_p``, ``min_new_tokens``, ``repetition_penalty`` and ``stop_strings`` go to transformers' own
+    processors and ``StopStringCriteria`` (with the trainer's tokenizer); rows are cut after the token that
+    completed a stop string (found by ``shared/stops.py``, as the JAX engine) and ``finish_reasons`` filled.
+    One difference from the JAX engine: transformers also penalizes the pad token of left-padded rows (it is
+    in their ``input_ids``).
+
     ``seed=None`` draws fresh samples on every call (a per-trainer counter folded into ``args.seed``);
     a fixed seed reproduces them.
     """
     outputs.check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                   top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, seed=seed,
-                                  return_text=return_text, return_logprobs=return_logprobs)
+                                  return_text=return_text, return_logprobs=return_logprobs, min_p=min_p,
+                                  min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
     tokenizer = trainer.text_tokenizer
+    stop_strings = check_stop_strings(stop_strings, tokenizer)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if eos_token_id is not None:
         outputs.eos_id_list(eos_token_id, trainer.vocab_size)  # refused before the prompts are tokenized
-    rows = outputs.prompt_rows(prompts, input_ids, tokenizer, vocab_size=trainer.vocab_size,
+    prompt_name = "prompts" if prompts is not None else "messages" if messages is not None else "input_ids"
+    rows = outputs.prompt_rows(prompts, input_ids, tokenizer, vocab_size=trainer.vocab_size, messages=messages,
                                no_tokenizer_hint="pass `processing_class` to the trainer")
-    outputs.check_generation_positions(rows, max_new_tokens, trainer.position_limit,
-                                       "prompts" if prompts is not None else "input_ids")
+    outputs.check_generation_positions(rows, max_new_tokens, trainer.position_limit, prompt_name)
 
     eos = outputs.default_eos_ids(eos_token_id, tokenizer, model.config, trainer.vocab_size)
     pad = outputs.generation_pad_id(tokenizer, model.config, eos)
@@ -74,14 +85,17 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
     base = model.generation_config
     config = GenerationConfig(
         bos_token_id=base.bos_token_id, decoder_start_token_id=base.decoder_start_token_id,
-        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=do_sample,
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
         temperature=temperature if do_sample else None, top_k=(top_k or None) if do_sample else None,
-        top_p=top_p if do_sample else None, num_return_sequences=num_return_sequences,
+        top_p=top_p if do_sample else None, min_p=(min_p or None) if do_sample else None,
+        repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None, stop_strings=stop_strings,
+        num_return_sequences=num_return_sequences,
         eos_token_id=eos or None, pad_token_id=pad, use_cache=True,
         return_dict_in_generate=True, output_logits=return_logprobs)
     try:
         with torch.no_grad(), _root_parameters_gathered(trainer):
-            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                       tokenizer=tokenizer if stop_strings else None)
     finally:
         model.train(was_training)
         torch.random.set_rng_state(generator_state)
@@ -90,13 +104,20 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
 
     out = generated.sequences
     new = out if model.config.is_encoder_decoder else out[:, longest:]
-    sequences, finished = [], []
-    for row in new.tolist():
+    sequences, finished, reasons = [], [], []
+    stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
+    for i, row in enumerate(new.tolist()):
         if model.config.is_encoder_decoder and row and row[0] == model.config.decoder_start_token_id:
             row = row[1:]
-        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        cut = next((j for j, t in enumerate(row) if t in eos), None)
+        reason = "length" if cut is None else "eos"
+        if stops is not None:
+            stop = stops.feed(stops.start(rows[i // num_return_sequences]), row if cut is None else row[:cut + 1])
+            if stop is not None and (cut is None or stop < cut):
+                cut, reason = stop, "stop_string"
         sequences.append(row if cut is None else row[:cut + 1])
         finished.append(cut is not None)
+        reasons.append(reason)
     logprobs = None
     if return_logprobs:
         steps = len(generated.logits)
@@ -108,4 +129,4 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
         texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
     prompt_ids = [r for r in rows for _ in range(num_return_sequences)]
     return GenerationOutput(sequences=sequences, texts=texts, prompt_ids=prompt_ids, finished=finished,
-                            num_return_sequences=num_return_sequences, logprobs=logprobs)
+                            num_return_sequences=num_return_sequences, logprobs=logprobs, finish_reasons=reasons)

@@ -88,31 +88,54 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(llama):
                         **kw).sequences == greedy
 
 
-def test_filter_logits_matches_transformers_warpers():
+def transformers_kept(logits, temperature, top_k, top_p, min_p):
+    """The kept set of transformers' warpers in its order (temperature, top-k, top-p, min-p), with our tie rule
+    at the top-p threshold: transformers keeps those of the tied tokens its sort puts last; we keep them all."""
     from transformers.generation.logits_process import (
+        MinPLogitsWarper,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
     )
 
-    for temperature, top_k, top_p in [(1.0, 5, 1.0), (0.7, 0, 0.8), (1.3, 10, 0.5), (1.0, 3, 1.0),
-                                      (0.5, 0, 0.95)]:
-        logits = np.random.default_rng(top_k).normal(size=(4, 50)).astype(np.float32) * 3
-        if top_p == 1:
-            # ties at the top-k boundary are all kept, as in HF (at a top-p boundary HF keeps an
-            # arbitrary subset of tied tokens, by sort order; we keep them all)
-            logits[0, :5] = 7.0
-        expected = torch.from_numpy(logits.copy())
-        expected = TemperatureLogitsWarper(temperature)(None, expected)
-        if top_k:
-            expected = TopKLogitsWarper(top_k)(None, expected)
-        if top_p < 1:
-            expected = TopPLogitsWarper(top_p)(None, expected)
-        knobs = {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
-                 "top_p": np.float32(top_p)}
-        got = np.asarray(filter_logits(jnp.asarray(logits), knobs))
-        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected.numpy()))
-        np.testing.assert_allclose(got[np.isfinite(got)], expected.numpy()[np.isfinite(got)], rtol=1e-6)
+    scores = TemperatureLogitsWarper(temperature)(None, torch.from_numpy(logits.copy()))
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        cut = TopPLogitsWarper(top_p)(None, scores.clone())
+        least = torch.where(torch.isfinite(cut), scores, torch.inf).amin(-1, keepdim=True)
+        scores = torch.where(scores >= least, scores, -torch.inf)  # + the tokens tied with the least kept one
+    if min_p:
+        scores = MinPLogitsWarper(min_p)(None, scores)
+    return scores.numpy()
+
+
+def test_filter_logits_equals_transformers_warpers_without_a_sort():
+    """The threshold searches keep exactly transformers' set (top-k ties kept as it does; the top-p tie rule
+    above), and the kept logits are its values: random, peaked, flat and tied rows, top_p 1 and 1e-6, top_k
+    past the vocabulary, min_p after temperature and top-p."""
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(size=50) * 3, rng.normal(size=50) * 0.05, np.r_[40.0, rng.normal(size=49)],
+            np.zeros(50), np.r_[[2.0] * 6, [1.0] * 20, rng.normal(size=24) - 3],
+            np.log(np.r_[[0.3] * 2, [0.1] * 4, [0.0] * 44] + 1e-9), rng.normal(size=50) * 30]
+    logits = np.stack(rows).astype(np.float32)
+    # row 5 at top_p 0.65: 0.6 of mass above its four tied 0.1s, transformers keeps one of them, we keep all
+    settings = [(1.0, 5, 1.0, 0.0), (0.7, 0, 0.8, 0.0), (1.3, 10, 0.5, 0.0), (1.0, 3, 1.0, 0.0),
+                (0.5, 0, 0.95, 0.0), (1.0, 0, 1e-6, 0.0), (1.0, 0, 0.65, 0.0), (1.0, 1000, 0.9, 0.0),
+                (0.8, 0, 1.0, 0.1), (1.5, 20, 0.9, 0.05), (1.0, 0, 0.999, 0.0), (2.0, 0, 0.3, 0.5)]
+    fn = jax.jit(filter_logits)
+    for temperature, top_k, top_p, min_p in settings:
+        knobs = {"temperature": np.float32(temperature), "top_k": np.int32(top_k), "top_p": np.float32(top_p),
+                 "min_p": np.float32(min_p)}
+        got = np.asarray(fn(jnp.asarray(logits), knobs))
+        expected = transformers_kept(logits, temperature, top_k, top_p, min_p)
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected),
+                                      err_msg=f"T={temperature} k={top_k} p={top_p} min_p={min_p}")
+        np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(got)], rtol=1e-6)
+    # ties at the top-p threshold: all kept (two 0.3s: p=0.3 keeps both, transformers one of them)
+    tied = np.asarray(fn(jnp.asarray(logits[5:6]), {"temperature": np.float32(1), "top_k": np.int32(0),
+                                                      "top_p": np.float32(0.3), "min_p": np.float32(0)}))
+    assert np.isfinite(tied).sum() == 2
 
 
 def test_eos_stops_each_row_independently(llama):
@@ -187,3 +210,80 @@ def test_generate_sees_the_update_of_the_previous_step(tiny_model_dir, tmp_path,
     after = trainer.generate(["hello"], max_new_tokens=6)
     assert after.texts[0] == " world" != before and after.finished[0]
     assert jax.tree.leaves(trainer.params)[0] is jax.tree.leaves(trainer.train_state.params)[0]
+
+
+def test_processors_and_stop_strings_equal_transformers(llama, tokenizer):
+    """Greedy, token for token against transformers ``generate`` on the same weights (one prompt: no padding):
+    ``repetition_penalty`` with ``min_new_tokens`` (the EOS is a token greedy emits early: blocked until then),
+    and ``stop_strings`` (a piece of the greedy text across a token boundary: the row ends at the token that
+    completes it, which transformers' ``StopStringCriteria`` keeps too)."""
+    from transformers import AutoModelForCausalLM
+
+    path, trainer = llama
+    hf = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    prompt = PROMPTS[2]
+    ids = tokenizer(prompt).input_ids
+
+    def theirs(eos, **kw):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0, **kw)
+        row = out[0, len(ids):].tolist()
+        return row[:row.index(eos) + 1] if eos in row else row
+
+    plain = trainer.generate([prompt], max_new_tokens=NEW, eos_token_id=[]).sequences[0]
+    penalized = trainer.generate([prompt], max_new_tokens=NEW, eos_token_id=[], repetition_penalty=1.5)
+    assert penalized.sequences[0] != plain  # the penalty changes this row
+    eos = penalized.sequences[0][1]
+    out = trainer.generate([prompt], max_new_tokens=NEW, eos_token_id=eos, repetition_penalty=1.5, min_new_tokens=5)
+    assert out.sequences[0] == theirs(eos, repetition_penalty=1.5, min_new_tokens=5)
+    assert len(out.sequences[0]) >= 6 and eos not in out.sequences[0][:5]
+
+    # a stop string across a token boundary, from printable text (a random model emits stray bytes too)
+    texts = [tokenizer.decode([t]) for t in plain]
+    i = next(i for i in range(3, NEW) if len(texts[i - 1]) >= 2 and texts[i]
+             and (texts[i - 1] + texts[i]).isprintable() and "\ufffd" not in texts[i - 1] + texts[i])
+    stop = texts[i - 1][-2:] + texts[i][:1]  # completed by token i
+    unused = next(t for t in range(3, 300) if t not in plain)
+    out = trainer.generate([prompt], max_new_tokens=NEW, eos_token_id=unused, stop_strings=[stop, "never seen"])
+    assert out.sequences[0] == theirs(unused, stop_strings=[stop, "never seen"], tokenizer=tokenizer)
+    assert stop in out.texts[0] and out.finish_reasons == ["stop_string"] and out.finished == [True]
+    assert len(out.sequences[0]) <= i + 1
+
+
+def test_new_arguments_are_checked_naming_them(llama):
+    _, trainer = llama
+    for kwargs, exc, name in ((dict(min_p=1.5), ValueError, "min_p"), (dict(min_p="0.1"), TypeError, "min_p"),
+                              (dict(min_new_tokens=NEW + 1), ValueError, "min_new_tokens"),
+                              (dict(min_new_tokens=1.0), TypeError, "min_new_tokens"),
+                              (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
+                              (dict(stop_strings=[""]), TypeError, "stop_strings"),
+                              (dict(stop_strings=[3]), TypeError, "stop_strings")):
+        with pytest.raises(exc, match=f"`{name}`"):
+            trainer.generate(PROMPTS, max_new_tokens=NEW, **kwargs)
+    with pytest.raises(ValueError, match="`stop_strings` need a tokenizer"):
+        generate(trainer.model, input_ids=[[1, 5]], stop_strings=["a"])
+
+
+def test_messages_go_through_the_chat_template(llama, tokenizer):
+    """``messages``: each chat through the tokenizer's template with the generation prompt, tokenized without
+    adding special tokens again; the same rows as ``input_ids`` of that text. No template: a clear error."""
+    import copy
+
+    _, trainer = llama
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant:{% endif %}")
+    messages = [[{"role": "user", "content": "hello"}], [{"role": "system", "content": "be brief"},
+                                                         {"role": "user", "content": "12 + 30 ="}]]
+    out = trainer.generate(messages=messages, max_new_tokens=4, eos_token_id=[], tokenizer=chat)
+    expected = [chat("user: hello\nassistant:", add_special_tokens=False).input_ids,
+                chat("system: be brief\nuser: 12 + 30 =\nassistant:", add_special_tokens=False).input_ids]
+    assert out.prompt_ids == expected
+    assert out.sequences == trainer.generate(input_ids=expected, max_new_tokens=4, eos_token_id=[]).sequences
+    with pytest.raises(ValueError, match="no chat template"):
+        trainer.generate(messages=messages, max_new_tokens=4)
+    with pytest.raises(ValueError, match="exactly one"):
+        trainer.generate(PROMPTS, messages=messages, tokenizer=chat)
+    with pytest.raises(TypeError, match="`messages"):
+        trainer.generate(messages=["hello"], tokenizer=chat)

@@ -114,7 +114,7 @@ def test_compilations_stay_within_the_ladders(llama):
             res = sample_ids(graphdef, params, prompts, num_return_sequences=returns, max_new_tokens=new,
                              num_slots=slots, key=jax.random.key(call), do_sample=call % 2 == 1,
                              temperature=0.5 + call / 4, top_k=call % 4, top_p=[1.0, 0.9][call % 2],
-                             eos_token_id=list(range(2, 2 + call % 4)))
+                             min_p=[0.0, 0.0, 0.1][call % 3], eos_token_id=list(range(2, 2 + call % 4)))
             prefill_shapes |= res.stats["prefill_shapes"]
             chunk_shapes |= res.stats["chunk_shapes"]
             limits.append((batch_bucket(min(slots, len(prompts) * returns)), max(map(len, prompts)), new))
@@ -189,17 +189,22 @@ def test_under_a_mesh_slots_split_and_tokens_equal_one_device(tiny_model_dir, tm
 
 def test_row_draws_follow_the_filtered_distribution():
     """``sample_rows`` (one uniform per row, inverted CDF) draws from ``softmax(filtered logits / T)``: 40,000
-    draws of one row within 0.01 of every probability, and never a token top-k/top-p removed."""
+    draws of one row pass a chi-square test against the filtered softmax at level 1e-3 (Wilson-Hilferty
+    quantile), and never give a token top-k/top-p/min-p removed."""
     from itersft_jax.sampler.sampling import filter_logits, make_knobs, sample_rows
 
     logits = jnp.asarray(np.random.default_rng(0).normal(0, 2, (1, 50)), jnp.float32)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(40_000))
-    for top_k, top_p in ((0, 1.0), (10, 0.8)):
-        knobs = make_knobs(do_sample=True, temperature=1.5, top_k=top_k, top_p=top_p, pad_token_id=0,
+    draw = jax.jit(lambda x, k, kn: sample_rows(x, k, kn))
+    for top_k, top_p, min_p in ((0, 1.0, 0.0), (10, 0.8, 0.0), (0, 0.9, 0.05)):
+        knobs = make_knobs(do_sample=True, temperature=1.5, top_k=top_k, top_p=top_p, min_p=min_p, pad_token_id=0,
                            eos_token_id=None)
-        rows = jnp.broadcast_to(logits, (40_000, 50))
-        draws = np.asarray(jax.jit(lambda x, k, kn: sample_rows(x, k, kn))(rows, keys, knobs))
-        expected = np.asarray(jax.nn.softmax(filter_logits(logits, knobs) if top_k else logits / 1.5)[0])
-        freq = np.bincount(draws, minlength=50) / len(draws)
-        assert np.abs(freq - expected).max() < 0.01
-        assert freq[expected == 0].sum() == 0
+        draws = np.asarray(draw(jnp.broadcast_to(logits, (40_000, 50)), keys, knobs))
+        expected = np.asarray(jax.nn.softmax(filter_logits(logits, knobs))[0], np.float64)
+        counts = np.bincount(draws, minlength=50)
+        kept = expected > 0
+        assert counts[~kept].sum() == 0 and kept.sum() < 50 or top_p == 1.0
+        chi2 = (((counts - 40_000 * expected)[kept] ** 2) / (40_000 * expected[kept])).sum()
+        dof = kept.sum() - 1
+        critical = dof * (1 - 2 / (9 * dof) + 3.09 * np.sqrt(2 / (9 * dof))) ** 3  # P(chi2 > critical) = 1e-3
+        assert chi2 < critical, (top_k, top_p, min_p, chi2, critical)

@@ -26,6 +26,27 @@ def test_greedy_tokens_equal_the_jax_engine(model_type, tiny_model_dir, tokenize
     assert all(len(s) == 12 for s in torch_out.sequences) and not any(torch_out.finished)
 
 
+def test_processors_and_stop_strings_equal_the_jax_engine(tiny_model_dir, tokenizer, tmp_path):
+    """Greedy with ``repetition_penalty``, ``min_new_tokens`` and ``stop_strings`` (a piece of row 0's text): the
+    torch engine (transformers' processors and ``StopStringCriteria``) returns the JAX engine's tokens, texts and
+    ``finish_reasons``; one prompt per call (transformers also penalizes left padding's pad token)."""
+    model_dir = tiny_model_dir("llama")
+    engines = [_trainer(model_dir, tokenizer, tmp_path, backend) for backend in ("jax", "torch")]
+    base = dict(max_new_tokens=10, repetition_penalty=1.4, min_new_tokens=3)
+    free = engines[0].generate(PROMPTS[:1], eos_token_id=[], **base)
+    text = free.texts[0]
+    stop = next(text[j:j + 2] for j in range(2, len(text) - 1) if text[j:j + 2].isprintable()
+                and text[j:j + 2].strip() and "\ufffd" not in text[j:j + 2])
+    unused = next(t for t in range(3, 300) if t not in free.sequences[0])
+    outs = [e.generate(PROMPTS[:1], eos_token_id=unused, stop_strings=stop, **base) for e in engines]
+    assert outs[0].sequences == outs[1].sequences and outs[0].texts == outs[1].texts
+    assert outs[0].finish_reasons == outs[1].finish_reasons == ["stop_string"] and stop in outs[1].texts[0]
+    assert len(outs[1].sequences[0]) < 10 and outs[1].finished == [True]
+    for engine in engines:  # `messages` need a chat template, which this tokenizer lacks: refused on both
+        with pytest.raises(ValueError, match="no chat template"):
+            engine.generate(messages=[[{"role": "user", "content": "hi"}]])
+
+
 def test_sampling_seeds_rows_and_eos(tiny_model_dir, tokenizer, tmp_path):
     trainer = _trainer(tiny_model_dir("llama"), tokenizer, tmp_path, "torch")
     kw = dict(max_new_tokens=8, do_sample=True, temperature=1.5, num_return_sequences=3, eos_token_id=[])

@@ -8,7 +8,8 @@ samples from the trainer's live parameters):
   prefilled once (``sampler_prefill``, a batch of prompts left-padded to a prompt bucket); its KV and its
   last-position logits stay on the device until its n rows are inserted.
 * **Slots.** A decode state of ``B`` slots holds, per layer, keys/values ``[B, K, L, H]`` in the compute dtype
-  and each slot's next-token logits ``[B, V]`` (fp32). Every slot's tokens are *right-aligned* at one shared
+  and each slot's next-token logits ``[B, V]`` (fp32), with a ``[B, V]`` mask of the tokens its row holds (prompt
+  and generated: ``repetition_penalty``). Every slot's tokens are *right-aligned* at one shared
   write index ``g``: a slot whose row holds ``n`` tokens (prompt + generated) owns cache slots
   ``[g - n, g)``; a per-slot ``start`` masks everything before, so the model's attention (one shared cache
   index) serves rows of any length and age. ``sampler_insert`` copies a prefilled prompt's KV into a free
@@ -73,9 +74,10 @@ from itersft_jax.models.attention.masks import positions_from_mask
 from itersft_jax.models.cache import KVCache
 from itersft_jax.models.layers import head_logits
 from itersft_jax.parallel.mesh import BATCH_AXES, data_parallel_size
-from itersft_jax.sampler.sampling import batch_bucket, make_knobs, sample_rows
+from itersft_jax.sampler.sampling import batch_bucket, make_knobs, process_logits, sample_rows
 from itersft_jax.shared.data import bucket_length
 from itersft_jax.shared.outputs import check_generation_args, id_rows
+from itersft_jax.shared.stops import StopStrings, check_stop_strings
 
 CHUNK_STEPS = 16  # decode steps per device call at most
 NUM_SLOTS = 64  # decode slots at most (a multiple of data x fsdp under a mesh)
@@ -113,7 +115,11 @@ def sampler_prefill(params, input_ids_BP, mask_BP, *, graphdef):
     batch, prompt_len = input_ids_BP.shape
     cache = model.init_cache(batch, prompt_len)
     h_BPD, cache = model.hidden_states(input_ids_BP, positions_from_mask(mask_BP), mask_BP, cache=cache)
-    return {"k": cache.k, "v": cache.v, "logits": head_logits(model.head(), h_BPD[:, -1], keep_fp32=True)}
+    logits_BV = head_logits(model.head(), h_BPD[:, -1], keep_fp32=True)
+    vocab = logits_BV.shape[-1]
+    seen_BV = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], jnp.where(mask_BP > 0, input_ids_BP, vocab)
+                                                 ].set(True, mode="drop")  # the prompt's tokens (repetition penalty)
+    return {"k": cache.k, "v": cache.v, "logits": logits_BV, "seen": seen_BV}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "batch", "length", "mesh"))
@@ -123,7 +129,8 @@ def sampler_empty(params, *, graphdef, batch: int, length: int, mesh):
     cache = model.init_cache(batch, length)
     head = model.head()
     vocab = head.weight.shape[0 if head.transposed else 1]
-    return _constrain_state({"k": cache.k, "v": cache.v, "logits": jnp.zeros((batch, vocab), jnp.float32)}, mesh)
+    return _constrain_state({"k": cache.k, "v": cache.v, "logits": jnp.zeros((batch, vocab), jnp.float32),
+                             "seen": jnp.zeros((batch, vocab), bool)}, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("length", "mesh"))
@@ -137,7 +144,7 @@ def sampler_relayout(state, rows_B, shift, *, length: int, mesh):
         return jax.lax.dynamic_slice_in_dim(x_BKSH, length + shift, length, axis=2)
 
     return _constrain_state({"k": [move(x) for x in state["k"]], "v": [move(x) for x in state["v"]],
-                             "logits": state["logits"][rows_B]}, mesh)
+                             "logits": state["logits"][rows_B], "seen": state["seen"][rows_B]}, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))
@@ -151,10 +158,13 @@ def sampler_insert(state, prefilled, src_B, dst_B, count, offset, *, mesh):
             row = jax.lax.dynamic_index_in_dim(small_BKPH, src, keepdims=True).astype(big_BKSH.dtype)
             return jax.lax.dynamic_update_slice(big_BKSH, row, (dst, 0, offset, 0))
 
-        logits = jax.lax.dynamic_index_in_dim(prefilled["logits"], src, keepdims=True)
+        def row(name):
+            one = jax.lax.dynamic_index_in_dim(prefilled[name], src, keepdims=True)
+            return jax.lax.dynamic_update_slice(state[name], one, (dst, 0))
+
         return {"k": [put(b, s) for b, s in zip(state["k"], prefilled["k"])],
                 "v": [put(b, s) for b, s in zip(state["v"], prefilled["v"])],
-                "logits": jax.lax.dynamic_update_slice(state["logits"], logits, (dst, 0))}
+                "logits": row("logits"), "seen": row("seen")}
 
     return _constrain_state(jax.lax.fori_loop(0, count, one, state), mesh)
 
@@ -178,7 +188,7 @@ def sampler_chunk(params, state, slots, index, key, knobs, refill_at, *, graphde
         slots["prompt_key"], slots["sample"])
     done_B = ~slots["live"]
     carry = {"step": jnp.int32(0), "ended": jnp.int32(0), "params": params, "k": state["k"], "v": state["v"],
-             "logits": state["logits"], "gen": slots["gen"], "done": done_B,
+             "logits": state["logits"], "seen": state["seen"], "gen": slots["gen"], "done": done_B,
              "tokens": jnp.full((batch, CHUNK_STEPS), knobs["pad_id"], jnp.int32),
              "logprobs": jnp.zeros((batch, CHUNK_STEPS), jnp.float32)}
 
@@ -188,9 +198,10 @@ def sampler_chunk(params, state, slots, index, key, knobs, refill_at, *, graphde
     def body(c):
         active_B = ~c["done"]
         keys_B = jax.vmap(jax.random.fold_in)(row_keys_B, c["gen"])
-        token_B = sample_rows(c["logits"], keys_B, knobs)
-        logprob_B = token_log_prob(c["logits"], token_B)
+        token_B = sample_rows(process_logits(c["logits"], c["seen"], c["gen"], knobs), keys_B, knobs)
+        logprob_B = token_log_prob(c["logits"], token_B)  # the model's, before any processor or warper
         token_B = jnp.where(active_B, token_B, knobs["pad_id"])
+        seen_BV = c["seen"].at[jnp.arange(batch), token_B].max(active_B)
         gen_B = c["gen"] + active_B.astype(jnp.int32)
         is_eos_B = jnp.any(token_B[:, None] == knobs["eos_ids"][None, :], axis=-1)
         ended_B = active_B & (is_eos_B | (gen_B >= slots["max_new"]))
@@ -203,12 +214,12 @@ def sampler_chunk(params, state, slots, index, key, knobs, refill_at, *, graphde
         logits_BV = _constrain(head_logits(model.head(), h_B1D[:, 0], keep_fp32=True), mesh)
         return dict(c, step=c["step"] + 1, ended=c["ended"] + jnp.sum(ended_B, dtype=jnp.int32),
                     k=[_constrain(x, mesh) for x in cache.k], v=[_constrain(x, mesh) for x in cache.v],
-                    logits=logits_BV, gen=gen_B, done=c["done"] | ended_B,
+                    logits=logits_BV, seen=seen_BV, gen=gen_B, done=c["done"] | ended_B,
                     tokens=c["tokens"].at[:, c["step"]].set(token_B),
                     logprobs=c["logprobs"].at[:, c["step"]].set(jnp.where(active_B, logprob_B, 0.0)))
 
     c = jax.lax.while_loop(cond, body, carry)
-    new_state = {"k": c["k"], "v": c["v"], "logits": c["logits"]}
+    new_state = {"k": c["k"], "v": c["v"], "logits": c["logits"], "seen": c["seen"]}
     return new_state, c["tokens"], c["logprobs"], c["gen"], c["done"], c["step"]
 
 
@@ -230,13 +241,16 @@ def prompt_keys(prompts: Sequence[Sequence[int]]) -> list[int]:
 
 @dataclasses.dataclass
 class SamplerResult:
-    """Per row (prompt-major): completion tokens (EOS included when finished), finished flags, fp32
-    logprobs at temperature 1 aligned with the tokens; ``stats`` of the run (see ``sample_ids``)."""
+    """Per row (prompt-major): completion tokens (EOS included when finished; cut after the token that
+    completed a stop string), finished flags (ended on an EOS or a stop string), why each row ended (``"eos"``,
+    ``"stop_string"``, ``"length"``), fp32 logprobs at temperature 1 aligned with the tokens; ``stats`` of the
+    run (see ``sample_ids``)."""
 
     sequences: list[list[int]]
     finished: list[bool]
     logprobs: list[list[float]]
     stats: dict
+    finish_reasons: list[str] | None = None
 
 
 @dataclasses.dataclass
@@ -280,9 +294,10 @@ def _kv_bytes(state: dict) -> int:
 
 def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return_sequences: int = 1,
                max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
-               key: jax.Array | None = None, vocab_size: int | None = None, num_slots: int = NUM_SLOTS,
-               mesh=None) -> SamplerResult:
+               top_p: float = 1.0, min_p: float = 0.0, eos_token_id: int | Sequence[int] | None = None,
+               pad_token_id: int = 0, key: jax.Array | None = None, vocab_size: int | None = None,
+               num_slots: int = NUM_SLOTS, mesh=None, min_new_tokens: int = 0, repetition_penalty: float = 1.0,
+               stop_strings: Sequence[str] | None = None, tokenizer=None) -> SamplerResult:
     """The engine for a bare model: ``graphdef``/``params`` from ``nnx.split(model, nnx.Param)``.
 
     ``prompts``: one list of token ids per prompt (no padding); each gives ``num_return_sequences`` rows.
@@ -291,13 +306,19 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     ``kv_slot_steps`` (cache slots the decode attention read, summed over steps; x the KV bytes per slot = the
     KV traffic), ``chunks``, ``prefills``, ``prompts_prefilled``, ``kv_bytes_peak``, ``slots_per_device`` (the
     most KV cache rows one device held: ``B / (data x fsdp)`` under a mesh), and the shapes each program ran at.
+    ``stop_strings`` (with ``tokenizer``): checked on the host after each chunk (``shared/stops.py``); a row that
+    completed one is cut after that token and its slot freed (the tokens its slot decoded past it are dropped).
     """
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                          top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, greedy_repeats=True)
+                          top_k=top_k, top_p=top_p, min_p=min_p, num_return_sequences=num_return_sequences,
+                          greedy_repeats=True, min_new_tokens=min_new_tokens,
+                          repetition_penalty=repetition_penalty)
+    stop_strings = check_stop_strings(stop_strings, tokenizer)
     prompts = id_rows(prompts, vocab_size)
     if mesh is not None and mesh.size == 1:
         mesh = None
-    knobs = make_knobs(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+    knobs = make_knobs(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
                        pad_token_id=pad_token_id, eos_token_id=eos_token_id)
     key = jax.random.key(0) if key is None else key
     n = num_return_sequences
@@ -316,6 +337,9 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     out_tokens: list[list[int]] = [[] for _ in range(num_rows)]
     out_logprobs: list[list[float]] = [[] for _ in range(num_rows)]
     finished = [False] * num_rows
+    reasons = ["length"] * num_rows
+    stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
+    stop_rows: dict = {}  # row -> its stop-string matcher state
     stats = {"decode_steps": 0, "slot_steps": 0, "tokens": 0, "chunks": 0, "prefills": 0, "prompts_prefilled": 0,
              "kv_bytes_peak": 0, "kv_slot_steps": 0, "slots_per_device": 0, "prefill_shapes": set(),
              "chunk_shapes": set()}
@@ -353,7 +377,11 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     while True:
         # Rows ended in the last chunk leave their slots; a row finished if it ended on an EOS.
         for b in np.flatnonzero((slots.row >= 0) & slots.done):
-            finished[slots.row[b]] = out_tokens[slots.row[b]][-1] in eos_ids
+            r = slots.row[b]
+            if reasons[r] != "stop_string" and out_tokens[r][-1] in eos_ids:
+                reasons[r] = "eos"
+            finished[r] = reasons[r] != "length"
+            stop_rows.pop(r, None)
             slots.row[b] = -1
         live = slots.live
         if not waiting and not live.any():
@@ -396,6 +424,8 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
             plen = len(prompts[r // n])
             slots.row[b], slots.start[b], slots.prompt_len[b], slots.gen[b] = r, index - plen, plen, 0
             slots.done[b], slots.prompt_key[b], slots.sample[b] = False, pkeys[r // n], r % n
+            if stops is not None:
+                stop_rows[r] = stops.start(prompts[r // n])
         for group, src, dst in groups.values():
             group.rows_left -= len(src)
             pad = [0] * (batch - len(src))  # slot-count arrays: one insert program per (B, L, Bp, P)
@@ -417,16 +447,22 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
         tokens_BC, logprobs_BC, gen_B, done_B, steps = jax.device_get((tokens_BC, logprobs_BC, gen_B, done_B, steps))
         steps = int(steps)
         stats["chunk_shapes"].add((batch, length))
+        done_B = np.array(done_B)
         for b in np.flatnonzero(live_before):
             made = int(gen_B[b] - gen_before[b])
+            if stops is not None:  # the first token that completes a stop string ends the row
+                cut = stops.feed(stop_rows[slots.row[b]], tokens_BC[b, :made].tolist())
+                if cut is not None:
+                    made, done_B[b] = cut + 1, True
+                    reasons[slots.row[b]] = "stop_string"
             out_tokens[slots.row[b]].extend(tokens_BC[b, :made].tolist())
             out_logprobs[slots.row[b]].extend(logprobs_BC[b, :made].tolist())
-        stats["tokens"] += int((gen_B - gen_before)[live_before].sum())
-        slots.gen, slots.done = gen_B.astype(np.int32), np.asarray(done_B) | (slots.row < 0)
+            stats["tokens"] += made
+        slots.gen, slots.done = gen_B.astype(np.int32), done_B | (slots.row < 0)
         index += steps
         stats["decode_steps"] += steps
         stats["slot_steps"] += steps * batch
         stats["kv_slot_steps"] += steps * batch * length
         stats["chunks"] += 1
     stats["occupancy"] = stats["tokens"] / max(stats["slot_steps"], 1)
-    return SamplerResult(out_tokens, finished, out_logprobs, stats)
+    return SamplerResult(out_tokens, finished, out_logprobs, stats, reasons)

@@ -26,6 +26,7 @@ from itersft_jax.shared.outputs import (
     generation_pad_id,
 )
 from itersft_jax.shared.outputs import prompt_rows as read_prompts
+from itersft_jax.shared.stops import check_stop_strings
 
 _UNSEEDED_STREAM = 0x5EED  # folded into the base key for calls without a seed; explicit seeds never collide
 
@@ -61,18 +62,26 @@ def generate(model: nnx.Module, prompts: Sequence[str] | None = None, input_ids=
 
 def generate_from_params(graphdef, params, prompts: Sequence[str] | None = None, input_ids=None, *,
                          max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-                         top_k: int = 0, top_p: float = 1.0, num_return_sequences: int = 1,
+                         top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, num_return_sequences: int = 1,
                          eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
-                         return_text: bool = True, return_logprobs: bool = False, tokenizer=None, hf_config=None,
-                         base_seed: int = 0, next_call=None, mesh=None) -> GenerationOutput:
+                         return_text: bool = True, return_logprobs: bool = False, min_new_tokens: int = 0,
+                         repetition_penalty: float = 1.0, stop_strings: str | Sequence[str] | None = None,
+                         messages=None, tokenizer=None, hf_config=None, base_seed: int = 0, next_call=None,
+                         mesh=None) -> GenerationOutput:
     """Generate completions with the parameters ``params`` of the model ``graphdef`` (JetStream's engine style: the
     state is an argument, so a trainer passes its live parameters — no copy).
 
-    Give ``prompts`` (texts, tokenized with ``tokenizer``'s own special tokens) or ``input_ids`` (a list of
-    token-id sequences, no padding). ``eos_token_id``: int or list; default ``hf_config``'s EOS plus the
-    tokenizer's (``shared.outputs.default_eos_ids``); ``[]`` never stops early. ``seed``: fixed -> reproducible;
-    ``None`` -> the key of call ``next_call()`` folded into ``base_seed`` (see the module docstring). ``mesh``: the
-    decode slots and their KV cache are split over data x fsdp.
+    Give ``prompts`` (texts, tokenized with ``tokenizer``'s own special tokens), ``input_ids`` (a list of
+    token-id sequences, no padding) or ``messages`` (a list of chats, each a list of ``{"role", "content"}``
+    dicts: the tokenizer's chat template with the generation prompt). ``eos_token_id``: int or list; default
+    ``hf_config``'s EOS plus the tokenizer's (``shared.outputs.default_eos_ids``); ``[]`` never stops early.
+    ``seed``: fixed -> reproducible; ``None`` -> the key of call ``next_call()`` folded into ``base_seed`` (see the
+    module docstring). ``mesh``: the decode slots and their KV cache are split over data x fsdp. ``tokenizer`` is
+    needed for texts, chats and ``stop_strings``.
+
+    transformers' names and semantics: ``min_p`` (after temperature, top-k, top-p), ``min_new_tokens`` (EOS
+    blocked before), ``repetition_penalty`` (on the logits of every token the row holds, prompt included; greedy
+    too), ``stop_strings`` (a row ends at the token completing one; ``finish_reasons`` says why each row ended).
 
     Each distinct prompt is prefilled once and its ``num_return_sequences`` rows decode in slots refilled as
     rows end (``sampler/engine.py``). ``return_logprobs``: ``GenerationOutput.logprobs`` holds each generated
@@ -82,14 +91,17 @@ def generate_from_params(graphdef, params, prompts: Sequence[str] | None = None,
     """
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                           top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, seed=seed,
-                          return_text=return_text, return_logprobs=return_logprobs)
+                          return_text=return_text, return_logprobs=return_logprobs, min_p=min_p,
+                          min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
+    stop_strings = check_stop_strings(stop_strings, tokenizer)
     vocab_size = getattr(hf_config, "vocab_size", None)
     eos_token_id = eos_id_list(eos_token_id, vocab_size) if eos_token_id is not None else None
-    prompt_rows = read_prompts(prompts, input_ids, tokenizer,
+    prompt_name = "prompts" if prompts is not None else "messages" if messages is not None else "input_ids"
+    prompt_rows = read_prompts(prompts, input_ids, tokenizer, messages=messages,
                                no_tokenizer_hint="pass `tokenizer=` or `input_ids=`", vocab_size=vocab_size)
     if hf_config is not None:
         check_generation_positions(prompt_rows, max_new_tokens, position_limit(hf_config),
-                                   "prompts" if prompts is not None else "input_ids")
+                                   prompt_name)
     rows = [row for row in prompt_rows for _ in range(num_return_sequences)]
 
     eos_token_id = default_eos_ids(eos_token_id, tokenizer, hf_config)
@@ -98,12 +110,14 @@ def generate_from_params(graphdef, params, prompts: Sequence[str] | None = None,
 
     result = sample_ids(
         graphdef, params, prompt_rows, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
-        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-        pad_token_id=int(pad_id), key=key, mesh=mesh)
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        eos_token_id=eos_token_id, pad_token_id=int(pad_id), key=key, mesh=mesh, min_new_tokens=min_new_tokens,
+        repetition_penalty=repetition_penalty, stop_strings=stop_strings, tokenizer=tokenizer)
     sequences = result.sequences
     texts = None
     if return_text and tokenizer is not None:
         texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
     return GenerationOutput(sequences=sequences, texts=texts, prompt_ids=rows, finished=result.finished,
                             num_return_sequences=num_return_sequences,
-                            logprobs=result.logprobs if return_logprobs else None, stats=result.stats)
+                            logprobs=result.logprobs if return_logprobs else None, stats=result.stats,
+                            finish_reasons=result.finish_reasons)

@@ -1,5 +1,5 @@
-"""Logits -> next token, shared by both engines: Hugging Face's warpers (temperature, top-k, top-p) and the
-per-row draws of the continuous engine."""
+"""Logits -> next token, shared by both engines: transformers' warpers (temperature, top-k, top-p, min-p) without
+a vocabulary sort, and the per-row draws of the continuous engine."""
 
 from __future__ import annotations
 
@@ -11,27 +11,77 @@ from itersft_jax.shared.data import bucket_length
 from itersft_jax.shared.outputs import MAX_EOS_IDS, eos_id_list
 
 
-def filter_logits(logits_BV: jax.Array, knobs: dict) -> jax.Array:
-    """HF's warpers in HF's order: temperature, top-k, top-p. fp32 in, fp32 out (-inf = removed).
+def _search(pred, lo_B: jax.Array, hi_B: jax.Array) -> jax.Array:
+    """Per row, the smallest integer ``x`` in ``(lo, hi]`` where the monotone predicate ``pred(x_B1) -> bool[B]``
+    holds, given ``pred(lo)`` false and ``pred(hi)`` true: a bisection, each step one masked reduction over the
+    vocabulary (never a sort), until every row's interval is one integer wide (log2 of the widest range)."""
+    def body(bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok, done = pred(mid[:, None]), hi - lo <= 1  # a converged row stays put
+        return jnp.where(done | ok, lo, mid), jnp.where(~done & ok, mid, hi)
 
-    ``top_k`` 0 and ``top_p`` 1 switch a filter off; the values are traced, so no setting recompiles.
+    return jax.lax.while_loop(lambda b: jnp.any(b[1] - b[0] > 1), body, (lo_B, hi_B))[1]
+
+
+def _ordered(x: jax.Array) -> jax.Array:
+    """fp32 -> uint32 keys in the same order (-inf lowest): positive floats get the sign bit set, negative ones
+    all their bits flipped."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _top_k(logits_BV: jax.Array, k) -> jax.Array:
+    """transformers' ``TopKLogitsWarper``: drop what is below the k-th largest logit (ties with it kept). The
+    k-th largest is the largest key ``x`` with ``count(key >= x) >= k``: 32 counting passes over the row."""
+    keys_BV = _ordered(logits_BV)
+    k = jnp.minimum(k, logits_BV.shape[-1])
+    # count(key > x) < k holds from x = the k-th largest key up
+    lo_B = jnp.min(keys_BV, axis=-1).astype(jnp.uint32) - 1
+    hi_B = jnp.max(keys_BV, axis=-1)
+    kth_B = _search(lambda x: jnp.sum(keys_BV > x, axis=-1) < k, lo_B, hi_B)
+    return jnp.where(keys_BV >= kth_B[:, None], logits_BV, -jnp.inf)
+
+
+def _top_p(logits_BV: jax.Array, top_p) -> jax.Array:
+    """transformers' ``TopPLogitsWarper`` (the smallest set of most likely tokens whose mass reaches ``top_p``)
+    without its sort: token ``i`` is kept iff the mass of the tokens strictly more likely than it is ``< top_p``.
+    That mass only falls as ``p_i`` grows, so the kept set is ``{p_i >= x0}`` for the smallest ``x0`` with
+    ``mass(p > x0) < top_p``, found by a binary search over the fp32 bit patterns of ``[0, max p]`` (30 masked
+    sums). Tie rule: every token tied with the least likely kept one is kept (transformers keeps the ones its
+    sort happens to put last and drops the others)."""
+    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    keys_BV = jax.lax.bitcast_convert_type(probs_BV, jnp.int32)  # probabilities >= 0: the bits are ordered
+    hi_B = jnp.max(keys_BV, axis=-1)  # mass(p > max) = 0 < top_p
+    # A token with p <= x < (1 - top_p) / V has at most V * x < 1 - top_p of mass at or below it: dropped. So
+    # mass(p > x) >= top_p there and the search starts at (1 - top_p) / 2V (fp32 sums are off by far less than
+    # the margin); 0 when top_p is too close to 1 for that margin.
+    floor = jnp.where(top_p <= 0.999, (1.0 - top_p) / (2.0 * logits_BV.shape[-1]), 0.0).astype(jnp.float32)
+    lo_B = jnp.minimum(jax.lax.bitcast_convert_type(floor, jnp.int32) - 1, hi_B - 1)
+    x0_B = _search(lambda x: jnp.sum(jnp.where(keys_BV > x, probs_BV, 0.0), axis=-1) < top_p,
+                   jnp.broadcast_to(lo_B, hi_B.shape), hi_B)
+    return jnp.where(keys_BV >= x0_B[:, None], logits_BV, -jnp.inf)
+
+
+def _min_p(logits_BV: jax.Array, min_p) -> jax.Array:
+    """transformers' ``MinPLogitsWarper``: drop tokens less likely than ``min_p`` x the most likely one."""
+    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    top_B1 = jnp.max(probs_BV, axis=-1, keepdims=True)
+    return jnp.where(probs_BV < min_p * top_B1, -jnp.inf, logits_BV)
+
+
+def filter_logits(logits_BV: jax.Array, knobs: dict) -> jax.Array:
+    """transformers' warpers in its order: temperature, top-k, top-p, min-p. fp32 in, fp32 out (-inf = removed).
+
+    ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 switch a filter off (a ``cond`` that skips it); the values are
+    traced, so no setting recompiles. No filter sorts the vocabulary: each is a threshold, top-k and top-p
+    found by a binary search of masked reductions over the row (``_top_k``, ``_top_p``).
     """
     logits_BV = logits_BV / knobs["temperature"]
-    neg_inf = jnp.float32(-jnp.inf)
-    vocab = logits_BV.shape[-1]
-    sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
-    k = jnp.where(knobs["top_k"] > 0, jnp.minimum(knobs["top_k"], vocab), vocab)
-    kth_B1 = jax.lax.dynamic_slice_in_dim(sorted_BV, k - 1, 1, axis=-1)
-    logits_BV = jnp.where(logits_BV < kth_B1, neg_inf, logits_BV)  # ties with the k-th are kept, as in HF
-    # Values >= the k-th form a prefix of the descending sort, so the sort stays valid after top-k.
-    sorted_BV = jnp.where(sorted_BV < kth_B1, neg_inf, sorted_BV)
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the strictly more likely tokens
-    keep_BV = (before_BV < knobs["top_p"]) | (knobs["top_p"] >= 1.0)
-    keep_BV = keep_BV.at[:, 0].set(True)
-    last_B1 = jnp.sum(keep_BV, axis=-1, keepdims=True) - 1
-    threshold_B1 = jnp.take_along_axis(sorted_BV, last_B1, -1)
-    return jnp.where(logits_BV < threshold_B1, neg_inf, logits_BV)
+    logits_BV = jax.lax.cond(knobs["top_k"] > 0, _top_k, lambda x, _: x, logits_BV, knobs["top_k"])
+    logits_BV = jax.lax.cond(knobs["top_p"] < 1.0, _top_p, lambda x, _: x, logits_BV, knobs["top_p"])
+    return jax.lax.cond(knobs.get("min_p", 0.0) > 0.0, _min_p, lambda x, _: x, logits_BV,
+                        knobs.get("min_p", jnp.float32(0)))
 
 
 def sample_rows(logits_BV: jax.Array, keys_B: jax.Array, knobs: dict) -> jax.Array:
@@ -59,13 +109,31 @@ def sample_rows(logits_BV: jax.Array, keys_B: jax.Array, knobs: dict) -> jax.Arr
     return jax.lax.cond(knobs["do_sample"], sample, greedy, logits_BV)
 
 
+def process_logits(logits_BV: jax.Array, seen_BV: jax.Array, gen_B: jax.Array, knobs: dict) -> jax.Array:
+    """transformers' logits processors before the warpers (greedy decoding too): ``repetition_penalty`` (a logit
+    of a token the row holds, prompt included, divided by the penalty when positive, multiplied when negative),
+    then ``min_new_tokens`` (every EOS id at -inf while the row has fewer new tokens). Each is skipped by a
+    ``cond`` when off."""
+    def penalize(x):
+        pen = knobs["repetition_penalty"]
+        return jnp.where(seen_BV, jnp.where(x < 0, x * pen, x / pen), x)
+
+    def block_eos(x):
+        eos_V = jnp.any(jnp.arange(x.shape[-1])[:, None] == knobs["eos_ids"][None, :], axis=-1)
+        return jnp.where((gen_B < knobs["min_new"])[:, None] & eos_V[None, :], -jnp.inf, x)
+
+    logits_BV = jax.lax.cond(knobs["repetition_penalty"] != 1.0, penalize, lambda x: x, logits_BV)
+    return jax.lax.cond(jnp.any(gen_B < knobs["min_new"]), block_eos, lambda x: x, logits_BV)
+
+
 def make_knobs(*, do_sample: bool, temperature: float, top_k: int, top_p: float, pad_token_id: int,
-               eos_token_id) -> dict:
+               eos_token_id, min_p: float = 0.0, min_new_tokens: int = 0, repetition_penalty: float = 1.0) -> dict:
     """Every sampling setting as a run-time value (no setting recompiles); EOS ids padded to ``MAX_EOS_IDS``."""
     eos = eos_id_list(eos_token_id)
-    return {"do_sample": np.bool_(do_sample), "filter": np.bool_(top_k > 0 or top_p < 1.0),
+    return {"do_sample": np.bool_(do_sample), "filter": np.bool_(top_k > 0 or top_p < 1.0 or min_p > 0),
             "temperature": np.float32(temperature), "top_k": np.int32(top_k), "top_p": np.float32(top_p),
-            "pad_id": np.int32(pad_token_id),
+            "min_p": np.float32(min_p), "min_new": np.int32(min_new_tokens),
+            "repetition_penalty": np.float32(repetition_penalty), "pad_id": np.int32(pad_token_id),
             "eos_ids": np.asarray(eos + [-1] * (MAX_EOS_IDS - len(eos)), np.int32)}
 
 

@@ -24,7 +24,9 @@ class GenerationOutput:
     ``prompt_ids``: the prompt tokens of each row, without padding. ``logprobs`` (``return_logprobs=True``):
     per row, each generated token's log-probability under the model at temperature 1 (fp32, aligned with
     ``sequences[row]``), whatever the sampling settings. ``stats``: what the engine measured (JAX: decode
-    steps, slot occupancy, KV bytes held, ...; torch: ``None``).
+    steps, slot occupancy, KV bytes held, ...; torch: ``None``). ``finish_reasons``: why each row ended,
+    ``"eos"``, ``"stop_string"`` (``stop_strings``: the row is cut after the token that completed one, which it
+    keeps, as transformers does; ``finished`` is True for it too) or ``"length"`` (``max_new_tokens``).
     """
 
     sequences: list[list[int]]
@@ -34,6 +36,7 @@ class GenerationOutput:
     num_return_sequences: int = 1
     logprobs: list[list[float]] | None = None
     stats: dict | None = None
+    finish_reasons: list[str] | None = None
 
     def __getitem__(self, key: str) -> Any:  # dict-style access, like HF's ModelOutput
         return getattr(self, key)
@@ -51,9 +54,12 @@ MAX_RETURN_SEQUENCES = 1 << 16
 
 def check_generation_args(*, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,
                           num_return_sequences: int = 1, seed: Any = None, return_text: Any = True,
-                          return_logprobs: Any = False, greedy_repeats: bool = False) -> None:
+                          return_logprobs: Any = False, greedy_repeats: bool = False, min_p: float = 0.0,
+                          min_new_tokens: int = 0, repetition_penalty: float = 1.0) -> None:
     """``TypeError`` / ``ValueError`` naming the argument for any setting ``generate`` cannot honour: integers in
-    range, finite numbers, booleans, ``temperature >= MIN_TEMPERATURE`` when sampling, ``top_p`` in (0, 1], and
+    range, finite numbers, booleans, ``temperature >= MIN_TEMPERATURE`` when sampling, ``top_p`` in (0, 1], ``min_p`` in
+    [0, 1], and
+    ``min_new_tokens`` in [0, max_new_tokens], ``repetition_penalty > 0``,
     ``num_return_sequences == 1`` for greedy decoding (its rows would all be the same, as transformers refuses).
     ``greedy_repeats=True`` (the sampler's engines, below the public ``generate``) lets greedy decoding repeat a
     prompt's rows: the engines' own tests compare the continuous engine with the static one row by row."""
@@ -70,6 +76,12 @@ def check_generation_args(*, max_new_tokens: int, do_sample: bool, temperature: 
                          f"greedy decoding set do_sample=False")
     if not 0 < top_p <= 1:
         raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
+    min_p = check_real(min_p, "min_p")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"`min_p` must be in [0, 1] (0: off), got {min_p}")
+    check_int(min_new_tokens, "min_new_tokens", 0, max_new_tokens)
+    if not check_real(repetition_penalty, "repetition_penalty") > 0:
+        raise ValueError(f"`repetition_penalty` must be > 0 (1: off), got {repetition_penalty}")
     if not do_sample and num_return_sequences > 1 and not greedy_repeats:
         raise ValueError(f"`num_return_sequences`={num_return_sequences} with greedy decoding (do_sample=False) "
                          f"would return {num_return_sequences} identical rows per prompt; set do_sample=True")
@@ -154,11 +166,38 @@ def _is_empty(value: Any) -> bool:
         return False
 
 
+def chat_prompts(messages, tokenizer, no_tokenizer_hint: str) -> list[str]:
+    """``messages`` (one conversation per prompt: a list of ``{"role", "content"}`` dicts) -> prompt texts through
+    the tokenizer's chat template, with the generation prompt."""
+    if isinstance(messages, (str, dict)) or not isinstance(messages, (list, tuple)) or not messages:
+        raise TypeError("`messages` must be a non-empty list of conversations, each a list of "
+                        "{'role': ..., 'content': ...} dicts")
+    for i, conversation in enumerate(messages):
+        if not isinstance(conversation, (list, tuple)) or not conversation or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
+            raise TypeError(f"`messages[{i}]` must be a non-empty list of {{'role': ..., 'content': ...}} dicts")
+    if tokenizer is None:
+        raise ValueError(f"`messages` need a tokenizer with a chat template; {no_tokenizer_hint}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("`messages`: the tokenizer has no chat template (tokenizer.chat_template is None); set one "
+                         "or pass `prompts` with the template applied")
+    return [tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False) for c in messages]
+
+
 def prompt_rows(prompts, input_ids, tokenizer, *, no_tokenizer_hint: str,
-                vocab_size: int | None = None) -> list[list[int]]:
+                vocab_size: int | None = None, messages=None) -> list[list[int]]:
     """The prompts of a ``generate`` call as token-id rows: exactly one of ``prompts`` (texts, tokenized with
-    the tokenizer's own special tokens) and ``input_ids`` (unpadded token-id sequences, checked against
-    ``vocab_size`` when given)."""
+    the tokenizer's own special tokens), ``input_ids`` (unpadded token-id sequences, checked against
+    ``vocab_size`` when given) and ``messages`` (conversations: the chat template with the generation prompt, the
+    template's text tokenized without adding special tokens again)."""
+    if messages is not None:
+        if prompts is not None or input_ids is not None:
+            raise ValueError("pass exactly one of `prompts` (texts), `input_ids` (token ids) and `messages` (chats)")
+        texts = chat_prompts(messages, tokenizer, no_tokenizer_hint)
+        rows = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("`messages`: the chat template gave an empty prompt")
+        return id_rows(rows, vocab_size)
     if (prompts is None) == (input_ids is None):
         raise ValueError("pass exactly one of `prompts` (texts) and `input_ids` (token ids)")
     for name, value in (("prompts", prompts), ("input_ids", input_ids)):
