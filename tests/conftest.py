@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 from offline import make_tokenizer, save_tiny_model  # noqa: E402
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown, and unused, under -p no:xdist
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject's addopts): one worker per usable core, at most 4 (each holds JAX, torch and its
     compiled programs: ~2 GB), or ``ITERSFT_TEST_WORKERS``."""

@@ -157,3 +157,14 @@ def eval_batches(examples: list[Example], rows: int) -> Iterator[list[Example]]:
     """``examples`` cut into batches of ``rows`` (both engines' evaluation order)."""
     for i in range(0, len(examples), rows):
         yield examples[i:i + rows]
+
+
+@dataclasses.dataclass
+class PendingUpdate:
+    """What ``forward_backward`` calls accumulated since the last ``optim_step``."""
+
+    loss_sum: float = 0.0
+    num_tokens: int = 0
+    input_tokens: int = 0
+    padded_tokens: int = 0
+    micro_batches: int = 0  # numbers the random keys of later calls (JAX: NEFTune, LoRA dropout)

@@ -24,7 +24,6 @@ Imports neither jax nor torch itself (``transformers.TrainingArguments`` already
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerCallback
 
 from itersft_jax.shared.data import plan_updates, warn_beyond_positions
-from itersft_jax.shared.engine import Engine, UpdateRecord
+from itersft_jax.shared.engine import Engine, PendingUpdate, UpdateRecord
 from itersft_jax.shared.evaluation import Evaluator, dataset_forms
 from itersft_jax.shared.fields import counts_input_tokens, enum_name, input_token_stats, shuffle_seed
 from itersft_jax.shared.interrupts import deferred_interrupt
@@ -160,17 +159,6 @@ def _is_processing_class(value) -> bool:
     if isinstance(value, (PreTrainedTokenizerBase, ProcessorMixin)):
         return True
     return callable(value) and callable(getattr(value, "batch_decode", None)) and not isinstance(value, type)
-
-
-@dataclasses.dataclass
-class PendingUpdate:
-    """What ``forward_backward`` calls accumulated since the last ``optim_step``."""
-
-    loss_sum: float = 0.0
-    num_tokens: int = 0
-    input_tokens: int = 0
-    padded_tokens: int = 0
-    micro_batches: int = 0  # numbers the random keys of later calls (JAX: NEFTune, LoRA dropout)
 
 
 class TrainerFlow:

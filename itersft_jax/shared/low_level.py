@@ -21,7 +21,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,10 +37,12 @@ from itersft_jax.shared.datum import (
     loss_metrics,
     padded_inputs,
 )
-from itersft_jax.shared.engine import Engine, PassResult
-from itersft_jax.shared.flow import PendingUpdate, TrainerFlow
+from itersft_jax.shared.engine import Engine, PassResult, PendingUpdate
 from itersft_jax.shared.interrupts import deferred_interrupt
 from itersft_jax.shared.outputs import MAX_RETURN_SEQUENCES
+
+if TYPE_CHECKING:  # the flow imports transformers' callbacks (and torch): not at run time from here
+    from itersft_jax.shared.flow import TrainerFlow
 
 
 @dataclasses.dataclass
