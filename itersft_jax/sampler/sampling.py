@@ -66,20 +66,17 @@ def _top_p(logits_BV: jax.Array, top_p) -> jax.Array:
     reaches ``top_p``, the usual case for a peaked distribution) every token outside is less or equally likely,
     so dropped too, and ``x0`` is the least likely kept candidate. A row where the candidates do not reach
     ``top_p`` (a flat row, ``top_p`` near 1) falls back, when the batch has one, to a binary search over the
-    fp32 bit patterns of ``[0, max p]``: the smallest ``x0`` with ``mass(p > x0) < top_p``, 30 masked sums.
+    fp32 bit patterns of ``[0, max p]``: the smallest ``x0`` with ``mass(p > x0) < top_p``, 30 masked sums (a
+    batch where ``CANDIDATES x max p < top_p`` in every row, so no candidates can settle it, goes there at once).
     Tie rule: every token tied with the least likely kept one is kept (transformers keeps the ones its sort
     happens to put last and drops the others)."""
     probs_BV = jax.nn.softmax(logits_BV, axis=-1)
-    top_BK = jax.lax.top_k(probs_BV, min(CANDIDATES, probs_BV.shape[-1]))[0]  # descending
-    above_BK = jnp.sum(jnp.where(top_BK[:, :, None] > top_BK[:, None, :], top_BK[:, :, None], 0.0), axis=1)
-    kept_BK = (above_BK < top_p) | (jnp.arange(top_BK.shape[-1]) == 0)  # a prefix, never empty
-    found_B = ~kept_BK[:, -1]
-    x0_B = jnp.min(jnp.where(kept_BK, top_BK, jnp.inf), axis=-1)  # the least likely kept candidate
+    n = min(CANDIDATES, probs_BV.shape[-1])
 
     def settled(logits_BV, probs_BV, x0_B):
         return jnp.where(probs_BV >= x0_B[:, None], logits_BV, -jnp.inf)
 
-    def search(logits_BV, probs_BV, x0_B):
+    def search(logits_BV, probs_BV, found_B, x0_B):
         keys_BV = jax.lax.bitcast_convert_type(probs_BV, jnp.int32)  # probabilities >= 0: the bits are ordered
         hi_B = jnp.max(keys_BV, axis=-1)  # mass(p > max) = 0 < top_p
         # A token with p <= x < (1 - top_p) / V has at most V * x < 1 - top_p of mass at or below it: dropped.
@@ -92,7 +89,22 @@ def _top_p(logits_BV: jax.Array, top_p) -> jax.Array:
         x0_B = jnp.where(found_B, x0_B, jax.lax.bitcast_convert_type(searched_B, jnp.float32))
         return settled(logits_BV, probs_BV, x0_B)
 
-    return jax.lax.cond(jnp.all(found_B), settled, search, logits_BV, probs_BV, x0_B)
+    def candidates(logits_BV, probs_BV):
+        top_BK = jax.lax.top_k(probs_BV, n)[0]  # descending
+        above_BK = jnp.sum(jnp.where(top_BK[:, :, None] > top_BK[:, None, :], top_BK[:, :, None], 0.0), axis=1)
+        kept_BK = (above_BK < top_p) | (jnp.arange(n) == 0)  # a prefix, never empty
+        found_B = ~kept_BK[:, -1]
+        x0_B = jnp.min(jnp.where(kept_BK, top_BK, jnp.inf), axis=-1)  # the least likely kept candidate
+        return jax.lax.cond(jnp.all(found_B), lambda l, p, _, x: settled(l, p, x), search,
+                            logits_BV, probs_BV, found_B, x0_B)
+
+    def search_all(logits_BV, probs_BV):
+        B = logits_BV.shape[0]
+        return search(logits_BV, probs_BV, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.float32))
+
+    # n candidates hold at most n x the largest probability: a batch where no row's can reach top_p skips them
+    reachable = jnp.any(n * jnp.max(probs_BV, axis=-1) >= top_p)
+    return jax.lax.cond(reachable, candidates, search_all, logits_BV, probs_BV)
 
 
 def _min_p(logits_BV: jax.Array, min_p) -> jax.Array:
