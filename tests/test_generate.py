@@ -138,6 +138,35 @@ def test_filter_logits_equals_transformers_warpers_without_a_sort():
     assert np.isfinite(tied).sum() == 2
 
 
+
+def test_filter_logits_candidates_and_their_fallback():
+    """Top-k and top-p first look at the 64 most likely tokens and fall back to the threshold search when those
+    do not settle a row; both paths, in one batch, keep transformers' set: a vocabulary of 300 with peaked rows
+    (settled by the candidates), flat ones (the candidates hold too little mass: the search), and rows with ties
+    at the 64th most likely value (the threshold above the tie, inside it, and below it); top_k below, at and
+    past 64."""
+    from itersft_jax.sampler.sampling import CANDIDATES
+
+    rng = np.random.default_rng(1)
+    V = 300
+    tied = np.r_[np.linspace(6.0, 4.0, CANDIDATES - 10), [3.0] * 40, rng.normal(size=V - CANDIDATES - 30) - 6]
+    rows = [rng.normal(size=V) * 4, np.r_[30.0, rng.normal(size=V - 1)], rng.normal(size=V) * 0.1, np.zeros(V),
+            tied, rng.permutation(tied), np.r_[[1.0] * 100, rng.normal(size=V - 100) - 3]]
+    logits = np.stack(rows).astype(np.float32)
+    fn = jax.jit(filter_logits)
+    for top_k, top_p in ((0, 0.9), (0, 0.95), (0, 0.5), (0, 0.99), (0, 0.999), (0, 0.3), (64, 0.95), (63, 1.0),
+                         (64, 1.0), (65, 1.0), (200, 0.97), (5, 0.9)):
+        knobs = {"temperature": np.float32(1), "top_k": np.int32(top_k), "top_p": np.float32(top_p),
+                 "min_p": np.float32(0)}
+        got = np.isfinite(np.asarray(fn(jnp.asarray(logits), knobs)))
+        expected = np.isfinite(transformers_kept(logits, 1.0, top_k, top_p, 0.0))
+        np.testing.assert_array_equal(got, expected, err_msg=f"k={top_k} p={top_p}")
+        if top_k == 0 and top_p in (0.9, 0.95):  # row 4: the threshold above its tie at the 64th value, in it
+            assert got[4].sum() == got[5].sum() and (got[4].sum() < 54 if top_p == 0.9 else got[4].sum() == 94)
+    probs = np.asarray(jax.nn.softmax(logits[4]))
+    assert probs[:CANDIDATES - 10].sum() < 0.95 < 0.99 < probs[:CANDIDATES + 30].sum()
+
+
 def test_eos_stops_each_row_independently(llama):
     _, trainer = llama
     free = trainer.generate(PROMPTS, max_new_tokens=NEW, eos_token_id=[]).sequences

@@ -31,36 +31,80 @@ def _ordered(x: jax.Array) -> jax.Array:
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
+CANDIDATES = 64  # the most likely tokens top-k and top-p look at first (one ``lax.top_k``, no full sort)
+
+
 def _top_k(logits_BV: jax.Array, k) -> jax.Array:
-    """transformers' ``TopKLogitsWarper``: drop what is below the k-th largest logit (ties with it kept). The
-    k-th largest is the largest key ``x`` with ``count(key >= x) >= k``: 32 counting passes over the row."""
-    keys_BV = _ordered(logits_BV)
+    """transformers' ``TopKLogitsWarper``: drop what is below the k-th largest logit (ties with it kept). For
+    ``k <= CANDIDATES`` the k-th largest is read off one ``lax.top_k``; past it, it is the largest key ``x`` with
+    ``count(key >= x) >= k``: 32 counting passes over the row."""
     k = jnp.minimum(k, logits_BV.shape[-1])
-    # count(key > x) < k holds from x = the k-th largest key up
-    lo_B = jnp.min(keys_BV, axis=-1).astype(jnp.uint32) - 1
-    hi_B = jnp.max(keys_BV, axis=-1)
-    kth_B = _search(lambda x: jnp.sum(keys_BV > x, axis=-1) < k, lo_B, hi_B)
-    return jnp.where(keys_BV >= kth_B[:, None], logits_BV, -jnp.inf)
+    n = min(CANDIDATES, logits_BV.shape[-1])
+
+    def from_candidates(logits_BV):
+        top_BK = jax.lax.top_k(logits_BV, n)[0]
+        return jnp.take_along_axis(top_BK, jnp.broadcast_to(k - 1, (logits_BV.shape[0], 1)), axis=-1)
+
+    def search(logits_BV):
+        keys_BV = _ordered(logits_BV)
+        # count(key > x) < k holds from x = the k-th largest key up
+        lo_B = jnp.min(keys_BV, axis=-1).astype(jnp.uint32) - 1
+        hi_B = jnp.max(keys_BV, axis=-1)
+        kth_B = _search(lambda x: jnp.sum(keys_BV > x, axis=-1) < k, lo_B, hi_B)
+        return jnp.where(keys_BV >= kth_B[:, None], logits_BV, -jnp.inf)
+
+    return jax.lax.cond(k <= n, lambda x: jnp.where(x >= from_candidates(x), x, -jnp.inf), search, logits_BV)
 
 
 def _top_p(logits_BV: jax.Array, top_p) -> jax.Array:
     """transformers' ``TopPLogitsWarper`` (the smallest set of most likely tokens whose mass reaches ``top_p``)
     without its sort: token ``i`` is kept iff the mass of the tokens strictly more likely than it is ``< top_p``.
-    That mass only falls as ``p_i`` grows, so the kept set is ``{p_i >= x0}`` for the smallest ``x0`` with
-    ``mass(p > x0) < top_p``, found by a binary search over the fp32 bit patterns of ``[0, max p]`` (30 masked
-    sums). Tie rule: every token tied with the least likely kept one is kept (transformers keeps the ones its
-    sort happens to put last and drops the others)."""
+    That mass only falls as ``p_i`` grows, so the kept set is ``{p_i >= x0}`` for the smallest such ``x0``.
+
+    First from the ``CANDIDATES`` most likely tokens (one ``lax.top_k``): the mass strictly above each candidate
+    is a sum over the candidates before it, and when the least likely candidate is not kept (its mass above
+    reaches ``top_p``, the usual case for a peaked distribution) every token outside is less or equally likely,
+    so dropped too, and ``x0`` is the least likely kept candidate. A row where the candidates do not reach
+    ``top_p`` (a flat row, ``top_p`` near 1) falls back, when the batch has one, to a binary search over the
+    fp32 bit patterns of ``[0, max p]``: the smallest ``x0`` with ``mass(p > x0) < top_p``, 30 masked sums (a
+    batch where ``CANDIDATES x max p < top_p`` in every row, so no candidates can settle it, goes there at once).
+    Tie rule: every token tied with the least likely kept one is kept (transformers keeps the ones its sort
+    happens to put last and drops the others)."""
     probs_BV = jax.nn.softmax(logits_BV, axis=-1)
-    keys_BV = jax.lax.bitcast_convert_type(probs_BV, jnp.int32)  # probabilities >= 0: the bits are ordered
-    hi_B = jnp.max(keys_BV, axis=-1)  # mass(p > max) = 0 < top_p
-    # A token with p <= x < (1 - top_p) / V has at most V * x < 1 - top_p of mass at or below it: dropped. So
-    # mass(p > x) >= top_p there and the search starts at (1 - top_p) / 2V (fp32 sums are off by far less than
-    # the margin); 0 when top_p is too close to 1 for that margin.
-    floor = jnp.where(top_p <= 0.999, (1.0 - top_p) / (2.0 * logits_BV.shape[-1]), 0.0).astype(jnp.float32)
-    lo_B = jnp.minimum(jax.lax.bitcast_convert_type(floor, jnp.int32) - 1, hi_B - 1)
-    x0_B = _search(lambda x: jnp.sum(jnp.where(keys_BV > x, probs_BV, 0.0), axis=-1) < top_p,
-                   jnp.broadcast_to(lo_B, hi_B.shape), hi_B)
-    return jnp.where(keys_BV >= x0_B[:, None], logits_BV, -jnp.inf)
+    n = min(CANDIDATES, probs_BV.shape[-1])
+
+    def settled(logits_BV, probs_BV, x0_B):
+        return jnp.where(probs_BV >= x0_B[:, None], logits_BV, -jnp.inf)
+
+    def search(logits_BV, probs_BV, found_B, x0_B):
+        keys_BV = jax.lax.bitcast_convert_type(probs_BV, jnp.int32)  # probabilities >= 0: the bits are ordered
+        hi_B = jnp.max(keys_BV, axis=-1)  # mass(p > max) = 0 < top_p
+        # A token with p <= x < (1 - top_p) / V has at most V * x < 1 - top_p of mass at or below it: dropped.
+        # So mass(p > x) >= top_p there and the search starts at (1 - top_p) / 2V (fp32 sums are off by far less
+        # than the margin); 0 when top_p is too close to 1 for that margin.
+        floor = jnp.where(top_p <= 0.999, (1.0 - top_p) / (2.0 * logits_BV.shape[-1]), 0.0).astype(jnp.float32)
+        lo_B = jnp.minimum(jax.lax.bitcast_convert_type(floor, jnp.int32) - 1, hi_B - 1)
+        lo_B = jnp.where(found_B, hi_B - 1, lo_B)  # a row the candidates settled: converged from the start
+        searched_B = _search(lambda x: jnp.sum(jnp.where(keys_BV > x, probs_BV, 0.0), axis=-1) < top_p, lo_B, hi_B)
+        x0_B = jnp.where(found_B, x0_B, jax.lax.bitcast_convert_type(searched_B, jnp.float32))
+        return settled(logits_BV, probs_BV, x0_B)
+
+    def candidates(logits_BV, probs_BV):
+        top_BK = jax.lax.top_k(probs_BV, n)[0]  # descending
+        above_BK = jnp.sum(jnp.where(top_BK[:, :, None] > top_BK[:, None, :], top_BK[:, :, None], 0.0), axis=1)
+        kept_BK = (above_BK < top_p) | (jnp.arange(n) == 0)  # a prefix, never empty
+        found_B = ~kept_BK[:, -1]
+        x0_B = jnp.min(jnp.where(kept_BK, top_BK, jnp.inf), axis=-1)  # the least likely kept candidate
+        return jax.lax.cond(jnp.all(found_B), lambda l, p, _, x: settled(l, p, x), search,
+                            logits_BV, probs_BV, found_B, x0_B)
+
+    def search_all(logits_BV, probs_BV):
+        B = logits_BV.shape[0]
+        return search(logits_BV, probs_BV, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.float32))
+
+    # n candidates hold at most n x the largest probability: a batch where no row's can reach top_p skips them
+    reachable = jnp.any(n * jnp.max(probs_BV, axis=-1) >= top_p)
+    return jax.lax.cond(reachable, candidates, search_all, logits_BV, probs_BV)
 
 
 def _min_p(logits_BV: jax.Array, min_p) -> jax.Array:
@@ -75,7 +119,8 @@ def filter_logits(logits_BV: jax.Array, knobs: dict) -> jax.Array:
 
     ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 switch a filter off (a ``cond`` that skips it); the values are
     traced, so no setting recompiles. No filter sorts the vocabulary: each is a threshold, top-k and top-p
-    found by a binary search of masked reductions over the row (``_top_k``, ``_top_p``).
+    read off the row's ``CANDIDATES`` most likely tokens (one ``lax.top_k``) when those settle it, else found by
+    a binary search of masked reductions over the row (``_top_k``, ``_top_p``).
     """
     logits_BV = logits_BV / knobs["temperature"]
     logits_BV = jax.lax.cond(knobs["top_k"] > 0, _top_k, lambda x, _: x, logits_BV, knobs["top_k"])
