@@ -89,8 +89,11 @@ class LowLevelAPI:
         if not callable(fn):
             raise TypeError(f"`fn` must be callable, got {type(fn).__name__}")
         data = self._checked(data, (TARGETS,))
-        logprobs = self._data_pass(data, LOGPROBS_ONLY, {}, backward=False).logprobs
         inputs = padded_inputs(data)
+        # `fn` on stand-in logprobs of the real shape first: an output of the wrong structure (a vector, no
+        # (loss, metrics) pair, ...) is refused before the forward pass touches anything of the trainer
+        self.engine.value_and_grad(fn, np.full(inputs["mask"].shape, -1.0, np.float32), inputs)
+        logprobs = self._data_pass(data, LOGPROBS_ONLY, {}, backward=False).logprobs
         logprobs_NL = np.zeros(inputs["mask"].shape, np.float32)
         for i, lp in enumerate(logprobs):
             logprobs_NL[i, :len(lp)] = lp
