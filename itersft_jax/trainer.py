@@ -197,19 +197,21 @@ class IterativeSFTTrainer(TrainerAPI, Engine):
         """Every update of the call has one shape, [A, R, T]: its samples packed into rows of T tokens (see
         packing.py); A * R rows hold any update of micro_batch_size * accumulation samples."""
         longest = max(len(ex.input_ids) for update in updates for mb in update for ex in mb)
-        self._row_length = max(self._row_length, self._bucket(longest, self.args.max_length))
-        rows = rows_per_micro_batch(self._row_length, self._data_parallel, self._rows_per_device)
+        row_length = max(self._row_length, self._bucket(longest, self.args.max_length))
+        rows = rows_per_micro_batch(row_length, self._data_parallel, self._rows_per_device)
         num_micro = math.ceil(self.micro_batch_size * self.args.gradient_accumulation_steps / rows)
 
         def run_update(update) -> UpdateRecord:
-            batch, used = pack_update(update, row_length=self._row_length, rows=rows,
+            batch, used = pack_update(update, row_length=row_length, rows=rows,
                                       num_micro_batches=num_micro, pad_id=self._pad_id())
             input_tokens = int(np.count_nonzero(batch["attention_mask"]))
             batch = distributed.global_batch(batch, self.batch_sharding)
             with self.precision(), deferred_interrupt():  # the state is donated: replaced in the same breath
                 self.train_state, metrics = self.train_step(self.train_state, batch)
+                # the high-water mark (saved state) grows with the update it served, never before
+                self._row_length = row_length
             # Computed tokens: micro-batches after the last one holding a token are skipped by the step.
-            return UpdateRecord(metrics, input_tokens, used * rows * self._row_length)
+            return UpdateRecord(metrics, input_tokens, used * rows * row_length)
 
         yield run_update
 
@@ -244,8 +246,9 @@ class IterativeSFTTrainer(TrainerAPI, Engine):
 
     def data_pass(self, data, loss_fn, config, backward, key_offset) -> PassResult:
         """Pack the data into rows of the bucketed length (``pack_data``), one jitted pass, logprobs unpacked."""
-        self._datum_row_length = max(self._datum_row_length, self._bucket(max(len(d) for d in data)))
-        length = self._datum_row_length
+        # The high-water mark (saved with the state) only grows with a committed backward pass: a forward-only
+        # pass, or one whose result is refused, leaves the trainer as it was.
+        length = max(self._datum_row_length, self._bucket(max(len(d) for d in data)))
         rows = rows_per_micro_batch(length, self._data_parallel, self._rows_per_device)
         needed = math.ceil(len(first_fit_decreasing([len(d) for d in data], length)) / rows)
         num_micro = 1 << (needed - 1).bit_length()  # a power of two: a few shapes however the data is split
@@ -268,6 +271,7 @@ class IterativeSFTTrainer(TrainerAPI, Engine):
 
                 def commit():
                     self._grads = new_grads
+                    self._datum_row_length = length
 
                 result.commit, result.micro_batches = commit, num_micro
             else:

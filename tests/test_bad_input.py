@@ -564,3 +564,19 @@ def _after_pending_update(trainer) -> str:
         expected = fingerprint(trainer)
         trainer.load_state(saved)
     return expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_fresh_trainer_is_unchanged_by_forward_only_and_refused_passes(backend, workspace):
+    """The module's shared trainer has run Datum passes before most cases, which hid this: on a trainer that ran
+    none, a forward-only pass or a refused ``forward_backward_custom`` must not raise the packed row length's
+    high-water mark (a saved counter) — only a committed backward pass or update does."""
+    trainer = build(workspace, backend)
+    before = fingerprint(trainer)
+    trainer.forward([ce_datum(ids=tuple(range(5, 25)))])
+    trainer.compute_logprobs([list(range(5, 25))])
+    assert fingerprint(trainer) == before, "a forward-only pass changed the trainer"
+    for refused in (nan_loss, vector_loss):
+        with pytest.raises((TypeError, ValueError), match="fn"):
+            trainer.forward_backward_custom([ce_datum(ids=tuple(range(5, 25)))], refused(backend))
+        assert fingerprint(trainer) == before, f"a refused forward_backward_custom ({refused.__name__}) changed it"

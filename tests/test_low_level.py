@@ -438,9 +438,10 @@ def test_damaged_state_is_refused_naming_the_file(tiny_model_dir, tmp_path, back
 
 def test_kill_during_save_state_then_load_state_continues_bit_for_bit(tiny_model_dir, tmp_path, backend="torch"):
     """A worker saves its state after every update; it is SIGKILLed at a (seeded) random moment within 50 ms of
-    starting its third save (a save takes ~40 ms on this model, an update ~170 ms). The state directory then holds the
-    complete state of update 2 or 3 (never a partial one), and resuming from it gives the same later losses, bit
-    for bit, as a run that never stopped.
+    starting its third save (a save takes ~40 ms on this model, an update ~170 ms on loaded cores; the worker stops
+    after that save, so a fast machine cannot reach a fourth). The state directory then holds the complete state of
+    update 2 or 3 (never a partial one), and resuming from it gives the same later losses, bit for bit, as a run that
+    never stopped.
     PyTorch only: the JAX engine's save_state is its save_checkpoint, killed and resumed in test_reliability.py."""
     model_dir = tiny_model_dir("llama")
     state_dir = tmp_path / "state"
@@ -448,7 +449,7 @@ def test_kill_during_save_state_then_load_state_continues_bit_for_bit(tiny_model
                                                         os.environ.get("PYTHONPATH", "")])}
     script = os.path.join(os.path.dirname(__file__), "support", "save_state_worker.py")
     worker = subprocess.Popen([sys.executable, script,
-                               backend, model_dir, str(tmp_path / "worker"), str(state_dir)],
+                               backend, model_dir, str(tmp_path / "worker"), str(state_dir), "3"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         for line in worker.stdout:

@@ -90,9 +90,8 @@ class LowLevelAPI:
             raise TypeError(f"`fn` must be callable, got {type(fn).__name__}")
         data = self._checked(data, (TARGETS,))
         inputs = padded_inputs(data)
-        # `fn` on stand-in logprobs of the real shape first: an output of the wrong structure (a vector, no
-        # (loss, metrics) pair, ...) is refused before the forward pass touches anything of the trainer
-        self.engine.value_and_grad(fn, np.full(inputs["mask"].shape, -1.0, np.float32), inputs)
+        # The forward pass changes nothing of the trainer: an `fn` whose output is refused (a vector, no
+        # (loss, metrics) pair, a non-finite loss) leaves it as it was
         logprobs = self._data_pass(data, LOGPROBS_ONLY, {}, backward=False).logprobs
         logprobs_NL = np.zeros(inputs["mask"].shape, np.float32)
         for i, lp in enumerate(logprobs):
