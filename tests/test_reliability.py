@@ -254,17 +254,17 @@ def test_ctrl_c_inside_an_update_lands_after_it(backend, llama_dir, tokenizer, t
     optimizer had not finished)."""
     trainer = make_trainer(backend, llama_dir, tokenizer, tmp_path, fast=True, per_device_train_batch_size=1)
     trainer.step(input_ids=[[5, 6, 7, 8]])
-    name = "train_step" if backend == "jax" else "_optimizer_update"
-    real = getattr(trainer, name)
+    name = "train_step" if backend == "jax" else "_optimizer_update"  # the engine's: it runs the update
+    real = getattr(trainer.engine, name)
 
     def interrupted(*args, **kwargs):
         _send_sigint()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, name, interrupted)
+    monkeypatch.setattr(trainer.engine, name, interrupted)
     with pytest.raises(KeyboardInterrupt):
         trainer.step(input_ids=[[5, 6, 7], [8, 9, 10], [11, 12, 13]])  # three updates; stops after the first
-    monkeypatch.setattr(trainer, name, real)
+    monkeypatch.setattr(trainer.engine, name, real)
     assert trainer.state.global_step == 2
     if backend == "jax":
         assert int(trainer.train_state.step) == 2

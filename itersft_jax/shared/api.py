@@ -3,9 +3,10 @@
 ``TrainerAPI`` is the user-facing half of a trainer: ``step``, ``evaluate``, the low-level API (``forward_backward``,
 ``forward``, ``forward_backward_custom``, ``optim_step``, ``sample``, ``compute_logprobs``,
 ``accumulated_gradients``), the counters, ``log`` and the callback management. Each method forwards to one of
-three objects the engine composes in :meth:`TrainerAPI.compose`: ``flow`` (``shared.flow.TrainerFlow``: the call
+three objects the trainer composes in :meth:`TrainerAPI.compose`: ``flow`` (``shared.flow.TrainerFlow``: the call
 template, the per-update callback flow, the counters), ``low_level`` (``shared.low_level.LowLevelAPI``) and, through
-them, the engine itself (``shared.engine.Engine``, which the trainer class implements).
+them, the trainer's ``engine`` (a ``shared.engine.Engine``: ``itersft_jax.engine.JaxEngine`` or
+``itersft_torch.engine.TorchEngine``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 from transformers.trainer_callback import TrainerCallback
 
+from itersft_jax.shared.engine import Engine
 from itersft_jax.shared.flow import TRAIN_NOT_SUPPORTED, StepStats, TrainerFlow
 from itersft_jax.shared.low_level import ForwardBackwardOutput, LowLevelAPI
 
@@ -22,14 +24,16 @@ from itersft_jax.shared.low_level import ForwardBackwardOutput, LowLevelAPI
 class TrainerAPI:
     """The public methods of both trainers (see the module docstring); ``compose()`` builds what they forward to."""
 
+    engine: Engine
     flow: TrainerFlow
     low_level: LowLevelAPI
 
-    def compose(self) -> None:
-        """Build the flow and the low-level API over this engine (called by the engine's constructor once
-        ``args`` and ``state`` exist, before its callback handler fires ``on_init_end``)."""
-        self.flow = TrainerFlow(self)
-        self.low_level = LowLevelAPI(self.flow, self, self.generate)
+    def compose(self, engine: Engine) -> None:
+        """Build the flow and the low-level API of this trainer (a ``FlowHost``) over ``engine`` (called by the
+        trainer's constructor once ``args`` and ``state`` exist, before its callback handler fires ``on_init_end``)."""
+        self.engine = engine
+        self.flow = TrainerFlow(self, engine)
+        self.low_level = LowLevelAPI(self.flow, engine, self.generate)
 
     # ------------------------------------------------------------------------------------------------------
     # Training

@@ -1,10 +1,15 @@
-"""The engine protocol: everything the backend-neutral trainer flow (``shared.flow``, ``shared.low_level``,
-``shared.evaluation``) asks of an engine, declared and documented here — nothing is reached by convention.
+"""The two protocols of the backend-neutral trainer flow (``shared.flow``, ``shared.low_level``, ``shared.evaluation``):
+everything the flow asks of an engine and of the trainer around it, declared and documented here — nothing is
+reached by convention.
 
-An engine is what differs between JAX and PyTorch: how an update runs and how its metrics reach the host, how
-held-out samples are scored, how a checkpoint is written, how one pass over ``Datum`` s computes its loss and
-gradient. Each ``IterativeSFTTrainer`` (``itersft_jax.trainer``, ``itersft_torch.trainer``) implements it; the
-flow owns the counters and the callback flow and calls only the members below.
+* :class:`Engine` is what differs between JAX and PyTorch: how an update runs and how its metrics reach the host,
+  how held-out samples are scored, how one pass over ``Datum`` s computes its loss and gradient. Implemented by
+  ``itersft_jax.engine.JaxEngine`` and ``itersft_torch.engine.TorchEngine``, each its own object.
+* :class:`FlowHost` is the trainer the flow runs for (``itersft_jax.trainer.IterativeSFTTrainer``,
+  ``itersft_torch.trainer.IterativeSFTTrainer``, a ``transformers.Trainer``): the configuration, transformers'
+  ``TrainerState`` / ``TrainerControl`` and callback handler, and the checkpoint the cadence asks for.
+
+The flow owns the counters and the callback flow and calls only the members below.
 
 Adding an engine method: declare it here (abstract, with what it returns and what it may change), implement it
 in both engines, then call it from the flow.
@@ -53,14 +58,26 @@ class PassResult:
     micro_batches: int = 0
 
 
-class Engine(abc.ABC):
-    """The members an engine provides to the flow.
+class FlowHost(abc.ABC):
+    """The members a trainer provides to the flow.
 
-    Attributes (set by the engine's constructor): ``args`` (the ``IterativeSFTConfig``), ``state`` and ``control``
+    Attributes (set by the trainer's constructor): ``args`` (the ``IterativeSFTConfig``), ``state`` and ``control``
     (transformers' ``TrainerState`` / ``TrainerControl``, which the flow advances), ``callback_handler``,
-    ``eval_dataset``, ``compute_metrics``; and ``metrics_on_host`` — whether an update's metrics are host values as
-    soon as it returns (PyTorch) or device values read at the next sync (JAX).
+    ``eval_dataset``, ``compute_metrics``.
     """
+
+    @abc.abstractmethod
+    def save_for_flow(self) -> None:
+        """Write the checkpoint the callback flow asks for (``control.should_save``)."""
+
+    @abc.abstractmethod
+    def is_best_metric(self, metrics: dict[str, float]) -> bool:
+        """``save_strategy="best"``: whether ``metrics`` are the best so far (a checkpoint is then due)."""
+
+
+class Engine(abc.ABC):
+    """The members an engine provides to the flow. ``metrics_on_host``: whether an update's metrics are host values
+    as soon as it returns (PyTorch) or device values read at the next sync (JAX)."""
 
     metrics_on_host: bool = True
 
@@ -87,14 +104,6 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def fetch(self, metrics: list[dict]) -> list[dict]:
         """Dispatched updates' metrics as host values (the JAX engine's one device -> host sync per call)."""
-
-    @abc.abstractmethod
-    def save_for_flow(self) -> None:
-        """Write the checkpoint the callback flow asks for (``control.should_save``)."""
-
-    @abc.abstractmethod
-    def is_best_metric(self, metrics: dict[str, float]) -> bool:
-        """``save_strategy="best"``: whether ``metrics`` are the best so far (a checkpoint is then due)."""
 
     @abc.abstractmethod
     def extra_counters(self) -> dict[str, Any]:
@@ -147,10 +156,6 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def pending_gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients on the host, by parameter name."""
-
-    @abc.abstractmethod
-    def generate(self, *args, **kwargs):
-        """Sample completions from the live parameters; returns a ``GenerationOutput``."""
 
 
 def eval_batches(examples: list[Example], rows: int) -> Iterator[list[Example]]:

@@ -17,7 +17,7 @@ from transformers import EvalPrediction
 from itersft_jax.shared.data import Example
 
 if TYPE_CHECKING:
-    from itersft_jax.shared.engine import Engine
+    from itersft_jax.shared.engine import Engine, FlowHost
 
 logger = logging.getLogger(__name__)
 
@@ -67,32 +67,33 @@ def _pad_concat(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 class Evaluator:
-    """One evaluation's metrics on the held-out samples, through the engine's ``eval_loss`` / ``eval_predictions``."""
+    """One evaluation's metrics on the held-out samples, through the engine's ``eval_loss`` / ``eval_predictions``;
+    the trainer (``host``) holds ``eval_dataset``, ``compute_metrics`` and ``args``."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, host: FlowHost, engine: Engine):
+        self.host, self.engine = host, engine
 
     def check_dataset(self) -> None:
-        """Prepare the engine's ``eval_dataset`` once when the trainer is built (then dropped), so a sample evaluate()
+        """Prepare the trainer's ``eval_dataset`` once when the trainer is built (then dropped), so a sample evaluate()
         cannot take — ids outside the vocabulary, one longer than the position table — is refused before any update
         rather than at the first evaluation, after updates were applied."""
-        if self.engine.eval_dataset is not None:
-            self.engine.prepare_examples(**dataset_forms(self.engine.eval_dataset))
+        if self.host.eval_dataset is not None:
+            self.engine.prepare_examples(**dataset_forms(self.host.eval_dataset))
 
     def run(self, forms: dict, eval_dataset, metric_key_prefix: str) -> dict[str, float]:
         """``{prefix}_loss``, ``{prefix}_num_tokens``, ``{prefix}_samples``, ``{prefix}_seconds`` and, with
         ``compute_metrics``, its results (prefixed)."""
-        engine = self.engine
+        host, engine = self.host, self.engine
         if not isinstance(metric_key_prefix, str):
             raise TypeError(f"`metric_key_prefix` must be a str, got {type(metric_key_prefix).__name__}")
         start = time.perf_counter()
         if all(v is None for v in forms.values()):
-            forms = dataset_forms(eval_dataset if eval_dataset is not None else engine.eval_dataset)
+            forms = dataset_forms(eval_dataset if eval_dataset is not None else host.eval_dataset)
         examples = engine.prepare_examples(**forms)
         loss_sum, tokens = engine.eval_loss(examples)
         metrics = {f"{metric_key_prefix}_loss": loss_sum / max(tokens, 1), f"{metric_key_prefix}_num_tokens": tokens,
                    f"{metric_key_prefix}_samples": len(examples)}
-        if engine.compute_metrics is not None and not engine.args.prediction_loss_only:
+        if host.compute_metrics is not None and not host.args.prediction_loss_only:
             computed = self._compute_metrics(examples)
             if not isinstance(computed, dict):
                 raise TypeError(f"`compute_metrics` must return a dict of metrics, got {type(computed).__name__}")
@@ -113,5 +114,5 @@ class Evaluator:
         for preds, batch_labels in self.engine.eval_predictions(examples):
             predictions.append(np.asarray(preds))
             label_ids.append(np.asarray(batch_labels))
-        return self.engine.compute_metrics(EvalPrediction(predictions=_pad_concat(predictions),
-                                                          label_ids=_pad_concat(label_ids)))
+        return self.host.compute_metrics(EvalPrediction(predictions=_pad_concat(predictions),
+                                                        label_ids=_pad_concat(label_ids)))

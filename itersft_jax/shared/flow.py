@@ -2,8 +2,10 @@
 (shared by ``step()`` and the low-level ``optim_step()``), the host sync of update metrics, logging, the evaluation and
 checkpoint cadence, and the counters.
 
-``TrainerFlow`` drives an engine through the declared protocol of ``shared.engine.Engine`` (both
-``IterativeSFTTrainer`` classes implement it) and owns the flow's own state: ``step()`` calls (they seed the
+``TrainerFlow`` drives two objects through declared protocols (``shared.engine``): the trainer, a ``FlowHost`` (the
+configuration, transformers' ``TrainerState`` / ``TrainerControl``, the callback handler, checkpoints on the cadence),
+and its engine, an ``Engine`` (``itersft_jax.engine.JaxEngine``, ``itersft_torch.engine.TorchEngine``: how updates,
+passes and evaluations run). It owns the flow's own state: ``step()`` calls (they seed the
 shuffle), unseeded ``generate()`` calls, the updates dispatched and not yet read, the logging window, the
 non-finite guard's count and the low-level API's pending update.
 
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerCallback
 
 from itersft_jax.shared.data import plan_updates, warn_beyond_positions
-from itersft_jax.shared.engine import Engine, PendingUpdate, UpdateRecord
+from itersft_jax.shared.engine import Engine, FlowHost, PendingUpdate, UpdateRecord
 from itersft_jax.shared.evaluation import Evaluator, dataset_forms
 from itersft_jax.shared.fields import counts_input_tokens, enum_name, input_token_stats, shuffle_seed
 from itersft_jax.shared.interrupts import deferred_interrupt
@@ -162,11 +164,11 @@ def _is_processing_class(value) -> bool:
 
 
 class TrainerFlow:
-    """The flow of training over an :class:`~itersft_jax.shared.engine.Engine` (see the module docstring)."""
+    """The flow of training of ``host`` (a trainer) over its ``engine`` (see the module docstring)."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.evaluator = Evaluator(engine)
+    def __init__(self, host: FlowHost, engine: Engine):
+        self.host, self.engine = host, engine
+        self.evaluator = Evaluator(host, engine)
         self.calls = 0  # successful step() calls: seeds the shuffle
         self.generate_calls = 0  # unseeded generate() calls: seeds the sampling
         self.training = False  # between on_train_begin and on_train_end
@@ -190,13 +192,13 @@ class TrainerFlow:
     def counters(self) -> dict[str, Any]:
         """The counters, JSON-serializable: optimizer updates, step() calls (they seed the shuffle), the log history,
         the tokens seen and the engine's own — what a checkpoint keeps beside the weights and optimizer state."""
-        state = self.engine.state
+        state = self.host.state
         return {"global_step": state.global_step, "calls": self.calls, "log_history": list(state.log_history),
                 "num_input_tokens_seen": state.num_input_tokens_seen, **self.engine.extra_counters()}
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
         """Set the counters from :meth:`counters`' output, so the next call continues where that one was."""
-        state = self.engine.state
+        state = self.host.state
         state.global_step = int(counters["global_step"])
         self.calls = int(counters["calls"])
         state.log_history = list(counters.get("log_history", []))
@@ -212,9 +214,9 @@ class TrainerFlow:
     # Events
 
     def _event(self, name: str, *args) -> None:
-        """Fire callback event ``name``; the handler's ``control`` becomes the engine's."""
-        engine = self.engine
-        engine.control = getattr(engine.callback_handler, name)(engine.args, engine.state, engine.control, *args)
+        """Fire callback event ``name``; the handler's ``control`` becomes the trainer's."""
+        host = self.host
+        host.control = getattr(host.callback_handler, name)(host.args, host.state, host.control, *args)
 
     def begin_training(self) -> None:
         if not self.training:
@@ -229,11 +231,11 @@ class TrainerFlow:
 
     def log(self, logs: dict[str, float]) -> None:
         """Append ``logs`` (plus ``epoch`` and ``step``) to ``state.log_history`` and send them to ``on_log``."""
-        state = self.engine.state
+        state = self.host.state
         logs = dict(logs)
         if state.epoch is not None:
             logs["epoch"] = state.epoch
-        if counts_input_tokens(self.engine.args):
+        if counts_input_tokens(self.host.args):
             logs["num_input_tokens_seen"] = state.num_input_tokens_seen
         state.log_history.append({**logs, "step": state.global_step})
         self._event("on_log", logs)
@@ -252,7 +254,7 @@ class TrainerFlow:
         """The call template of ``step()``: refuse while low-level gradients are pending, prepare the samples
         (``Engine.prepare_examples``), plan the call's updates (the seeded shuffle), run them."""
         self.refuse_while_pending("step()")
-        engine, args = self.engine, self.engine.args
+        engine, args = self.engine, self.host.args
         examples = engine.prepare_examples(**forms)
         warn_beyond_positions(examples, engine.config_positions(), engine)
         updates = plan_updates(examples, micro_batch_size=engine.step_micro_batch_size(),
@@ -267,8 +269,7 @@ class TrainerFlow:
         ``run()`` and its bookkeeping (together: a Ctrl-C lands after them, never between), then — unless the update
         was skipped (read now with ``sync``, else at the next sync) — ``on_step_end`` and what ``control`` asks for.
         Returns the update's record and whether its step completed."""
-        engine = self.engine
-        state = engine.state
+        state = self.host.state
         self._event("on_step_begin")
         with deferred_interrupt():
             record = run()
@@ -285,8 +286,8 @@ class TrainerFlow:
 
     def _run_call(self, updates: list, run_update: Callable[[Any], UpdateRecord], *, samples: int) -> StepStats:
         """Run a call's planned ``updates`` through ``run_update`` with the callback flow around each one."""
-        engine = self.engine
-        args, state = engine.args, engine.state
+        host = self.host
+        args, state = host.args, host.state
         start = self.clock = time.perf_counter()
         self.calls += 1
         if args.max_steps > 0 and state.global_step + len(updates) > args.max_steps and not self._warned_max_steps:
@@ -295,7 +296,7 @@ class TrainerFlow:
                            "updates use its final value (0 for linear/cosine decay). Raise `max_steps`, or use "
                            "max_steps=-1 (warmup, then constant) for open-ended iterative training.", args.max_steps)
         self.begin_training()
-        engine.control.should_training_stop = engine.control.should_epoch_stop = False
+        host.control.should_training_stop = host.control.should_epoch_stop = False
         self._event("on_epoch_begin")
         self._call_metrics = []
         padded = seen = ran = 0
@@ -305,14 +306,14 @@ class TrainerFlow:
         for k, update in enumerate(updates):
             record, completed = self.update(functools.partial(run_update, update),
                                             epoch=self.calls - 1 + (k + 1) / len(updates),
-                                            sync=engine.metrics_on_host)
+                                            sync=self.engine.metrics_on_host)
             ran += 1
             padded += record.padded_tokens
             seen += record.input_tokens
             bar.update(1)
             if not completed:
                 continue
-            if engine.control.should_training_stop or engine.control.should_epoch_stop:
+            if host.control.should_training_stop or host.control.should_epoch_stop:
                 if k + 1 < len(updates):
                     logger.warning("step(): a callback stopped training; %d of the call's %d updates were not run",
                                    len(updates) - k - 1, len(updates))
@@ -345,15 +346,14 @@ class TrainerFlow:
         metrics = record.metrics
         return {"loss": pending.loss_sum, "num_tokens": pending.num_tokens, "grad_norm": metrics["grad_norm"],
                 "learning_rate": metrics["learning_rate"], "skipped": int(metrics["skipped"]),
-                "global_step": int(self.engine.state.global_step)}
+                "global_step": int(self.host.state.global_step)}
 
     def sync(self) -> int:
         """Read the unread updates' metrics (the JAX engine's host sync), count skipped updates and correct
         ``global_step`` for them; returns how many were skipped."""
         if not self._unread:
             return 0
-        engine = self.engine
-        fetched = engine.fetch([r.metrics for r in self._unread])  # may wait on the device: nothing changed yet
+        fetched = self.engine.fetch([r.metrics for r in self._unread])  # may wait on the device: nothing changed yet
         records, self._unread = self._unread, []
         skipped = 0
         for record, m in zip(records, fetched):
@@ -363,8 +363,8 @@ class TrainerFlow:
             if m.get("skipped", 0):
                 skipped += 1
                 self._skipped_in_a_row += 1
-                engine.state.global_step -= 1
-                limit = engine.args.max_skipped_updates
+                self.host.state.global_step -= 1
+                limit = self.host.args.max_skipped_updates
                 if limit is not None and self._skipped_in_a_row >= limit:
                     raise RuntimeError(
                         f"step(): {self._skipped_in_a_row} updates in a row had a non-finite loss or gradient norm "
@@ -379,29 +379,29 @@ class TrainerFlow:
 
     def act_on_control(self) -> None:
         """Do what ``control`` asks for after an update or a call: log, evaluate, save (transformers' order)."""
-        engine = self.engine
-        control = engine.control
+        host = self.host
+        control = host.control
         if not (control.should_log or control.should_evaluate or control.should_save):
             return
         if self.sync():  # the update this was due for was skipped: its step number comes again
             control.should_log = control.should_evaluate = control.should_save = False
             return
         self._window["seconds"] += time.perf_counter() - self.clock  # after the sync: the device work is done
-        if engine.control.should_log:
+        if host.control.should_log:
             self._log_window()
-        if engine.control.should_evaluate:
+        if host.control.should_evaluate:
             metrics = self.evaluate({})
-            if enum_name(engine.args.save_strategy) == "best":
-                engine.control.should_save = engine.is_best_metric(metrics)
-        if engine.control.should_save:
-            engine.save_for_flow()
+            if enum_name(host.args.save_strategy) == "best":
+                host.control.should_save = host.is_best_metric(metrics)
+        if host.control.should_save:
+            host.save_for_flow()
             self._event("on_save")
         self.clock = time.perf_counter()  # evaluation and saving are not training time
 
     def _log_window(self) -> None:
         window = self._window
         if window["tokens"] == 0:  # nothing trained since the last log
-            self.engine.control.should_log = False
+            self.host.control.should_log = False
             return
         last = self._call_metrics[-1]
         seconds = window["seconds"]
@@ -426,6 +426,6 @@ class TrainerFlow:
             learning_rate=host[-1]["learning_rate"] if host else math.nan,
             grad_norm=host[-1]["grad_norm"] if host else math.nan,
             num_tokens=tokens, samples=samples, updates=len(applied), skipped_updates=skipped,
-            global_step=int(self.engine.state.global_step), seconds=seconds,
+            global_step=int(self.host.state.global_step), seconds=seconds,
             tokens_per_second=seen / seconds if seconds > 0 else math.inf, padded_tokens=padded,
-            **input_token_stats(self.engine.args, self.engine.state), **extra)
+            **input_token_stats(self.host.args, self.host.state), **extra)

@@ -84,7 +84,7 @@ def fingerprint(trainer) -> str:
     for leaf in jax.tree.leaves(jax.device_get((state.params, state.opt_state, state.step,
                                                jax.random.key_data(state.rng)))):
         add(leaf)
-    for leaf in jax.tree.leaves(jax.device_get(trainer._grads)) if trainer._grads is not None else ():
+    for leaf in jax.tree.leaves(jax.device_get(trainer.engine._grads)) if trainer.engine._grads is not None else ():
         add(leaf)
     return digest.hexdigest()
 
