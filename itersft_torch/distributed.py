@@ -53,6 +53,48 @@ def check_same_samples(accelerator, examples: list[Example]) -> None:
             f"generate() on each process's prompts) must be gathered first, e.g. with accelerate.utils.gather_object.")
 
 
+def check_same_data(accelerator, data, loss_fn: str, config: dict) -> None:
+    """ValueError on every process unless all processes passed the same ``Datum`` s, ``loss_fn`` and config to a
+    low-level call (the engine splits the data across them, as ``step()`` splits its samples)."""
+    digest = hashlib.sha256(repr((loss_fn, sorted(config.items()))).encode())
+    for datum in data:
+        digest.update(np.ascontiguousarray(datum.model_input, dtype=np.int64).tobytes())
+        for key in sorted(datum.loss_fn_inputs):
+            array = np.ascontiguousarray(datum.loss_fn_inputs[key])
+            digest.update(f"{key}{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+    mine = torch.tensor([int.from_bytes(digest.digest()[:8], "little", signed=True)], device=accelerator.device)
+    if (accelerator.gather(mine) != mine).any():
+        raise ValueError(
+            f"`data`: the {accelerator.num_processes} processes passed different data (or loss_fn / loss_fn_config): "
+            f"every process must pass the same call (the engine splits the data across them). Data made per process "
+            f"must be gathered first, e.g. with accelerate.utils.gather_object.")
+
+
+def sum_gradients_across_processes(parameters: list[torch.nn.Parameter]) -> None:
+    """Sum each parameter's ``.grad`` over the processes (a missing one counts as zeros), in place: every process
+    then holds the gradient of the loss summed over all processes' data."""
+    import torch.distributed as dist
+
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def gather_pass(accelerator, loss_sum: float, padded: int, logprobs: dict[int, np.ndarray]):
+    """A low-level pass's results of every process: the summed loss and padded positions, and each datum's
+    logprobs by its index in the call's data (every process gets all of them)."""
+    import torch.distributed as dist
+
+    totals = accelerator.reduce(torch.tensor([loss_sum, float(padded)], dtype=torch.float64,
+                                             device=accelerator.device), reduction="sum")
+    pieces: list = [None] * accelerator.num_processes
+    dist.all_gather_object(pieces, logprobs)
+    merged = {i: lp for piece in pieces for i, lp in piece.items()}
+    return float(totals[0]), int(totals[1]), [merged[i] for i in range(len(merged))]
+
+
 def release_gathered_parameters(model: torch.nn.Module) -> None:
     """Reshard FSDP2 units after forwards without a backward (evaluation, generation): the root unit never reshards
     after its forward (its parameters are expected back in the backward), so they would stay gathered on every

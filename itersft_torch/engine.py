@@ -31,7 +31,13 @@ from itersft_jax.shared.data import (
 from itersft_jax.shared.datum import check_custom_output
 from itersft_jax.shared.engine import Engine, PassResult, UpdateRecord, eval_batches
 from itersft_torch import moe
-from itersft_torch.distributed import check_same_samples, release_gathered_parameters
+from itersft_torch.distributed import (
+    check_same_data,
+    check_same_samples,
+    gather_pass,
+    release_gathered_parameters,
+    sum_gradients_across_processes,
+)
 from itersft_torch.features import StepFeatures
 
 
@@ -273,16 +279,24 @@ class TorchEngine(Engine):
         if self.trainer.is_encoder_decoder:
             raise NotImplementedError("the low-level API (forward_backward, ...) trains causal LMs; this model is "
                                       "encoder-decoder: use step()")
-        if self.accelerator.num_processes > 1:
-            raise NotImplementedError("the low-level API runs in one process on the PyTorch engine for now")
         from itersft_jax.shared.datum import LOGPROBS_ONLY
         from itersft_torch.rl_losses import datum_loss
 
         model = self.trainer.model_wrapped
+        unwrapped = self.accelerator.unwrap_model(model)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        # A MoE with output_router_logits: coef * the pass's load-balancing loss joins the summed loss (not for
+        # logprobs-only passes), as on the JAX engine.
+        balance = None if loss_fn == LOGPROBS_ONLY else moe.balance_of(unwrapped)
+        if world > 1:
+            if self.trainer.is_fsdp_enabled or balance is not None:
+                raise NotImplementedError("the low-level API on several processes runs under DDP (torchrun or "
+                                          "accelerate launch without FSDP), for models without output_router_logits")
+            check_same_data(self.accelerator, data, loss_fn, config)
         was_training = model.training
         model.train(backward)
         per_device = self.args.per_device_train_batch_size
-        loss_sum, count, padded, logprobs = 0.0, 0, 0, []
+        loss_sum, padded, logprobs = 0.0, 0, {}
         # The gradients already pending are set aside while this pass computes its own: a pass that fails (or is
         # interrupted) gives them back untouched; a pass that succeeds adds them in commit(). Only when several
         # forward_backward calls accumulate into one update do both live at once.
@@ -299,33 +313,43 @@ class TorchEngine(Engine):
             for p, grad in pending.items():
                 p.grad = grad if p.grad is None else grad.add_(p.grad)
 
+        # Several processes (DDP): the micro-batches are dealt out round-robin and each process runs its own through
+        # the unwrapped model (no DDP collective: the processes may run different numbers of forwards), then the
+        # gradients are summed across processes once — the gradient of the loss summed over all the data, as one
+        # process computes it.
+        runner = unwrapped if world > 1 else model
+        starts = list(range(0, len(data), per_device))[rank::world]
         shards = [[Example(d.model_input, np.full(len(d), IGNORE_INDEX)) for d in data[start:start + per_device]]
-                  for start in range(0, len(data), per_device)]
-        # A MoE with output_router_logits: coef * the pass's load-balancing loss joins the summed loss (not for
-        # logprobs-only passes), as on the JAX engine.
-        balance = None if loss_fn == LOGPROBS_ONLY else moe.balance_of(self.accelerator.unwrap_model(model))
+                  for start in starts]
         try:
             totals = (self._router_totals(model, shards, self._pad_id(), balance, train=backward)
                       if balance is not None else None)
-            with contextlib.nullcontext() if backward else torch.no_grad():
-                for start, examples in zip(range(0, len(data), per_device), shards):
+            no_sync = self.accelerator.no_sync(model) if world > 1 and backward else contextlib.nullcontext()
+            with contextlib.nullcontext() if backward else torch.no_grad(), no_sync:
+                for start, examples in zip(starts, shards):
                     shard = data[start:start + per_device]
-                    logits_BTV, _, positions = self._forward(model, examples, self._pad_id(), train=backward)
+                    logits_BTV, _, positions = self._forward(runner, examples, self._pad_id(), train=backward)
                     loss, logp_BT = datum_loss(logits_BTV, shard, loss_fn, config)
                     if balance is not None:
                         loss = loss + balance.coef * self._aux_share(balance, totals)
                     if backward:
                         self.accelerator.backward(loss)
                     loss_sum += float(loss.detach())
-                    count += sum(len(d) for d in shard)
                     padded += positions
-                    logprobs += [logp_BT[i, :len(d)].detach().cpu().numpy() for i, d in enumerate(shard)]
+                    logprobs.update({start + i: logp_BT[i, :len(d)].detach().cpu().numpy()
+                                     for i, d in enumerate(shard)})
+            if world > 1:
+                if backward:
+                    sum_gradients_across_processes(parameters)
+                loss_sum, padded, ordered = gather_pass(self.accelerator, loss_sum, padded, logprobs)
+            else:
+                ordered = [logprobs[i] for i in range(len(data))]
         except BaseException:
             restore()
             raise
         finally:
             model.train(was_training)
-        return PassResult(loss_sum, count, logprobs, padded, commit)
+        return PassResult(loss_sum, sum(len(d) for d in data), ordered, padded, commit)
 
     def pending_gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients (summed) on the host by parameter name."""

@@ -5,7 +5,9 @@ RNG states — CPU and CUDA —, the fp16 grad scaler's), ``itersft_state.json``
 step() calls that seed the shuffle, log history, tokens seen) and the manifest, written last, with the size and
 SHA-256 of both (``itersft_jax.shared.atomic_dir``, the protocol of the JAX engine's checkpoints): written into a
 temporary beside ``path``, fsynced, renamed. A process killed during a save leaves the previous state or the new one,
-never a mix; loading verifies every byte first and changes nothing unless everything was read and fits.
+never a mix; loading verifies every byte first and changes nothing unless everything was read and fits. Under DDP the
+main process writes (the replicas are equal; every process's RNG state is gathered into the file) and every process
+returns once the state is complete; every process loads it and takes back its own RNG state.
 """
 
 from __future__ import annotations
@@ -41,6 +43,38 @@ def save_state(trainer, path: str) -> str:
     """Write ``trainer``'s state to ``path`` atomically (an existing state there is replaced; a directory that is
     not one, the working directory, a file: refused, see ``atomic_dir.check_state_target``); returns the path."""
     path = check_state_target(path, "path", output_dir=trainer.args.output_dir)
+    accelerator = trainer.accelerator
+    if accelerator.num_processes > 1 and trainer.is_fsdp_enabled:
+        raise NotImplementedError("save_state on several processes runs under DDP; under FSDP use save_model and "
+                                  "the checkpoints of save_strategy")
+    rngs = _every_process(accelerator, torch.get_rng_state())  # each process's, restored on the same rank
+    error = None
+    if accelerator.is_main_process:  # the replicas are equal under DDP: the main process writes
+        try:
+            _write_state(trainer, path, rngs)
+        except BaseException as err:
+            error = err
+    if accelerator.num_processes > 1:  # every process returns once the state is complete, or raises with the writer
+        failed = _every_process(accelerator, None if error is None else f"{type(error).__name__}: {error}")[0]
+        if failed is not None and error is None:
+            raise RuntimeError(f"save_state: the main process failed to write {path}: {failed}")
+    if error is not None:
+        raise error
+    return path
+
+
+def _every_process(accelerator, value) -> list:
+    """``value`` of every process, in rank order (one process: ``[value]``)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values: list = [None] * accelerator.num_processes
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _write_state(trainer, path: str, rngs: list) -> None:
     tmp = temporary_for(path)
     os.makedirs(tmp)
     try:
@@ -48,7 +82,7 @@ def save_state(trainer, path: str) -> str:
         blob = {"engine": "torch", "optimizer_class": type(_optimizer(trainer)).__name__,
                 "scheduler_class": type(trainer.lr_scheduler).__name__,
                 "model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-                "scheduler": trainer.lr_scheduler.state_dict(), "rng": torch.get_rng_state(),
+                "scheduler": trainer.lr_scheduler.state_dict(), "rng": rngs[0], "rng_per_process": rngs,
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "scaler": trainer.accelerator.scaler.state_dict() if trainer.accelerator.scaler is not None else None}
         buffer = io.BytesIO()
@@ -60,7 +94,6 @@ def save_state(trainer, path: str) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def load_state(trainer, path: str) -> str:
@@ -91,7 +124,10 @@ def load_state(trainer, path: str) -> str:
     trainer.lr_scheduler.load_state_dict(blob["scheduler"])
     if trainer.accelerator.scaler is not None and blob["scaler"] is not None:
         trainer.accelerator.scaler.load_state_dict(blob["scaler"])
-    torch.set_rng_state(blob["rng"])
+    per_process = blob.get("rng_per_process") or [blob["rng"]]
+    rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+    # each process's own generator when the process count is the one saved; else the main process's everywhere
+    torch.set_rng_state(per_process[rank] if len(per_process) == world else blob["rng"])
     if blob["cuda_rng"]:
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
     trainer.restore_counters(counters)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from torch_distributed_worker import GENERATE, config, train
+from torch_distributed_worker import GENERATE, config, low_level_round, train
 
 from itersft_torch import IterativeSFTConfig, IterativeSFTTrainer
 
@@ -135,6 +135,27 @@ def test_ddp_two_processes_equal_one(llama_dir, reference, tmp_path):
     assert {r["wrapped"] for r in ranks} == {"DistributedDataParallel"}
     assert_equals_one_process(ranks, tmp_path / "ddp" / "final", reference, checkpoint_files={})
     assert len(list((tmp_path / "ddp").rglob("events.out.tfevents*"))) == 1, "one tensorboard log"
+    assert_low_level_equals_one_process(results(tmp_path, "ddp-low-level"), llama_dir, tmp_path / "one-low-level")
+
+
+def assert_low_level_equals_one_process(ranks: list[dict], llama_dir: str, out: Path) -> None:
+    """The low-level loop under DDP (the data split across the processes, gradients summed once) equals one process:
+    the same sampled tokens (same seed), losses, logprobs and grad norms within 1e-5 (fp32, another summation order);
+    a state saved by the 2 processes and loaded by 2 new trainers continues exactly as the saving run does; data that
+    differ by process are refused on every process, naming `data`."""
+    ref = low_level_round(llama_dir, str(out))
+    for r in ranks:
+        assert r["sequences"] == ref["sequences"]
+        np.testing.assert_allclose(np.concatenate(r["sample_logprobs"]), np.concatenate(ref["sample_logprobs"]),
+                                   rtol=0, atol=1e-5)
+        for key in ("first_loss", "grad_norm"):
+            assert r[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-5), key
+        for key in ("first_logprobs", "compute_logprobs"):
+            np.testing.assert_allclose(np.concatenate(r[key]), np.concatenate(ref[key]), rtol=0, atol=1e-5)
+        assert r["resumed"] == r["continued"], "load_state did not resume the 2-process run exactly"
+        assert r["continued"]["loss"] == pytest.approx(ref["continued"]["loss"], rel=1e-5)
+        assert r["mismatch"] is not None and "`data`" in r["mismatch"], r["mismatch"]
+    assert ranks[0]["continued"] == ranks[1]["continued"], "the processes' replicas differ"
 
 
 def test_fsdp_two_processes_equal_one(llama_dir, reference, tmp_path):

@@ -116,6 +116,54 @@ def train(trainer, save: bool = True) -> dict:
             "wrapped": type(trainer.model_wrapped).__name__, "local_parameters": local}
 
 
+def low_level_round(model_dir: str, output_dir: str) -> dict:
+    """The low-level loop on a fresh trainer: sample -> forward_backward("importance_sampling") + optim_step ->
+    compute_logprobs -> save_state -> one more update, which a second fresh trainer repeats after load_state; on
+    several processes also a call whose data differ by process. What this process observed, JSON-able."""
+    from itersft_jax.shared.datum import samples_to_data
+    from itersft_torch import IterativeSFTConfig, IterativeSFTTrainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+
+    def build(name: str):
+        fields = config(os.path.join(output_dir, name), world=1, learning_rate=1e-2, save_strategy="no",
+                        logging_steps=100, per_device_train_batch_size=1)
+        return IterativeSFTTrainer(model_dir, args=IterativeSFTConfig(**fields))
+
+    trainer = build("low-level")
+    out = trainer.sample(prompts=["Q: two plus two?", "Say hi.", "Name a fox."], num_samples=2, max_new_tokens=5,
+                         do_sample=True, seed=3)
+    data = samples_to_data(out, advantages=[1.0, -1.0, 0.5, -0.5, 2.0, -2.0])  # 6 data: 3 on each of 2 processes
+    first = trainer.forward_backward(data, "importance_sampling")
+    step = trainer.optim_step()
+    logprobs = trainer.compute_logprobs([row for row in out.sequences[:3]])
+    state = os.path.join(output_dir, "low-level-state")
+    trainer.save_state(state)
+
+    def next_update(t) -> dict:
+        fb = t.forward_backward(data[:5], "cross_entropy")
+        return {"loss": fb.metrics["loss:sum"], "logprobs": [o["logprobs"].tolist() for o in fb.loss_fn_outputs],
+                **{k: v for k, v in t.optim_step().items() if k in ("grad_norm", "global_step")},
+                "params": float(sum(p.detach().double().abs().sum() for p in t.model.parameters()))}
+
+    continued = next_update(trainer)
+    resumed_trainer = build("low-level-resumed")
+    resumed_trainer.load_state(state)
+    resumed = next_update(resumed_trainer)
+    mismatch = None
+    if world > 1:  # one process passes other data: refused on every process
+        try:
+            trainer.forward_backward(data[:2 + int(os.environ["RANK"])], "importance_sampling")
+        except ValueError as err:
+            mismatch = str(err)
+    return {"sequences": [list(map(int, row)) for row in out.sequences],
+            "sample_logprobs": [list(map(float, lp)) for lp in out.logprobs],
+            "first_loss": first.metrics["loss:sum"],
+            "first_logprobs": [o["logprobs"].tolist() for o in first.loss_fn_outputs],
+            "grad_norm": step["grad_norm"], "compute_logprobs": [lp.tolist() for lp in logprobs],
+            "continued": continued, "resumed": resumed, "mismatch": mismatch}
+
+
 def _local_parameters(trainer) -> int:
     """Parameter elements this rank holds (FSDP2's DTensors report the global shape: count the local shard; FSDP1's
     parameters are views of the local shard of its flat parameters)."""
@@ -188,6 +236,7 @@ def main(mode: str, model_dir: str, out: str) -> None:
         _expect_refusal(out_dir, "no-use-cpu", model_dir, use_cpu=False)
         # tensorboard: its writer must exist on the main process only
         _write(out_dir, "ddp", train(_build(model_dir, str(out_dir / "ddp"), report_to="tensorboard")))
+        _write(out_dir, "ddp-low-level", low_level_round(model_dir, str(out_dir / "ddp")))
     elif mode == "fsdp":
         _expect_refusal(out_dir, "fsdp-refused", model_dir)  # accelerate would silently run DDP
         lift_accelerate_fsdp_device_gate()
