@@ -36,6 +36,13 @@ def check_distributed_setup(accelerator, args: TrainingArguments) -> None:
             f"the FSDP setting to train data-parallel (DDP).")
 
 
+def _differs_across_processes(accelerator, digest) -> bool:
+    """Whether any process's ``digest`` (a hashlib object) differs from this one's: 8 bytes gathered, on every
+    process alike."""
+    mine = torch.tensor([int.from_bytes(digest.digest()[:8], "little", signed=True)], device=accelerator.device)
+    return bool((accelerator.gather(mine) != mine).any())
+
+
 def check_same_samples(accelerator, examples: list[Example]) -> None:
     """ValueError on every process unless all processes passed the same samples: a call's samples are split across
     the processes by the trainer, so each must pass the whole call (else updates silently drop samples, or the
@@ -45,8 +52,7 @@ def check_same_samples(accelerator, examples: list[Example]) -> None:
         for array in (ex.input_ids, ex.labels):
             digest.update(len(array).to_bytes(8, "little"))
             digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
-    mine = torch.tensor([int.from_bytes(digest.digest()[:8], "little", signed=True)], device=accelerator.device)
-    if (accelerator.gather(mine) != mine).any():
+    if _differs_across_processes(accelerator, digest):
         raise ValueError(
             f"the {accelerator.num_processes} processes passed different samples: every process must pass the same "
             f"samples (the trainer splits each call's samples across them). Samples made per process (e.g. by "
@@ -63,8 +69,7 @@ def check_same_data(accelerator, data, loss_fn: str, config: dict) -> None:
             array = np.ascontiguousarray(datum.loss_fn_inputs[key])
             digest.update(f"{key}{array.dtype}{array.shape}".encode())
             digest.update(array.tobytes())
-    mine = torch.tensor([int.from_bytes(digest.digest()[:8], "little", signed=True)], device=accelerator.device)
-    if (accelerator.gather(mine) != mine).any():
+    if _differs_across_processes(accelerator, digest):
         raise ValueError(
             f"`data`: the {accelerator.num_processes} processes passed different data (or loss_fn / loss_fn_config): "
             f"every process must pass the same call (the engine splits the data across them). Data made per process "
