@@ -1,13 +1,12 @@
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))  # offline builders, references, workers
 
 import pytest  # noqa: E402
-from offline import make_tokenizer, save_tiny_model  # noqa: E402
+
+from tests.support.offline import make_tokenizer, save_tiny_model  # noqa: E402
 
 
 @pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown, and unused, under -p no:xdist

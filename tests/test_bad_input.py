@@ -16,12 +16,12 @@ import shutil
 
 import numpy as np
 import pytest
-from engines import BACKENDS, fingerprint, make_trainer
-from offline import save_tiny_model
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.shared.atomic_dir import MANIFEST_FILE, CheckpointError, finish
 from itersft_jax.shared.datum import Datum
+from tests.support.engines import BACKENDS, fingerprint, make_trainer
+from tests.support.offline import save_tiny_model
 
 POSITIONS = 32  # the suite's GPT-2 has 32 positions
 LONG = list(range(5, 5 + POSITIONS + 8))  # 40 tokens: past the position table

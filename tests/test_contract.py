@@ -17,12 +17,12 @@ import jax
 import numpy as np
 import pytest
 import torch
-from engines import make_trainer
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from itersft_jax import IterativeSFTConfig
 from itersft_jax.shared.flow import StepStats
 from itersft_torch import IterativeSFTTrainer as TorchTrainer
+from tests.support.engines import make_trainer
 
 BACKENDS = ["jax", "torch"]
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Question: what is two plus two? Answer: four.",

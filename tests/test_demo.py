@@ -90,7 +90,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s><|im_start|>{{ m['role'] }}\n{{ m['c
 
 @pytest.fixture(scope="module")
 def chat_tokenizer():
-    from offline import make_tokenizer
+    from tests.support.offline import make_tokenizer
 
     tok = make_tokenizer("standard")
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -100,7 +100,7 @@ def chat_tokenizer():
 
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory, chat_tokenizer):
-    from offline import save_tiny_model
+    from tests.support.offline import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-chat-llama"), "llama", chat_tokenizer)
 

@@ -8,10 +8,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
-from offline import save_tiny_model
+
+from tests.support import module_command, root_on_path
+from tests.support.offline import save_tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,16 +24,15 @@ def _free_port() -> int:
 
 
 def test_two_processes_equal_one(tmp_path, tokenizer):
-    import sharding_worker as worker
     from safetensors.numpy import load_file
+
+    from tests.support import sharding_worker as worker
 
     model_dir = save_tiny_model(tmp_path / "model", "llama", tokenizer)
     out = tmp_path / "two"
     port = _free_port()
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    script = os.path.join(HERE, "support", "distributed_worker.py")
-    procs = [subprocess.Popen([sys.executable, script, model_dir, str(out)],
+    env = root_on_path(dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2"))
+    procs = [subprocess.Popen(module_command("distributed_worker", model_dir, str(out)),
                               env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     try:

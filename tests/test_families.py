@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from offline import perturbed_tiny_model, tiny_config
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.io import weights
@@ -35,6 +34,7 @@ from itersft_jax.models import get_family
 from itersft_jax.models.attention.masks import positions_from_mask, positions_from_segments
 from itersft_jax.sampler.engine import sample_ids
 from itersft_jax.shared.flow import StepStats
+from tests.support.offline import perturbed_tiny_model, tiny_config
 
 VOCAB = 320
 ATOL = 1e-4

@@ -15,11 +15,11 @@ import sys
 
 import pytest
 import torch
-from offline import tiny_model
 
 from itersft_jax.shared import fields
 from itersft_jax.shared.config import IterativeSFTConfig
 from itersft_jax.shared.fields import FIELDS, REFUSED, check_fields, markdown_table, refusals
+from tests.support.offline import tiny_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Question: what is two plus two? Answer: four.",
          "def add(a, b):\n    return a + b\n", "12 + 30 = 42.", "Rejection sampling keeps only the verified."]

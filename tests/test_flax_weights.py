@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from offline import make_tokenizer, tiny_config
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.io import flax_weights, weights
+from tests.support.offline import make_tokenizer, tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "flax")
 FAMILIES = ("llama", "mistral", "gemma", "gpt2", "opt", "gpt_neo", "gptj")

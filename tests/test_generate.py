@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from compilations import count_compilations
 
 from itersft_jax import IterativeSFTConfig
 from itersft_jax.sampler.engine import sampler_chunk, sampler_prefill
@@ -20,6 +19,7 @@ from itersft_jax.sampler.generate import GenerationOutput, generate
 from itersft_jax.sampler.sampling import filter_logits
 from itersft_jax.sampler.static import cache_mask, generate_ids
 from itersft_jax.trainer import IterativeSFTTrainer
+from tests.support.compilations import count_compilations
 
 PROMPTS = ["The quick brown fox", "hello", "12 + 30 = 42. 7 * 6 ="]
 NEW = 12  # max_new_tokens of most tests: one new-token bucket (16) and one prompt bucket (16) -> one compile

@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 import torch
-from compilations import count_compilations
-from engines import make_trainer
 from flax import nnx
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.shared.data import prepare_examples
+from tests.support.compilations import count_compilations
+from tests.support.engines import make_trainer
 
 TEXTS = ["hello world", "The quick brown fox jumps", "a b c", "Iterative supervised fine-tuning",
          "Rejection sampling keeps only", "12 + 30 = 42."]

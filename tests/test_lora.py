@@ -13,9 +13,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from offline import save_tiny_model
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
+from tests.support.offline import save_tiny_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "hello world", "def add(a, b):\n    return a + b",
          "12 + 30 = 42.", "Rejection sampling keeps only the verified completions."]

@@ -15,16 +15,16 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from engines import make_trainer
 
 from itersft_jax import Datum, IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.shared.datum import make_data
+from tests.support import module_command, root_on_path
+from tests.support.engines import make_trainer
 
 ENGINES = ("jax", "torch")
 PROMPTS = [[1, 40, 41, 42], [1, 50], [1, 60, 61]]
@@ -235,7 +235,7 @@ def test_accumulation_does_not_depend_on_the_split(tiny_model_dir, tokenizer, tm
 
 
 def test_jax_calls_inside_a_bucket_compile_once(tiny_model_dir, tokenizer, tmp_path):
-    from compilations import count_compilations
+    from tests.support.compilations import count_compilations
 
     trainer = sgd_trainer(tiny_model_dir("llama"), tokenizer, tmp_path, "jax")
     data = rl_data()
@@ -445,12 +445,9 @@ def test_kill_during_save_state_then_load_state_continues_bit_for_bit(tiny_model
     PyTorch only: the JAX engine's save_state is its save_checkpoint, killed and resumed in test_reliability.py."""
     model_dir = tiny_model_dir("llama")
     state_dir = tmp_path / "state"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    script = os.path.join(os.path.dirname(__file__), "support", "save_state_worker.py")
-    worker = subprocess.Popen([sys.executable, script,
-                               backend, model_dir, str(tmp_path / "worker"), str(state_dir), "3"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    worker = subprocess.Popen(module_command("save_state_worker", backend, model_dir, str(tmp_path / "worker"),
+                                             str(state_dir), "3"),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=root_on_path())
     try:
         for line in worker.stdout:
             if line.strip() == "saving 3":

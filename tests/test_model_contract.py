@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from offline import perturbed_tiny_model, tiny_config, tiny_model
 
 from itersft_jax.io import weights
 from itersft_jax.models import get_family, layers, supported_model_types
@@ -27,6 +26,7 @@ from itersft_jax.models.attention import attention, attention_context, resolve_a
 from itersft_jax.models.attention.masks import make_attention_mask, positions_from_mask, positions_from_segments
 from itersft_jax.models.layers import ACTIVATIONS, LMHead, dense, head_logits, neftune_noise
 from itersft_jax.models.rope import rope_parameters
+from tests.support.offline import perturbed_tiny_model, tiny_config, tiny_model
 
 VOCAB = 320
 

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from offline import make_tokenizer, perturbed_tiny_model, save_tiny_model
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.io import weights
 from itersft_jax.models import get_family, moe
 from itersft_jax.models.attention.masks import positions_from_mask
+from tests.support.offline import make_tokenizer, perturbed_tiny_model, save_tiny_model
 
 VOCAB = 320
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "hello world", "def add(a, b):\n    return a + b",

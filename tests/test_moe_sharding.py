@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from offline import save_tiny_model
+
+from tests.support import module_command, root_on_path
+from tests.support.offline import save_tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,16 +25,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def expert_run(tmp_path_factory, tokenizer):
     """(the 8-device worker's results, the 1-device results, root)."""
-    import moe_sharding_worker as worker  # tests/support (conftest puts it on the path)
+    from tests.support import moe_sharding_worker as worker
 
     root = tmp_path_factory.mktemp("moe-sharding")
     model_dir = str(root / "model")
     # Widths 64 / 32 (experts) / 320 vocab divide by 2 (fsdp, tensor), 8 experts by 4 (expert).
     save_tiny_model(model_dir, "mixtral", tokenizer, num_local_experts=8, output_router_logits=True,
                     router_aux_loss_coef=0.1)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "support", "moe_sharding_worker.py"), model_dir,
-                           str(root)], capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(module_command("moe_sharding_worker", model_dir, str(root)), capture_output=True, text=True,
+                          timeout=900, env=root_on_path())
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(root / "results.json") as f:
         results = json.load(f)
@@ -75,7 +75,7 @@ def test_each_device_holds_its_share_of_the_experts(expert_run):
 
 
 def test_generate_expert_parallel_equals_one_device(expert_run):
-    import moe_sharding_worker as worker
+    from tests.support import moe_sharding_worker as worker
 
     results, single, _ = expert_run
     assert results[worker.GENERATE_ON]["generate"] == single["generate"]

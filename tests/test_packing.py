@@ -12,9 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from compilations import count_compilations
 from flax import nnx
-from offline import tiny_config, tiny_model
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.core.packing import first_fit_decreasing, pack_update
@@ -22,6 +20,8 @@ from itersft_jax.core.train_step import TrainState, make_train_step
 from itersft_jax.models import llama
 from itersft_jax.models.attention.masks import make_attention_mask, positions_from_mask, positions_from_segments
 from itersft_jax.shared.data import IGNORE_INDEX, Example, collate
+from tests.support.compilations import count_compilations
+from tests.support.offline import tiny_config, tiny_model
 
 VOCAB = 320
 

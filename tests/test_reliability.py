@@ -11,14 +11,14 @@ import re
 import shutil
 import signal
 
-import kill_resume
 import numpy as np
 import pytest
-from engines import BACKENDS, fingerprint, make_trainer
 
 from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 from itersft_jax.io.checkpoint import MANIFEST_FILE
 from itersft_jax.shared.datum import Datum
+from tests.support import kill_resume
+from tests.support.engines import BACKENDS, fingerprint, make_trainer
 
 # ----------------------------------------------------------------------------------------------------------
 # kill -9 during saves (the whole 10-kill run: `python tests/kill_resume.py`)

@@ -13,15 +13,12 @@ import json
 import os
 import random
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from compilations import count_compilations
 from flax import nnx
-from offline import tiny_config
 
 from itersft_jax.core.loss import token_logprobs
 from itersft_jax.models import get_family
@@ -29,6 +26,9 @@ from itersft_jax.sampler.engine import CHUNK_STEPS, sample_ids
 from itersft_jax.sampler.sampling import batch_bucket
 from itersft_jax.sampler.static import generate_ids
 from itersft_jax.shared.data import bucket_length
+from tests.support import module_command, root_on_path
+from tests.support.compilations import count_compilations
+from tests.support.offline import tiny_config
 
 VOCAB = 320
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -169,13 +169,12 @@ def test_under_a_mesh_slots_split_and_tokens_equal_one_device(tiny_model_dir, tm
     and seeded-sampled tokens (and logprobs within 1e-5) as one device, with the KV cache's slots split
     over data x fsdp (8 slots: 1 per device on data:2,fsdp:4, 2 on fsdp:4,tensor:2)."""
     model_dir = tiny_model_dir("llama")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    worker = os.path.join(HERE, "support", "sampler_mesh_worker.py")
-    proc = subprocess.run([sys.executable, worker, model_dir, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = root_on_path(dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    proc = subprocess.run(module_command("sampler_mesh_worker", model_dir, str(tmp_path)), env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    import sampler_mesh_worker
+    from tests.support import sampler_mesh_worker
 
     assert len(jax.devices()) == 1
     one = sampler_mesh_worker.run(model_dir, str(tmp_path / "one"), None)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from offline import save_tiny_model
+
+from tests.support import module_command, root_on_path
+from tests.support.offline import save_tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,16 +31,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module", params=["llama"])
 def sharded_run(request, tmp_path_factory, tokenizer):
     """(model dir, output dir, results.json of the 8-device worker, the 1-device losses and params)."""
-    import sharding_worker as worker  # tests/support (conftest puts it on the path)
+    from tests.support import sharding_worker as worker
 
     root = tmp_path_factory.mktemp(f"sharding-{request.param}")
     model_dir = str(root / "model")
     # The tiny configs' widths (64, 96, 320 vocab) divide by 8 (fsdp:8) and their head counts by 2 (tensor:2),
     # so every rule of the table applies.
     save_tiny_model(model_dir, request.param, tokenizer)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "support", "sharding_worker.py"), model_dir, str(root)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(module_command("sharding_worker", model_dir, str(root)), capture_output=True, text=True,
+                          timeout=600, env=root_on_path())
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(root / "results.json") as f:
         results = json.load(f)
@@ -86,7 +86,7 @@ def test_checkpoint_resumes_onto_another_mesh(sharded_run):
 
 def test_lora_under_a_mesh_equals_one_device(sharded_run):
     # Adapters on every linear layer, sharded by the same rule table as the base (fsdp:4,tensor:2): 1e-5.
-    import sharding_worker as worker
+    from tests.support import sharding_worker as worker
 
     root, results, *_ = sharded_run
     np.testing.assert_allclose(results["lora"], worker.lora_losses(str(root / "model"), str(root / "lora-1"), None),
@@ -96,7 +96,7 @@ def test_lora_under_a_mesh_equals_one_device(sharded_run):
 def test_low_level_api_under_a_mesh_equals_one_device(sharded_run):
     # forward_backward (cross_entropy, ppo over two calls, cispo) + optim_step on data:2,fsdp:2,tensor:2: the loss
     # sums before each update and after the last, 1e-5 (relative to sums of ~10-50 token losses: 1e-5 abs + rel).
-    import sharding_worker as worker
+    from tests.support import sharding_worker as worker
 
     root, results, *_ = sharded_run
     single = worker.low_level_losses(str(root / "model"), str(root / "low-level-1"), None)
@@ -136,10 +136,10 @@ def test_rule_table_names_every_matrix_of_gpt_neox_and_gptj(model_type):
     per-head fused query_key_value by its output columns, which keeps whole heads on a device."""
     import jax
     from flax import nnx
-    from offline import tiny_config
 
     from itersft_jax.models import get_family
     from itersft_jax.parallel.sharding import logical_axes, path_name
+    from tests.support.offline import tiny_config
 
     model = nnx.eval_shape(lambda: get_family(model_type).CausalLM(tiny_config(model_type, 320)))
     flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]

@@ -17,11 +17,12 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from engines import make_trainer
-from offline import tiny_model
-from torch_reference import max_diff, random_samples, reference_update, snapshot
 
 from itersft_torch import IterativeSFTConfig, IterativeSFTTrainer
+from tests.support import root_on_path
+from tests.support.engines import make_trainer
+from tests.support.offline import tiny_model
+from tests.support.torch_reference import max_diff, random_samples, reference_update, snapshot
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -217,15 +218,13 @@ def test_optimize_device_cache_and_training_args(tokenizer, tmp_path):
 def test_no_jax_import_and_facade_returns_the_torch_trainer(tmp_path):
     """In a fresh interpreter: importing the torch backend, and building it through the facade with
     backend="torch" (argument or config field), never imports jax/flax/optax."""
-    support = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support")
     code = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {support!r})
         import itersft_torch
         engine = itersft_torch.IterativeSFTTrainer
         assert "jax" not in sys.modules
         import itersft_jax
-        from offline import make_tokenizer, tiny_model
+        from tests.support.offline import make_tokenizer, tiny_model
         tok = make_tokenizer()
         out = {str(tmp_path)!r}
         a = itersft_jax.IterativeSFTTrainer(tiny_model("llama", len(tok)), backend="torch", processing_class=tok,
@@ -238,7 +237,7 @@ def test_no_jax_import_and_facade_returns_the_torch_trainer(tmp_path):
         assert not bad, bad
         print("OK")
     """)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = root_on_path(dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
                           check=False)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from torch_distributed_worker import GENERATE, config, low_level_round, train
 
 from itersft_torch import IterativeSFTConfig, IterativeSFTTrainer
+from tests.support import root_on_path
+from tests.support.torch_distributed_worker import GENERATE, config, low_level_round, train
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE / "support" / "torch_distributed_worker.py"
+WORKER = "tests.support.torch_distributed_worker"  # run as a module (-m) on every rank
 LAUNCH_TIMEOUT_S = 180
 FSDP2_CONFIG = """\
 compute_environment: LOCAL_MACHINE
@@ -60,9 +61,8 @@ def reference(llama_dir, tmp_path_factory):
 
 def launch(command: list[str], out: Path) -> None:
     """Run a 2-process launch; on failure or timeout kill its whole process group and show its output."""
-    path = [str(HERE.parent), str(HERE / "support"), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path),
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = root_on_path(dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                            TOKENIZERS_PARALLELISM="false"))
     env.pop("ACCELERATE_USE_CPU", None)
     proc = subprocess.Popen(command, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -127,7 +127,7 @@ def assert_equals_one_process(ranks: list[dict], final_dir: Path, reference,
 def test_ddp_two_processes_equal_one(llama_dir, reference, tmp_path):
     """torchrun, 2 processes, gloo (use_cpu=True): DDP gives the 1-process losses, grad norms, statistics, saved
     parameters, checkpoints and generations; without use_cpu the trainer refuses to train each process alone."""
-    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", WORKER,
             "ddp", llama_dir, str(tmp_path)], tmp_path)
     refused = results(tmp_path, "no-use-cpu")
     assert all(r["error"] is not None and "use_cpu" in r["error"] for r in refused), refused
@@ -165,7 +165,7 @@ def test_fsdp_two_processes_equal_one(llama_dir, reference, tmp_path):
     evaluate() and generate()) and equal 1 process like DDP; FSDP1 saves nothing (see the worker)."""
     (tmp_path / "fsdp.yaml").write_text(FSDP2_CONFIG)
     launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"),
-            "--main_process_port", "0", str(WORKER), "fsdp", llama_dir, str(tmp_path)], tmp_path)
+            "--main_process_port", "0", "-m", WORKER, "fsdp", llama_dir, str(tmp_path)], tmp_path)
     refused = results(tmp_path, "fsdp-refused")
     assert all(r["error"] is not None and "FSDP" in r["error"] for r in refused), refused
     total = sum(p.size for p in reference[1].values())

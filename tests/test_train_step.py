@@ -17,15 +17,15 @@ import numpy as np
 import optax
 import pytest
 import torch
-from compilations import count_compilations
 from flax import nnx
-from offline import tiny_config, tiny_model
 
 from itersft_jax.core.loss import causal_lm_loss
 from itersft_jax.core.train_step import TrainState, make_train_step, train_step
 from itersft_jax.models.attention import attention, attention_context
 from itersft_jax.models.attention.masks import positions_from_mask
 from itersft_jax.models.layers import LMHead, head_logits, neftune_noise
+from tests.support.compilations import count_compilations
+from tests.support.offline import tiny_config, tiny_model
 
 VOCAB = 41
 

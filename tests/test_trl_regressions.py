@@ -14,9 +14,10 @@ import logging
 
 import pytest
 import torch
-from engines import BACKENDS, make_trainer, trained_state_dict
-from offline import tiny_model
-from torch_reference import max_diff, random_samples, reference_update, snapshot
+
+from tests.support.engines import BACKENDS, make_trainer, trained_state_dict
+from tests.support.offline import tiny_model
+from tests.support.torch_reference import max_diff, random_samples, reference_update, snapshot
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

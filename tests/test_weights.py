@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from offline import tiny_config, tiny_model
 
 from itersft_jax.io import weights
 from itersft_jax.models import llama
 from itersft_jax.models.attention.masks import positions_from_mask
+from tests.support.offline import tiny_config, tiny_model
 
 VOCAB = 320
 

@@ -1,7 +1,7 @@
 """One process of the 2-process jax.distributed run of test_distributed.py (2 fake CPU devices each).
 
     JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=I \
-        python tests/support/distributed_worker.py MODEL_DIR OUT_DIR
+        python -m tests.support.distributed_worker MODEL_DIR OUT_DIR
 
 Trains the three mixed step() calls of sharding_worker on the default mesh (fsdp over the 4 devices of both
 processes), saves the model (process 0 writes it), writes a checkpoint from both processes and resumes it in a
@@ -15,14 +15,14 @@ import os
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(model_dir: str, out_dir: str) -> None:
     from itersft_jax.parallel import distributed
     assert distributed.initialize()  # before any JAX work: the environment names the coordinator
     import jax
-    import sharding_worker as worker
+
+    from tests.support import sharding_worker as worker
 
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
     trainer = worker.make(model_dir, out_dir, None)

@@ -1,6 +1,6 @@
 """kill -9 during checkpoint saves, then resume: are the later losses bit-identical to an uninterrupted run?
 
-    PYTHONPATH=$PWD python tests/support/kill_resume.py [--kills 10] [--calls 10] [--seed 0]
+    python -m tests.support.kill_resume [--kills 10] [--calls 10] [--seed 0]
 
 A worker process trains a tiny Llama with ``save_steps=1`` and ``save_total_limit=2``; every ``step()``
 call is one update, so every call ends with a checkpoint save, which the worker announces. The harness SIGKILLs
@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from tests.support import module_command, root_on_path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -116,10 +118,10 @@ def parse(lines: list[str]) -> tuple[dict[int, str], dict[int, float], str | Non
 
 
 def spawn(model_dir: str, output_dir: str, calls: int, resume: bool, log) -> subprocess.Popen:
-    cmd = [sys.executable, os.path.abspath(__file__), "worker", model_dir, output_dir, str(calls)]
+    cmd = module_command("kill_resume", "worker", model_dir, output_dir, str(calls))
     if resume:
         cmd.append("--resume")
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1, env=root_on_path())
 
 
 def run_to_end(model_dir: str, output_dir: str, calls: int, resume: bool, log) -> list[str]:
@@ -165,8 +167,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="kept afterwards when given")
     args = parser.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from offline import make_tokenizer, save_tiny_model
+    from tests.support.offline import make_tokenizer, save_tiny_model
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="kill_resume-")
     model_dir = save_tiny_model(os.path.join(workdir, "model"), "llama", make_tokenizer())

@@ -1,6 +1,6 @@
 """Runs the expert-parallel checks of test_moe_sharding.py in one process of 8 fake CPU devices (or imported: 1 device).
 
-    python tests/support/moe_sharding_worker.py MODEL_DIR OUT_DIR
+    python -m tests.support.moe_sharding_worker MODEL_DIR OUT_DIR
 
 For each mesh of ``MESHES``: the per-update losses (and load-balancing losses) of sharding_worker's three mixed
 step() calls, the saved model (``save_model``), the largest per-device fraction of the expert weights' and of the
@@ -16,7 +16,7 @@ import sys
 if __name__ == "__main__":
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
-from sharding_worker import generations, make, mixed_steps  # noqa: E402
+from tests.support.sharding_worker import generations, make, mixed_steps  # noqa: E402
 
 # expert:4 takes 4 of the 8 devices: the other factor of 2 goes to data.
 MESHES = ("data:2,expert:4", "fsdp:2,expert:4", "data:2,expert:2,tensor:2")

@@ -1,6 +1,6 @@
 """The mesh check of test_sampler.py, in one process of 8 fake CPU devices:
 
-    python tests/support/sampler_mesh_worker.py MODEL_DIR OUT_DIR
+    python -m tests.support.sampler_mesh_worker MODEL_DIR OUT_DIR
 
 For ``data:2,fsdp:4`` and ``fsdp:4,tensor:2`` (imported, ``run(..., None)`` is the one-device reference):
 a trainer's greedy and seeded sampled generations (with logprobs) and how many decode slots one device holds.

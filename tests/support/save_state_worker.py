@@ -1,6 +1,6 @@
 """Worker of ``test_low_level``'s kill -9 test: low-level updates, ``save_state`` after each, until killed.
 
-    python tests/support/save_state_worker.py BACKEND MODEL_DIR OUTPUT_DIR STATE_DIR LAST
+    python -m tests.support.save_state_worker BACKEND MODEL_DIR OUTPUT_DIR STATE_DIR LAST
 
 Prints ``saving N`` before writing the state after update ``N`` and ``saved N`` once it is complete; after saving
 update ``LAST`` it waits to be killed (so a kill aimed at that save never finds a later one, however fast the
@@ -18,8 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(backend: str, model_dir: str, output_dir: str, state_dir: str, last: str) -> None:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the test module
-    from test_low_level import low_level_update, make_state_trainer
+    from tests.test_low_level import low_level_update, make_state_trainer
 
     trainer = make_state_trainer(model_dir, output_dir, backend)
     for update in range(int(last)):

@@ -1,6 +1,6 @@
 """Runs the sharding checks of test_sharding.py in one process of 8 fake CPU devices (or imported: 1 device).
 
-    python tests/support/sharding_worker.py MODEL_DIR OUT_DIR   # 8 devices: every mesh, checkpoint re-mesh, generate
+    python -m tests.support.sharding_worker MODEL_DIR OUT_DIR   # 8 devices: every mesh, checkpoint re-mesh, generate
 
 Writes ``OUT_DIR/results.json``: per mesh the per-update losses of three mixed step() calls, the per-device
 fraction of the state's bytes, the params (``<mesh>.npz``), the losses and state layout of a resume under another

@@ -253,5 +253,4 @@ def main(mode: str, model_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
     main(*sys.argv[1:])
