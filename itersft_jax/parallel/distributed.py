@@ -17,6 +17,7 @@ Logging, ``save_model`` files and the Hub happen on process 0; parameters are ga
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -85,6 +86,36 @@ def host_copy(tree: Any) -> Any:
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def fetch(tree: Any) -> Any:
+    """Numpy copies of small device arrays (a decode chunk's tokens, flags and logprobs) with their whole value on
+    every process: one jitted copy of the whole tree to a sharding replicated over its devices, then each process
+    reads its own replica (one all-gather, no host-to-host transfer). Every process must call it with the same
+    tree. Non-JAX leaves pass through as numpy; with one process it is ``jax.device_get``."""
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    spanning = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    if spanning:
+        devices = tuple(sorted(leaves[spanning[0]].sharding.device_set, key=lambda d: d.id))
+        copies = _replicator(devices)([leaves[i] for i in spanning])
+        for i, x in zip(spanning, copies):
+            leaves[i] = x.addressable_data(0)
+    return jax.tree.unflatten(treedef, [np.asarray(jax.device_get(x)) for x in leaves])
+
+
+@functools.lru_cache(maxsize=None)
+def _replicator(devices: tuple):
+    """The identity, jitted with every output replicated over ``devices`` (an all-gather of sharded inputs)."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    return jax.jit(lambda xs: xs, out_shardings=NamedSharding(Mesh(np.array(devices), ("all",)), PartitionSpec()))
 
 
 def is_main_process() -> bool:
