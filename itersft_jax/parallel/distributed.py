@@ -118,6 +118,70 @@ def _replicator(devices: tuple):
     return jax.jit(lambda xs: xs, out_shardings=NamedSharding(Mesh(np.array(devices), ("all",)), PartitionSpec()))
 
 
+def check_same(call: str, arguments: dict[str, Any]) -> None:
+    """ValueError on every process, naming the arguments, unless every process passed the same ``arguments`` to
+    ``call``: the processes run one program each, so a process with other prompts, data or settings would make
+    them do silently different work or wait on each other forever. A 64-bit digest per argument is gathered from
+    every process (one small all-gather); a no-op with one process. Every process must call it with the same
+    argument names."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    mine = np.array([_digest(value) for value in arguments.values()], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(mine))
+    differ = [name for name, column in zip(arguments, every.T) if (column != column[0]).any()]
+    if differ:
+        others = [p for p in range(len(every)) if (every[p] != every[0]).any()]
+        names = ", ".join(f"`{name}`" for name in differ)
+        raise ValueError(f"{call}: {names} differs between the {jax.process_count()} processes (process "
+                         f"{', '.join(map(str, others))} against process 0): every process must make the same "
+                         f"calls with the same arguments (each computes its share of the same global work); "
+                         f"gather per-process inputs first (e.g. multihost_utils.process_allgather)")
+
+
+def _digest(value: Any) -> int:
+    """A 64-bit fingerprint of nested lists/tuples/dicts/dataclasses of numbers, strings and arrays."""
+    import dataclasses
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.blake2b(digest_size=8)
+
+    def feed(x: Any) -> None:
+        if isinstance(x, (str, bytes, int, float, bool, type(None))):
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+        elif isinstance(x, dict):
+            h.update(f"dict{len(x)}(".encode())
+            for k in sorted(x, key=repr):
+                feed(k)
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"seq{len(x)}(".encode())
+            for item in x:
+                feed(item)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            feed({f.name: getattr(x, f.name) for f in dataclasses.fields(x)})
+        elif hasattr(x, "__array__") or isinstance(x, np.generic):
+            import jax
+
+            if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                x = jax.random.key_data(x)
+            array = np.asarray(x)
+            h.update(f"array{array.dtype}{array.shape}".encode())
+            h.update(np.ascontiguousarray(array).tobytes())
+        else:
+            h.update(repr(x).encode())
+        h.update(b")")
+
+    feed(value)
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
 def is_main_process() -> bool:
     import jax
 

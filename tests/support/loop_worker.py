@@ -2,14 +2,16 @@
 process, with ``DEVICES`` fake CPU devices each (the same 4 global devices either way).
 
     [JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=I] \
-        python tests/support/loop_worker.py DEVICES MODEL_DIR OUT_DIR [MISMATCH]
+        python tests/support/loop_worker.py DEVICES MODEL_DIR OUT_DIR
 
 The loop: generate with logprobs -> step() on the filtered samples -> sample() -> forward_backward("ppo") +
 optim_step -> forward / compute_logprobs / forward_backward_custom / evaluate -> save_state -> a new trainer
 load_state -> the next update on both (bit-identical) -> save_model. Process 0 writes ``OUT_DIR/loop.json``.
 
-``MISMATCH`` (an argument name): the last process passes a different value of it to one call, and every process
-writes the error it got to ``OUT_DIR/error-<process>.txt``.
+With several processes, first one call per argument (prompts, max_new_tokens, seed, texts, data) where the last
+process passes a different value; every process writes the error each call gave and its seconds to
+``OUT_DIR/errors-<process>.json`` (the refused calls leave the trainer as it was: the loop still equals one
+process's).
 """
 
 from __future__ import annotations
@@ -33,28 +35,47 @@ def make(model_dir: str, out_dir: str):
         report_to="none", logging_steps=1, save_strategy="no", seed=0, gradient_checkpointing=False))
 
 
-def low_level_round(trainer, data) -> dict:
+def low_level_round(trainer, data, custom: bool = True) -> dict:
+    """forward_backward("ppo") [+ forward_backward_custom] + optim_step: the losses, grad norm and logprobs."""
     import jax.numpy as jnp
 
     fb = trainer.forward_backward(data, "ppo")
-    custom = trainer.forward_backward_custom(
-        data, lambda logprobs, inputs: (-jnp.sum(logprobs * inputs["mask"]) * 0.1, {}))
-    step = trainer.optim_step()
-    return {"ppo": fb.metrics["loss:sum"], "custom": custom.metrics["loss:sum"], "grad_norm": step["grad_norm"],
-            "logprobs": [o["logprobs"].tolist() for o in fb.loss_fn_outputs]}
+    out = {"ppo": fb.metrics["loss:sum"], "logprobs": [o["logprobs"].tolist() for o in fb.loss_fn_outputs]}
+    if custom:
+        out["custom"] = trainer.forward_backward_custom(
+            data, lambda logprobs, inputs: (-jnp.sum(logprobs * inputs["mask"]) * 0.1, {})).metrics["loss:sum"]
+    out["grad_norm"] = trainer.optim_step()["grad_norm"]
+    return out
 
 
-def mismatch_call(trainer, argument: str, differs: bool) -> None:
-    """One call whose ``argument`` differs on this process when ``differs``."""
-    prompts = PROMPTS[::-1] if differs and argument == "prompts" else PROMPTS
-    max_new = 7 if differs and argument == "max_new_tokens" else 6
-    if argument == "texts":
-        trainer.step(texts=EVAL_TEXTS[:2] if differs else EVAL_TEXTS)
-    else:
-        trainer.generate(prompts, max_new_tokens=max_new, do_sample=True, seed=3)
+def mismatches(trainer, differs: bool) -> dict[str, list]:
+    """One call per argument, that argument different on this process when ``differs``: the error each gave here
+    and its seconds."""
+    import time
+
+    from itersft_jax.shared.datum import Datum
+
+    data = [Datum([1, 2, 3, 4], {"target_tokens": [2, 3, 4, 5], "weights": [1.0, 1.0, 1.0, 1.0]})]
+    calls = {
+        "prompts": lambda: trainer.generate(PROMPTS[::-1] if differs else PROMPTS, max_new_tokens=4, seed=3),
+        "max_new_tokens": lambda: trainer.generate(PROMPTS, max_new_tokens=5 if differs else 4, seed=3),
+        "seed": lambda: trainer.sample(PROMPTS, num_samples=2, do_sample=True, max_new_tokens=4,
+                                       seed=4 if differs else 3),
+        "texts": lambda: trainer.step(texts=EVAL_TEXTS[:2] if differs else EVAL_TEXTS),
+        "data": lambda: trainer.forward_backward(data * (2 if differs else 1)),
+    }
+    errors = {}
+    for name, call in calls.items():
+        started = time.perf_counter()
+        try:
+            call()
+            errors[name] = ["no error", time.perf_counter() - started]
+        except ValueError as err:
+            errors[name] = [str(err), time.perf_counter() - started]
+    return errors
 
 
-def main(model_dir: str, out_dir: str, mismatch: str | None = None) -> None:
+def main(model_dir: str, out_dir: str) -> None:
     from itersft_jax.parallel import distributed
     distributed.initialize()  # before any JAX work (one process: nothing to do)
     import jax
@@ -64,34 +85,46 @@ def main(model_dir: str, out_dir: str, mismatch: str | None = None) -> None:
 
     assert jax.device_count() == 4
     trainer = make(model_dir, out_dir)
-    if mismatch:
-        try:
-            mismatch_call(trainer, mismatch, jax.process_index() == jax.process_count() - 1)
-            message = "no error"
-        except ValueError as err:
-            message = str(err)
-        with open(os.path.join(out_dir, f"error-{jax.process_index()}.txt"), "w") as f:
-            f.write(message)
-        return
+    if jax.process_count() > 1:  # refused calls first: they must leave the trainer as it was
+        errors = mismatches(trainer, jax.process_index() == jax.process_count() - 1)
+        with open(os.path.join(out_dir, f"errors-{jax.process_index()}.json"), "w") as f:
+            json.dump(errors, f)
+    import time
+    t0 = time.perf_counter()
+
+    def mark(what):
+        nonlocal t0
+        print(f"PHASE {what} {time.perf_counter() - t0:.2f}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
     out = trainer.generate(PROMPTS, num_return_sequences=4, do_sample=True, return_logprobs=True,
-                           max_new_tokens=12, seed=1)
+                           max_new_tokens=8, seed=1)
     # Filter: the completions whose mean logprob beats the median (a reward stand-in every process computes alike).
     means = [float(np.mean(lp)) if len(lp) else -1e9 for lp in out.logprobs]
+    mark('generate')
     keep = [i for i, m in enumerate(means) if m >= np.median(means)]
     step = trainer.step(prompts=[PROMPTS[i // 4] for i in keep], completions=[out.texts[i] for i in keep])
-    sampled = trainer.sample(PROMPTS[:2], num_samples=2, do_sample=True, max_new_tokens=8, seed=2)
-    advantages = [1.0, -1.0, 0.5, -0.5]
+    mark('step')
+    sampled = trainer.sample(PROMPTS, num_samples=4, do_sample=True, max_new_tokens=8, seed=2)  # generate's shapes
+    mark('sample')
+    advantages = [float(a) for a in np.tile([1.0, -1.0, 0.5, -0.5], 4)]
     data = samples_to_data(sampled, advantages)
     first = low_level_round(trainer, data)
+    mark('round')
     forward = trainer.forward(data, "ppo")
+    mark('forward')
     scored = trainer.compute_logprobs([list(p) + list(s) for p, s in zip(sampled.prompt_ids, sampled.sequences)])
+    mark('logprobs')
     evaluation = trainer.evaluate(texts=EVAL_TEXTS)
+    mark('eval')
     trainer.save_state(os.path.join(out_dir, "state"))
     resumed = make(model_dir, os.path.join(out_dir, "resumed"))
     resumed.load_state(os.path.join(out_dir, "state"))
-    after = low_level_round(trainer, data)
-    after_resumed = low_level_round(resumed, data)
+    mark('save+load')
+    after = low_level_round(trainer, data, custom=False)  # (a new trainer compiles each program it runs)
+    after_resumed = low_level_round(resumed, data, custom=False)
+    mark('rounds')
     trainer.save_model(os.path.join(out_dir, "saved"))
+    mark('save_model')
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, "loop.json"), "w") as f:
             json.dump({"sequences": out.sequences, "logprobs": out.logprobs, "keep": keep,
@@ -103,4 +136,4 @@ def main(model_dir: str, out_dir: str, mismatch: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[2], sys.argv[3], *sys.argv[4:])
+    main(sys.argv[2], sys.argv[3])
