@@ -12,7 +12,10 @@ Otherwise it does nothing (one process). Every process builds the same trainer a
 each ``step()`` (like the torch engine's same-samples rule): each process packs the whole update and transfers
 only the rows its own devices hold (``global_batch``), so the updates are the same whatever the process count.
 Logging, ``save_model`` files and the Hub happen on process 0; parameters are gathered from every process first
-(``host_copy``), so every process must call ``save_model`` too.
+(``host_copy``), so every process must call ``save_model`` too. The sampler's host loop reads each decode chunk's
+tokens and flags through ``fetch`` (every process holds the whole value, so all take the same decisions), and the
+entry points compare their arguments across processes with ``check_same`` (a ValueError naming the argument on
+every process, not a hang). docs/scaling.md: what every process must call.
 """
 
 from __future__ import annotations

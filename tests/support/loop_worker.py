@@ -28,10 +28,12 @@ EVAL_TEXTS = ["hello world", "Generate, filter, then step.", "abc"]
 
 
 def make(model_dir: str, out_dir: str):
+    """The trainer of both runs (adam_epsilon 1e-6, as sharding_worker: Adam's update of a near-zero gradient
+    would turn its last-bit differences into parameter differences)."""
     from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 
     return IterativeSFTTrainer(model_dir, args=IterativeSFTConfig(
-        output_dir=out_dir, per_device_train_batch_size=2, learning_rate=3e-3, max_grad_norm=0.5,
+        output_dir=out_dir, per_device_train_batch_size=2, learning_rate=3e-3, max_grad_norm=0.5, adam_epsilon=1e-6,
         report_to="none", logging_steps=1, save_strategy="no", seed=0, gradient_checkpointing=False))
 
 
