@@ -11,7 +11,7 @@ compute has finished, so it is the transfer alone), ``distributed.check_same`` (
 the overhead ratio. All processes share this machine's cores, so the ratio is the overhead of several processes,
 not a speed-up.
 
-    python benchmarks/multiprocess_loop.py [--rounds 3] [--layouts 1x4,2x2,4x1]
+    python benchmarks/multiprocess_loop.py [--rounds 3] [--layouts 1x4,2x2,4x1] [--out timings.json]
 """
 
 from __future__ import annotations
@@ -146,22 +146,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layouts", default="1x4,2x2,4x1")
-    parser.add_argument("--out", default=None, help="write the timings (JSON) here")
+    parser.add_argument("--out", default=None, help="the timings (JSON), updated after each layout; layouts already "
+                        "there are kept and tabled")
     args = parser.parse_args()
     sys.path.insert(0, HERE)
     from common import offline
 
     layouts = {}
+    if args.out and os.path.exists(args.out):  # layouts of an earlier run kept (run them one at a time)
+        with open(args.out) as f:
+            layouts = json.load(f)
     with tempfile.TemporaryDirectory() as tmp:
         support = offline()
         model_dir = support.save_tiny_model(os.path.join(tmp, "model"), "llama", support.make_tokenizer())
         for name in args.layouts.split(","):
             layouts[name] = run_layout(int(name.split("x")[0]), model_dir, os.path.join(tmp, name), args.rounds)
             print(f"{name}: done", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(layouts, f, indent=1)
-    print(summarize(layouts))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(layouts, f, indent=1)
+    order = ["1x4", "2x2", "4x1"]
+    print(summarize(dict(sorted(layouts.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9))))
 
 
 if __name__ == "__main__":
