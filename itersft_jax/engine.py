@@ -166,6 +166,7 @@ class JaxEngine(Engine):
         yield run_update
 
     def prepare_examples(self, **forms):
+        distributed.check_same("step/evaluate", forms)  # several processes: the same samples on each
         return prepare_examples(**forms, tokenizer=self.processing_class, max_length=self.args.max_length,
                                 truncation_mode=self.args.truncation_mode, vocab_size=self.config.vocab_size,
                                 max_positions=self.position_limit)
@@ -198,6 +199,7 @@ class JaxEngine(Engine):
         """Pack the data into rows of the bucketed length (``pack_data``), one jitted pass, logprobs unpacked."""
         # The high-water mark (saved with the state) only grows with a committed backward pass: a forward-only
         # pass, or one whose result is refused, leaves the trainer as it was.
+        distributed.check_same("the low-level API", {"data": data, "loss_fn": loss_fn, "loss_fn_config": config})
         length = max(self._datum_row_length, self._bucket(max(len(d) for d in data)))
         rows = rows_per_micro_batch(length, self._data_parallel, self._rows_per_device)
         needed = math.ceil(len(first_fit_decreasing([len(d) for d in data], length)) / rows)

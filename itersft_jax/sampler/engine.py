@@ -73,6 +73,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from itersft_jax.models.attention.masks import positions_from_mask
 from itersft_jax.models.cache import KVCache
 from itersft_jax.models.layers import head_logits
+from itersft_jax.parallel import distributed
 from itersft_jax.parallel.mesh import BATCH_AXES, data_parallel_size
 from itersft_jax.sampler.sampling import batch_bucket, make_knobs, process_logits, sample_rows
 from itersft_jax.shared.data import bucket_length
@@ -444,7 +445,8 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
         state, tokens_BC, logprobs_BC, gen_B, done_B, steps = sampler_chunk(
             params, state, slots.device_view(), np.int32(index), key, knobs, np.int32(refill_at),
             graphdef=graphdef, mesh=mesh)
-        tokens_BC, logprobs_BC, gen_B, done_B, steps = jax.device_get((tokens_BC, logprobs_BC, gen_B, done_B, steps))
+        # Every process reads the whole chunk, so all take the same decisions below (one all-gather of small arrays).
+        tokens_BC, logprobs_BC, gen_B, done_B, steps = distributed.fetch((tokens_BC, logprobs_BC, gen_B, done_B, steps))
         steps = int(steps)
         stats["chunk_shapes"].add((batch, length))
         done_B = np.array(done_B)

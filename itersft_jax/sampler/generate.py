@@ -16,6 +16,7 @@ import jax
 from flax import nnx
 
 from itersft_jax.models import position_limit
+from itersft_jax.parallel import distributed
 from itersft_jax.sampler.engine import sample_ids
 from itersft_jax.shared.outputs import (
     GenerationOutput,
@@ -108,6 +109,11 @@ def generate_from_params(graphdef, params, prompts: Sequence[str] | None = None,
     pad_id = generation_pad_id(tokenizer, hf_config, eos_token_id)
     key = jax.random.key(seed) if seed is not None else _unseeded_key(base_seed, next_call() if next_call else 0)
 
+    distributed.check_same("generate", {
+        prompt_name: prompt_rows, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
+        "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+        "num_return_sequences": num_return_sequences, "eos_token_id": eos_token_id, "min_new_tokens": min_new_tokens,
+        "repetition_penalty": repetition_penalty, "stop_strings": stop_strings, "seed": key})
     result = sample_ids(
         graphdef, params, prompt_rows, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
