@@ -79,7 +79,7 @@ def loop_runs(tmp_path_factory, tokenizer):
     (root / "two").mkdir()
     (root / "one").mkdir()
     procs = (_launch("loop_worker", ["2", model_dir, str(root / "two")], 2, _free_port()) +
-             _launch("loop_worker", ["4", model_dir, str(root / "one")], 1, 0))
+             _launch("loop_worker", ["4", model_dir, str(root / "one"), str(root / "two" / "state")], 1, 0))
     _wait(procs, 600)
     return root
 
@@ -103,6 +103,14 @@ def test_whole_loop_two_processes_equal_one(loop_runs):
         for ours, theirs in zip(two[round_]["logprobs"], one[round_]["logprobs"]):
             np.testing.assert_allclose(ours, theirs, atol=1e-5)
     assert two["after_resumed"] == two["after"]  # resumed bit for bit within the 2-process run
+    # the 2-process state loaded by 1 process x 4 devices continues as the 2-process run does
+    np.testing.assert_allclose(one["from_other"]["ppo"], two["after"]["ppo"], atol=1e-5)
+    np.testing.assert_allclose(one["from_other"]["grad_norm"], two["after"]["grad_norm"], rtol=1e-5)
+    for ours, theirs in zip(one["from_other"]["logprobs"], two["after"]["logprobs"]):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # eval_strategy="steps": an evaluation after each update, the same losses
+    assert len(two["eval_strategy_losses"]) >= 3
+    np.testing.assert_allclose(two["eval_strategy_losses"], one["eval_strategy_losses"], atol=1e-5)
     ours, theirs = (load_file(loop_runs / name / "saved" / "model.safetensors") for name in ("two", "one"))
     assert sorted(ours) == sorted(theirs)
     for name, expected in theirs.items():

@@ -2,7 +2,7 @@
 process, with ``DEVICES`` fake CPU devices each (the same 4 global devices either way).
 
     [JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=I] \
-        python -m tests.support.loop_worker DEVICES MODEL_DIR OUT_DIR
+        python -m tests.support.loop_worker DEVICES MODEL_DIR OUT_DIR [OTHER_STATE]
 
 The loop: generate with logprobs -> step() on the filtered samples -> sample() -> forward_backward("ppo") +
 optim_step -> forward / compute_logprobs / forward_backward_custom / evaluate -> save_state -> a new trainer
@@ -31,9 +31,10 @@ def make(model_dir: str, out_dir: str):
     would turn its last-bit differences into parameter differences)."""
     from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 
-    return IterativeSFTTrainer(model_dir, args=IterativeSFTConfig(
+    return IterativeSFTTrainer(model_dir, eval_dataset={"texts": EVAL_TEXTS}, args=IterativeSFTConfig(
         output_dir=out_dir, per_device_train_batch_size=2, learning_rate=3e-3, max_grad_norm=0.5, adam_epsilon=1e-6,
-        report_to="none", logging_steps=1, save_strategy="no", seed=0, gradient_checkpointing=False))
+        report_to="none", logging_steps=1, save_strategy="no", seed=0, gradient_checkpointing=False,
+        eval_strategy="steps", eval_steps=1))
 
 
 def low_level_round(trainer, data, custom: bool = True) -> dict:
@@ -76,7 +77,23 @@ def mismatches(trainer, differs: bool) -> dict[str, list]:
     return errors
 
 
-def main(model_dir: str, out_dir: str) -> None:
+def resume_other(model_dir: str, out_dir: str, state: str, data) -> dict:
+    """A state another process count wrote (``state``, waited for: the runs go side by side), loaded here and
+    continued with the same update as there."""
+    import time
+
+    manifest = os.path.join(state, "itersft_manifest.json")
+    deadline = time.monotonic() + 300
+    while not os.path.exists(manifest):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no state at {state}")
+        time.sleep(0.5)
+    trainer = make(model_dir, os.path.join(out_dir, "from-other"))
+    trainer.load_state(state)
+    return low_level_round(trainer, data, custom=False)
+
+
+def main(model_dir: str, out_dir: str, other_state: str | None = None) -> None:
     from itersft_jax.parallel import distributed
     distributed.initialize()  # before any JAX work (one process: nothing to do)
     import jax
@@ -126,6 +143,8 @@ def main(model_dir: str, out_dir: str) -> None:
     mark('rounds')
     trainer.save_model(os.path.join(out_dir, "saved"))
     mark('save_model')
+    from_other = resume_other(model_dir, out_dir, other_state, data) if other_state else None
+    evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, "loop.json"), "w") as f:
             json.dump({"sequences": out.sequences, "logprobs": out.logprobs, "keep": keep,
@@ -133,8 +152,9 @@ def main(model_dir: str, out_dir: str) -> None:
                        "sampled_logprobs": sampled.logprobs, "first": first,
                        "forward": forward.metrics["loss:sum"], "scored": [s.tolist() for s in scored],
                        "eval_loss": evaluation["eval_loss"], "after": after, "after_resumed": after_resumed,
-                       "global_step": resumed.state.global_step}, f)
+                       "global_step": resumed.state.global_step, "from_other": from_other,
+                       "eval_strategy_losses": evals}, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[2], sys.argv[3])
+    main(*sys.argv[2:5])
