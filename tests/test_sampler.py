@@ -25,6 +25,7 @@ from offline import tiny_config
 
 from itersft_jax.core.loss import token_logprobs
 from itersft_jax.models import get_family
+from itersft_jax.models.layers import head_logits
 from itersft_jax.sampler.engine import CHUNK_STEPS, sample_ids
 from itersft_jax.sampler.sampling import batch_bucket
 from itersft_jax.sampler.static import generate_ids
@@ -76,6 +77,37 @@ def test_cache_follows_the_live_rows_not_the_budget(llama):
     longest = max(len(p) + len(s) for p, s in zip(prompts, res.sequences))
     assert all(len(s) <= 12 for s in res.sequences)
     assert max(length for _, length in res.stats["chunk_shapes"]) <= bucket_length(longest + CHUNK_STEPS) < 256
+
+
+def test_prompt_and_top_logprobs_equal_the_full_forward(llama):
+    """``return_prompt_logprobs`` equal ``token_logprobs`` of a full forward of each prompt (fp32, 1e-5; a
+    one-token prompt gets ``[]``); ``return_top_logprobs=5`` at each generated position: the 5 largest entries of
+    a full forward's ``log_softmax`` of prompt + completion (1e-5), ids whose logprobs they are, rows cut by EOS
+    and refilled slots (3 slots, 5 prompts x 2) included; the sampled token's own logprob never above the top."""
+    graphdef, params = llama
+    prompts = random_prompts(4, seed=4) + [[7]]
+    res = sample_ids(graphdef, params, prompts, num_return_sequences=2, max_new_tokens=18, do_sample=True,
+                     temperature=1.3, top_p=0.9, eos_token_id=[5, 9], key=jax.random.key(2), num_slots=3,
+                     return_prompt_logprobs=True, return_top_logprobs=5)
+    model = nnx.merge(graphdef, params)
+    for r, seq in enumerate(res.sequences):
+        prompt = prompts[r // 2]
+        ids = jnp.asarray([prompt + seq])
+        h, _ = model.hidden_states(ids, jnp.arange(ids.shape[1])[None], jnp.ones_like(ids))
+        want = np.asarray(token_logprobs(h[:, :-1], model.head(), ids[:, 1:]))[0]
+        assert len(res.prompt_logprobs[r]) == len(prompt) - 1
+        assert np.abs(np.asarray(res.prompt_logprobs[r]) - want[:len(prompt) - 1]).max(initial=0) <= 1e-5
+        logits = head_logits(model.head(), h[0, len(prompt) - 1: -1], keep_fp32=True)
+        full = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        top, top_ids = np.asarray(res.top_logprobs[r]), np.asarray(res.top_logprob_ids[r])
+        assert top.shape == top_ids.shape == (len(seq), 5)
+        assert np.abs(top - -np.sort(-full, axis=-1)[:, :5]).max() <= 1e-5
+        assert np.abs(np.take_along_axis(full, top_ids, axis=-1) - top).max() <= 1e-5
+        assert np.all(np.asarray(res.logprobs[r]) <= top[:, 0] + 1e-6)
+    assert res.prompt_logprobs[0] == res.prompt_logprobs[1] and res.prompt_logprobs[-1] == []
+    plain = sample_ids(graphdef, params, prompts, num_return_sequences=2, max_new_tokens=18, do_sample=True,
+                       temperature=1.3, top_p=0.9, eos_token_id=[5, 9], key=jax.random.key(2), num_slots=3)
+    assert plain.sequences == res.sequences and plain.prompt_logprobs is None and plain.top_logprobs is None
 
 
 def test_sampled_rows_do_not_depend_on_neighbours_slots_or_order(llama):

@@ -70,13 +70,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from itersft_jax.core.loss import token_logprobs
 from itersft_jax.models.attention.masks import positions_from_mask
 from itersft_jax.models.cache import KVCache
 from itersft_jax.models.layers import head_logits
 from itersft_jax.parallel.mesh import BATCH_AXES, data_parallel_size
 from itersft_jax.sampler.sampling import batch_bucket, make_knobs, process_logits, sample_rows
 from itersft_jax.shared.data import bucket_length
-from itersft_jax.shared.outputs import check_generation_args, id_rows
+from itersft_jax.shared.outputs import check_generation_args, check_logprob_args, id_rows
 from itersft_jax.shared.stops import StopStrings, check_stop_strings
 
 CHUNK_STEPS = 16  # decode steps per device call at most
@@ -97,20 +98,36 @@ def _constrain_state(state: dict, mesh) -> dict:
     return jax.tree.map(lambda x: _constrain(x, mesh), state)
 
 
+def _log_z(logits_BV):
+    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+    return max_B1 + jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1, keepdims=True))
+
+
 def token_log_prob(logits_BV, token_B):
     """``log softmax(logits)[token]`` in fp32, as ``token_logprobs`` computes it (max + log sum exp)."""
-    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
-    log_z_B = (max_B1 + jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1, keepdims=True)))[:, 0]
-    return jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0] - log_z_B
+    return jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0] - _log_z(logits_BV)[:, 0]
+
+
+def top_log_probs(logits_BV, k: int):
+    """The ``k`` largest ``log softmax(logits)`` entries of each row (fp32, descending) and their token ids."""
+    values_BK, ids_BK = jax.lax.top_k(logits_BV, k)
+    return values_BK - _log_z(logits_BV), ids_BK.astype(jnp.int32)
+
+
+def top_logprobs_bucket(k: int) -> int:
+    """``return_top_logprobs=k`` compiles the decode chunk for the next power of two (sliced on the host)."""
+    return 1 << (k - 1).bit_length()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The jitted programs
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def sampler_prefill(params, input_ids_BP, mask_BP, *, graphdef):
-    """Prompts (left-padded) -> their KV ``[Bp, K, P, H]`` per layer and last-position logits ``[Bp, V]`` fp32."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_logprobs"))
+def sampler_prefill(params, input_ids_BP, mask_BP, *, graphdef, prompt_logprobs: bool = False):
+    """Prompts (left-padded) -> their KV ``[Bp, K, P, H]`` per layer and last-position logits ``[Bp, V]`` fp32;
+    with ``prompt_logprobs``, also ``prompt_logprobs [Bp, P - 1]``: position ``j``'s fp32 ``log p(token j + 1)``
+    from the same hidden states (``core.loss.token_logprobs``: the head in chunks, no extra forward)."""
     model = nnx.merge(graphdef, params)
     batch, prompt_len = input_ids_BP.shape
     cache = model.init_cache(batch, prompt_len)
@@ -119,7 +136,10 @@ def sampler_prefill(params, input_ids_BP, mask_BP, *, graphdef):
     vocab = logits_BV.shape[-1]
     seen_BV = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], jnp.where(mask_BP > 0, input_ids_BP, vocab)
                                                  ].set(True, mode="drop")  # the prompt's tokens (repetition penalty)
-    return {"k": cache.k, "v": cache.v, "logits": logits_BV, "seen": seen_BV}
+    out = {"k": cache.k, "v": cache.v, "logits": logits_BV, "seen": seen_BV}
+    if prompt_logprobs:
+        out["prompt_logprobs"] = token_logprobs(h_BPD[:, :-1], model.head(), input_ids_BP[:, 1:])
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "batch", "length", "mesh"))
@@ -169,8 +189,8 @@ def sampler_insert(state, prefilled, src_B, dst_B, count, offset, *, mesh):
     return _constrain_state(jax.lax.fori_loop(0, count, one, state), mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnums=(1,))
-def sampler_chunk(params, state, slots, index, key, knobs, refill_at, *, graphdef, mesh):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "top_logprobs"), donate_argnums=(1,))
+def sampler_chunk(params, state, slots, index, key, knobs, refill_at, *, graphdef, mesh, top_logprobs: int = 0):
     """Up to ``CHUNK_STEPS`` decode steps for every slot.
 
     ``slots``: per-slot ``start`` (first cache slot of the row), ``prompt_len``, ``gen`` (tokens generated so
@@ -180,7 +200,9 @@ def sampler_chunk(params, state, slots, index, key, knobs, refill_at, *, graphde
     budget, then runs the model on the tokens (writing cache slot ``g + step``). Stops after ``CHUNK_STEPS``
     steps, when every row ended, or once ``refill_at`` rows ended in this chunk.
 
-    Returns ``(state, tokens [B, C], logprobs [B, C], gen, done, steps)``.
+    ``top_logprobs`` (static): also each step's ``top_logprobs`` most likely tokens at temperature 1.
+
+    Returns ``(state, tokens [B, C], logprobs [B, C], gen, done, steps, top [B, C, k] fp32, top_ids [B, C, k])``.
     """
     batch, length = state["k"][0].shape[0], state["k"][0].shape[2]
     mask_BL = (jnp.arange(length, dtype=jnp.int32)[None, :] >= slots["start"][:, None]).astype(jnp.int32)
@@ -190,7 +212,9 @@ def sampler_chunk(params, state, slots, index, key, knobs, refill_at, *, graphde
     carry = {"step": jnp.int32(0), "ended": jnp.int32(0), "params": params, "k": state["k"], "v": state["v"],
              "logits": state["logits"], "seen": state["seen"], "gen": slots["gen"], "done": done_B,
              "tokens": jnp.full((batch, CHUNK_STEPS), knobs["pad_id"], jnp.int32),
-             "logprobs": jnp.zeros((batch, CHUNK_STEPS), jnp.float32)}
+             "logprobs": jnp.zeros((batch, CHUNK_STEPS), jnp.float32),
+             "top": jnp.zeros((batch, CHUNK_STEPS, top_logprobs), jnp.float32),
+             "top_ids": jnp.zeros((batch, CHUNK_STEPS, top_logprobs), jnp.int32)}
 
     def cond(c):
         return (c["step"] < CHUNK_STEPS) & ~jnp.all(c["done"]) & (c["ended"] < refill_at)
@@ -200,6 +224,11 @@ def sampler_chunk(params, state, slots, index, key, knobs, refill_at, *, graphde
         keys_B = jax.vmap(jax.random.fold_in)(row_keys_B, c["gen"])
         token_B = sample_rows(process_logits(c["logits"], c["seen"], c["gen"], knobs), keys_B, knobs)
         logprob_B = token_log_prob(c["logits"], token_B)  # the model's, before any processor or warper
+        top = {}
+        if top_logprobs:
+            top_BK, top_ids_BK = top_log_probs(c["logits"], top_logprobs)
+            top = {"top": c["top"].at[:, c["step"]].set(top_BK),
+                   "top_ids": c["top_ids"].at[:, c["step"]].set(top_ids_BK)}
         token_B = jnp.where(active_B, token_B, knobs["pad_id"])
         seen_BV = c["seen"].at[jnp.arange(batch), token_B].max(active_B)
         gen_B = c["gen"] + active_B.astype(jnp.int32)
@@ -216,11 +245,11 @@ def sampler_chunk(params, state, slots, index, key, knobs, refill_at, *, graphde
                     k=[_constrain(x, mesh) for x in cache.k], v=[_constrain(x, mesh) for x in cache.v],
                     logits=logits_BV, seen=seen_BV, gen=gen_B, done=c["done"] | ended_B,
                     tokens=c["tokens"].at[:, c["step"]].set(token_B),
-                    logprobs=c["logprobs"].at[:, c["step"]].set(jnp.where(active_B, logprob_B, 0.0)))
+                    logprobs=c["logprobs"].at[:, c["step"]].set(jnp.where(active_B, logprob_B, 0.0)), **top)
 
     c = jax.lax.while_loop(cond, body, carry)
     new_state = {"k": c["k"], "v": c["v"], "logits": c["logits"], "seen": c["seen"]}
-    return new_state, c["tokens"], c["logprobs"], c["gen"], c["done"], c["step"]
+    return new_state, c["tokens"], c["logprobs"], c["gen"], c["done"], c["step"], c["top"], c["top_ids"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,13 +273,17 @@ class SamplerResult:
     """Per row (prompt-major): completion tokens (EOS included when finished; cut after the token that
     completed a stop string), finished flags (ended on an EOS or a stop string), why each row ended (``"eos"``,
     ``"stop_string"``, ``"length"``), fp32 logprobs at temperature 1 aligned with the tokens; ``stats`` of the
-    run (see ``sample_ids``)."""
+    run (see ``sample_ids``); ``prompt_logprobs`` / ``top_logprobs`` / ``top_logprob_ids`` as in
+    ``GenerationOutput`` when asked for."""
 
     sequences: list[list[int]]
     finished: list[bool]
     logprobs: list[list[float]]
     stats: dict
     finish_reasons: list[str] | None = None
+    prompt_logprobs: list[list[float]] | None = None
+    top_logprobs: list[list[list[float]]] | None = None
+    top_logprob_ids: list[list[list[int]]] | None = None
 
 
 @dataclasses.dataclass
@@ -297,7 +330,8 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
                top_p: float = 1.0, min_p: float = 0.0, eos_token_id: int | Sequence[int] | None = None,
                pad_token_id: int = 0, key: jax.Array | None = None, vocab_size: int | None = None,
                num_slots: int = NUM_SLOTS, mesh=None, min_new_tokens: int = 0, repetition_penalty: float = 1.0,
-               stop_strings: Sequence[str] | None = None, tokenizer=None) -> SamplerResult:
+               stop_strings: Sequence[str] | None = None, tokenizer=None, return_prompt_logprobs: bool = False,
+               return_top_logprobs: int | None = None) -> SamplerResult:
     """The engine for a bare model: ``graphdef``/``params`` from ``nnx.split(model, nnx.Param)``.
 
     ``prompts``: one list of token ids per prompt (no padding); each gives ``num_return_sequences`` rows.
@@ -308,12 +342,20 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     most KV cache rows one device held: ``B / (data x fsdp)`` under a mesh), and the shapes each program ran at.
     ``stop_strings`` (with ``tokenizer``): checked on the host after each chunk (``shared/stops.py``); a row that
     completed one is cut after that token and its slot freed (the tokens its slot decoded past it are dropped).
+    ``return_prompt_logprobs`` (from each prompt's prefill) and ``return_top_logprobs=k`` (from each decode
+    step's logits): see ``GenerationOutput``.
     """
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                           top_k=top_k, top_p=top_p, min_p=min_p, num_return_sequences=num_return_sequences,
                           greedy_repeats=True, min_new_tokens=min_new_tokens,
                           repetition_penalty=repetition_penalty)
     stop_strings = check_stop_strings(stop_strings, tokenizer)
+    vocab = None
+    if return_top_logprobs is not None:  # k is checked against the head's vocabulary (the logits' width)
+        head = nnx.merge(graphdef, params).head()
+        vocab = head.weight.shape[0 if head.transposed else 1]
+    check_logprob_args(return_prompt_logprobs, return_top_logprobs, vocab)
+    top_k_lp = top_logprobs_bucket(return_top_logprobs) if return_top_logprobs else 0
     prompts = id_rows(prompts, vocab_size)
     if mesh is not None and mesh.size == 1:
         mesh = None
@@ -336,6 +378,9 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     prefilled: dict[tuple, tuple[_Prefilled, int]] = {}
     out_tokens: list[list[int]] = [[] for _ in range(num_rows)]
     out_logprobs: list[list[float]] = [[] for _ in range(num_rows)]
+    out_top: list[list] = [[] for _ in range(num_rows)]
+    out_top_ids: list[list] = [[] for _ in range(num_rows)]
+    prompt_lps: dict[tuple, list[float]] = {}  # prompt -> its prompt logprobs (return_prompt_logprobs)
     finished = [False] * num_rows
     reasons = ["length"] * num_rows
     stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
@@ -362,7 +407,11 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
         mask_BP[:, -1] = 1  # filler rows: one real (pad) token, so no row attends to nothing
         for i, c in enumerate(contents):
             ids_BP[i, plen - len(c):], mask_BP[i, plen - len(c):] = c, 1
-        arrays = sampler_prefill(params, ids_BP, mask_BP, graphdef=graphdef)
+        arrays = sampler_prefill(params, ids_BP, mask_BP, graphdef=graphdef, prompt_logprobs=return_prompt_logprobs)
+        if return_prompt_logprobs:
+            lp_BP = np.asarray(jax.device_get(arrays.pop("prompt_logprobs")))
+            for i, c in enumerate(contents):
+                prompt_lps[c] = lp_BP[i, plen - len(c): plen - 1].tolist()
         group = _Prefilled(arrays, plen, n * sum(copies_of[c] for c in contents))
         for i, c in enumerate(contents):
             prefilled[c] = (group, i)
@@ -441,10 +490,10 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
         refill_at = min(len(waiting), max(1, batch // REFILL_FRACTION)) if waiting else batch + 1
         gen_before = slots.gen.copy()
         live_before = slots.live
-        state, tokens_BC, logprobs_BC, gen_B, done_B, steps = sampler_chunk(
+        state, *chunk_out = sampler_chunk(
             params, state, slots.device_view(), np.int32(index), key, knobs, np.int32(refill_at),
-            graphdef=graphdef, mesh=mesh)
-        tokens_BC, logprobs_BC, gen_B, done_B, steps = jax.device_get((tokens_BC, logprobs_BC, gen_B, done_B, steps))
+            graphdef=graphdef, mesh=mesh, top_logprobs=top_k_lp)
+        tokens_BC, logprobs_BC, gen_B, done_B, steps, top_BCK, top_ids_BCK = jax.device_get(chunk_out)
         steps = int(steps)
         stats["chunk_shapes"].add((batch, length))
         done_B = np.array(done_B)
@@ -457,6 +506,9 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
                     reasons[slots.row[b]] = "stop_string"
             out_tokens[slots.row[b]].extend(tokens_BC[b, :made].tolist())
             out_logprobs[slots.row[b]].extend(logprobs_BC[b, :made].tolist())
+            if return_top_logprobs:
+                out_top[slots.row[b]].extend(top_BCK[b, :made, :return_top_logprobs].tolist())
+                out_top_ids[slots.row[b]].extend(top_ids_BCK[b, :made, :return_top_logprobs].tolist())
             stats["tokens"] += made
         slots.gen, slots.done = gen_B.astype(np.int32), done_B | (slots.row < 0)
         index += steps
@@ -465,4 +517,6 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
         stats["kv_slot_steps"] += steps * batch * length
         stats["chunks"] += 1
     stats["occupancy"] = stats["tokens"] / max(stats["slot_steps"], 1)
-    return SamplerResult(out_tokens, finished, out_logprobs, stats, reasons)
+    return SamplerResult(out_tokens, finished, out_logprobs, stats, reasons,
+                         [prompt_lps[content_of[r // n]] for r in range(num_rows)] if return_prompt_logprobs else None,
+                         out_top if return_top_logprobs else None, out_top_ids if return_top_logprobs else None)
