@@ -121,8 +121,10 @@ def test_a_prompt_held_once_gives_the_per_slot_tokens(llama):
     kw = dict(num_return_sequences=4, max_new_tokens=20, do_sample=True, temperature=1.1, top_p=0.9,
               eos_token_id=[5, 9], key=jax.random.key(3), num_slots=6)
     per_slot = sample_ids(graphdef, params, prompts, share_prompts=False, **kw)
-    shared = sample_ids(graphdef, params, prompts, **kw)  # the default for n > 1
+    shared = sample_ids(graphdef, params, prompts, share_prompts=True, **kw)
     assert shared.stats["shared_prompts"] and not per_slot.stats["shared_prompts"]
+    assert not sample_ids(graphdef, params, prompts, num_return_sequences=4, max_new_tokens=1,
+                          eos_token_id=[]).stats["shared_prompts"]  # default: prompts under SHARE_MIN_PROMPT
     assert shared.sequences == per_slot.sequences and shared.finish_reasons == per_slot.finish_reasons
     assert max(np.abs(np.subtract(a, b)).max() for a, b in zip(shared.logprobs, per_slot.logprobs)) <= 1e-5
     assert shared.stats["prompt_kv_bytes_peak"] * 2 <= per_slot.stats["prompt_kv_bytes_peak"]
@@ -178,9 +180,9 @@ def test_compilations_stay_within_the_ladders(llama):
     ladder = {bucket_length(n) for n in range(1, 400)}
     assert {p for _, p in prefill_shapes} <= ladder and {s for _, s, *_ in chunk_shapes} <= ladder
     assert {b for b, *_ in chunk_shapes} | {b for b, _ in prefill_shapes} <= {batch_bucket(n) for n in range(1, 17)}
-    # the shared-prompt layout's pool (calls with 2-3 returns): groups and prompt slots on the ladders too
+    # a shared-prompt pool (prompts of 128 tokens or more; none here): groups and prompt slots on the ladders
     assert {g for _, _, g, _ in chunk_shapes} <= {0} | {batch_bucket(n) for n in range(1, 17)}
-    assert {p for *_, p in chunk_shapes} <= {0} | ladder and any(g for _, _, g, _ in chunk_shapes)
+    assert {p for *_, p in chunk_shapes} <= {0} | ladder
     assert max(s for _, s, *_ in chunk_shapes) <= max(bucket_length(bucket_length(p) + n + CHUNK_STEPS)
                                                   for _, p, n in limits)
     assert chunk.count + prefill.count < 60  # the static engine compiled 2 model programs per call here

@@ -14,8 +14,10 @@ samples from the trainer's live parameters):
   ``[g - n, g)``; a per-slot ``start`` masks everything before, so the model's attention (one shared cache
   index) serves rows of any length and age. ``sampler_insert`` copies a prefilled prompt's KV into a free
   slot at ``[g - P, g)`` and its logits into the slot's logits.
-* **A prompt held once for its rows** (``share_prompts``; by default when ``num_return_sequences > 1``, without
-  a mesh, for models without sliding-window layers). The state also holds a pool of ``G`` prompt groups,
+* **A prompt held once for its rows** (``share_prompts``; by default when ``num_return_sequences > 1`` and the
+  longest prompt has >= ``SHARE_MIN_PROMPT`` = 128 tokens, without a mesh, for models without sliding-window
+  layers: short prompts save little and would add pool shapes to compile). The state also holds a pool of
+  ``G`` prompt groups,
   ``pk`` / ``pv`` ``[G, K, P, H]`` per layer and ``pmask [G, P]`` (``G = batch_bucket(min(distinct prompts,
   B))``, ``P`` the bucket of the call's longest prompt); ``sampler_insert_prompts`` copies a prefilled prompt's
   KV into a free group when its first row goes in, and the group is freed when its last row (identical
@@ -97,6 +99,7 @@ CHUNK_STEPS = 16  # decode steps per device call at most
 NUM_SLOTS = 64  # decode slots at most (a multiple of data x fsdp under a mesh)
 PREFILL_PROMPTS = 8  # distinct prompts per prefill call at most (the batch filled with the next waiting ones)
 REFILL_FRACTION = 8  # a chunk returns once B / REFILL_FRACTION rows ended (and rows wait for their slots)
+SHARE_MIN_PROMPT = 128  # share_prompts=None shares prompts from this length on (shorter: few bytes, more shapes)
 
 
 def _constrain(x, mesh):
@@ -403,7 +406,8 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
     ``return_prompt_logprobs`` (from each prompt's prefill) and ``return_top_logprobs=k`` (from each decode
     step's logits): see ``GenerationOutput``. ``share_prompts``: hold each prompt's KV once for its rows (a pool
     of prompt groups + each slot's own tokens, merged in the decode attention: module docstring); ``None``
-    (default): when ``num_return_sequences > 1``, without a mesh, for models without sliding-window layers.
+    (default): when ``num_return_sequences > 1`` and the longest prompt has ``SHARE_MIN_PROMPT`` tokens or more,
+    without a mesh, for models without sliding-window layers.
     ``stats["prompt_kv_bytes_peak"]``: the most KV bytes that prompt tokens held at once (real tokens: per slot
     without sharing, per group with it).
     """
@@ -425,7 +429,8 @@ def sample_ids(graphdef, params, prompts: Sequence[Sequence[int]], *, num_return
         check_bool(share_prompts, "share_prompts")
         if share_prompts and mesh is not None:
             raise ValueError("`share_prompts`: the shared-prompt layout does not run under a mesh yet")
-    share = (num_return_sequences > 1 if share_prompts is None else share_prompts) and mesh is None
+    auto = num_return_sequences > 1 and max(map(len, prompts), default=0) >= SHARE_MIN_PROMPT
+    share = (auto if share_prompts is None else share_prompts) and mesh is None
     if share and _windowed(graphdef, params):
         if share_prompts:
             raise ValueError("`share_prompts`: the shared-prompt layout does not serve sliding-window layers")
