@@ -37,12 +37,16 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
              num_return_sequences: int = 1, eos_token_id: int | Sequence[int] | None = None,
              seed: int | None = None, return_text: bool = True, return_logprobs: bool = False, min_p: float = 0.0,
              min_new_tokens: int = 0, repetition_penalty: float = 1.0,
-             stop_strings: str | Sequence[str] | None = None, messages=None) -> GenerationOutput:
+             stop_strings: str | Sequence[str] | None = None, messages=None, return_prompt_logprobs: bool = False,
+             return_top_logprobs: int | None = None) -> GenerationOutput:
     """Generate completions with the trainer's current model (see ``itersft_jax.sampler.generate.generate``).
 
     ``return_logprobs``: each generated token's log-probability under the model at temperature 1:
     ``log_softmax`` (fp32) of transformers' raw ``output_logits`` (before temperature/top-k/top-p), as the
-    JAX engine returns.
+    JAX engine returns. ``return_top_logprobs=k``: the ``k`` largest entries of that ``log_softmax`` and their
+    ids at each generated position. ``return_prompt_logprobs``: the prompts but their last token are run
+    through the model here (``_prefill``: the logits give each prompt token's logprob) and that KV cache is
+    handed to ``model.generate``, which runs only the last token: no extra forward. Shapes: ``GenerationOutput``.
 
     ``min_p``, ``min_new_tokens``, ``repetition_penalty`` and ``stop_strings`` go to transformers' own
     processors and ``StopStringCriteria`` (with the trainer's tokenizer); rows are cut after the token that
@@ -57,9 +61,13 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
                                   top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, seed=seed,
                                   return_text=return_text, return_logprobs=return_logprobs, min_p=min_p,
                                   min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
+    outputs.check_logprob_args(return_prompt_logprobs, return_top_logprobs, trainer.vocab_size)
     tokenizer = trainer.text_tokenizer
     stop_strings = check_stop_strings(stop_strings, tokenizer)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if return_prompt_logprobs and model.config.is_encoder_decoder:
+        raise ValueError("`return_prompt_logprobs` needs a decoder-only model: an encoder-decoder's prompt is the "
+                         "encoder's input, which it does not predict")
     if eos_token_id is not None:
         outputs.eos_id_list(eos_token_id, trainer.vocab_size)  # refused before the prompts are tokenized
     prompt_name = "prompts" if prompts is not None else "messages" if messages is not None else "input_ids"
@@ -91,11 +99,17 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
         repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None, stop_strings=stop_strings,
         num_return_sequences=num_return_sequences,
         eos_token_id=eos or None, pad_token_id=pad, use_cache=True,
-        return_dict_in_generate=True, output_logits=return_logprobs)
+        return_dict_in_generate=True, output_logits=return_logprobs or return_top_logprobs is not None)
+    prompt_logprobs = None
     try:
         with torch.no_grad(), _root_parameters_gathered(trainer):
+            extra = {}
+            if return_prompt_logprobs:
+                prompt_logprobs, extra = _prefill(model, ids, mask, rows, num_return_sequences)
+                ids, mask = extra.pop("input_ids"), extra.pop("attention_mask")
+                config.num_return_sequences = 1  # the rows are repeated already, as generate would
             generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                       tokenizer=tokenizer if stop_strings else None)
+                                       tokenizer=tokenizer if stop_strings else None, **extra)
     finally:
         model.train(was_training)
         torch.random.set_rng_state(generator_state)
@@ -118,15 +132,39 @@ def generate(trainer, prompts: Sequence[str] | None = None, input_ids=None, *, m
         sequences.append(row if cut is None else row[:cut + 1])
         finished.append(cut is not None)
         reasons.append(reason)
-    logprobs = None
-    if return_logprobs:
+    logprobs = top = top_ids = None
+    if return_logprobs or return_top_logprobs is not None:
         steps = len(generated.logits)
-        logits_BNV = torch.stack([x.float() for x in generated.logits], dim=1)
-        all_BN = torch.log_softmax(logits_BNV, dim=-1).gather(-1, new[:, -steps:, None].long())[..., 0]
-        logprobs = [all_BN[i, :len(seq)].tolist() for i, seq in enumerate(sequences)]
+        log_p_BNV = torch.log_softmax(torch.stack([x.float() for x in generated.logits], dim=1), dim=-1)
+        if return_logprobs:
+            all_BN = log_p_BNV.gather(-1, new[:, -steps:, None].long())[..., 0]
+            logprobs = [all_BN[i, :len(seq)].tolist() for i, seq in enumerate(sequences)]
+        if return_top_logprobs is not None:
+            top_BNK, top_ids_BNK = torch.topk(log_p_BNV, return_top_logprobs, dim=-1)
+            top = [top_BNK[i, :len(seq)].tolist() for i, seq in enumerate(sequences)]
+            top_ids = [top_ids_BNK[i, :len(seq)].tolist() for i, seq in enumerate(sequences)]
     texts = None
     if return_text and tokenizer is not None:
         texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
     prompt_ids = [r for r in rows for _ in range(num_return_sequences)]
     return GenerationOutput(sequences=sequences, texts=texts, prompt_ids=prompt_ids, finished=finished,
-                            num_return_sequences=num_return_sequences, logprobs=logprobs, finish_reasons=reasons)
+                            num_return_sequences=num_return_sequences, logprobs=logprobs, finish_reasons=reasons,
+                            prompt_logprobs=prompt_logprobs, top_logprobs=top, top_logprob_ids=top_ids)
+
+
+def _prefill(model, ids, mask, rows: list[list[int]], n: int):
+    """Every prompt but its last token through the model (positions from the mask, as ``generate`` makes them):
+    each row's prompt logprobs (fp32 ``log_softmax`` of those logits at the next prompt token, ``len - 1`` per
+    prompt, repeated for its ``n`` rows) and ``generate``'s inputs: ids, mask and the KV cache, each repeated
+    ``n`` times per prompt (``generate`` expands ids and mask so, but not a given cache)."""
+    longest = ids.shape[1]
+    extra = {"input_ids": ids.repeat_interleave(n, 0), "attention_mask": mask.repeat_interleave(n, 0)}
+    if longest == 1:  # every prompt is one token: nothing to prefill
+        return [[] for _ in rows for _ in range(n)], extra
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True)
+    log_p = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    extra["cache"] = cache
+    return [log_p[i, longest - len(r):].tolist() for i, r in enumerate(rows) for _ in range(n)], extra

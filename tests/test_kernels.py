@@ -237,3 +237,32 @@ def test_resolver_refuses_what_cannot_run(requested, case, why):
     assert why in str(err.value)
     if "not one of" not in why:
         assert "xla_chunked" in str(err.value), "the error lists the alternatives"
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_shared_prefix_attention_equals_attention_over_the_concatenated_keys(softcap):
+    """A prompt held once for its rows (``shared_prefix.py``): rows of 3 groups attend their group's prefix (left
+    padding masked) and their own suffix (2 queries: a causal suffix mask), merged by log-sum-exp; equal to
+    ``grouped_attention`` over each row's prefix + suffix keys (fp32, 1e-6), a row with an all-masked suffix
+    included."""
+    from itersft_jax.models.attention.shared_prefix import shared_prefix_attention
+    from itersft_jax.models.attention.xla import grouped_attention
+
+    rng = np.random.default_rng(0)
+    b, t, n, k, h, g, p, s = 6, 2, 4, 2, 8, 3, 5, 7
+    q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+    pk, pv = (rng.normal(size=(g, k, p, h)).astype(np.float32) for _ in range(2))
+    sk, sv = (rng.normal(size=(b, k, s, h)).astype(np.float32) for _ in range(2))
+    prefix_mask = np.ones((g, p), np.int32)
+    prefix_mask[1, :2] = prefix_mask[2, :4] = 0  # left padding
+    group = np.array([0, 0, 1, 2, 2, 1], np.int32)
+    mask = np.tril(np.ones((t, s), bool), k=s - t)[None].repeat(b, 0)  # query j sees suffix slots <= s - t + j
+    mask[1, :, :3] = False
+    mask[4, 0] = False  # a query with no suffix key: the prefix alone
+    got = shared_prefix_attention(q, pk, pv, prefix_mask, group, sk, sv, mask, scale=0.3, softcap=softcap)
+    full_k = np.concatenate([pk[group], sk], axis=2)
+    full_v = np.concatenate([pv[group], sv], axis=2)
+    full_mask = np.concatenate([np.broadcast_to(prefix_mask[group][:, None] > 0, (b, t, p)), mask], axis=2)
+    want = grouped_attention(jnp.asarray(q), jnp.asarray(full_k), jnp.asarray(full_v), jnp.asarray(full_mask),
+                             scale=0.3, softcap=softcap)
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-6

@@ -22,6 +22,7 @@ from flax import nnx
 
 from itersft_jax.core.loss import token_logprobs
 from itersft_jax.models import get_family
+from itersft_jax.models.layers import head_logits
 from itersft_jax.sampler.engine import CHUNK_STEPS, sample_ids
 from itersft_jax.sampler.sampling import batch_bucket
 from itersft_jax.sampler.static import generate_ids
@@ -61,7 +62,7 @@ def test_one_prefill_per_prompt_refilled_slots_and_static_engine_tokens(llama):
     assert res.sequences == ref and res.finished == finished
     stats = res.stats
     assert stats["prompts_prefilled"] == 7 and stats["tokens"] == sum(map(len, ref))
-    assert max(b for b, _ in stats["chunk_shapes"]) == 8 and stats["chunks"] > 1
+    assert max(b for b, *_ in stats["chunk_shapes"]) == 8 and stats["chunks"] > 1
     assert stats["occupancy"] > 0.85 and stats["kv_bytes_peak"] > 0
 
 
@@ -75,7 +76,63 @@ def test_cache_follows_the_live_rows_not_the_budget(llama):
     res = sample_ids(graphdef, params, prompts, max_new_tokens=200, eos_token_id=eos)
     longest = max(len(p) + len(s) for p, s in zip(prompts, res.sequences))
     assert all(len(s) <= 12 for s in res.sequences)
-    assert max(length for _, length in res.stats["chunk_shapes"]) <= bucket_length(longest + CHUNK_STEPS) < 256
+    assert max(length for _, length, *_ in res.stats["chunk_shapes"]) <= bucket_length(longest + CHUNK_STEPS) < 256
+
+
+def test_prompt_and_top_logprobs_equal_the_full_forward(llama):
+    """``return_prompt_logprobs`` equal ``token_logprobs`` of a full forward of each prompt (fp32, 1e-5; a
+    one-token prompt gets ``[]``); ``return_top_logprobs=5`` at each generated position: the 5 largest entries of
+    a full forward's ``log_softmax`` of prompt + completion (1e-5), ids whose logprobs they are, rows cut by EOS
+    and refilled slots (3 slots, 5 prompts x 2) included; the sampled token's own logprob never above the top."""
+    graphdef, params = llama
+    prompts = random_prompts(4, seed=4) + [[7]]
+    res = sample_ids(graphdef, params, prompts, num_return_sequences=2, max_new_tokens=18, do_sample=True,
+                     temperature=1.3, top_p=0.9, eos_token_id=[5, 9], key=jax.random.key(2), num_slots=3,
+                     return_prompt_logprobs=True, return_top_logprobs=5)
+    model = nnx.merge(graphdef, params)
+    for r, seq in enumerate(res.sequences):
+        prompt = prompts[r // 2]
+        ids = jnp.asarray([prompt + seq])
+        h, _ = model.hidden_states(ids, jnp.arange(ids.shape[1])[None], jnp.ones_like(ids))
+        want = np.asarray(token_logprobs(h[:, :-1], model.head(), ids[:, 1:]))[0]
+        assert len(res.prompt_logprobs[r]) == len(prompt) - 1
+        assert np.abs(np.asarray(res.prompt_logprobs[r]) - want[:len(prompt) - 1]).max(initial=0) <= 1e-5
+        logits = head_logits(model.head(), h[0, len(prompt) - 1: -1], keep_fp32=True)
+        full = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        top, top_ids = np.asarray(res.top_logprobs[r]), np.asarray(res.top_logprob_ids[r])
+        assert top.shape == top_ids.shape == (len(seq), 5)
+        assert np.abs(top - -np.sort(-full, axis=-1)[:, :5]).max() <= 1e-5
+        assert np.abs(np.take_along_axis(full, top_ids, axis=-1) - top).max() <= 1e-5
+        assert np.all(np.asarray(res.logprobs[r]) <= top[:, 0] + 1e-6)
+    assert res.prompt_logprobs[0] == res.prompt_logprobs[1] and res.prompt_logprobs[-1] == []
+    plain = sample_ids(graphdef, params, prompts, num_return_sequences=2, max_new_tokens=18, do_sample=True,
+                       temperature=1.3, top_p=0.9, eos_token_id=[5, 9], key=jax.random.key(2), num_slots=3)
+    assert plain.sequences == res.sequences and plain.prompt_logprobs is None and plain.top_logprobs is None
+
+
+def test_a_prompt_held_once_gives_the_per_slot_tokens(llama):
+    """``share_prompts``: each prompt's KV held once in a pool of groups, the slots holding only generated tokens,
+    decode attention merging both: the per-slot layout's tokens exactly and logprobs within 1e-5 (fp32),
+    sampled with top-p, through 6 slots (groups freed and reused as prompts drain; a duplicated prompt shares
+    its group); the prompt KV held shrinks. Refused under a sliding window when asked for explicitly."""
+    graphdef, params = llama
+    prompts = random_prompts(3, seed=5, lengths=(30, 60))
+    prompts.append(prompts[0])
+    kw = dict(num_return_sequences=4, max_new_tokens=20, do_sample=True, temperature=1.1, top_p=0.9,
+              eos_token_id=[5, 9], key=jax.random.key(3), num_slots=6)
+    per_slot = sample_ids(graphdef, params, prompts, share_prompts=False, **kw)
+    shared = sample_ids(graphdef, params, prompts, share_prompts=True, **kw)
+    assert shared.stats["shared_prompts"] and not per_slot.stats["shared_prompts"]
+    assert not sample_ids(graphdef, params, prompts, num_return_sequences=4, max_new_tokens=1,
+                          eos_token_id=[]).stats["shared_prompts"]  # default: prompts under SHARE_MIN_PROMPT
+    assert shared.sequences == per_slot.sequences and shared.finish_reasons == per_slot.finish_reasons
+    assert max(np.abs(np.subtract(a, b)).max() for a, b in zip(shared.logprobs, per_slot.logprobs)) <= 1e-5
+    assert shared.stats["prompt_kv_bytes_peak"] * 2 <= per_slot.stats["prompt_kv_bytes_peak"]
+    windowed = nnx.split(get_family("mistral").CausalLM(tiny_config("mistral", VOCAB, sliding_window=8),
+                                                        rngs=nnx.Rngs(0)), nnx.Param)
+    with pytest.raises(ValueError, match="`share_prompts`"):
+        sample_ids(*windowed, prompts[:1], share_prompts=True, **kw)
+    assert not sample_ids(*windowed, prompts[:1], **kw).stats["shared_prompts"]
 
 
 def test_sampled_rows_do_not_depend_on_neighbours_slots_or_order(llama):
@@ -121,9 +178,12 @@ def test_compilations_stay_within_the_ladders(llama):
     assert prefill.count <= len(prefill_shapes) and chunk.count <= len(chunk_shapes)
     assert total.count == ours.count  # nothing else compiles
     ladder = {bucket_length(n) for n in range(1, 400)}
-    assert {p for _, p in prefill_shapes} <= ladder and {s for _, s in chunk_shapes} <= ladder
-    assert {b for b, _ in chunk_shapes} | {b for b, _ in prefill_shapes} <= {batch_bucket(n) for n in range(1, 17)}
-    assert max(s for _, s in chunk_shapes) <= max(bucket_length(bucket_length(p) + n + CHUNK_STEPS)
+    assert {p for _, p in prefill_shapes} <= ladder and {s for _, s, *_ in chunk_shapes} <= ladder
+    assert {b for b, *_ in chunk_shapes} | {b for b, _ in prefill_shapes} <= {batch_bucket(n) for n in range(1, 17)}
+    # a shared-prompt pool (prompts of 128 tokens or more; none here): groups and prompt slots on the ladders
+    assert {g for _, _, g, _ in chunk_shapes} <= {0} | {batch_bucket(n) for n in range(1, 17)}
+    assert {p for *_, p in chunk_shapes} <= {0} | ladder
+    assert max(s for _, s, *_ in chunk_shapes) <= max(bucket_length(bucket_length(p) + n + CHUNK_STEPS)
                                                   for _, p, n in limits)
     assert chunk.count + prefill.count < 60  # the static engine compiled 2 model programs per call here
 

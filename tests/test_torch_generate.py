@@ -100,3 +100,40 @@ def test_logprobs_are_the_models_at_temperature_one(tiny_model_dir, tokenizer, t
     assert torch_greedy.sequences == jax_greedy.sequences
     assert np.abs(np.array(torch_greedy.logprobs) - np.array(jax_greedy.logprobs)).max() <= 1e-4
     assert trainer.generate(PROMPTS, max_new_tokens=2).logprobs is None
+
+
+def test_prompt_and_top_logprobs_on_both_engines(tiny_model_dir, tokenizer, tmp_path):
+    """``return_prompt_logprobs`` equal ``compute_logprobs`` of the prompts and ``return_top_logprobs=4`` the 4
+    largest entries of a full forward's ``log_softmax`` at each generated position (fp32, 1e-5), on both engines
+    (sampled, 2 rows per prompt, prompts of different lengths: left padding); the torch engine's tokens are those
+    of a call without them (its prompts' KV came from its own prefill); ``k`` not a positive int or above the
+    vocabulary refused naming the argument."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("llama")
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    vocab = reference.config.vocab_size
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.2, num_return_sequences=2, seed=3, eos_token_id=[2])
+    for backend in ("jax", "torch"):
+        trainer = _trainer(model_dir, tokenizer, tmp_path, backend)
+        out = trainer.generate(PROMPTS, return_prompt_logprobs=True, return_top_logprobs=4, **kw)
+        want = trainer.compute_logprobs(out.prompt_ids)
+        assert [len(p) for p in out.prompt_logprobs] == [len(p) - 1 for p in out.prompt_ids]
+        assert max(np.abs(np.asarray(g) - w).max() for g, w in zip(out.prompt_logprobs, want)) <= 1e-5
+        if backend == "torch":
+            assert trainer.generate(PROMPTS, **kw).sequences == out.sequences
+        for name, bad, exc in (("return_top_logprobs", 0, ValueError), ("return_top_logprobs", 2.0, TypeError),
+                               ("return_top_logprobs", vocab + 1, ValueError),
+                               ("return_prompt_logprobs", 1, TypeError)):
+            with pytest.raises(exc, match=f"`{name}`"):
+                trainer.generate(PROMPTS, **{name: bad})
+        for prompt, seq, top, top_ids in zip(out.prompt_ids, out.sequences, out.top_logprobs, out.top_logprob_ids):
+            with torch.no_grad():  # the reference: one full forward of prompt + completion (torch, fp32)
+                logits = reference(input_ids=torch.tensor([prompt + seq])).logits[0].float()
+            full = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].numpy()
+            top, top_ids = np.asarray(top), np.asarray(top_ids)
+            assert top.shape == top_ids.shape == (len(seq), 4)
+            assert np.abs(top - -np.sort(-full, axis=-1)[:, :4]).max() <= 1e-5
+            assert np.abs(np.take_along_axis(full, top_ids, axis=-1) - top).max() <= 1e-5

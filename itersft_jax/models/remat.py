@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -52,10 +53,13 @@ def run_layers(layers, h_BTD: jax.Array, cache: KVCache | None, *args, remat: st
         apply = nnx.remat(apply, policy=REMAT_POLICIES[remat]())
     new_k, new_v = [], []
     for i, layer in enumerate(layers):
-        h_BTD, kv = apply(layer, h_BTD, None if cache is None else (cache.k[i], cache.v[i]), *args)
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        if cache is not None and cache.prefix_k is not None:  # a prompt held once for its rows: read-only
+            kv = (*kv, cache.prefix_k[i], cache.prefix_v[i])
+        h_BTD, kv = apply(layer, h_BTD, kv, *args)
         if cache is not None:
             new_k.append(kv[0])
             new_v.append(kv[1])
     if cache is not None:
-        cache = KVCache(k=new_k, v=new_v, index=cache.index + h_BTD.shape[1])
+        cache = dataclasses.replace(cache, k=new_k, v=new_v, index=cache.index + h_BTD.shape[1], empty=False)
     return h_BTD, cache

@@ -111,7 +111,7 @@ def fetch(tree: Any) -> Any:
     return jax.tree.unflatten(treedef, [np.asarray(jax.device_get(x)) for x in leaves])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _replicator(devices: tuple):
     """The identity, jitted with every output replicated over ``devices`` (an all-gather of sharded inputs)."""
     import jax

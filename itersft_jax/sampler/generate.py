@@ -22,6 +22,7 @@ from itersft_jax.shared.outputs import (
     GenerationOutput,
     check_generation_args,
     check_generation_positions,
+    check_logprob_args,
     default_eos_ids,
     eos_id_list,
     generation_pad_id,
@@ -67,7 +68,8 @@ def generate_from_params(graphdef, params, prompts: Sequence[str] | None = None,
                          eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
                          return_text: bool = True, return_logprobs: bool = False, min_new_tokens: int = 0,
                          repetition_penalty: float = 1.0, stop_strings: str | Sequence[str] | None = None,
-                         messages=None, tokenizer=None, hf_config=None, base_seed: int = 0, next_call=None,
+                         messages=None, return_prompt_logprobs: bool = False, return_top_logprobs: int | None = None,
+                         tokenizer=None, hf_config=None, base_seed: int = 0, next_call=None,
                          mesh=None) -> GenerationOutput:
     """Generate completions with the parameters ``params`` of the model ``graphdef`` (JetStream's engine style: the
     state is an argument, so a trainer passes its live parameters — no copy).
@@ -87,7 +89,10 @@ def generate_from_params(graphdef, params, prompts: Sequence[str] | None = None,
     Each distinct prompt is prefilled once and its ``num_return_sequences`` rows decode in slots refilled as
     rows end (``sampler/engine.py``). ``return_logprobs``: ``GenerationOutput.logprobs`` holds each generated
     token's fp32 log-probability under the model at temperature 1 (not the temperature/top-k/top-p-warped
-    sampling distribution), equal to ``core.loss.token_logprobs`` of the finished sequence. Compilations are
+    sampling distribution), equal to ``core.loss.token_logprobs`` of the finished sequence.
+    ``return_prompt_logprobs``: each prompt token's logprob given the ones before it, from the prefill's hidden
+    states (no extra forward). ``return_top_logprobs=k`` (an integer in ``[1, vocab]``): the ``k`` most likely
+    tokens and their logprobs at each generated position. Shapes and alignment: ``GenerationOutput``. Compilations are
     bounded by the engine's ladders, whatever the sampling settings, EOS ids or ``max_new_tokens``.
     """
     check_generation_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -96,6 +101,7 @@ def generate_from_params(graphdef, params, prompts: Sequence[str] | None = None,
                           min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
     stop_strings = check_stop_strings(stop_strings, tokenizer)
     vocab_size = getattr(hf_config, "vocab_size", None)
+    check_logprob_args(return_prompt_logprobs, return_top_logprobs, vocab_size)
     eos_token_id = eos_id_list(eos_token_id, vocab_size) if eos_token_id is not None else None
     prompt_name = "prompts" if prompts is not None else "messages" if messages is not None else "input_ids"
     prompt_rows = read_prompts(prompts, input_ids, tokenizer, messages=messages,
@@ -118,7 +124,8 @@ def generate_from_params(graphdef, params, prompts: Sequence[str] | None = None,
         graphdef, params, prompt_rows, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         eos_token_id=eos_token_id, pad_token_id=int(pad_id), key=key, mesh=mesh, min_new_tokens=min_new_tokens,
-        repetition_penalty=repetition_penalty, stop_strings=stop_strings, tokenizer=tokenizer)
+        repetition_penalty=repetition_penalty, stop_strings=stop_strings, tokenizer=tokenizer,
+        return_prompt_logprobs=return_prompt_logprobs, return_top_logprobs=return_top_logprobs)
     sequences = result.sequences
     texts = None
     if return_text and tokenizer is not None:
@@ -126,4 +133,5 @@ def generate_from_params(graphdef, params, prompts: Sequence[str] | None = None,
     return GenerationOutput(sequences=sequences, texts=texts, prompt_ids=rows, finished=result.finished,
                             num_return_sequences=num_return_sequences,
                             logprobs=result.logprobs if return_logprobs else None, stats=result.stats,
-                            finish_reasons=result.finish_reasons)
+                            finish_reasons=result.finish_reasons, prompt_logprobs=result.prompt_logprobs,
+                            top_logprobs=result.top_logprobs, top_logprob_ids=result.top_logprob_ids)

@@ -56,6 +56,9 @@ def _top_k(logits_BV: jax.Array, k) -> jax.Array:
     return jax.lax.cond(k <= n, lambda x: jnp.where(x >= from_candidates(x), x, -jnp.inf), search, logits_BV)
 
 
+FALLBACK_ROWS = 8  # rows per pass of top-p's fallback search (at most the batch)
+
+
 def _top_p(logits_BV: jax.Array, top_p) -> jax.Array:
     """transformers' ``TopPLogitsWarper`` (the smallest set of most likely tokens whose mass reaches ``top_p``)
     without its sort: token ``i`` is kept iff the mass of the tokens strictly more likely than it is ``< top_p``.
@@ -64,47 +67,42 @@ def _top_p(logits_BV: jax.Array, top_p) -> jax.Array:
     First from the ``CANDIDATES`` most likely tokens (one ``lax.top_k``): the mass strictly above each candidate
     is a sum over the candidates before it, and when the least likely candidate is not kept (its mass above
     reaches ``top_p``, the usual case for a peaked distribution) every token outside is less or equally likely,
-    so dropped too, and ``x0`` is the least likely kept candidate. A row where the candidates do not reach
-    ``top_p`` (a flat row, ``top_p`` near 1) falls back, when the batch has one, to a binary search over the
-    fp32 bit patterns of ``[0, max p]``: the smallest ``x0`` with ``mass(p > x0) < top_p``, 30 masked sums (a
-    batch where ``CANDIDATES x max p < top_p`` in every row, so no candidates can settle it, goes there at once).
+    so dropped too, and ``x0`` is the least likely kept candidate. Only the rows the candidates do not settle (a
+    flat row, ``top_p`` near 1) fall back, ``FALLBACK_ROWS`` at a time (gathered into a ``[FALLBACK_ROWS, V]``
+    block; as many passes as such rows need, none when every row settled), to a binary search over the fp32 bit
+    patterns of ``[0, max p]``: the smallest ``x0`` with ``mass(p > x0) < top_p``, ~30 masked sums over the
+    block. So one flat row costs one block's search, not the whole batch's.
     Tie rule: every token tied with the least likely kept one is kept (transformers keeps the ones its sort
     happens to put last and drops the others)."""
     probs_BV = jax.nn.softmax(logits_BV, axis=-1)
-    n = min(CANDIDATES, probs_BV.shape[-1])
+    batch, vocab = probs_BV.shape
+    n, rows = min(CANDIDATES, vocab), min(FALLBACK_ROWS, batch)
+    top_BK = jax.lax.top_k(probs_BV, n)[0]  # descending
+    above_BK = jnp.sum(jnp.where(top_BK[:, :, None] > top_BK[:, None, :], top_BK[:, :, None], 0.0), axis=1)
+    kept_BK = (above_BK < top_p) | (jnp.arange(n) == 0)  # a prefix, never empty
+    x0_B = jnp.min(jnp.where(kept_BK, top_BK, jnp.inf), axis=-1)  # the least likely kept candidate
+    # A token with p <= x < (1 - top_p) / V has at most V * x < 1 - top_p of mass at or below it: dropped. So
+    # mass(p > x) >= top_p there and the search starts at (1 - top_p) / 2V (fp32 sums are off by far less than
+    # the margin); 0 when top_p is too close to 1 for that margin.
+    floor = jnp.where(top_p <= 0.999, (1.0 - top_p) / (2.0 * vocab), 0.0).astype(jnp.float32)
 
-    def settled(logits_BV, probs_BV, x0_B):
-        return jnp.where(probs_BV >= x0_B[:, None], logits_BV, -jnp.inf)
+    def search_block(bounds):
+        """The next ``rows`` unsettled rows (a permutation puts them first) searched together; the rest of the
+        block (settled rows, when fewer are left) starts converged."""
+        x0_B, todo_B = bounds
+        rows_R = jnp.argsort(~todo_B, stable=True)[:rows]  # distinct rows, the unsettled ones first
+        active_R = todo_B[rows_R]
+        probs_RV = probs_BV[rows_R]
+        keys_RV = jax.lax.bitcast_convert_type(probs_RV, jnp.int32)  # probabilities >= 0: the bits are ordered
+        hi_R = jnp.max(keys_RV, axis=-1)  # mass(p > max) = 0 < top_p
+        lo_R = jnp.minimum(jax.lax.bitcast_convert_type(floor, jnp.int32) - 1, hi_R - 1)
+        lo_R = jnp.where(active_R, lo_R, hi_R - 1)
+        found_R = _search(lambda x: jnp.sum(jnp.where(keys_RV > x, probs_RV, 0.0), axis=-1) < top_p, lo_R, hi_R)
+        found_R = jnp.where(active_R, jax.lax.bitcast_convert_type(found_R, jnp.float32), x0_B[rows_R])
+        return x0_B.at[rows_R].set(found_R), todo_B.at[rows_R].set(False)
 
-    def search(logits_BV, probs_BV, found_B, x0_B):
-        keys_BV = jax.lax.bitcast_convert_type(probs_BV, jnp.int32)  # probabilities >= 0: the bits are ordered
-        hi_B = jnp.max(keys_BV, axis=-1)  # mass(p > max) = 0 < top_p
-        # A token with p <= x < (1 - top_p) / V has at most V * x < 1 - top_p of mass at or below it: dropped.
-        # So mass(p > x) >= top_p there and the search starts at (1 - top_p) / 2V (fp32 sums are off by far less
-        # than the margin); 0 when top_p is too close to 1 for that margin.
-        floor = jnp.where(top_p <= 0.999, (1.0 - top_p) / (2.0 * logits_BV.shape[-1]), 0.0).astype(jnp.float32)
-        lo_B = jnp.minimum(jax.lax.bitcast_convert_type(floor, jnp.int32) - 1, hi_B - 1)
-        lo_B = jnp.where(found_B, hi_B - 1, lo_B)  # a row the candidates settled: converged from the start
-        searched_B = _search(lambda x: jnp.sum(jnp.where(keys_BV > x, probs_BV, 0.0), axis=-1) < top_p, lo_B, hi_B)
-        x0_B = jnp.where(found_B, x0_B, jax.lax.bitcast_convert_type(searched_B, jnp.float32))
-        return settled(logits_BV, probs_BV, x0_B)
-
-    def candidates(logits_BV, probs_BV):
-        top_BK = jax.lax.top_k(probs_BV, n)[0]  # descending
-        above_BK = jnp.sum(jnp.where(top_BK[:, :, None] > top_BK[:, None, :], top_BK[:, :, None], 0.0), axis=1)
-        kept_BK = (above_BK < top_p) | (jnp.arange(n) == 0)  # a prefix, never empty
-        found_B = ~kept_BK[:, -1]
-        x0_B = jnp.min(jnp.where(kept_BK, top_BK, jnp.inf), axis=-1)  # the least likely kept candidate
-        return jax.lax.cond(jnp.all(found_B), lambda l, p, _, x: settled(l, p, x), search,
-                            logits_BV, probs_BV, found_B, x0_B)
-
-    def search_all(logits_BV, probs_BV):
-        B = logits_BV.shape[0]
-        return search(logits_BV, probs_BV, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.float32))
-
-    # n candidates hold at most n x the largest probability: a batch where no row's can reach top_p skips them
-    reachable = jnp.any(n * jnp.max(probs_BV, axis=-1) >= top_p)
-    return jax.lax.cond(reachable, candidates, search_all, logits_BV, probs_BV)
+    x0_B, _ = jax.lax.while_loop(lambda b: jnp.any(b[1]), search_block, (x0_B, kept_BK[:, -1]))
+    return jnp.where(probs_BV >= x0_B[:, None], logits_BV, -jnp.inf)
 
 
 def _min_p(logits_BV: jax.Array, min_p) -> jax.Array:

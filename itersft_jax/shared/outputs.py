@@ -27,6 +27,14 @@ class GenerationOutput:
     steps, slot occupancy, KV bytes held, ...; torch: ``None``). ``finish_reasons``: why each row ended,
     ``"eos"``, ``"stop_string"`` (``stop_strings``: the row is cut after the token that completed one, which it
     keeps, as transformers does; ``finished`` is True for it too) or ``"length"`` (``max_new_tokens``).
+
+    ``prompt_logprobs`` (``return_prompt_logprobs=True``): per row, fp32 ``log p(prompt[j] | prompt[:j])`` for
+    ``j = 1 .. len(prompt) - 1``, a list of ``len(prompt_ids[row]) - 1`` floats aligned with
+    ``prompt_ids[row][1:]`` (the first prompt token has no context: no entry; a one-token prompt gets ``[]``); a
+    prompt's ``num_return_sequences`` rows hold the same list. ``top_logprobs`` / ``top_logprob_ids``
+    (``return_top_logprobs=k``): per row, one entry per generated token (aligned with ``sequences[row]``), each
+    the ``k`` most likely next tokens under the model at temperature 1 (fp32 logprobs, most likely first) and
+    their ids: ``[len(sequences[row])][k]``, no padding (ties in any order).
     """
 
     sequences: list[list[int]]
@@ -37,6 +45,9 @@ class GenerationOutput:
     logprobs: list[list[float]] | None = None
     stats: dict | None = None
     finish_reasons: list[str] | None = None
+    prompt_logprobs: list[list[float]] | None = None
+    top_logprobs: list[list[list[float]]] | None = None
+    top_logprob_ids: list[list[list[int]]] | None = None
 
     def __getitem__(self, key: str) -> Any:  # dict-style access, like HF's ModelOutput
         return getattr(self, key)
@@ -85,6 +96,14 @@ def check_generation_args(*, max_new_tokens: int, do_sample: bool, temperature: 
     if not do_sample and num_return_sequences > 1 and not greedy_repeats:
         raise ValueError(f"`num_return_sequences`={num_return_sequences} with greedy decoding (do_sample=False) "
                          f"would return {num_return_sequences} identical rows per prompt; set do_sample=True")
+
+
+def check_logprob_args(return_prompt_logprobs: Any, return_top_logprobs: Any, vocab_size: int | None) -> None:
+    """``return_prompt_logprobs`` a boolean; ``return_top_logprobs`` ``None`` (off) or an integer in ``[1, vocab]``
+    (``TypeError`` / ``ValueError`` naming the argument)."""
+    check_bool(return_prompt_logprobs, "return_prompt_logprobs")
+    if return_top_logprobs is not None:
+        check_int(return_top_logprobs, "return_top_logprobs", 1, vocab_size)
 
 
 def eos_id_list(eos_token_id: Any, vocab_size: int | None = None) -> list[int]:

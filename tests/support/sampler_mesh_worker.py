@@ -31,7 +31,7 @@ def run(model_dir: str, out_dir: str, mesh: str | None) -> dict:
     sampled = trainer.generate(input_ids=PROMPTS[:4], num_return_sequences=2, max_new_tokens=10, do_sample=True,
                                temperature=1.5, seed=3, eos_token_id=[2], return_logprobs=True)
     return {"greedy": greedy.sequences, "sampled": sampled.sequences, "logprobs": sampled.logprobs,
-            "slots": max(b for b, _ in greedy.stats["chunk_shapes"]),
+            "slots": max(b for b, *_ in greedy.stats["chunk_shapes"]),
             "slots_per_device": greedy.stats["slots_per_device"], "data_parallel": data_parallel_size(trainer.mesh)}
 
 

@@ -26,11 +26,13 @@ import jax.numpy as jnp
 from itersft_jax.models.attention.flash import flash_attention
 from itersft_jax.models.attention.masks import make_attention_mask, slot_mask
 from itersft_jax.models.attention.select import choose_implementation
+from itersft_jax.models.attention.shared_prefix import shared_prefix_attention
 from itersft_jax.models.attention.xla import grouped_attention
 from itersft_jax.models.cache import KVCache, update_layer_cache
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["segment_ids_BT", "mask_BTS", "index"],
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["segment_ids_BT", "mask_BTS", "index", "prefix_mask_GP", "group_B"],
                    meta_fields=["implementation", "own_keys"])
 @dataclasses.dataclass(frozen=True)
 class AttentionContext:
@@ -40,7 +42,8 @@ class AttentionContext:
     mask (causal, same segment, real key; no window — each layer adds its own), ``None`` when a kernel serves
     the whole forward; ``index``: the cache slot this call writes at (``None`` without a cache);
     ``implementation``: the model's resolved attention implementation; ``own_keys``: the queries attend only
-    this call's keys (no cache, or an empty one), so slots equal positions in the call.
+    this call's keys (no cache, or an empty one), so slots equal positions in the call. ``prefix_mask_GP`` /
+    ``group_B``: a cache holding each prompt once (``KVCache.prefix_k``), else ``None``.
     """
 
     segment_ids_BT: jax.Array
@@ -48,6 +51,8 @@ class AttentionContext:
     index: jax.Array | None
     implementation: str
     own_keys: bool
+    prefix_mask_GP: jax.Array | None = None
+    group_B: jax.Array | None = None
 
 def attention_context(attention_mask_BS: jax.Array, num_queries: int, cache: KVCache | None,
                       implementation: str = "xla") -> AttentionContext:
@@ -61,6 +66,8 @@ def attention_context(attention_mask_BS: jax.Array, num_queries: int, cache: KVC
         q_seg_BT = jax.lax.dynamic_slice_in_dim(seg_BS, index, num_queries, axis=1)
     kernel = own_keys and implementation != "xla"
     mask_BTS = None if kernel else make_attention_mask(seg_BS, num_queries, 0 if own_keys else index)
+    if cache is not None and cache.prefix_k is not None:
+        return AttentionContext(q_seg_BT, mask_BTS, index, implementation, own_keys, cache.prefix_mask, cache.group)
     return AttentionContext(q_seg_BT, mask_BTS, index, implementation, own_keys)
 
 def attention(q_BTNH, k_BTKH, v_BTKH, kv, ctx: AttentionContext, *, scale: float, window: int | None = None,
@@ -73,6 +80,13 @@ def attention(q_BTNH, k_BTKH, v_BTKH, kv, ctx: AttentionContext, *, scale: float
     go to the model's kernel (``flash.flash_attention``) unless its implementation is ``"xla"``; decode steps
     over a cache take the XLA path.
     """
+    if ctx.group_B is not None:  # the rows' own keys after a prompt held once per group (shared_prefix.py)
+        if window is not None:
+            raise ValueError("a prompt held once for its rows does not serve sliding-window layers")
+        k_BKSH, v_BKSH = update_layer_cache(kv[0], kv[1], k_BTKH, v_BTKH, ctx.index)
+        out_BTNH = shared_prefix_attention(q_BTNH, kv[2], kv[3], ctx.prefix_mask_GP, ctx.group_B, k_BKSH, v_BKSH,
+                                           ctx.mask_BTS, scale=scale, softcap=softcap)
+        return out_BTNH, (k_BKSH, v_BKSH, kv[2], kv[3])
     if kv is not None:
         kv = update_layer_cache(kv[0], kv[1], k_BTKH, v_BTKH, ctx.index)
     if ctx.mask_BTS is None:
