@@ -92,12 +92,38 @@ def gather_pass(accelerator, loss_sum: float, padded: int, logprobs: dict[int, n
     logprobs by its index in the call's data (every process gets all of them)."""
     import torch.distributed as dist
 
-    totals = accelerator.reduce(torch.tensor([loss_sum, float(padded)], dtype=torch.float64,
-                                             device=accelerator.device), reduction="sum")
+    loss_sum, padded = sum_over_processes(accelerator, loss_sum, padded)
     pieces: list = [None] * accelerator.num_processes
     dist.all_gather_object(pieces, logprobs)
     merged = {i: lp for piece in pieces for i, lp in piece.items()}
-    return float(totals[0]), int(totals[1]), [merged[i] for i in range(len(merged))]
+    return loss_sum, int(padded), [merged[i] for i in range(len(merged))]
+
+
+def sum_over_processes(accelerator, *values: float) -> list[float]:
+    """Each of ``values`` summed over the processes (in fp64), on every process."""
+    totals = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), reduction="sum")
+    return [float(x) for x in totals]
+
+
+class AccelerateState:
+    """accelerate's process-wide state (``PartialState``, ``AcceleratorState``) as it was when this was made, and
+    :meth:`restore`, which puts it back when something emptied it since: every new ``TrainingArguments`` that sets up
+    its devices resets it (transformers' ``_setup_devices``), which left a live trainer's ``accelerator`` without
+    ``num_processes`` — a config built for another trainer, or a constructor that refused its arguments, broke a
+    working trainer."""
+
+    def __init__(self):
+        from accelerate.state import AcceleratorState, PartialState
+
+        self.partial, self.accelerator = dict(PartialState._shared_state), dict(AcceleratorState._shared_state)
+
+    def restore(self) -> None:
+        from accelerate.state import AcceleratorState, PartialState
+
+        if not PartialState._shared_state:
+            PartialState._shared_state.update(self.partial)
+        if not AcceleratorState._shared_state:
+            AcceleratorState._shared_state.update(self.accelerator)
 
 
 def release_gathered_parameters(model: torch.nn.Module) -> None:

@@ -32,11 +32,13 @@ from itersft_jax.shared.datum import check_custom_output
 from itersft_jax.shared.engine import Engine, PassResult, UpdateRecord, eval_batches
 from itersft_torch import moe
 from itersft_torch.distributed import (
+    AccelerateState,
     check_same_data,
     check_same_samples,
     gather_pass,
     release_gathered_parameters,
     sum_gradients_across_processes,
+    sum_over_processes,
 )
 from itersft_torch.features import StepFeatures
 
@@ -81,11 +83,24 @@ class _RouterOutputs(NamedTuple):
     aux_loss: Any
 
 
-def _accelerate_state_snapshot() -> tuple[dict, dict]:
-    """accelerate's process-wide state (``PartialState``, ``AcceleratorState``) as this trainer built it."""
-    from accelerate.state import AcceleratorState, PartialState
+class _GradientsAside:
+    """The gradients already pending, set aside while a low-level pass computes its own: a pass that fails (or is
+    interrupted) gives them back untouched (``give_back``); a pass that succeeds adds them to its own (``commit``).
+    Only when several forward_backward calls accumulate into one update do both live at once."""
 
-    return dict(PartialState._shared_state), dict(AcceleratorState._shared_state)
+    def __init__(self, parameters: list[torch.nn.Parameter]):
+        self.parameters = parameters
+        self.pending = {p: p.grad for p in parameters if p.grad is not None}
+        for p in parameters:
+            p.grad = None
+
+    def give_back(self) -> None:
+        for p in self.parameters:
+            p.grad = self.pending.get(p)
+
+    def commit(self) -> None:
+        for p, grad in self.pending.items():
+            p.grad = grad if p.grad is None else grad.add_(p.grad)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,20 +117,12 @@ class TorchEngine(Engine):
         ``features``: its Liger / NEFTune switches. Built once the trainer has prepared its model and optimizer."""
         self.trainer, self.features = trainer, features
         self._router: _RouterOutputs | None = None  # the last forward's (a MoE with output_router_logits)
-        self._accelerate_state = _accelerate_state_snapshot()
+        self._accelerate_state = AccelerateState()  # as built now
 
     def restore_accelerate_state(self) -> None:
-        """Put back accelerate's process-wide state when something emptied it since the engine was built: every new
-        ``TrainingArguments`` that sets up its devices resets it (transformers' ``_setup_devices``), which left this
-        trainer's ``accelerator`` without ``num_processes`` — a config built for another trainer, or a constructor
-        that refused its arguments, broke a working trainer. Called at each entry point."""
-        from accelerate.state import AcceleratorState, PartialState
-
-        partial, accelerator = self._accelerate_state
-        if not PartialState._shared_state:
-            PartialState._shared_state.update(partial)
-        if not AcceleratorState._shared_state:
-            AcceleratorState._shared_state.update(accelerator)
+        """accelerate's process-wide state as it was when the engine was built (``AccelerateState``): called at
+        each entry point."""
+        self._accelerate_state.restore()
 
     @property
     def args(self):
@@ -197,7 +204,7 @@ class TorchEngine(Engine):
                                          label_smoothing=self.args.label_smoothing_factor)
                 loss = ce_sum * scale
                 if balance is not None:  # one micro-batch: transformers' aux_loss; several: its share of the update's
-                    aux = self._aux_share(balance, totals)
+                    aux = moe.aux_share(self._router, balance, totals)
                     loss = loss + balance.coef * aux
                     aux_total += aux.detach()
                 accelerator.backward(loss)
@@ -207,12 +214,11 @@ class TorchEngine(Engine):
             padded_tokens += positions
 
         grad_norm = self._clipped_grad_norm(model)
+        ce = ce_total.item()
         if world > 1:  # the global sums on every process: the statistics equal one process's
-            totals = torch.stack([ce_total.double(), torch.tensor(float(padded_tokens), dtype=torch.float64,
-                                                                  device=ce_total.device)])
-            ce_total, padded_tokens = accelerator.reduce(totals, reduction="sum")
-            padded_tokens = int(padded_tokens.item())
-        loss = ce_total.item() / update_tokens
+            ce, padded_tokens = sum_over_processes(accelerator, ce, padded_tokens)
+            padded_tokens = int(padded_tokens)
+        loss = ce / update_tokens
         extra = {}
         if balance is not None:  # the update's loss is transformers': mean CE + coef * aux
             extra["aux_loss"] = aux_total.item()
@@ -222,26 +228,13 @@ class TorchEngine(Engine):
                    "skipped": int(skipped), **extra}
         return UpdateRecord(metrics, input_tokens, padded_tokens)
 
-    def _aux_share(self, balance, totals):
-        """The last forward's share of the load-balancing loss: transformers' own ``aux_loss`` when it is the only
-        micro-batch (``totals`` None), else its probabilities against the whole update's counts."""
-        router = self._router
-        if totals is None:
-            return router.aux_loss
-        return moe.share(moe.router_sums(router.router_logits, router.attention_mask, balance)[0], *totals, balance)
-
     def _router_totals(self, model, micro_batches, pad_id: int, balance, train: bool = True):
-        """The update's top-k assignments and real tokens x sparse layers (a first pass without gradients), or None
-        for an update of one micro-batch (its forward counts its own)."""
-        if len(micro_batches) == 1:
-            return None
-        counts_E = tokens = 0.0
-        with torch.no_grad():
-            for micro_batch in micro_batches:
-                self._forward(model, micro_batch, pad_id, train=train)
-                _, counts, n = moe.router_sums(self._router.router_logits, self._router.attention_mask, balance)
-                counts_E, tokens = counts_E + counts, tokens + n
-        return counts_E, tokens
+        """``moe.router_totals`` over this engine's forwards."""
+        def router_of(micro_batch):
+            self._forward(model, micro_batch, pad_id, train=train)
+            return self._router
+
+        return moe.router_totals(router_of, micro_batches, balance)
 
     def _clipped_grad_norm(self, model: torch.nn.Module) -> float:
         """Clip the accumulated gradients to ``max_grad_norm``; their global norm before clipping."""
@@ -297,21 +290,7 @@ class TorchEngine(Engine):
         model.train(backward)
         per_device = self.args.per_device_train_batch_size
         loss_sum, padded, logprobs = 0.0, 0, {}
-        # The gradients already pending are set aside while this pass computes its own: a pass that fails (or is
-        # interrupted) gives them back untouched; a pass that succeeds adds them in commit(). Only when several
-        # forward_backward calls accumulate into one update do both live at once.
-        parameters = [p for p in model.parameters() if p.requires_grad] if backward else []
-        pending = {p: p.grad for p in parameters if p.grad is not None}
-        for p in parameters:
-            p.grad = None
-
-        def restore():
-            for p in parameters:
-                p.grad = pending.get(p)
-
-        def commit():
-            for p, grad in pending.items():
-                p.grad = grad if p.grad is None else grad.add_(p.grad)
+        aside = _GradientsAside([p for p in model.parameters() if p.requires_grad] if backward else [])
 
         # Several processes (DDP): the micro-batches are dealt out round-robin and each process runs its own through
         # the unwrapped model (no DDP collective: the processes may run different numbers of forwards), then the
@@ -331,7 +310,7 @@ class TorchEngine(Engine):
                     logits_BTV, _, positions = self._forward(runner, examples, self._pad_id(), train=backward)
                     loss, logp_BT = datum_loss(logits_BTV, shard, loss_fn, config)
                     if balance is not None:
-                        loss = loss + balance.coef * self._aux_share(balance, totals)
+                        loss = loss + balance.coef * moe.aux_share(self._router, balance, totals)
                     if backward:
                         self.accelerator.backward(loss)
                     loss_sum += float(loss.detach())
@@ -340,16 +319,16 @@ class TorchEngine(Engine):
                                      for i, d in enumerate(shard)})
             if world > 1:
                 if backward:
-                    sum_gradients_across_processes(parameters)
+                    sum_gradients_across_processes(aside.parameters)
                 loss_sum, padded, ordered = gather_pass(self.accelerator, loss_sum, padded, logprobs)
             else:
                 ordered = [logprobs[i] for i in range(len(data))]
         except BaseException:
-            restore()
+            aside.give_back()
             raise
         finally:
             model.train(was_training)
-        return PassResult(loss_sum, sum(len(d) for d in data), ordered, padded, commit)
+        return PassResult(loss_sum, sum(len(d) for d in data), ordered, padded, aside.commit)
 
     def pending_gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients (summed) on the host by parameter name."""

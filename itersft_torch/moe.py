@@ -51,3 +51,27 @@ def share(probs_E: torch.Tensor, counts_E: torch.Tensor, tokens: torch.Tensor, b
     the update's ``counts_E`` and ``tokens``."""
     tokens = torch.clamp(tokens, min=1.0)
     return balance.num_experts * torch.sum(counts_E.detach() * probs_E) / (tokens * tokens)
+
+
+def aux_share(router, balance: Balance, totals):
+    """The last forward's share of the load-balancing loss (``router``: its router logits, attention mask and
+    transformers' ``aux_loss``): transformers' own ``aux_loss`` when it is the update's only micro-batch (``totals``
+    None), else its probabilities against the whole update's counts."""
+    if totals is None:
+        return router.aux_loss
+    return share(router_sums(router.router_logits, router.attention_mask, balance)[0], *totals, balance)
+
+
+def router_totals(router_of, micro_batches: list, balance: Balance):
+    """The update's top-k assignments and real tokens x sparse layers (a first pass without gradients; ``router_of``
+    runs one micro-batch's forward and returns its router outputs), or None for an update of one micro-batch (its
+    forward counts its own)."""
+    if len(micro_batches) == 1:
+        return None
+    counts_E = tokens = 0.0
+    with torch.no_grad():
+        for micro_batch in micro_batches:
+            router = router_of(micro_batch)
+            _, counts, n = router_sums(router.router_logits, router.attention_mask, balance)
+            counts_E, tokens = counts_E + counts, tokens + n
+    return counts_E, tokens
