@@ -24,10 +24,9 @@ if ROOT not in sys.path:  # the project importable without installing it (as on 
 
 
 def support(name: str):
-    """A module of ``tests/support`` (the tests' own helpers, shared with the benchmarks)."""
-    if SUPPORT not in sys.path:
-        sys.path.insert(0, SUPPORT)
-    return importlib.import_module(name)
+    """A module of ``tests/support`` (the tests' own helpers, shared with the benchmarks): ``tests.support.<name>``,
+    imported from the repository root this module put on ``sys.path``."""
+    return importlib.import_module(f"tests.support.{name}")
 
 
 def offline():

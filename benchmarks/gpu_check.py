@@ -263,7 +263,7 @@ def main(argv=None) -> int:
                 results=results, workdir=workdir)
     if args.smoke:
         plan.iterative = (2, 8, 16, 64, 4)
-        plan.sampler = (4, 2, 16, 8, 4, 4)
+        plan.sampler = (4, 2, 128, 8, 4, 4)  # 128-token prompts: the shared-prompt decode attention runs too
     command = "python benchmarks/gpu_check.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     now = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     peak = peak_flops(device, args.peak_tflops)

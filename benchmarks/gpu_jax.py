@@ -90,8 +90,8 @@ def make_trainer(plan: Plan, hf_config, *, batch: int, remat: bool, name: str):
 
     make_tokenizer = offline().make_tokenizer
 
-    import itersft_jax.trainer as trainer_module
-    from itersft_jax import IterativeSFTConfig
+    import itersft_jax.engine as engine_module  # JaxEngine loads the model
+    from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
 
     ckpt_kwargs = {"policy": plan.remat_policy} if remat and plan.remat_policy else None
     init_kwargs = {"attn_implementation": plan.attn} if plan.attn != "auto" else None
@@ -99,9 +99,8 @@ def make_trainer(plan: Plan, hf_config, *, batch: int, remat: bool, name: str):
                               bf16=True, gradient_checkpointing=remat, gradient_checkpointing_kwargs=ckpt_kwargs,
                               model_init_kwargs=init_kwargs, learning_rate=1e-4, report_to="none",
                               logging_steps=10**6, disable_tqdm=True, save_strategy="no")
-    with mock.patch.object(trainer_module, "load_model", random_model_loader(hf_config)):
-        return trainer_module.IterativeSFTTrainer(f"random {plan.preset}", args=args,
-                                                  processing_class=make_tokenizer())
+    with mock.patch.object(engine_module, "load_model", random_model_loader(hf_config)):
+        return IterativeSFTTrainer(f"random {plan.preset}", args=args, processing_class=make_tokenizer())
 
 
 def attention_used(module, seq: int) -> str:
@@ -303,6 +302,8 @@ def sampler(plan: Plan, rec: Recorder) -> None:
                 tokens_per_s=stats["tokens"] / seconds, completions_per_s=len(res.sequences) / seconds,
                 occupancy=stats["occupancy"], decode_steps=stats["decode_steps"], gb_moved=moved / 1e9,
                 roofline=None if bandwidth is None else moved / bandwidth / seconds,
-                kv_gib=stats["kv_bytes_peak"] / 2**30, slots=slots, peak_gib=peak_gib())
+                kv_gib=stats["kv_bytes_peak"] / 2**30, slots=slots, peak_gib=peak_gib(),
+                prompt_kv_gib=stats.get("prompt_kv_bytes_peak", 0) / 2**30,
+                shared_prompts=bool(stats.get("shared_prompts", False)))
     except Exception as err:  # noqa: BLE001
         rec.failure(label, err, is_out_of_memory(err))

@@ -82,8 +82,8 @@ def jax_worker(model: str, smoke: bool, remat: bool, b: int, t: int, rank: int, 
     from common import count_compilations, offline
     from gpu_jax import peak_gib, random_model_loader, time_train_step, update_batch
 
-    import itersft_jax.trainer as trainer_module
-    from itersft_jax import IterativeSFTConfig
+    import itersft_jax.engine as engine_module  # JaxEngine loads the model
+    from itersft_jax import IterativeSFTConfig, IterativeSFTTrainer
     from itersft_jax.io.weights import jnp_dtype
 
     make_tokenizer = offline().make_tokenizer
@@ -104,9 +104,9 @@ def jax_worker(model: str, smoke: bool, remat: bool, b: int, t: int, rank: int, 
                               save_strategy="no")
     common = dict(engine="jax", remat=remat, batch=b, seq=t, device=device)
     try:
-        with mock.patch.object(trainer_module, "load_model", load_model):
-            trainer = trainer_module.IterativeSFTTrainer(f"random {model}", args=args, peft_config=lora_config(rank),
-                                                         processing_class=make_tokenizer())
+        with mock.patch.object(engine_module, "load_model", load_model):
+            trainer = IterativeSFTTrainer(f"random {model}", args=args, peft_config=lora_config(rank),
+                                          processing_class=make_tokenizer())
         adapters = sum(int(x.size) for x in jax.tree.leaves(trainer.params))
         frozen = jax.tree.leaves(trainer.train_state.frozen)
         state_gib = sum(x.nbytes for x in jax.tree.leaves(trainer.train_state)) / 2**30

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -125,3 +126,33 @@ def test_different_arguments_refused_on_every_process(loop_runs):
         for name, (message, seconds) in errors.items():
             assert f"`{name}` differs between the 2 processes" in message, (process, message)
             assert seconds < 10, (name, seconds)  # a compare, never a hang
+
+
+def test_demo_on_two_processes_gives_the_one_process_run(tmp_path):
+    """``itersft demo --quick`` on 2 ``jax.distributed`` processes x 1 device prints the rounds (pass rates, counts,
+    losses) of 1 process x 2 devices (before: RuntimeError, the demo touched JAX before the trainer started
+    ``jax.distributed``)."""
+    def command(out: str) -> list[str]:
+        return [sys.executable, "-m", "itersft_jax.apps.cli", "demo", "--quick", "--no-plot", "--output-dir", out]
+
+    port = _free_port()
+    env = root_on_path()
+    procs = [subprocess.Popen(command(str(tmp_path / "two")), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    procs.append(subprocess.Popen(command(str(tmp_path / "one")), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")))
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-4000:]
+
+    def rounds(stdout: str) -> list[str]:  # the round lines without their seconds
+        return [line.rsplit("|", 1)[0] for line in stdout.splitlines() if line.startswith("round")]
+
+    two_0, two_1, one = (rounds(out) for out, _ in results)
+    assert len(one) >= 2 and two_0 == two_1 == one

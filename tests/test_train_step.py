@@ -143,7 +143,7 @@ def test_loss_and_grad_norm_match_transformers():
 def test_label_smoothing_matches_the_torch_backend():
     """label_smoothing=0.1: the step's loss == the torch backend's summed_token_ce / label tokens on the same
     micro-batch (1e-4), and differs from the unsmoothed loss (so ignoring the option fails)."""
-    from itersft_torch.trainer import summed_token_ce
+    from itersft_torch.engine import summed_token_ce
 
     model, torch_model = llama_pair()
     batch = make_batch(samples(3, 320, seed=8), 1, 4, 16)

@@ -181,12 +181,22 @@ def pass_rate(trainer, cfg: DemoConfig, words: list[str], seed: int) -> float:
     return sum(check(w, t) for w, t in zip(words, texts)) / len(words)
 
 
+def start_processes(backend: str) -> None:
+    """On the JAX engine, ``jax.distributed`` first when the environment asks for several processes
+    (``itersft_jax.parallel.distributed``; docs/scaling.md): the demo touches JAX before it builds the trainer."""
+    if backend == "jax":
+        from itersft_jax.parallel import distributed
+
+        distributed.initialize()
+
+
 def run(cfg: DemoConfig, log=None) -> list[dict[str, Any]]:
     """Run the demo; returns the per-round metrics (also written to ``metrics.json``). ``log`` receives one
     line per round (default: printed above the progress bar)."""
     from tqdm.auto import tqdm
 
     log = log or tqdm.write
+    start_processes(cfg.backend)
     start = time.perf_counter()
     os.makedirs(cfg.output_dir, exist_ok=True)
     rng = random.Random(cfg.seed)

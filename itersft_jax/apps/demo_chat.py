@@ -353,9 +353,10 @@ def run_chat(cfg: ChatDemoConfig, log=None) -> list[dict[str, Any]]:
     """Run expert iteration on ``cfg.model``; returns the per-round metrics (also in ``metrics.json``)."""
     from transformers import AutoTokenizer
 
-    from itersft_jax.apps.demo import finish, round_line
+    from itersft_jax.apps.demo import finish, round_line, start_processes
 
     log = log or (lambda line: print(line, flush=True))
+    start_processes(cfg.backend)
     start = time.perf_counter()
     model = resolve_model(cfg.model)
     check_backend_supports(model, cfg.backend)
