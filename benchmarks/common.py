@@ -18,7 +18,6 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SUPPORT = os.path.join(ROOT, "tests", "support")
 if ROOT not in sys.path:  # the project importable without installing it (as on a lent GPU machine)
     sys.path.insert(0, ROOT)
 
